@@ -1,0 +1,39 @@
+"""qtasks-stream: tasks as an event-sourced pipeline on Apache Kafka."""
+
+from qtasks_stream.app import STAGES, QueueTasks
+from qtasks_stream.context import TaskContext, current
+from qtasks_stream.errors import (
+    ConfigurationError,
+    EventLogError,
+    QTasksStreamError,
+    SerdeError,
+    TaskCancelled,
+    TaskTimeout,
+    UnknownTaskError,
+)
+from qtasks_stream.interceptors import ExecuteInput, Interceptor, StepInput
+from qtasks_stream.state import Task
+from qtasks_stream.tasks import RetryPolicy, Router, TaskHandle
+from qtasks_stream.views.base import TaskQuery
+
+__all__ = [
+    "STAGES",
+    "ConfigurationError",
+    "EventLogError",
+    "ExecuteInput",
+    "Interceptor",
+    "QTasksStreamError",
+    "QueueTasks",
+    "RetryPolicy",
+    "Router",
+    "SerdeError",
+    "StepInput",
+    "Task",
+    "TaskCancelled",
+    "TaskContext",
+    "TaskHandle",
+    "TaskQuery",
+    "TaskTimeout",
+    "UnknownTaskError",
+    "current",
+]

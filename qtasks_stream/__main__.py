@@ -1,0 +1,3 @@
+from qtasks_stream.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,437 @@
+"""``QueueTasks``: the application object and the composition root of its components.
+
+It registers tasks, submits and awaits them, and runs the stages of the pipeline. Every
+component is passed in or defaulted here (and only here): the in-memory event log, the
+``mock://`` schema registry and the in-memory view make the embedded default, which needs
+no server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from qtasks_stream.errors import ConfigurationError, EventLogError, UnknownTaskError
+from qtasks_stream.eventlog.base import EventLog
+from qtasks_stream.eventlog.memory import InMemoryEventLog, murmur2_partition
+from qtasks_stream.events import CancelRequested, Submitted, TaskEvent, now_us
+from qtasks_stream.executors.base import Executor
+from qtasks_stream.executors.pool import LocalExecutor
+from qtasks_stream.interceptors import Interceptor
+from qtasks_stream.records import OutRecord, TopicPartition
+from qtasks_stream.results import ResultListener
+from qtasks_stream.serde.avro import AvroSerde
+from qtasks_stream.serde.base import Serde
+from qtasks_stream.stages.base import Stage
+from qtasks_stream.stages.deadletter import DeadLetterStage
+from qtasks_stream.stages.projector import ProjectorStage
+from qtasks_stream.stages.runner import StageRunner
+from qtasks_stream.stages.scheduler import SchedulerStage
+from qtasks_stream.stages.worker import WorkerStage
+from qtasks_stream.state import Task, fold
+from qtasks_stream.tasks import Router, TaskDefinition, TaskSelf
+from qtasks_stream.topology import Topology
+from qtasks_stream.views.base import TaskQuery, ViewStore
+from qtasks_stream.views.memory import MemoryViewStore
+
+__all__ = ["STAGES", "QueueTasks"]
+
+log = logging.getLogger("qtasks_stream")
+
+#: Every stage, in start order.
+STAGES = ("projector", "deadletter", "scheduler", "worker")
+_IDEMPOTENCY_NS = uuid.UUID("5b0a4f0e-7c51-4d8a-9a55-6f1c1c2b8e11")
+
+
+class QueueTasks(Router):
+    """A qtasks-stream application.
+
+    Args:
+        name: the application name; topics and groups derive from it.
+        event_log: defaults to a fresh :class:`InMemoryEventLog` (the embedded default).
+        schema_registry: a ``SchemaRegistryClient``; defaults to an in-process ``mock://``.
+        view: the task view; defaults to :class:`MemoryViewStore`.
+        executor: where task functions run; defaults to :class:`LocalExecutor`.
+        topic_prefix, partitions, lanes: see :class:`Topology`.
+        concurrency: attempts one worker runs at once.
+        interceptors: wrap task execution and stage steps, outermost first.
+        instance_id: this process's identity in transactional ids; a restarted process
+            with the same id fences its predecessor. Random by default.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        event_log: EventLog | None = None,
+        schema_registry: SchemaRegistryClient | None = None,
+        view: ViewStore | None = None,
+        executor: Executor | None = None,
+        topic_prefix: str = "qtasks.",
+        partitions: int = 4,
+        lanes: int = 3,
+        concurrency: int = 16,
+        interceptors: Sequence[Interceptor] = (),
+        instance_id: str | None = None,
+        batch_size: int = 500,
+        poll_timeout: float = 0.2,
+        shutdown_grace: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.topology = Topology(name, topic_prefix, partitions, lanes)
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be >= 1, not {concurrency}")
+        self.executor = executor if executor is not None else LocalExecutor()
+        self.concurrency = concurrency
+        self.interceptors = list(interceptors)
+        self.instance_id = (
+            instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        self.batch_size = batch_size
+        self.poll_timeout = poll_timeout
+        self.shutdown_grace = shutdown_grace
+        self.runners: dict[str, StageRunner] = {}
+        self._runner_tasks: list[asyncio.Task[None]] = []
+        self._client_ready = False
+        self._client_lock = asyncio.Lock()
+        self._view_started = False
+        self.use(event_log=event_log, schema_registry=schema_registry, view=view)
+
+    def use(
+        self,
+        *,
+        event_log: EventLog | None = None,
+        schema_registry: SchemaRegistryClient | None = None,
+        view: ViewStore | None = None,
+    ) -> None:
+        """Swap the event log, registry or view (``None`` keeps the default) before starting.
+
+        This is how a composition root (the CLI) moves an app declared with the embedded
+        defaults onto Kafka without touching the module that declares its tasks.
+        """
+        if self._client_ready or self.runners:
+            raise ConfigurationError("components can only be swapped before the app starts")
+        self.event_log = event_log if event_log is not None else InMemoryEventLog()
+        registry = schema_registry or SchemaRegistryClient.new_client(
+            {"url": f"mock://{self.name}-{uuid.uuid4().hex[:8]}"}
+        )
+        self.serde: Serde = AvroSerde(registry, self.topology.topic_schemas())
+        self.view = view if view is not None else MemoryViewStore()
+        self._results = ResultListener(
+            self.event_log, self.serde, self.topology.events, self.topology.partitions
+        )
+        self._producer = self.event_log.producer()
+
+    def _app_or_none(self) -> QueueTasks:
+        return self
+
+    # -- registration ---------------------------------------------------------------------
+
+    def include_router(self, router: Router) -> None:
+        """Add a router's tasks; their handles now submit through this app."""
+        for definition in router.definitions.values():
+            if definition.name in self.definitions:
+                raise ConfigurationError(f"task {definition.name!r} is already registered")
+        self.definitions.update(router.definitions)
+        for handle in router.handles:
+            handle._app = self
+
+    def add_interceptor(self, interceptor: Interceptor) -> None:
+        if self.runners:
+            raise ConfigurationError("add interceptors before the stages start")
+        self.interceptors.append(interceptor)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def _ensure_client(self) -> None:
+        async with self._client_lock:
+            if self._client_ready:
+                return
+            await self.event_log.create_topics(self.topology.specs())
+            await self.serde.start()
+            await self._producer.start()
+            self._client_ready = True
+
+    async def _ensure_view(self) -> None:
+        if not self._view_started:
+            await self.view.start()
+            self._view_started = True
+
+    async def start(self, stages: Iterable[str] = STAGES) -> None:
+        """Start the given stages in this process (all by default)."""
+        wanted = list(dict.fromkeys(stages))
+        unknown = [s for s in wanted if s not in STAGES]
+        if unknown:
+            raise ConfigurationError(f"unknown stages {unknown}; choose from {list(STAGES)}")
+        await self._ensure_client()
+        await self._ensure_view()
+        for stage_name in wanted:
+            if stage_name in self.runners:
+                continue
+            runner = StageRunner(
+                self._build_stage(stage_name),
+                event_log=self.event_log,
+                serde=self.serde,
+                topology=self.topology,
+                instance_id=self.instance_id,
+                batch_size=self.batch_size,
+                poll_timeout=self.poll_timeout,
+                interceptors=self.interceptors,
+            )
+            self.runners[stage_name] = runner
+            self._runner_tasks.append(
+                asyncio.create_task(runner.run(), name=f"qtasks-stage-{stage_name}")
+            )
+
+    def _build_stage(self, name: str) -> Stage:
+        if name == "scheduler":
+            return SchedulerStage(self.topology)
+        if name == "projector":
+            return ProjectorStage(self.topology, self.view)
+        if name == "deadletter":
+            return DeadLetterStage(self.topology)
+        return WorkerStage(
+            self.topology,
+            tasks=self.definitions,
+            executor=self.executor,
+            serde=self.serde,
+            control=lambda: self.event_log.consumer([self.topology.control], group_id=None),
+            worker_id=f"worker:{self.instance_id}",
+            concurrency=self.concurrency,
+            interceptors=self.interceptors,
+            echo_self=lambda ctx: TaskSelf(ctx, self),
+            shutdown_grace=self.shutdown_grace,
+        )
+
+    async def close(self) -> None:
+        """Stop the stages (letting running attempts finish within the grace), then clients."""
+        for runner in self.runners.values():
+            runner.request_stop()
+        results = await asyncio.gather(*self._runner_tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                log.error("a stage ended with an error", exc_info=result)
+        self.runners.clear()
+        self._runner_tasks.clear()
+        await self._results.close()
+        if self._client_ready:
+            await self._producer.close()
+            self._client_ready = False
+        if self._view_started:
+            await self.view.close()
+            self._view_started = False
+
+    async def __aenter__(self) -> QueueTasks:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- client ---------------------------------------------------------------------------
+
+    async def add_task(
+        self,
+        task_name: str,
+        *args: Any,
+        priority: int | None = None,
+        timeout: float | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        idempotency_key: str | None = None,
+        max_time: float | None = None,
+        tags: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Task | None:
+        """Submit a task. Returns it with status ``new``; with ``timeout``, waits for its end
+        and returns the finished task, or ``None`` if it did not end in time.
+
+        Raises:
+            UnknownTaskError: no task is registered under ``task_name``.
+            ConfigurationError: an option is invalid or an argument is not JSON-serializable.
+        """
+        definition = self.definitions.get(task_name)
+        if definition is None:
+            known = ", ".join(sorted(self.definitions)) or "none"
+            raise UnknownTaskError(f"no task named {task_name!r} (registered: {known})")
+        submitted = _submission(
+            definition, args, kwargs, priority, countdown, eta, idempotency_key, max_time, tags
+        )
+        if timeout is not None and timeout < 0:
+            raise ConfigurationError(f"timeout must be >= 0, not {timeout}")
+        task_id = (
+            str(uuid.uuid5(_IDEMPOTENCY_NS, f"{self.name}:{idempotency_key}"))
+            if idempotency_key is not None
+            else str(uuid.uuid4())
+        )
+        event = TaskEvent.new(task_id, task_name, 0, "client", submitted)
+        await self._ensure_client()
+        # Encoded before anything is sent: a value that does not fit leaves nothing behind.
+        value = self.serde.encode(self.topology.events, event.to_avro())
+        waiter = None
+        if timeout is not None:
+            await self._results.start()
+            waiter = self._results.expect(task_id)
+        await self._producer.send([OutRecord(self.topology.events, task_id.encode(), value)])
+        if waiter is None:
+            if idempotency_key is not None:
+                existing = await self._view_get(task_id)
+                if existing is not None:
+                    return existing
+            return fold(None, event).to_task()
+        return await self._await(task_id, waiter, timeout)
+
+    async def _await(
+        self, task_id: str, waiter: asyncio.Future[Any], timeout: float | None
+    ) -> Task | None:
+        try:
+            async with asyncio.timeout(timeout):
+                state = await waiter
+        except TimeoutError:
+            self._results.forget(task_id, waiter)
+            return None
+        return state.to_task()  # type: ignore[no-any-return]
+
+    async def wait(self, uuid: str, timeout: float | None = None) -> Task | None:
+        """Wait for a task to end; returns it, or ``None`` if it did not end in time."""
+        await self._ensure_client()
+        await self._results.start()
+        waiter = self._results.expect(uuid)
+        current = await self._view_state(uuid)
+        if current is not None:
+            self._results.forget(uuid, waiter)
+            waiter = self._results.expect(uuid, base=current)
+        return await self._await(uuid, waiter, timeout)
+
+    async def stream(self, uuid: str) -> AsyncIterator[Any]:
+        """Progress items of a (generator) task as they are produced, until it ends."""
+        await self._ensure_client()
+        async for item in self._results.stream(uuid):
+            yield item
+
+    async def _view_state(self, uuid: str) -> Any:
+        await self._ensure_view()
+        return await self.view.state(uuid)
+
+    async def _view_get(self, uuid: str) -> Task | None:
+        await self._ensure_view()
+        return await self.view.get(uuid)
+
+    async def get(self, uuid: str) -> Task | None:
+        """The task as the view knows it, or ``None`` when unknown."""
+        return await self._view_get(uuid)
+
+    async def query(self, query: TaskQuery | None = None, **filters: Any) -> list[Task]:
+        await self._ensure_view()
+        return await self.view.query(query or TaskQuery(**filters))
+
+    async def cancel(self, uuid: str, reason: str = "") -> None:
+        """Ask for the task to be cancelled; honoured wherever it is, even after restarts."""
+        await self._ensure_client()
+        known = await self._view_state(uuid)
+        name = known.task_name if known is not None else ""
+        event = TaskEvent.new(uuid, name, 0, "client", CancelRequested(reason))
+        value = self.serde.encode(self.topology.events, event.to_avro())
+        await self._producer.send([OutRecord(self.topology.events, uuid.encode(), value)])
+
+    async def history(self, uuid: str, *, limit: float = 30.0) -> list[TaskEvent]:
+        """Every event of one task, in order, read from the log (not from a view)."""
+        await self._ensure_client()
+        topic = self.topology.events
+        tp = TopicPartition(topic, murmur2_partition(uuid.encode(), self.topology.partitions))
+        consumer = self.event_log.consumer([topic], group_id=None, start="earliest")
+        await consumer.start()
+        try:
+            others = [
+                TopicPartition(topic, p)
+                for p in range(self.topology.partitions)
+                if p != tp.partition
+            ]
+            consumer.pause(others, True)
+            end = (await consumer.end_offsets([tp]))[tp]
+            consumer.seek(tp, 0)
+            events: list[TaskEvent] = []
+            key = uuid.encode()
+            position = 0
+            deadline = asyncio.get_running_loop().time() + limit
+            while position < end:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise EventLogError(f"reading the history of {uuid} took over {limit}s")
+                for rec in await consumer.poll(max_records=5000, timeout=0.5):
+                    if rec.partition != tp.partition:
+                        continue
+                    position = rec.offset + 1
+                    if rec.key == key and rec.value is not None:
+                        events.append(TaskEvent.from_avro(self.serde.decode(topic, rec.value)))
+            return events
+        finally:
+            await consumer.close()
+
+
+def _json(what: str, value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"{what} cannot be sent as JSON: {exc}") from exc
+
+
+def _submission(
+    definition: TaskDefinition,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    priority: int | None,
+    countdown: float | None,
+    eta: datetime | None,
+    idempotency_key: str | None,
+    max_time: float | None,
+    tags: Sequence[str] | None,
+) -> Submitted:
+    name = definition.name
+    if priority is None:
+        priority = definition.priority
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ConfigurationError(f"priority must be an int, not {priority!r}")
+    if countdown is not None and eta is not None:
+        raise ConfigurationError("give countdown or eta, not both")
+    eta_us: int | None = None
+    if countdown is not None:
+        if not countdown >= 0:
+            raise ConfigurationError(f"countdown must be >= 0 seconds, not {countdown!r}")
+        eta_us = now_us() + int(countdown * 1_000_000)
+    elif eta is not None:
+        if eta.tzinfo is None:
+            raise ConfigurationError("eta must be timezone-aware (e.g. datetime.now(UTC))")
+        eta_us = int(eta.timestamp() * 1_000_000)
+    if max_time is not None and not max_time > 0:
+        raise ConfigurationError(f"max_time must be > 0, not {max_time!r}")
+    if idempotency_key is not None and not idempotency_key:
+        raise ConfigurationError("idempotency_key must be a non-empty string")
+    for index, arg in enumerate(args):
+        _json(f"argument {index} of task {name!r}", arg)
+    for key, arg in kwargs.items():
+        _json(f"keyword argument {key!r} of task {name!r}", arg)
+    return Submitted(
+        args=_json(f"arguments of task {name!r}", list(args)),
+        kwargs=_json(f"keyword arguments of task {name!r}", kwargs),
+        priority=priority,
+        eta_us=eta_us,
+        idempotency_key=idempotency_key,
+        max_time=max_time,
+        tags=tuple(tags) if tags is not None else definition.tags,
+    )

@@ -1,0 +1,210 @@
+"""``qtasks-stream``: the command line, and the only place that reads the environment.
+
+Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app`` and
+``dev up|down|status``. With ``QTASKS_BOOTSTRAP_SERVERS`` set, apps run on that Kafka
+(``QTASKS_EVENT_LOG`` = aiokafka or confluent, ``QTASKS_SCHEMA_REGISTRY_URL``,
+``QTASKS_TOPIC_PREFIX``); otherwise on the embedded default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from qtasks_stream.app import STAGES, QueueTasks
+from qtasks_stream.errors import ConfigurationError, QTasksStreamError
+from qtasks_stream.eventlog.base import EventLog
+
+__all__ = ["main"]
+
+
+def load_app(spec: str) -> QueueTasks:
+    """``module:attribute`` → the QueueTasks it names (an app, or a function returning one)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigurationError(f"-A wants module:app, not {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    target = getattr(module, attr, None)
+    if callable(target) and not isinstance(target, QueueTasks):
+        target = target()
+    if not isinstance(target, QueueTasks):
+        raise ConfigurationError(f"{spec!r} is not a QueueTasks app (got {type(target).__name__})")
+    return target
+
+
+def event_log_from_env(env: Mapping[str, str]) -> EventLog | None:
+    """The Kafka event log the environment asks for, or None for the embedded default."""
+    bootstrap = env.get("QTASKS_BOOTSTRAP_SERVERS", "")
+    if not bootstrap:
+        return None
+    from qtasks_stream.eventlog.kafka_config import KafkaConfig
+
+    extra = json.loads(env.get("QTASKS_KAFKA_EXTRA", "{}"))
+    config = KafkaConfig(
+        bootstrap_servers=bootstrap,
+        security_protocol=env.get("QTASKS_SECURITY_PROTOCOL", "PLAINTEXT"),
+        sasl_mechanism=env.get("QTASKS_SASL_MECHANISM") or None,
+        sasl_username=env.get("QTASKS_SASL_USERNAME") or None,
+        sasl_password=env.get("QTASKS_SASL_PASSWORD") or None,
+        ssl_cafile=env.get("QTASKS_SSL_CAFILE") or None,
+        extra=extra,
+    )
+    kind = env.get("QTASKS_EVENT_LOG", "confluent")
+    if kind == "aiokafka":
+        from qtasks_stream.eventlog.kafka_aio import AioKafkaEventLog
+
+        return AioKafkaEventLog(config)
+    if kind == "confluent":
+        from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
+
+        return ConfluentEventLog(config)
+    raise ConfigurationError(f"QTASKS_EVENT_LOG must be aiokafka or confluent, not {kind!r}")
+
+
+def configure(app: QueueTasks, env: Mapping[str, str]) -> QueueTasks:
+    """Move ``app`` onto what the environment configures (nothing set: embedded default)."""
+    event_log = event_log_from_env(env)
+    registry = None
+    url = env.get("QTASKS_SCHEMA_REGISTRY_URL", "")
+    if url:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        conf = {"url": url}
+        if env.get("QTASKS_SCHEMA_REGISTRY_AUTH"):
+            conf["basic.auth.user.info"] = env["QTASKS_SCHEMA_REGISTRY_AUTH"]
+        registry = SchemaRegistryClient(conf)
+    if event_log is not None or registry is not None:
+        app.use(event_log=event_log, schema_registry=registry)
+    return app
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtasks-stream", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the demo job through every stage")
+    demo.add_argument("--tasks", type=int, default=2000, help="tasks to submit (>= 5)")
+    demo.add_argument("--name", default="demo", help="application name")
+
+    worker = sub.add_parser("worker", help="run the stages of an app until SIGINT/SIGTERM")
+    worker.add_argument("-A", "--app", required=True, help="module:app")
+    worker.add_argument(
+        "--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}"
+    )
+
+    history = sub.add_parser("history", help="every event of one task, read from the log")
+    history.add_argument("task_id")
+    history.add_argument("-A", "--app", required=True, help="module:app")
+    history.add_argument("--json", action="store_true", help="one JSON object per event")
+
+    dev = sub.add_parser("dev", help="a local Kafka broker for development and tests")
+    dev.add_argument("action", choices=["up", "down", "status"])
+    dev.add_argument("--home", default=None, help="folder for jars, data and logs")
+    dev.add_argument("--wipe", action="store_true", help="with down: delete data and logs")
+    return parser
+
+
+async def _run_worker(app: QueueTasks, stages: Sequence[str]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start(stages)
+    print(
+        f"worker {app.instance_id}: running {', '.join(stages)} of app {app.name!r}",
+        file=sys.stderr,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await app.close()
+
+
+async def _history(app: QueueTasks, task_id: str, as_json: bool) -> int:
+    try:
+        events = await app.history(task_id)
+    finally:
+        await app.close()
+    if not events:
+        print(f"no events for task {task_id} in {app.topology.events}", file=sys.stderr)
+        return 1
+    from qtasks_stream.demo import _format_event
+
+    for event in events:
+        if as_json:
+            print(json.dumps({**event.to_avro(), "payload": [event.kind, _payload(event)]}))
+        else:
+            print(_format_event(event, events[0].at_us))
+    return 0
+
+
+def _payload(event: Any) -> dict[str, Any]:
+    return {name: getattr(event.payload, name) for name in event.payload.__slots__}
+
+
+def _dev(action: str, home: str | None, wipe: bool, env: Mapping[str, str]) -> int:
+    from qtasks_stream.devenv.kafka import DevKafka
+
+    folder = Path(home or env.get("QTASKS_DEV_HOME") or Path.cwd() / ".cache" / "devkafka")
+    broker = DevKafka(home=folder)
+    if action == "up":
+        bootstrap = broker.up()
+        print(f"export QTASKS_BOOTSTRAP_SERVERS={bootstrap}")
+    elif action == "down":
+        broker.down(wipe=wipe)
+    else:
+        status = broker.status()
+        print(f"# {status}", file=sys.stderr)
+        if status.running:
+            print(f"export QTASKS_BOOTSTRAP_SERVERS={status.bootstrap}")
+        else:
+            return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    env = os.environ
+    try:
+        if args.command == "demo":
+            from qtasks_stream.demo import build_demo_app, run_demo
+
+            app = configure(
+                QueueTasks(args.name, topic_prefix=env.get("QTASKS_TOPIC_PREFIX", "qtasks.")), env
+            )
+            asyncio.run(run_demo(build_demo_app(app), args.tasks, sys.stdout))
+            return 0
+        if args.command == "worker":
+            app = configure(load_app(args.app), env)
+            stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+            asyncio.run(_run_worker(app, stages))
+            return 0
+        if args.command == "history":
+            app = configure(load_app(args.app), env)
+            return asyncio.run(_history(app, args.task_id, args.json))
+        return _dev(args.action, args.home, args.wipe, env)
+    except QTasksStreamError as exc:
+        print(f"qtasks-stream: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""The demo job: pushes tasks through every stage and reports what happened.
+
+``qtasks-stream demo`` runs it on the embedded default (or on Kafka when configured): most
+tasks succeed, one retries and then succeeds, one fails for good, one is cancelled while it
+runs, one starts after a delay. It prints a summary with throughput and submit-to-result
+latency, and the full event history of the task that retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any, TextIO
+
+from qtasks_stream.app import QueueTasks
+from qtasks_stream.context import TaskContext
+from qtasks_stream.events import TaskEvent
+from qtasks_stream.state import Task
+
+__all__ = ["build_demo_app", "run_demo"]
+
+
+class PaymentGatewayDown(ConnectionError):
+    """A transient error: charge retries on OSError, and this is one."""
+
+
+def build_demo_app(app: QueueTasks) -> QueueTasks:
+    """Register the demo's tasks on ``app``."""
+    attempts: dict[int, int] = {}
+
+    @app.task(name="charge", priority=1, retry=3, retry_on_exc=[OSError], retry_backoff=0.05)
+    async def charge(order_id: int) -> dict[str, Any]:
+        if order_id == 0:
+            # The retry path: the first attempt hits a transient error.
+            attempts[order_id] = attempts.get(order_id, 0) + 1
+            if attempts[order_id] == 1:
+                raise PaymentGatewayDown("gateway timed out, will retry")
+        return {"order": order_id, "charged": True}
+
+    @app.task(name="refund", priority=0)
+    def refund(order_id: int) -> str:
+        raise ValueError(f"order {order_id} was never charged")
+
+    @app.task(name="report", priority=2, echo=True)
+    async def report(self: Any, pages: int) -> int:
+        ctx: TaskContext = self.ctx
+        for page in range(pages):
+            ctx.progress({"page": page})
+            await asyncio.sleep(0.05)
+        return pages
+
+    @app.task(name="reminder", priority=2)
+    async def reminder(user: str) -> str:
+        return f"reminded {user}"
+
+    return app
+
+
+def _line(out: TextIO, text: str = "") -> None:
+    out.write(text + "\n")
+
+
+def _format_event(event: TaskEvent, t0: int) -> str:
+    payload = event.payload
+    fields = ", ".join(
+        f"{name}={getattr(payload, name)!r}"
+        for name in payload.__slots__
+        if name not in ("traceback", "args", "kwargs")
+    )
+    return (
+        f"  +{(event.at_us - t0) / 1000:8.1f} ms  attempt {event.attempt}  "
+        f"{event.kind:<15} {event.source:<28} {fields}"
+    )
+
+
+async def run_demo(app: QueueTasks, tasks: int, out: TextIO) -> dict[str, int]:
+    """Run the demo on ``app`` (already built with :func:`build_demo_app`); returns counts."""
+    if tasks < 5:
+        raise ValueError("the demo needs at least 5 tasks to show every path")
+    async with app:
+        started = time.perf_counter()
+        retried = await app.add_task("charge", 0)
+        failing = await app.add_task("refund", 7)
+        delayed = await app.add_task("reminder", "ada", countdown=0.5)
+        long_report = await app.add_task("report", 200)
+        assert retried and failing and delayed and long_report
+        await asyncio.sleep(0.2)
+        await app.cancel(long_report.uuid, reason="nobody reads it")
+
+        latencies: list[float] = []
+
+        async def one(order_id: int) -> Task | None:
+            t0 = time.perf_counter()
+            done = await app.add_task("charge", order_id, timeout=60)
+            latencies.append(time.perf_counter() - t0)
+            return done
+
+        bulk_started = time.perf_counter()
+        bulk = tasks - 4
+        # Bounded in flight: a client submitting everything at once measures its own queue.
+        window = asyncio.Semaphore(256)
+
+        async def bounded(order_id: int) -> Task | None:
+            async with window:
+                return await one(order_id)
+
+        results = await asyncio.gather(*(bounded(i) for i in range(1, bulk + 1)))
+        bulk_seconds = time.perf_counter() - bulk_started
+        finals = [
+            await app.wait(t.uuid, timeout=30) for t in (retried, failing, delayed, long_report)
+        ]
+        elapsed = time.perf_counter() - started
+        await asyncio.sleep(0.3)  # let the projector catch up before counting the view
+        counts = await app.view.counts()
+
+        _line(
+            out,
+            f"qtasks-stream demo: app {app.name!r}, {tasks} tasks, "
+            f"event log {type(app.event_log).__name__}",
+        )
+        _line(
+            out,
+            f"  bulk: {bulk} no-op charges in {bulk_seconds:.2f}s = "
+            f"{bulk / bulk_seconds:,.0f} tasks/s end to end",
+        )
+        if latencies:
+            ordered = sorted(latencies)
+            p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+            _line(
+                out,
+                f"  submit-to-result latency: p50 {statistics.median(ordered) * 1000:.1f} ms,"
+                f" p99 {p99 * 1000:.1f} ms",
+            )
+        _line(
+            out,
+            f"  all done in {elapsed:.2f}s; view by status: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())),
+        )
+        labels = ("retried then succeeded", "failed", "delayed 0.5s", "cancelled while running")
+        for label, final in zip(labels, finals, strict=True):
+            status = final.status if final else "still running"
+            _line(
+                out,
+                f"  {label:<24} {final.uuid if final else '?'}  status={status}  "
+                f"attempt={final.attempt if final else '?'}",
+            )
+        unfinished = sum(1 for r in results if r is None or r.status != "success")
+        _line(out, f"  bulk tasks not successful: {unfinished}")
+        history = await app.history(retried.uuid)
+        _line(out)
+        _line(out, f"history of {retried.uuid} (read from the log):")
+        for event in history:
+            _line(out, _format_event(event, history[0].at_us))
+        return counts

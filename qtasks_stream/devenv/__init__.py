@@ -1,0 +1,1 @@
+"""Local development infrastructure: a real Kafka broker without Docker (see ``kafka``)."""

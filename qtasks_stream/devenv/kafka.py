@@ -1,0 +1,604 @@
+"""A single-node Apache Kafka broker for development and tests, without Docker.
+
+``DevKafka`` fetches the broker jars from Maven Central with ``mvn`` (once, cached under
+``home``), formats a KRaft log directory and runs ``kafka.Kafka`` (broker and controller in
+one JVM) detached, listening on 127.0.0.1 only. ``docker/compose.yaml`` runs the same broker,
+with the same ports, for machines that have Docker.
+
+Layout of ``home``::
+
+    libs-<version>/      jars from Maven (``.complete`` marks a finished fetch)
+    maven-repo/          Maven's local repository for that fetch
+    config/              server.properties, log4j2.properties, kafka-pom.xml (rewritten by up)
+    data/                log.dirs: topic data and the KRaft metadata log
+    logs/                kafka.out (the JVM's stdout and stderr), format.log, maven-<version>.log
+    kafka.pid            pid of the running broker
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import importlib.resources
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+__all__ = ["KAFKA_VERSION", "DevEnvError", "DevKafka", "DevKafkaStatus"]
+
+#: The one Kafka version the dev broker and ``docker/compose.yaml`` use.
+KAFKA_VERSION: Final = "4.1.1"
+#: Everything binds and advertises loopback only.
+HOST: Final = "127.0.0.1"
+
+_PACKAGE: Final = "qtasks_stream.devenv"
+_MIN_JAVA: Final = 17
+_JAVA_HINT: Final = (
+    "java not found: install a Java 17+ runtime (apt-get install openjdk-17-jre-headless)"
+)
+_MVN_HINT: Final = (
+    "mvn not found: install Apache Maven 3.8+ (apt-get install maven); "
+    "it fetches the Kafka jars from Maven Central once"
+)
+_JVM_OPTS: Final = (
+    # Sized for a 2-core box: a test broker needs little heap; cores are the limit.
+    "-Xms256m",
+    "-Xmx768m",
+    # The GC settings of Kafka's own kafka-run-class.sh.
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:InitiatingHeapOccupancyPercent=35",
+    "-XX:+ExplicitGCInvokesConcurrent",
+    # C1 only: the broker is ready sooner, and a dev broker never runs long enough for C2 to pay.
+    "-XX:TieredStopAtLevel=1",
+    # Die visibly instead of limping on after an OOM.
+    "-XX:+ExitOnOutOfMemoryError",
+    "-Djava.awt.headless=true",
+    # Log4j's own shutdown hook would stop logging while Kafka's hook is still shutting down,
+    # losing the last lines of kafka.out; stdout needs no flushing hook.
+    "-Dlog4j2.shutdownHookEnabled=false",
+)
+# StorageTool runs for about a second: small heap, serial GC, no C2.
+_TOOL_JVM_OPTS: Final = ("-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
+
+
+class DevEnvError(Exception):
+    """The local development environment cannot be set up, started or stopped."""
+
+
+@dataclass(frozen=True, slots=True)
+class DevKafkaStatus:
+    """What ``DevKafka.status`` saw; ``running`` means the pid is alive and metadata answers."""
+
+    running: bool
+    pid: int | None
+    bootstrap: str
+    home: Path
+    version: str
+
+
+def _print_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class DevKafka:
+    """Start, check and stop one local Kafka broker whose files all live under ``home``."""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        port: int = 19092,
+        controller_port: int = 19093,
+        kafka_version: str = KAFKA_VERSION,
+        log: Callable[[str], None] = _print_to_stderr,
+    ) -> None:
+        if port == controller_port:
+            raise ValueError("port and controller_port must differ")
+        for value in (port, controller_port):
+            if not 0 < value < 65536:
+                raise ValueError(f"not a TCP port: {value}")
+        # The JVM gets absolute paths: its working directory is whatever the caller's is.
+        self._home = Path(home).absolute()
+        self._port = port
+        self._controller_port = controller_port
+        self._version = kafka_version
+        self._log = log
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def bootstrap(self) -> str:
+        """The ``bootstrap.servers`` value for clients."""
+        return f"{HOST}:{self._port}"
+
+    @property
+    def port(self) -> int:
+        """The client (PLAINTEXT) port on 127.0.0.1."""
+        return self._port
+
+    @property
+    def controller_port(self) -> int:
+        """The KRaft controller port on 127.0.0.1."""
+        return self._controller_port
+
+    @property
+    def home(self) -> Path:
+        """The folder that holds the jars, config, data, logs and pid file."""
+        return self._home
+
+    @property
+    def version(self) -> str:
+        """The Kafka version this instance runs."""
+        return self._version
+
+    def up(self, timeout: float = 90, *, fetch_timeout: float = 900) -> str:
+        """Start the broker unless it already runs healthy; return the bootstrap address.
+
+        ``timeout`` bounds formatting, startup and readiness; the one-off jar fetch is bounded
+        separately by ``fetch_timeout``. Raises ``DevEnvError`` with the log tail on failure.
+        """
+        with self._locked(time.monotonic() + timeout + fetch_timeout):
+            pid = self._read_pid()
+            if pid is not None:
+                self._wait_ready(pid, time.monotonic() + timeout, timeout)
+                return self.bootstrap
+            java = self._require("java", _JAVA_HINT)
+            self._check_java_version(java)
+            self._check_ports_free()
+            libs = self._ensure_libs(fetch_timeout)
+            started = time.monotonic()
+            deadline = started + timeout
+            self._write_config()
+            self._format_storage(java, libs, deadline)
+            pid = self._spawn(java, libs)
+            try:
+                self._wait_ready(pid, deadline, timeout)
+            except BaseException:
+                # A broker that never became ready still holds the ports: do not leave it behind.
+                self._stop(pid, 10)
+                self._pid_file.unlink(missing_ok=True)
+                raise
+            elapsed = time.monotonic() - started
+            self._log(
+                f"devkafka: Kafka {self._version} ready at {self.bootstrap} "
+                f"(pid {pid}) in {elapsed:.1f}s"
+            )
+            return self.bootstrap
+
+    def down(self, wipe: bool = False, timeout: float = 20) -> None:
+        """Stop the broker: SIGTERM, then SIGKILL after ``timeout`` seconds.
+
+        ``wipe`` also deletes the data and logs; the jar cache is kept either way.
+        """
+        with self._locked(time.monotonic() + timeout):
+            pid = self._read_pid()
+            if pid is not None:
+                self._log(f"devkafka: stopping Kafka (pid {pid})")
+                self._stop(pid, timeout)
+            self._pid_file.unlink(missing_ok=True)
+            if wipe:
+                shutil.rmtree(self._data_dir, ignore_errors=True)
+                shutil.rmtree(self._logs_dir, ignore_errors=True)
+
+    def status(self) -> DevKafkaStatus:
+        """Report whether the broker runs and answers a metadata request."""
+        pid = self._read_pid(cleanup=False)
+        running = pid is not None and self._metadata_ok(self._admin(), 2.0)
+        return DevKafkaStatus(
+            running=running,
+            pid=pid,
+            bootstrap=self.bootstrap,
+            home=self._home,
+            version=self._version,
+        )
+
+    def server_properties(self) -> dict[str, str]:
+        """The settings written to ``server.properties``; docker/compose.yaml mirrors them."""
+        return {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            # Dynamic quorum (KIP-853), so storage is formatted with --standalone.
+            "controller.quorum.bootstrap.servers": f"{HOST}:{self._controller_port}",
+            # Explicit loopback: an empty host would bind 0.0.0.0 and advertise the hostname.
+            "listeners": f"PLAINTEXT://{HOST}:{self._port},CONTROLLER://{HOST}:{self._controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{HOST}:{self._port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self._data_dir),
+            "num.partitions": "1",
+            "default.replication.factor": "1",
+            "auto.create.topics.enable": "true",
+            # No 3 s wait before the first consumer group rebalance.
+            "group.initial.rebalance.delay.ms": "0",
+            # One node: replication factor 1 everywhere, and one partition for internal topics
+            # (the default 50 makes the first group join or transaction slow on 2 cores).
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.num.partitions": "1",
+            # Small-box tuning: fewer threads; the cleaner's 128 MiB dedupe buffer shrunk to 8 MiB.
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+            "background.threads": "2",
+            "num.recovery.threads.per.data.dir": "1",
+            "log.cleaner.dedupe.buffer.size": "8388608",
+        }
+
+    # -- paths ------------------------------------------------------------------------------
+
+    @property
+    def _libs_dir(self) -> Path:
+        return self._home / f"libs-{self._version}"
+
+    @property
+    def _config_dir(self) -> Path:
+        return self._home / "config"
+
+    @property
+    def _data_dir(self) -> Path:
+        return self._home / "data"
+
+    @property
+    def _logs_dir(self) -> Path:
+        return self._home / "logs"
+
+    @property
+    def _pid_file(self) -> Path:
+        return self._home / "kafka.pid"
+
+    @property
+    def _server_props(self) -> Path:
+        return self._config_dir / "server.properties"
+
+    @property
+    def _log4j_props(self) -> Path:
+        return self._config_dir / "log4j2.properties"
+
+    @property
+    def _kafka_out(self) -> Path:
+        return self._logs_dir / "kafka.out"
+
+    # -- steps of up() ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, deadline: float) -> Iterator[None]:
+        # Serialises up/down across processes (e.g. pytest workers sharing one home).
+        self._home.mkdir(parents=True, exist_ok=True)
+        # Python opens files close-on-exec, so the JVM never inherits (and holds) this lock.
+        with (self._home / ".devkafka.lock").open("a") as handle:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise DevEnvError(
+                            f"another process is starting or stopping the broker in {self._home}"
+                        ) from None
+                    time.sleep(0.2)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _require(program: str, hint: str) -> str:
+        path = shutil.which(program)
+        if path is None:
+            raise DevEnvError(hint)
+        return path
+
+    def _check_java_version(self, java: str) -> None:
+        try:
+            result = subprocess.run(
+                [java, "-version"], capture_output=True, text=True, timeout=30, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DevEnvError(f"cannot run {java} -version: {exc}") from exc
+        # 'openjdk version "17.0.15" ...' or, before Java 9, 'java version "1.8.0_292"'.
+        match = re.search(r'version "(\d+)(?:\.(\d+))?', result.stderr + result.stdout)
+        if match is None:
+            return  # unknown format: let the broker start and fail with its own message
+        major = int(match[1])
+        if major == 1 and match[2] is not None:
+            major = int(match[2])
+        if major < _MIN_JAVA:
+            raise DevEnvError(
+                f"{java} is Java {major}; Kafka {self._version} needs Java {_MIN_JAVA}+ "
+                "(apt-get install openjdk-17-jre-headless)"
+            )
+
+    def _check_ports_free(self) -> None:
+        for port in (self._port, self._controller_port):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.settimeout(0.5)
+                if sock.connect_ex((HOST, port)) == 0:
+                    raise DevEnvError(
+                        f"{HOST}:{port} is already in use by a process this DevKafka did not "
+                        f"start (another broker or docker compose?); stop it or choose other ports"
+                    )
+
+    def _ensure_libs(self, fetch_timeout: float) -> Path:
+        libs = self._libs_dir
+        marker = libs / ".complete"
+        if marker.is_file():
+            return libs
+        mvn = self._require("mvn", _MVN_HINT)
+        if libs.exists():
+            shutil.rmtree(libs)  # an interrupted fetch: start clean rather than trust it
+        self._config_dir.mkdir(parents=True, exist_ok=True)
+        self._logs_dir.mkdir(parents=True, exist_ok=True)
+        pom = self._config_dir / "kafka-pom.xml"
+        pom.write_bytes(importlib.resources.files(_PACKAGE).joinpath("kafka-pom.xml").read_bytes())
+        maven_log = self._logs_dir / f"maven-{self._version}.log"
+        command = [
+            mvn,
+            "--batch-mode",
+            "--no-transfer-progress",
+            "-f",
+            str(pom),
+            f"-Dmaven.repo.local={self._home / 'maven-repo'}",
+            f"-Dkafka.version={self._version}",
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={libs}",
+        ]
+        self._log(
+            f"devkafka: fetching Kafka {self._version} jars from Maven Central "
+            f"into {libs} (once, then cached; log: {maven_log})"
+        )
+        started = time.monotonic()
+        with maven_log.open("wb") as out:
+            try:
+                result = subprocess.run(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=fetch_timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise DevEnvError(
+                    f"Maven did not finish within {fetch_timeout:.0f}s; see {maven_log}"
+                ) from exc
+        if result.returncode != 0:
+            raise DevEnvError(
+                f"Maven failed (exit {result.returncode}) fetching Kafka {self._version}; "
+                f"last lines of {maven_log}:\n{_tail(maven_log)}"
+            )
+        if not (libs / f"kafka_2.13-{self._version}.jar").is_file():
+            raise DevEnvError(f"Maven finished but kafka_2.13-{self._version}.jar is not in {libs}")
+        jars = sum(1 for _ in libs.glob("*.jar"))
+        marker.write_text(f"kafka {self._version}: {jars} jars\n")
+        self._log(f"devkafka: fetched {jars} jars in {time.monotonic() - started:.1f}s")
+        return libs
+
+    def _write_config(self) -> None:
+        self._config_dir.mkdir(parents=True, exist_ok=True)
+        # Values only, never a trailing comment: .properties would make it part of the value.
+        lines = ["# Written by qtasks_stream.devenv.kafka.DevKafka on every start; edits are lost."]
+        lines += [
+            f"{key}={value.replace(chr(92), chr(92) * 2)}"
+            for key, value in self.server_properties().items()
+        ]
+        self._server_props.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        log4j = importlib.resources.files(_PACKAGE).joinpath("kafka-log4j2.properties")
+        self._log4j_props.write_bytes(log4j.read_bytes())
+
+    def _classpath(self, libs: Path) -> str:
+        return f"{libs}{os.sep}*"  # the JVM expands the wildcard itself
+
+    def _format_storage(self, java: str, libs: Path, deadline: float) -> None:
+        if (self._data_dir / "meta.properties").is_file():
+            return
+        # Without meta.properties the directory holds nothing worth keeping, and a half-formatted
+        # one can make the next format fail.
+        shutil.rmtree(self._data_dir, ignore_errors=True)
+        self._data_dir.mkdir(parents=True)
+        self._logs_dir.mkdir(parents=True, exist_ok=True)
+        format_log = self._logs_dir / "format.log"
+        command = [
+            java,
+            *_TOOL_JVM_OPTS,
+            f"-Dlog4j2.configurationFile={self._log4j_props}",
+            "-cp",
+            self._classpath(libs),
+            "kafka.tools.StorageTool",
+            "format",
+            "--standalone",
+            "--cluster-id",
+            _new_cluster_id(),
+            "--config",
+            str(self._server_props),
+            "--ignore-formatted",
+        ]
+        self._log(f"devkafka: formatting {self._data_dir}")
+        with format_log.open("wb") as out:
+            try:
+                result = subprocess.run(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=max(1.0, deadline - time.monotonic()),
+                    check=False,
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise DevEnvError(f"formatting Kafka storage timed out; see {format_log}") from exc
+        if result.returncode != 0:
+            raise DevEnvError(
+                f"formatting Kafka storage failed (exit {result.returncode}); "
+                f"last lines of {format_log}:\n{_tail(format_log)}"
+            )
+
+    def _spawn(self, java: str, libs: Path) -> int:
+        self._logs_dir.mkdir(parents=True, exist_ok=True)
+        if self._kafka_out.exists():
+            self._kafka_out.replace(self._logs_dir / "kafka.out.1")  # keep one run for post-mortems
+        argv = [
+            java,
+            *_JVM_OPTS,
+            f"-XX:ErrorFile={self._logs_dir / 'hs_err_pid%p.log'}",
+            f"-Dkafka.logs.dir={self._logs_dir}",
+            f"-Dlog4j2.configurationFile={self._log4j_props}",
+            "-cp",
+            self._classpath(libs),
+            "kafka.Kafka",
+            str(self._server_props),
+        ]
+        truncate = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        file_actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, str(self._kafka_out), truncate, 0o644),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ]
+        self._log(f"devkafka: starting Kafka {self._version} (log: {self._kafka_out})")
+        # posix_spawn with setsid is start_new_session=True without a subprocess.Popen object:
+        # the broker outlives this process, and a dropped Popen would warn "still running".
+        pid = os.posix_spawn(java, argv, os.environ, file_actions=file_actions, setsid=True)
+        self._pid_file.write_text(f"{pid}\n", encoding="ascii")
+        return pid
+
+    def _admin(self) -> AdminClient:
+        return AdminClient(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "client.id": "qtasks-devkafka",
+                # Quiet: "connection refused" is expected while the broker starts.
+                "log_level": 0,
+                # Retry the connection often so readiness is seen promptly.
+                "reconnect.backoff.ms": 100,
+                "reconnect.backoff.max.ms": 500,
+            }
+        )
+
+    @staticmethod
+    def _metadata_ok(admin: AdminClient, timeout: float) -> bool:
+        # A metadata answer, not an open port: the socket is bound before requests are served.
+        try:
+            admin.list_topics(timeout=timeout)
+        except KafkaException:
+            return False
+        return True
+
+    def _wait_ready(self, pid: int, deadline: float, timeout: float) -> None:
+        admin = self._admin()
+        while True:
+            if not self._broker_alive(pid):
+                raise DevEnvError(
+                    f"the Kafka broker (pid {pid}) exited during startup (if {self._data_dir} "
+                    f"is damaged, down(wipe=True) clears it); "
+                    f"last lines of {self._kafka_out}:\n{_tail(self._kafka_out)}"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DevEnvError(
+                    f"the Kafka broker (pid {pid}) did not answer metadata requests on "
+                    f"{self.bootstrap} within {timeout:g}s; "
+                    f"last lines of {self._kafka_out}:\n{_tail(self._kafka_out)}"
+                )
+            if self._metadata_ok(admin, min(2.0, remaining)):
+                return
+            time.sleep(max(0.0, min(0.2, deadline - time.monotonic())))
+
+    # -- process bookkeeping ----------------------------------------------------------------
+
+    def _read_pid(self, *, cleanup: bool = True) -> int | None:
+        """Return the pid of this home's running broker; drop a stale pid file if ``cleanup``."""
+        try:
+            pid = int(self._pid_file.read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            return None
+        if self._broker_alive(pid):
+            return pid
+        if cleanup:
+            self._pid_file.unlink(missing_ok=True)
+        return None
+
+    def _broker_alive(self, pid: int) -> bool:
+        # Reap our own child first: an exited but unreaped child still "exists" as a zombie.
+        with contextlib.suppress(ChildProcessError):
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                return False
+        proc = Path("/proc")
+        if not proc.is_dir():  # not Linux: no way to check the command line, trust the pid
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        try:
+            stat = (proc / str(pid) / "stat").read_text(encoding="ascii", errors="replace")
+            cmdline = (proc / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            return False
+        # The state follows the parenthesised command name, which may itself hold spaces.
+        fields = stat.rpartition(")")[2].split()
+        if not fields or fields[0] in ("Z", "X"):  # a zombie whose parent does not reap it
+            return False
+        # The pid may have been reused: it must be a broker started with this home's config.
+        args = cmdline.split(b"\0")
+        return b"kafka.Kafka" in args and str(self._server_props).encode() in args
+
+    def _stop(self, pid: int, timeout: float) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # the JVM's shutdown hook does a controlled shutdown
+        if self._wait_exit(pid, time.monotonic() + timeout):
+            return
+        self._log(f"devkafka: Kafka (pid {pid}) still up {timeout:.0f}s after SIGTERM; SIGKILL")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not self._wait_exit(pid, time.monotonic() + 5):
+            raise DevEnvError(f"the Kafka broker (pid {pid}) survived SIGKILL")
+
+    def _wait_exit(self, pid: int, deadline: float) -> bool:
+        while self._broker_alive(pid):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+
+def _new_cluster_id() -> str:
+    """Return a random id in Kafka's ``Uuid`` text form (22 characters of URL-safe base64)."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+        # Kafka's Uuid.randomUuid() skips ids with a leading '-': CLIs read them as options.
+        if not text.startswith("-"):
+            return text
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    """Return the last ``lines`` lines of a log file, or a note that it is missing."""
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - 32768))
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return f"({path} is missing)"
+    return "\n".join(text.splitlines()[-lines:])

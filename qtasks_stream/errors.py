@@ -1,0 +1,94 @@
+"""Every error qtasks-stream raises derives from :class:`QTasksStreamError`.
+
+The tree::
+
+    QTasksStreamError
+    ├── ConfigurationError        bad options at a call site, unknown task, unserializable args
+    │   └── UnknownTaskError
+    ├── EventLogError             the event log (in-memory or Kafka) failed
+    │   ├── TopicConfigError      an existing topic contradicts what the app needs
+    │   └── FencedError           this producer or consumer generation was superseded
+    ├── SerdeError                encoding or decoding a record
+    │   └── SchemaError           a schema is invalid, unknown or incompatible
+    ├── ViewStoreError            the materialized view failed
+    ├── DevEnvError               the local development services (`qtasks-stream dev`)
+    └── TaskError                 raised inside user code to steer the task
+        ├── TaskCancelled         cooperative cancellation (``ctx.cancel`` or a cancel request)
+        └── TaskTimeout           the attempt exceeded ``max_time``
+
+Errors from third-party clients are mapped at the boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "DevEnvError",
+    "EventLogError",
+    "FencedError",
+    "QTasksStreamError",
+    "SchemaError",
+    "SerdeError",
+    "TaskCancelled",
+    "TaskError",
+    "TaskTimeout",
+    "TopicConfigError",
+    "UnknownTaskError",
+    "ViewStoreError",
+]
+
+
+class QTasksStreamError(Exception):
+    """Root of every qtasks-stream error."""
+
+
+class ConfigurationError(QTasksStreamError, ValueError):
+    """An option, argument or task definition is not acceptable."""
+
+
+class UnknownTaskError(ConfigurationError, LookupError):
+    """No task is registered under the given name."""
+
+
+class EventLogError(QTasksStreamError):
+    """The event log could not do what was asked."""
+
+
+class TopicConfigError(EventLogError):
+    """An existing topic's settings contradict what the application needs."""
+
+
+class FencedError(EventLogError):
+    """A newer member owns this work now; the caller must stop and let it go."""
+
+
+class SerdeError(QTasksStreamError):
+    """A value could not be encoded or decoded."""
+
+
+class SchemaError(SerdeError):
+    """A schema is invalid, unknown to the registry, or incompatible."""
+
+
+class ViewStoreError(QTasksStreamError):
+    """The view store could not apply or answer."""
+
+
+class DevEnvError(QTasksStreamError):
+    """A local development service could not be prepared, started or stopped."""
+
+
+class TaskError(QTasksStreamError):
+    """Raised from inside a task to steer its outcome."""
+
+
+class TaskCancelled(TaskError):
+    """The task was cancelled; it ends with status ``cancel``."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason or "cancelled")
+        self.reason = reason
+
+
+class TaskTimeout(TaskError, TimeoutError):
+    """The attempt ran longer than ``max_time``."""

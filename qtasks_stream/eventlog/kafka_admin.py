@@ -1,0 +1,175 @@
+"""Topic administration shared by both Kafka event logs, on confluent-kafka's AdminClient.
+
+One implementation for both clients keeps "create missing, leave matching, refuse
+contradicting" identical whichever client a deployment picks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+
+from confluent_kafka import KafkaError, KafkaException
+
+# These are public in confluent_kafka.admin (its docs import them from there) but missing
+# from its __all__, which mypy --strict reads as "not exported".
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
+
+from qtasks_stream.errors import EventLogError, TopicConfigError
+from qtasks_stream.eventlog.kafka_config import KafkaConfig
+from qtasks_stream.records import TopicSpec
+
+__all__ = ["describe_kafka_error", "ensure_topics", "kafka_error_of"]
+
+
+def kafka_error_of(exc: BaseException) -> KafkaError | None:
+    """The :class:`KafkaError` inside a ``KafkaException`` (or None)."""
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return exc.args[0]
+    return None
+
+
+def describe_kafka_error(exc: BaseException) -> str:
+    """``NAME (code): reason``, so the librdkafka error code survives the mapping."""
+    err = kafka_error_of(exc)
+    if err is None:
+        return str(exc)
+    return f"{err.name()} ({err.code()}): {err.str()}"
+
+
+async def ensure_topics(config: KafkaConfig, specs: Sequence[TopicSpec]) -> None:
+    """Create missing topics; leave matching ones alone; raise :class:`TopicConfigError`
+    naming the topic and the difference for one that exists with other partitions or
+    configs."""
+    wanted = _dedupe(specs)
+    if wanted:
+        # AdminClient calls block; a worker thread keeps the event loop free.
+        await asyncio.to_thread(_ensure_topics, config, wanted)
+
+
+def _dedupe(specs: Iterable[TopicSpec]) -> list[TopicSpec]:
+    by_name: dict[str, TopicSpec] = {}
+    for spec in specs:
+        seen = by_name.setdefault(spec.name, spec)
+        if seen != spec:
+            raise TopicConfigError(
+                f"topic {spec.name!r} is asked for twice, differently: {seen} and {spec}"
+            )
+    return list(by_name.values())
+
+
+def _ensure_topics(config: KafkaConfig, specs: list[TopicSpec]) -> None:
+    timeout = config.request_timeout_ms / 1000
+    admin = AdminClient(config.to_librdkafka())
+    existing = _partition_counts(admin, [s.name for s in specs], timeout)
+    missing = [s for s in specs if s.name not in existing]
+    to_check = [s for s in specs if s.name in existing]
+    created: list[TopicSpec] = []
+    if missing:
+        futures = admin.create_topics(
+            [
+                NewTopic(
+                    s.name,
+                    num_partitions=s.partitions,
+                    replication_factor=s.replication,
+                    config=dict(s.config),
+                )
+                for s in missing
+            ],
+            operation_timeout=timeout,
+            request_timeout=timeout,
+        )
+        for spec in missing:
+            try:
+                futures[spec.name].result(timeout=timeout * 2)
+            except KafkaException as exc:
+                err = kafka_error_of(exc)
+                if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    to_check.append(spec)  # created concurrently by someone else: check it
+                    continue
+                raise EventLogError(
+                    f"cannot create topic {spec.name!r}: {describe_kafka_error(exc)}"
+                ) from exc
+            created.append(spec)
+    if to_check:
+        _check_existing(admin, to_check, timeout)
+    if created:
+        _wait_visible(admin, created, timeout)
+
+
+def _partition_counts(admin: AdminClient, names: list[str], timeout: float) -> dict[str, int]:
+    """Partition counts of those of ``names`` that exist."""
+    try:
+        metadata = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise EventLogError(f"cannot list topics: {describe_kafka_error(exc)}") from exc
+    counts: dict[str, int] = {}
+    for name in names:
+        topic = metadata.topics.get(name)
+        if topic is not None and topic.error is None:
+            counts[name] = len(topic.partitions)
+    return counts
+
+
+def _check_existing(admin: AdminClient, specs: list[TopicSpec], timeout: float) -> None:
+    counts = _partition_counts(admin, [s.name for s in specs], timeout)
+    resources = {s.name: ConfigResource(ResourceType.TOPIC, s.name) for s in specs if s.config}
+    described = admin.describe_configs(list(resources.values()), request_timeout=timeout)
+    for spec in specs:
+        problems: list[str] = []
+        partitions = counts.get(spec.name)
+        if partitions is not None and partitions != spec.partitions:
+            problems.append(f"{partitions} partitions instead of {spec.partitions}")
+        if spec.name in resources:
+            try:
+                entries = described[resources[spec.name]].result(timeout=timeout * 2)
+            except KafkaException as exc:
+                raise EventLogError(
+                    f"cannot describe topic {spec.name!r}: {describe_kafka_error(exc)}"
+                ) from exc
+            for key, want in sorted(spec.config.items()):
+                entry = entries.get(key)
+                have = None if entry is None else entry.value
+                if have != want:
+                    problems.append(f"{key}={have!r} instead of {want!r}")
+        if problems:
+            raise TopicConfigError(
+                f"topic {spec.name!r} exists with {'; '.join(problems)}: change the topic "
+                "or the application's topic settings"
+            )
+
+
+def _wait_visible(admin: AdminClient, specs: list[TopicSpec], timeout: float) -> None:
+    """Wait until every partition of the new topics has a leader.
+
+    CreateTopics returns once the controller has the topic; the brokers learn it a moment
+    later, and a client producing in that moment would see an unknown topic.
+    """
+    deadline = time.monotonic() + timeout
+    pending = {s.name: s.partitions for s in specs}
+    while pending:
+        try:
+            metadata = admin.list_topics(timeout=max(0.1, deadline - time.monotonic()))
+        except KafkaException:
+            metadata = None
+        if metadata is not None:
+            for name, count in list(pending.items()):
+                topic = metadata.topics.get(name)
+                if (
+                    topic is not None
+                    and topic.error is None
+                    and len(topic.partitions) == count
+                    and all(p.leader >= 0 for p in topic.partitions.values())
+                ):
+                    del pending[name]
+        if not pending:
+            return
+        if time.monotonic() >= deadline:
+            raise EventLogError(f"topics {sorted(pending)} were created but have no leader yet")
+        time.sleep(0.05)

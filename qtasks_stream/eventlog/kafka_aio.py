@@ -1,0 +1,512 @@
+"""The event log on Apache Kafka through aiokafka (pure asyncio, no threads).
+
+Group membership, heartbeats and fetching run in aiokafka's background tasks: a member
+keeps up with rebalances while the stage is busy between polls, and the rebalance listener
+is called from those tasks. Transactions serialize on a per-producer lock, so a listener
+committing from ``on_revoked`` waits for a transaction the stage has in flight instead of
+interleaving with it.
+
+aiokafka's TxnOffsetCommit (v0) carries no group generation, so the broker cannot fence a
+zombie member's transactional offsets; :meth:`commit_transaction` refuses offsets of
+partitions this member no longer holds, which catches zombies of a rebalance this process
+has seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import TopicPartition as AioTopicPartition
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    IllegalOperation,
+    IllegalStateError,
+    InvalidProducerEpoch,
+    KafkaError,
+    ProducerFenced,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+    UnknownTopicOrPartitionError,
+)
+from aiokafka.producer.transaction_manager import TransactionState
+
+from qtasks_stream.errors import ConfigurationError, EventLogError, FencedError
+from qtasks_stream.eventlog.base import Consumer, EventLog, Producer, RebalanceListener, StartFrom
+from qtasks_stream.eventlog.kafka_admin import ensure_topics
+from qtasks_stream.eventlog.kafka_config import KafkaConfig
+from qtasks_stream.records import OutRecord, Record, TopicPartition, TopicSpec
+
+__all__ = ["AioKafkaEventLog"]
+
+log = logging.getLogger(__name__)
+
+#: aiokafka errors that mean "someone newer owns this work".
+_FENCING = (
+    ProducerFenced,
+    InvalidProducerEpoch,
+    CommitFailedError,
+    IllegalGenerationError,
+    UnknownMemberIdError,
+    RebalanceInProgressError,
+)
+#: Extra time a poll may overrun its timeout while a rebalance settles, before giving up.
+_POLL_GRACE = 5.0
+
+
+def _parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls).parameters) - {"loop"}
+
+
+def _map_error(exc: BaseException, what: str) -> EventLogError:
+    """Our error for an aiokafka one; the caller raises it ``from exc``."""
+    if isinstance(exc, EventLogError):
+        return exc
+    if isinstance(exc, _FENCING):
+        return FencedError(f"{what}: superseded by a newer producer or group generation ({exc!r})")
+    return EventLogError(f"{what}: {exc!r}")
+
+
+def _aio_tp(tp: TopicPartition) -> AioTopicPartition:
+    return AioTopicPartition(tp.topic, tp.partition)
+
+
+def _our_tp(tp: Any) -> TopicPartition:
+    return TopicPartition(tp.topic, tp.partition)
+
+
+class AioKafkaEventLog(EventLog):
+    """Kafka through aiokafka. Creating it does no I/O; clients connect in ``start()``."""
+
+    def __init__(self, config: KafkaConfig) -> None:
+        self._config = config
+        self._producer_params = _parameters(AIOKafkaProducer)
+        self._consumer_params = _parameters(AIOKafkaConsumer)
+        unknown = sorted(
+            key
+            for key, name in ((k, k.replace(".", "_")) for k in config.extra)
+            if name not in self._producer_params | self._consumer_params
+        )
+        if unknown:
+            raise ConfigurationError(
+                f"KafkaConfig.extra keys {unknown} mean nothing to aiokafka's producer or consumer"
+            )
+
+    async def create_topics(self, specs: Sequence[TopicSpec]) -> None:
+        await ensure_topics(self._config, specs)
+
+    def producer(self, *, transactional_id: str | None = None) -> Producer:
+        settings: dict[str, Any] = {
+            "enable_idempotence": True,
+            "acks": "all",
+            "linger_ms": 5,
+        }
+        if transactional_id is not None:
+            settings["transactional_id"] = transactional_id
+            settings["transaction_timeout_ms"] = self._config.transaction_timeout_ms
+        kwargs = self._config.to_aiokafka_kwargs(settings, accepted=self._producer_params)
+        return _AioProducer(kwargs, transactional_id)
+
+    def consumer(
+        self,
+        topics: Sequence[str],
+        *,
+        group_id: str | None,
+        listener: RebalanceListener | None = None,
+        start: StartFrom = "earliest",
+    ) -> Consumer:
+        config = self._config
+        settings: dict[str, Any] = {
+            "group_id": group_id,
+            "enable_auto_commit": False,
+            "isolation_level": "read_committed",
+            "auto_offset_reset": start,
+            "session_timeout_ms": config.session_timeout_ms,
+            "heartbeat_interval_ms": config.heartbeat_interval_ms,
+            "max_poll_interval_ms": config.max_poll_interval_ms,
+            # As Java does: a member gets max.poll.interval to finish on_revoked and rejoin.
+            "rebalance_timeout_ms": config.max_poll_interval_ms,
+        }
+        kwargs = config.to_aiokafka_kwargs(settings, accepted=self._consumer_params)
+        start_timeout = (config.max_poll_interval_ms + config.request_timeout_ms) / 1000
+        return _AioConsumer(kwargs, tuple(topics), group_id, listener, start, start_timeout)
+
+
+class _AioProducer(Producer):
+    def __init__(self, kwargs: dict[str, Any], transactional_id: str | None) -> None:
+        self._kwargs = kwargs
+        self._transactional_id = transactional_id
+        self._producer: Any = None
+        self._start_lock = asyncio.Lock()
+        self._txn_lock = asyncio.Lock()
+        #: Set once the producer is dead (fenced or fatally failed): every later call fails.
+        self._fatal: EventLogError | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._producer is not None:
+                return
+            if self._closed:
+                raise EventLogError("start on a closed producer")
+            producer = AIOKafkaProducer(**self._kwargs)
+            try:
+                await producer.start()
+            except BaseException as exc:
+                await producer.stop()
+                if isinstance(exc, KafkaError):
+                    raise _map_error(exc, "cannot start the Kafka producer") from exc
+                raise
+            self._producer = producer
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._producer is not None:
+            await self._producer.stop()
+
+    def _check_alive(self) -> None:
+        if self._closed:
+            raise EventLogError("the producer is closed")
+        if self._fatal is not None:
+            raise type(self._fatal)(str(self._fatal)) from self._fatal
+
+    async def _validate(self, records: Sequence[OutRecord]) -> None:
+        # aiokafka asserts on these; check first so a bad batch writes nothing.
+        for topic in {r.topic for r in records}:
+            try:
+                partitions = await self._producer.partitions_for(topic)
+            except UnknownTopicOrPartitionError as exc:
+                raise EventLogError(f"unknown topic {topic!r}: create it first") from exc
+            for rec in records:
+                if (
+                    rec.topic == topic
+                    and rec.partition is not None
+                    and rec.partition not in partitions
+                ):
+                    raise EventLogError(f"topic {topic!r} has no partition {rec.partition}")
+        for rec in records:
+            if rec.key is None and rec.value is None:
+                raise EventLogError(f"a record for {rec.topic!r} needs a key or a value")
+
+    async def _send_all(self, records: Sequence[OutRecord]) -> None:
+        """Queue every record (in order), then wait for all acknowledgements together."""
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for rec in records:
+                futures.append(
+                    await self._producer.send(
+                        rec.topic,
+                        value=rec.value,
+                        key=rec.key,
+                        partition=rec.partition,
+                        headers=list(rec.headers),
+                    )
+                )
+        finally:
+            # Even when queueing failed half way, collect what was queued so no future's
+            # exception goes unretrieved.
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def send(self, records: Sequence[OutRecord]) -> None:
+        if not records:
+            return
+        if self._transactional_id is not None:
+            # A transactional producer can only write inside a transaction.
+            await self._transact(records, {}, None)
+            return
+        self._check_alive()
+        await self.start()
+        try:
+            await self._validate(records)
+            await self._send_all(records)
+        except KafkaError as exc:
+            raise self._fail(exc, "send failed") from exc
+
+    def _fail(self, exc: BaseException, what: str) -> EventLogError:
+        error = _map_error(exc, what)
+        txn = getattr(self._producer, "_txn_manager", None)
+        # A fenced producer (or one whose sender task died) cannot be used again.
+        if isinstance(exc, ProducerFenced | InvalidProducerEpoch) or (
+            txn is not None and txn.is_fatal_error()
+        ):
+            self._fatal = error
+        return error
+
+    async def commit_transaction(
+        self,
+        records: Sequence[OutRecord],
+        offsets: Mapping[TopicPartition, int],
+        consumer: Consumer,
+    ) -> None:
+        if self._transactional_id is None:
+            raise EventLogError("commit_transaction needs a producer with a transactional_id")
+        if offsets and not isinstance(consumer, _AioConsumer):
+            raise EventLogError("commit_transaction needs a consumer of the same event log")
+        await self._transact(
+            records, offsets, consumer if isinstance(consumer, _AioConsumer) and offsets else None
+        )
+
+    async def _transact(
+        self,
+        records: Sequence[OutRecord],
+        offsets: Mapping[TopicPartition, int],
+        consumer: _AioConsumer | None,
+    ) -> None:
+        async with self._txn_lock:
+            self._check_alive()
+            await self.start()
+            # Checked under the lock: a rebalance may have happened while we waited for it.
+            group_id = consumer.check_owned(offsets) if consumer is not None else None
+            producer = self._producer
+            try:
+                await self._validate(records)
+                await producer.begin_transaction()
+                await self._send_all(records)
+                if offsets:
+                    await producer.send_offsets_to_transaction(
+                        {_aio_tp(tp): offset for tp, offset in offsets.items()}, group_id
+                    )
+                await producer.commit_transaction()
+            except BaseException as exc:
+                await self._abort()
+                if isinstance(exc, KafkaError | IllegalOperation):
+                    raise self._fail(exc, "transaction failed, nothing was written") from exc
+                raise
+
+    async def _abort(self) -> None:
+        """Abort the open transaction, if aiokafka still has one that can be aborted."""
+        txn = self._producer._txn_manager
+        # aiokafka asserts on an abort from any other state (a fenced producer is in
+        # FATAL_ERROR and must not be touched again).
+        if txn.state not in (TransactionState.IN_TRANSACTION, TransactionState.ABORTABLE_ERROR):
+            return
+        try:
+            await self._producer.abort_transaction()
+        except KafkaError as exc:
+            log.warning("aborting the transaction of %r failed: %r", self._transactional_id, exc)
+
+
+class _AioRebalanceAdapter(ConsumerRebalanceListener):  # type: ignore[misc]
+    """aiokafka's listener interface, forwarding to the consumer (which calls ours)."""
+
+    def __init__(self, owner: _AioConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._owner.partitions_revoked({_our_tp(tp) for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self._owner.partitions_assigned({_our_tp(tp) for tp in assigned})
+
+
+class _AioConsumer(Consumer):
+    def __init__(
+        self,
+        kwargs: dict[str, Any],
+        topics: tuple[str, ...],
+        group_id: str | None,
+        listener: RebalanceListener | None,
+        start: StartFrom,
+        start_timeout: float,
+    ) -> None:
+        self._kwargs = kwargs
+        self._topics = topics
+        self._group_id = group_id
+        self._listener = listener
+        self._start = start
+        self._start_timeout = start_timeout
+        self._consumer: Any = None
+        self._start_lock = asyncio.Lock()
+        self._paused: set[TopicPartition] = set()
+        #: The first exception a listener raised in the background, for the next poll.
+        self._listener_error: BaseException | None = None
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._consumer is not None:
+                return
+            if self._closed:
+                raise EventLogError("start on a closed consumer")
+            consumer = AIOKafkaConsumer(**self._kwargs)
+            try:
+                if self._group_id is not None:
+                    # Subscribing before start() makes start() wait for the first
+                    # assignment, so a started member already owns its partitions.
+                    consumer.subscribe(list(self._topics), listener=_AioRebalanceAdapter(self))
+                    await asyncio.wait_for(consumer.start(), self._start_timeout)
+                else:
+                    await consumer.start()
+                    await self._assign_everything(consumer)
+            except BaseException as exc:
+                await consumer.stop()
+                if isinstance(exc, TimeoutError):
+                    raise EventLogError(
+                        f"group {self._group_id!r} gave no assignment within "
+                        f"{self._start_timeout:.0f}s"
+                    ) from exc
+                if isinstance(exc, KafkaError):
+                    raise _map_error(exc, f"cannot start a consumer of {self._topics}") from exc
+                raise
+            self._consumer = consumer
+
+    async def _assign_everything(self, consumer: Any) -> None:
+        # aiokafka has no public metadata call on a consumer; its client has one.
+        cluster = await consumer._client.fetch_all_metadata()
+        tps: list[AioTopicPartition] = []
+        for topic in self._topics:
+            partitions = cluster.partitions_for_topic(topic)
+            if not partitions:
+                raise EventLogError(f"unknown topic {topic!r}: create it first")
+            tps.extend(AioTopicPartition(topic, p) for p in sorted(partitions))
+        consumer.assign(tps)
+        if self._start == "latest":
+            # Resolve "latest" now, not at the first fetch, so a record appended after
+            # start() is read.
+            for tp, offset in (await consumer.end_offsets(tps)).items():
+                consumer.seek(tp, offset)
+        else:
+            await consumer.seek_to_beginning(*tps)
+
+    async def close(self) -> None:
+        """Leave the group without committing; the listener is not called (as in aiokafka)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    # -- rebalance (called from aiokafka's coordinator task) -----------------------------
+
+    async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked and self._listener is not None and not self._closed:
+            await self._call_listener(self._listener.on_revoked, revoked)
+
+    async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        # aiokafka forgets pauses with the old assignment; keep those still assigned.
+        self._paused &= assigned
+        if self._paused and self._consumer is not None:
+            self._consumer.pause(*(_aio_tp(tp) for tp in self._paused))
+        if assigned and self._listener is not None and not self._closed:
+            await self._call_listener(self._listener.on_assigned, assigned)
+
+    async def _call_listener(self, method: Any, partitions: set[TopicPartition]) -> None:
+        try:
+            await method(sorted(partitions))
+        except Exception as exc:
+            # aiokafka would only log it; keep it for the stage's next poll instead.
+            log.warning("rebalance listener %r failed: %r", method, exc)
+            if self._listener_error is None:
+                self._listener_error = exc
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def poll(self, *, max_records: int, timeout: float) -> list[Record]:  # noqa: ASYNC109
+        if self._closed:
+            raise EventLogError("poll on a closed consumer")
+        await self.start()
+        if self._listener_error is not None:
+            error, self._listener_error = self._listener_error, None
+            raise error
+        fetch = asyncio.ensure_future(
+            self._consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_records)
+        )
+        # getmany waits, without a timeout, for a rebalance in progress to finish; bound it.
+        done, _ = await asyncio.wait({fetch}, timeout=timeout + _POLL_GRACE)
+        if not done:
+            fetch.cancel()
+            await asyncio.gather(fetch, return_exceptions=True)
+            return []
+        try:
+            batches = fetch.result()
+        except KafkaError as exc:
+            raise _map_error(exc, "poll failed") from exc
+        return [
+            Record(
+                m.topic,
+                m.partition,
+                m.offset,
+                m.key,
+                m.value,
+                tuple((k, bytes(v)) for k, v in (m.headers or ())),
+                m.timestamp,
+            )
+            for messages in batches.values()
+            for m in messages
+        ]
+
+    def _require_started(self) -> Any:
+        if self._consumer is None or self._closed:
+            raise EventLogError("the consumer is not started (or closed)")
+        return self._consumer
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        consumer = self._require_started()
+        try:
+            consumer.seek(_aio_tp(tp), offset)
+        except IllegalStateError as exc:
+            raise EventLogError(f"cannot seek {tp}: not assigned to this consumer") from exc
+
+    def pause(self, tps: Sequence[TopicPartition], paused: bool) -> None:
+        consumer = self._require_started()
+        assigned = {_our_tp(tp) for tp in consumer.assignment()}
+        if paused:
+            chosen = [tp for tp in tps if tp in assigned]
+            self._paused.update(chosen)
+            consumer.pause(*(_aio_tp(tp) for tp in chosen))
+        else:
+            self._paused.difference_update(tps)
+            consumer.resume(*(_aio_tp(tp) for tp in tps if tp in assigned))
+
+    async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The last stable offset: the end of the log a read_committed reader can reach."""
+        await self.start()
+        try:
+            ends = await self._consumer.end_offsets([_aio_tp(tp) for tp in tps])
+        except KafkaError as exc:
+            raise _map_error(exc, "cannot read end offsets") from exc
+        return {_our_tp(tp): offset for tp, offset in ends.items()}
+
+    # -- committing -----------------------------------------------------------------------
+
+    def check_owned(self, offsets: Mapping[TopicPartition, int]) -> str:
+        """The group id, if this member may commit ``offsets``; else FencedError."""
+        if self._group_id is None:
+            raise EventLogError("a consumer without group_id has no offsets to commit")
+        consumer = self._require_started()
+        assigned = {_our_tp(tp) for tp in consumer.assignment()}
+        lost = sorted(set(offsets) - assigned)
+        if lost:
+            raise FencedError(
+                f"partitions {lost} are no longer assigned to this member of group "
+                f"{self._group_id!r}; their work is redone by the new owner"
+            )
+        return self._group_id
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        if not offsets:
+            return
+        if self._group_id is None:
+            raise EventLogError("a consumer without group_id has no offsets to commit")
+        await self.start()
+        try:
+            await self._consumer.commit({_aio_tp(tp): offset for tp, offset in offsets.items()})
+        except IllegalStateError as exc:
+            raise FencedError(
+                f"cannot commit {dict(offsets)}: not assigned to this member of group "
+                f"{self._group_id!r} any more"
+            ) from exc
+        except KafkaError as exc:
+            raise _map_error(exc, f"commit to group {self._group_id!r} failed") from exc

@@ -1,0 +1,180 @@
+"""How to reach a Kafka cluster, in one value both Kafka clients understand.
+
+The same :class:`KafkaConfig` drives the aiokafka and the confluent-kafka event logs, so a
+deployment can switch clients without rewriting its settings. Nothing here reads the
+environment: the CLI builds the config and passes it in.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
+
+from qtasks_stream.errors import ConfigurationError
+
+__all__ = ["ConfValue", "KafkaConfig"]
+
+#: A librdkafka property value; confluent-kafka converts it to the string librdkafka wants.
+ConfValue = str | int | float | bool
+
+_SECURITY_PROTOCOLS = frozenset({"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"})
+_SECRET_FIELDS = frozenset({"sasl_password", "ssl_keyfile_password"})
+
+
+@dataclass(frozen=True, repr=False)
+class KafkaConfig:
+    """Connection, security and group-timing settings for a Kafka cluster.
+
+    Args:
+        bootstrap_servers: ``host:port[,host:port...]``.
+        extra: client properties passed on as they are, last, so they win over everything
+            this package sets. Keys use librdkafka's dotted names; for aiokafka they are
+            translated to keyword arguments (``max.poll.records`` -> ``max_poll_records``).
+    """
+
+    bootstrap_servers: str
+    client_id: str = "qtasks-stream"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_keyfile_password: str | None = None
+    ssl_check_hostname: bool = True
+    #: A group member silent this long is dropped and its partitions move on.
+    session_timeout_ms: int = 10_000
+    #: How often members learn about a rebalance; smaller rebalances faster.
+    heartbeat_interval_ms: int = 1_000
+    #: How long a member may take to rejoin a rebalance (and between polls, for librdkafka).
+    max_poll_interval_ms: int = 300_000
+    metadata_max_age_ms: int = 60_000
+    request_timeout_ms: int = 30_000
+    transaction_timeout_ms: int = 60_000
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.bootstrap_servers.strip():
+            raise ConfigurationError("KafkaConfig.bootstrap_servers is empty")
+        protocol = self.security_protocol.upper()
+        if protocol not in _SECURITY_PROTOCOLS:
+            raise ConfigurationError(
+                f"unknown security_protocol {self.security_protocol!r}; "
+                f"expected one of {sorted(_SECURITY_PROTOCOLS)}"
+            )
+        if self.sasl_mechanism is not None and not protocol.startswith("SASL_"):
+            raise ConfigurationError(
+                f"sasl_mechanism {self.sasl_mechanism!r} needs security_protocol "
+                "SASL_PLAINTEXT or SASL_SSL"
+            )
+        # Freeze a copy: a caller mutating its dict later must not change a frozen config.
+        object.__setattr__(self, "security_protocol", protocol)
+        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECRET_FIELDS and value is not None:
+                parts.append(f"{f.name}='***'")
+            elif f.name == "extra":
+                parts.append(f"extra={dict(value)!r}")
+            else:
+                parts.append(f"{f.name}={value!r}")
+        return f"KafkaConfig({', '.join(parts)})"
+
+    # -- librdkafka (confluent-kafka) -------------------------------------------------------
+
+    def to_librdkafka(
+        self, settings: Mapping[str, ConfValue] | None = None
+    ) -> dict[str, ConfValue]:
+        """A librdkafka configuration: connection and security, then ``settings``, then
+        :attr:`extra`."""
+        conf: dict[str, ConfValue] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol.lower(),
+        }
+        if self.sasl_mechanism is not None:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username is not None:
+            conf["sasl.username"] = self.sasl_username
+        if self.sasl_password is not None:
+            conf["sasl.password"] = self.sasl_password
+        if self.ssl_cafile is not None:
+            conf["ssl.ca.location"] = self.ssl_cafile
+        if self.ssl_certfile is not None:
+            conf["ssl.certificate.location"] = self.ssl_certfile
+        if self.ssl_keyfile is not None:
+            conf["ssl.key.location"] = self.ssl_keyfile
+        if self.ssl_keyfile_password is not None:
+            conf["ssl.key.password"] = self.ssl_keyfile_password
+        if self.security_protocol.endswith("SSL"):
+            conf["ssl.endpoint.identification.algorithm"] = (
+                "https" if self.ssl_check_hostname else "none"
+            )
+        conf.update(settings or {})
+        conf.update(self.extra)
+        return conf
+
+    # -- aiokafka ---------------------------------------------------------------------------
+
+    def to_aiokafka_kwargs(
+        self, settings: Mapping[str, Any] | None = None, *, accepted: Collection[str] = ()
+    ) -> dict[str, Any]:
+        """Keyword arguments for an aiokafka client: connection and security, then
+        ``settings``, then those :attr:`extra` entries whose translated name is in
+        ``accepted`` (the client's parameter names)."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+            "metadata_max_age_ms": self.metadata_max_age_ms,
+        }
+        if self.sasl_mechanism is not None:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+        if self.sasl_username is not None:
+            kwargs["sasl_plain_username"] = self.sasl_username
+        if self.sasl_password is not None:
+            kwargs["sasl_plain_password"] = self.sasl_password
+        if self.security_protocol.endswith("SSL"):
+            kwargs["ssl_context"] = self.ssl_context()
+        kwargs.update(settings or {})
+        kwargs.update(
+            (name, value) for name, value in self.aiokafka_extra().items() if name in accepted
+        )
+        return kwargs
+
+    def aiokafka_extra(self) -> dict[str, Any]:
+        """:attr:`extra` with aiokafka names and Python values (ints, floats, booleans)."""
+        return {key.replace(".", "_"): _coerce(value) for key, value in self.extra.items()}
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context for aiokafka, from the ``ssl_*`` fields."""
+        context = ssl.create_default_context(cafile=self.ssl_cafile)
+        # Like librdkafka's ssl.endpoint.identification.algorithm=none: the certificate is
+        # still verified, only its host name is not.
+        context.check_hostname = self.ssl_check_hostname
+        if self.ssl_certfile is not None:
+            context.load_cert_chain(
+                self.ssl_certfile, self.ssl_keyfile, password=self.ssl_keyfile_password
+            )
+        return context
+
+
+def _coerce(value: str) -> Any:
+    """``"true"`` -> True, ``"5"`` -> 5, ``"0.5"`` -> 0.5, anything else unchanged."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for convert in (int, float):
+        try:
+            return convert(value)
+        except ValueError:
+            pass
+    return value

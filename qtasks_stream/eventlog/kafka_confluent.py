@@ -1,0 +1,757 @@
+"""The event log on Apache Kafka through confluent-kafka (librdkafka).
+
+librdkafka calls block, so each client gets its own thread:
+
+* a producer runs every blocking call (produce + flush, the transaction calls) on a
+  single-thread executor of its own, so transactions of one producer never overlap;
+* a consumer runs one background thread that loops ``consume()`` with a short timeout and
+  buffers what it gets. As with aiokafka, membership and fetching thus go on while the stage
+  is busy between polls: a member started second does not wait for the first one to poll
+  before the group settles. ``poll()`` only drains the buffer.
+
+Rebalance callbacks fire inside ``consume()`` on that thread. They hand the listener's
+coroutine to the event loop and wait for it there; nothing the listener may call (commit,
+``commit_transaction``, seek, pause, ``end_offsets``) needs the consumer thread, so the
+wait cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
+
+import confluent_kafka as ck
+from confluent_kafka import KafkaError, KafkaException
+
+from qtasks_stream.errors import EventLogError, FencedError
+from qtasks_stream.eventlog.base import Consumer, EventLog, Producer, RebalanceListener, StartFrom
+from qtasks_stream.eventlog.kafka_admin import describe_kafka_error, ensure_topics, kafka_error_of
+from qtasks_stream.eventlog.kafka_config import ConfValue, KafkaConfig
+from qtasks_stream.records import Headers, OutRecord, Record, TopicPartition, TopicSpec
+
+__all__ = ["ConfluentEventLog"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: librdkafka codes meaning "a newer producer or group generation owns this work".
+_FENCING_CODES = frozenset(
+    {
+        KafkaError._FENCED,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.FENCED_INSTANCE_ID,
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.STALE_MEMBER_EPOCH,
+        KafkaError.FENCED_MEMBER_EPOCH,
+    }
+)
+#: Consumer errors that poll() raises; anything else librdkafka reports it retries itself.
+_CONSUMER_FATAL_CODES = frozenset(
+    {
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+    }
+)
+#: How long one consume() call may block: bounds how late close, seek and pause apply.
+_CONSUME_SLICE = 0.1
+_CONSUME_BATCH = 500
+#: Past this many buffered records a partition stops fetching until poll() drains it.
+_BUFFER_HIGH = 2_000
+_BUFFER_LOW = _BUFFER_HIGH // 2
+
+
+def _map_error(exc: BaseException, what: str) -> EventLogError:
+    """Our error for a librdkafka one, keeping its code; raise it ``from exc``."""
+    if isinstance(exc, EventLogError):
+        return exc
+    err = kafka_error_of(exc)
+    text = f"{what}: {describe_kafka_error(exc)}"
+    if err is not None and err.code() in _FENCING_CODES:
+        return FencedError(text)
+    return EventLogError(text)
+
+
+def _ck_tp(tp: TopicPartition, offset: int | None = None) -> ck.TopicPartition:
+    if offset is None:
+        return ck.TopicPartition(tp.topic, tp.partition)
+    return ck.TopicPartition(tp.topic, tp.partition, offset)
+
+
+def _our_tp(tp: ck.TopicPartition) -> TopicPartition:
+    return TopicPartition(tp.topic, tp.partition)
+
+
+class ConfluentEventLog(EventLog):
+    """Kafka through confluent-kafka. Creating it does no I/O; clients connect in ``start()``."""
+
+    def __init__(self, config: KafkaConfig) -> None:
+        self._config = config
+
+    async def create_topics(self, specs: Sequence[TopicSpec]) -> None:
+        await ensure_topics(self._config, specs)
+
+    def producer(self, *, transactional_id: str | None = None) -> Producer:
+        config = self._config
+        settings: dict[str, ConfValue] = {
+            "enable.idempotence": True,
+            "acks": "all",
+            # Java's (and aiokafka's and the in-memory log's) key hashing, so a key lands on
+            # the same partition whichever client wrote it.
+            "partitioner": "murmur2_random",
+            "linger.ms": 5,
+            "message.timeout.ms": config.request_timeout_ms * 2,
+            "request.timeout.ms": config.request_timeout_ms,
+            "topic.metadata.refresh.interval.ms": config.metadata_max_age_ms,
+        }
+        if transactional_id is not None:
+            settings["transactional.id"] = transactional_id
+            settings["transaction.timeout.ms"] = config.transaction_timeout_ms
+        return _ConfluentProducer(
+            config.to_librdkafka(settings), transactional_id, config.request_timeout_ms / 1000
+        )
+
+    def consumer(
+        self,
+        topics: Sequence[str],
+        *,
+        group_id: str | None,
+        listener: RebalanceListener | None = None,
+        start: StartFrom = "earliest",
+    ) -> Consumer:
+        config = self._config
+        settings: dict[str, ConfValue] = {
+            # librdkafka insists on a group id; a consumer without a group only assign()s
+            # and never commits, so a private one is never joined.
+            "group.id": group_id or f"qtasks-unmanaged-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": start,
+            "allow.auto.create.topics": False,
+            "session.timeout.ms": config.session_timeout_ms,
+            "heartbeat.interval.ms": config.heartbeat_interval_ms,
+            "max.poll.interval.ms": config.max_poll_interval_ms,
+            "topic.metadata.refresh.interval.ms": config.metadata_max_age_ms,
+            # librdkafka prefetches up to 64 MiB per client by default; the buffer here
+            # already holds a few thousand records per partition.
+            "queued.max.messages.kbytes": 16_384,
+        }
+        return _ConfluentConsumer(
+            config.to_librdkafka(settings),
+            tuple(topics),
+            group_id,
+            listener,
+            start,
+            timeout=config.request_timeout_ms / 1000,
+            start_timeout=(config.max_poll_interval_ms + config.request_timeout_ms) / 1000,
+        )
+
+
+class _ConfluentProducer(Producer):
+    def __init__(
+        self, conf: dict[str, ConfValue], transactional_id: str | None, timeout: float
+    ) -> None:
+        self._conf = conf
+        self._transactional_id = transactional_id
+        self._timeout = timeout
+        self._producer: ck.Producer | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._start_lock = asyncio.Lock()
+        #: Set once the producer is dead (fenced or fatally failed): every later call fails.
+        self._fatal: EventLogError | None = None
+        self._closed = False
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        assert self._executor is not None
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._producer is not None:
+                return
+            if self._closed:
+                raise EventLogError("start on a closed producer")
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="qtasks-rdkafka-producer"
+            )
+            try:
+                producer = await self._run(ck.Producer, self._conf)
+                if self._transactional_id is not None:
+                    # Fences older producers with this id and finishes their open transaction.
+                    await self._run(producer.init_transactions, self._timeout)
+            except KafkaException as exc:
+                self._executor.shutdown(wait=False)
+                self._executor = None
+                raise _map_error(exc, "cannot start the Kafka producer") from exc
+            self._producer = producer
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._producer is not None:
+            try:
+                await self._run(self._producer.flush, self._timeout)
+            finally:
+                assert self._executor is not None
+                self._executor.shutdown(wait=False)
+
+    def _check_alive(self) -> None:
+        if self._closed:
+            raise EventLogError("the producer is closed")
+        if self._fatal is not None:
+            raise type(self._fatal)(str(self._fatal)) from self._fatal
+
+    def _produce_all(self, records: Sequence[OutRecord], on_delivery: Any) -> None:
+        """Queue every record in order (producer thread)."""
+        assert self._producer is not None
+        for rec in records:
+            kwargs: dict[str, Any] = {
+                "key": rec.key,
+                "value": rec.value,
+                "on_delivery": on_delivery,
+            }
+            if rec.headers:
+                kwargs["headers"] = list(rec.headers)
+            if rec.partition is not None:
+                kwargs["partition"] = rec.partition
+            while True:
+                try:
+                    self._producer.produce(rec.topic, **kwargs)
+                    break
+                except BufferError:
+                    # The local queue is full: let deliveries drain it, then retry.
+                    self._producer.poll(0.05)
+
+    def _send_blocking(self, records: Sequence[OutRecord]) -> None:
+        assert self._producer is not None
+        errors: list[KafkaError] = []
+
+        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                errors.append(err)
+
+        self._produce_all(records, on_delivery)
+        deadline = time.monotonic() + self._timeout * 2
+        while self._producer.flush(0.1) > 0:
+            if time.monotonic() > deadline:
+                raise EventLogError(f"records not acknowledged within {self._timeout * 2:.0f}s")
+        if errors:
+            raise KafkaException(errors[0])
+
+    async def send(self, records: Sequence[OutRecord]) -> None:
+        if not records:
+            return
+        if self._transactional_id is not None:
+            # A transactional producer can only write inside a transaction.
+            await self._transact(records, {}, None)
+            return
+        self._check_alive()
+        await self.start()
+        try:
+            await self._run(self._send_blocking, records)
+        except KafkaException as exc:
+            raise self._fail(exc, "send failed") from exc
+
+    def _fail(self, exc: KafkaException, what: str) -> EventLogError:
+        error = _map_error(exc, what)
+        err = kafka_error_of(exc)
+        if err is not None and err.fatal():
+            self._fatal = error
+        return error
+
+    async def commit_transaction(
+        self,
+        records: Sequence[OutRecord],
+        offsets: Mapping[TopicPartition, int],
+        consumer: Consumer,
+    ) -> None:
+        if self._transactional_id is None:
+            raise EventLogError("commit_transaction needs a producer with a transactional_id")
+        if not offsets:
+            await self._transact(records, {}, None)
+            return
+        if not isinstance(consumer, _ConfluentConsumer):
+            raise EventLogError("commit_transaction needs a consumer of the same event log")
+        # Taken on the event loop: librdkafka's group metadata call is thread-safe and does
+        # not need the consumer thread, which may be waiting for a listener right now.
+        await self._transact(records, offsets, consumer.group_metadata())
+
+    async def _transact(
+        self, records: Sequence[OutRecord], offsets: Mapping[TopicPartition, int], group: Any
+    ) -> None:
+        self._check_alive()
+        await self.start()
+        try:
+            await self._run(self._transact_blocking, records, offsets, group)
+        except KafkaException as exc:
+            raise self._fail(exc, "transaction failed, nothing was written") from exc
+
+    def _transact_blocking(
+        self, records: Sequence[OutRecord], offsets: Mapping[TopicPartition, int], group: Any
+    ) -> None:
+        producer = self._producer
+        assert producer is not None
+        producer.begin_transaction()
+        try:
+            self._produce_all(records, None)
+            if offsets:
+                producer.send_offsets_to_transaction(
+                    [_ck_tp(tp, offset) for tp, offset in offsets.items()], group, self._timeout
+                )
+            producer.commit_transaction(self._timeout)
+        except BaseException as exc:
+            err = kafka_error_of(exc)
+            if err is None or not err.fatal():
+                # Abortable (or our own) error: roll back so the next transaction can begin.
+                try:
+                    producer.abort_transaction(self._timeout)
+                except KafkaException as abort_exc:
+                    log.warning(
+                        "aborting the transaction of %r failed: %s",
+                        self._transactional_id,
+                        describe_kafka_error(abort_exc),
+                    )
+            raise
+
+
+class _ConfluentConsumer(Consumer):
+    def __init__(
+        self,
+        conf: dict[str, ConfValue],
+        topics: tuple[str, ...],
+        group_id: str | None,
+        listener: RebalanceListener | None,
+        start: StartFrom,
+        *,
+        timeout: float,
+        start_timeout: float,
+    ) -> None:
+        self._conf = conf
+        self._topics = topics
+        self._group_id = group_id
+        self._listener = listener
+        self._start = start
+        self._timeout = timeout
+        self._start_timeout = start_timeout
+        self._consumer: ck.Consumer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._start_lock = asyncio.Lock()
+        self._wakeup = asyncio.Event()
+        self._first_assignment: asyncio.Future[None] | None = None
+        self._stop = threading.Event()
+        #: Set while closing: rebalance callbacks from close() skip the listener, as aiokafka.
+        self._closing = False
+        self._closed = False
+        # State shared between the consumer thread and the event loop, under _lock.
+        self._lock = threading.Lock()
+        self._assigned: set[TopicPartition] = set()
+        self._buffers: dict[TopicPartition, deque[Record]] = {}
+        self._paused: set[TopicPartition] = set()  # what the stage asked for
+        self._throttled: set[TopicPartition] = set()  # buffer full
+        self._pending_seeks: dict[TopicPartition, int] = {}
+        #: Bumped by every seek: records fetched before it are dropped.
+        self._seek_epochs: dict[TopicPartition, int] = {}
+        #: Partitions whose librdkafka pause state must be set again (new assignment).
+        self._pause_dirty: set[TopicPartition] = set()
+        #: A fatal consumer error: every later poll raises it.
+        self._fatal: EventLogError | None = None
+        #: The first exception a listener raised; the next poll raises it, once.
+        self._listener_error: BaseException | None = None
+        self._next_tp = 0
+        # Consumer thread only.
+        self._rd_paused: set[TopicPartition] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._consumer is not None:
+                return
+            if self._closed:
+                raise EventLogError("start on a closed consumer")
+            loop = asyncio.get_running_loop()
+            self._loop = loop
+            try:
+                consumer = await asyncio.to_thread(ck.Consumer, self._conf)
+            except KafkaException as exc:
+                raise _map_error(exc, "cannot create the Kafka consumer") from exc
+            try:
+                partitions = await asyncio.to_thread(self._partitions, consumer)
+                if self._group_id is not None:
+                    self._first_assignment = loop.create_future()
+                    consumer.subscribe(
+                        list(self._topics), on_assign=self._on_assign, on_revoke=self._on_revoke
+                    )
+                else:
+                    await asyncio.to_thread(self._assign_everything, consumer, partitions)
+            except BaseException as exc:
+                await asyncio.to_thread(consumer.close)
+                if isinstance(exc, KafkaException):
+                    raise _map_error(exc, f"cannot start a consumer of {self._topics}") from exc
+                raise
+            self._consumer = consumer
+            self._thread = threading.Thread(
+                target=self._run, name=f"qtasks-rdkafka-consumer-{self._topics}", daemon=True
+            )
+            self._thread.start()
+            if self._first_assignment is not None:
+                # Like aiokafka's start(): a started member already owns its partitions.
+                try:
+                    await asyncio.wait_for(
+                        asyncio.shield(self._first_assignment), self._start_timeout
+                    )
+                except TimeoutError as exc:
+                    await self.close()
+                    raise EventLogError(
+                        f"group {self._group_id!r} gave no assignment within "
+                        f"{self._start_timeout:.0f}s"
+                    ) from exc
+                except BaseException:
+                    await self.close()
+                    raise
+
+    def _partitions(self, consumer: ck.Consumer) -> list[TopicPartition]:
+        """Every partition of the topics; EventLogError for a missing topic (blocking)."""
+        metadata = consumer.list_topics(timeout=self._timeout)
+        tps: list[TopicPartition] = []
+        for topic in self._topics:
+            info = metadata.topics.get(topic)
+            if info is None or info.error is not None or not info.partitions:
+                raise EventLogError(f"unknown topic {topic!r}: create it first")
+            tps.extend(TopicPartition(topic, p) for p in sorted(info.partitions))
+        return tps
+
+    def _assign_everything(self, consumer: ck.Consumer, tps: list[TopicPartition]) -> None:
+        assignment: list[ck.TopicPartition] = []
+        for tp in tps:
+            if self._start == "latest":
+                # Resolve "latest" now, not at the first fetch, so a record appended after
+                # start() is read.
+                _low, high = consumer.get_watermark_offsets(_ck_tp(tp), timeout=self._timeout)
+                assignment.append(_ck_tp(tp, high))
+            else:
+                assignment.append(_ck_tp(tp, ck.OFFSET_BEGINNING))
+        consumer.assign(assignment)
+        with self._lock:
+            self._assigned = set(tps)
+
+    async def close(self) -> None:
+        """Leave the group without committing; the listener is not called (as aiokafka)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        self._stop.set()
+        if self._thread is not None:
+            # The thread closes the consumer itself: librdkafka wants one thread on it.
+            await asyncio.to_thread(self._thread.join)
+        elif self._consumer is not None:
+            await asyncio.to_thread(self._consumer.close)
+
+    # -- the consumer thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    epochs = dict(self._seek_epochs)
+                    seeks, self._pending_seeks = self._pending_seeks, {}
+                self._apply(consumer, seeks)
+                try:
+                    messages = consumer.consume(_CONSUME_BATCH, _CONSUME_SLICE)
+                except KafkaException as exc:
+                    self._report(exc)
+                    continue
+                if messages:
+                    self._store(messages, epochs)
+        except Exception as exc:  # a bug here must reach poll(), not vanish
+            log.exception("the Kafka consumer thread failed")
+            self._set_fatal(EventLogError(f"the Kafka consumer thread failed: {exc!r}"))
+        finally:
+            self._closing = True
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("closing the Kafka consumer failed: %s", describe_kafka_error(exc))
+
+    def _apply(self, consumer: ck.Consumer, seeks: dict[TopicPartition, int]) -> None:
+        """Apply seeks and pause changes asked for since the last consume()."""
+        for tp, offset in seeks.items():
+            try:
+                consumer.seek(_ck_tp(tp, offset))
+            except KafkaException as exc:
+                # Revoked meanwhile: the new owner starts from the committed offset anyway.
+                log.info("seek %s to %d skipped: %s", tp, offset, describe_kafka_error(exc))
+        with self._lock:
+            want = (self._paused | self._throttled) & self._assigned
+            dirty, self._pause_dirty = self._pause_dirty & self._assigned, set()
+        to_pause = (want - self._rd_paused) | (want & dirty)
+        to_resume = ((self._rd_paused - want) | (dirty - want)) & self._assigned
+        try:
+            if to_pause:
+                consumer.pause([_ck_tp(tp) for tp in sorted(to_pause)])
+            if to_resume:
+                consumer.resume([_ck_tp(tp) for tp in sorted(to_resume)])
+        except KafkaException as exc:
+            log.info("pause/resume skipped: %s", describe_kafka_error(exc))
+        self._rd_paused = want
+
+    def _store(self, messages: list[Any], epochs: dict[TopicPartition, int]) -> None:
+        errors: list[KafkaError] = []
+        with self._lock:
+            for msg in messages:
+                err = msg.error()
+                if err is not None:
+                    errors.append(err)
+                    continue
+                topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                assert topic is not None and partition is not None and offset is not None
+                tp = TopicPartition(topic, partition)
+                # librdkafka drops what a rebalance or seek made stale inside consume();
+                # this drops what went stale between consume() returning and now.
+                if tp not in self._assigned or epochs.get(tp, 0) != self._seek_epochs.get(tp, 0):
+                    continue
+                buffer = self._buffers.setdefault(tp, deque())
+                buffer.append(
+                    Record(
+                        topic,
+                        partition,
+                        offset,
+                        msg.key(),
+                        msg.value(),
+                        _headers(msg),
+                        msg.timestamp()[1],
+                    )
+                )
+                if len(buffer) >= _BUFFER_HIGH:
+                    self._throttled.add(tp)
+        for err in errors:
+            self._report(KafkaException(err))
+        self._notify()
+
+    def _report(self, exc: KafkaException) -> None:
+        err = kafka_error_of(exc)
+        if err is not None and (err.fatal() or err.code() in _CONSUMER_FATAL_CODES):
+            self._set_fatal(_map_error(exc, "the Kafka consumer failed"))
+        else:
+            # Transient (broker down, timeouts...): librdkafka retries on its own.
+            log.info("Kafka consumer: %s", describe_kafka_error(exc))
+
+    def _set_fatal(self, exc: EventLogError) -> None:
+        with self._lock:
+            if self._fatal is None:
+                self._fatal = exc
+        self._notify()
+        if self._first_assignment is not None:
+            self._call_soon(lambda: _settle(self._first_assignment, exc))
+
+    def _notify(self) -> None:
+        self._call_soon(self._wakeup.set)
+
+    def _call_soon(self, fn: Callable[[], object]) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between
+                self._loop.call_soon_threadsafe(fn)
+
+    def _on_assign(self, _consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
+        tps = {_our_tp(p) for p in partitions}
+        with self._lock:
+            # Added, not replaced: also right for an incremental (cooperative) assignor.
+            self._assigned |= tps
+            self._paused &= self._assigned
+            self._pause_dirty |= tps
+            for tp in tps:
+                self._buffers.pop(tp, None)
+        if tps and self._listener is not None and not self._closing:
+            self._call_listener(self._listener.on_assigned, tps)
+        if self._first_assignment is not None:
+            self._call_soon(lambda: _settle(self._first_assignment, None))
+
+    def _on_revoke(self, _consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
+        tps = {_our_tp(p) for p in partitions}
+        with self._lock:
+            # Drop what poll() has not handed out yet: the next owner reads it again.
+            for tp in tps:
+                self._buffers.pop(tp, None)
+                self._throttled.discard(tp)
+        if tps and self._listener is not None and not self._closing:
+            # Still assigned while the listener runs, so it can commit their work.
+            self._call_listener(self._listener.on_revoked, tps)
+        with self._lock:
+            self._assigned -= tps
+            self._paused -= tps
+        self._rd_paused -= tps
+
+    def _call_listener(
+        self,
+        method: Callable[[list[TopicPartition]], Coroutine[Any, Any, None]],
+        tps: set[TopicPartition],
+    ) -> None:
+        """Run the listener on the event loop and wait for it (consumer thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        future = asyncio.run_coroutine_threadsafe(method(sorted(tps)), loop)
+        while True:
+            try:
+                future.result(timeout=0.2)
+                return
+            except TimeoutError:
+                if loop.is_closed() or not loop.is_running():
+                    future.cancel()
+                    return
+            except BaseException as exc:
+                log.warning("rebalance listener %r failed: %r", method, exc)
+                with self._lock:
+                    if self._listener_error is None:
+                        self._listener_error = exc
+                self._notify()
+                return
+
+    # -- the event loop side --------------------------------------------------------------
+
+    def group_metadata(self) -> Any:
+        """The group generation to pass to a transaction (callable from any thread)."""
+        if self._consumer is None or self._closed:
+            raise EventLogError("the consumer is not started (or closed)")
+        return self._consumer.consumer_group_metadata()
+
+    async def poll(self, *, max_records: int, timeout: float) -> list[Record]:  # noqa: ASYNC109
+        if self._closed:
+            raise EventLogError("poll on a closed consumer")
+        await self.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            self._wakeup.clear()
+            batch = self._drain(max_records)
+            if batch:
+                return batch
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    def _drain(self, max_records: int) -> list[Record]:
+        out: list[Record] = []
+        with self._lock:
+            if self._fatal is not None:
+                raise type(self._fatal)(str(self._fatal)) from self._fatal
+            if self._listener_error is not None:
+                error, self._listener_error = self._listener_error, None
+                raise error
+            tps = [tp for tp, buf in self._buffers.items() if buf and tp not in self._paused]
+            if not tps:
+                return out
+            # Start where the last drain stopped, so one busy partition cannot starve others.
+            self._next_tp = (self._next_tp + 1) % len(tps)
+            for tp in tps[self._next_tp :] + tps[: self._next_tp]:
+                buffer = self._buffers[tp]
+                while buffer and len(out) < max_records:
+                    out.append(buffer.popleft())
+                if tp in self._throttled and len(buffer) <= _BUFFER_LOW:
+                    self._throttled.discard(tp)
+                if len(out) >= max_records:
+                    break
+        return out
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        with self._lock:
+            if tp not in self._assigned:
+                raise EventLogError(f"cannot seek {tp}: not assigned to this consumer")
+            self._seek_epochs[tp] = self._seek_epochs.get(tp, 0) + 1
+            self._buffers.pop(tp, None)
+            self._throttled.discard(tp)
+            self._pending_seeks[tp] = offset
+
+    def pause(self, tps: Sequence[TopicPartition], paused: bool) -> None:
+        with self._lock:
+            if paused:
+                self._paused.update(tp for tp in tps if tp in self._assigned)
+            else:
+                self._paused.difference_update(tps)
+
+    async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The last stable offset: the end of the log a read_committed reader can reach."""
+        await self.start()
+        consumer = self._consumer
+        assert consumer is not None
+
+        def query() -> dict[TopicPartition, int]:
+            # Any thread: librdkafka's offset queries do not touch the consume queue.
+            ends: dict[TopicPartition, int] = {}
+            for tp in tps:
+                _low, high = consumer.get_watermark_offsets(_ck_tp(tp), timeout=self._timeout)
+                ends[tp] = high
+            return ends
+
+        try:
+            return await asyncio.to_thread(query)
+        except KafkaException as exc:
+            raise _map_error(exc, "cannot read end offsets") from exc
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        if not offsets:
+            return
+        if self._group_id is None:
+            raise EventLogError("a consumer without group_id has no offsets to commit")
+        await self.start()
+        consumer = self._consumer
+        assert consumer is not None
+        parts = [_ck_tp(tp, offset) for tp, offset in offsets.items()]
+        try:
+            # Not on the consumer thread: a listener committing from on_revoked runs while
+            # that thread waits for it. librdkafka's commit is thread-safe.
+            result = await asyncio.to_thread(
+                lambda: consumer.commit(offsets=parts, asynchronous=False)
+            )
+        except KafkaException as exc:
+            raise _map_error(exc, f"commit to group {self._group_id!r} failed") from exc
+        for part in result:
+            if part.error is not None:
+                raise _map_error(
+                    KafkaException(part.error), f"commit of {_our_tp(part)} failed"
+                ) from None
+
+
+def _settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:
+    """Resolve ``future`` unless already done (event loop)."""
+    if future is None or future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _header_bytes(value: str | bytes | None) -> bytes:
+    if value is None:
+        return b""
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _headers(msg: Any) -> Headers:
+    raw = msg.headers()
+    if not raw:
+        return ()
+    items = raw.items() if isinstance(raw, dict) else raw
+    return tuple((key, _header_bytes(value)) for key, value in items)

@@ -1,0 +1,290 @@
+"""The lifecycle events of a task and the records stages exchange, as plain dataclasses.
+
+Each class mirrors a record of ``schemas/avro/`` field for field; ``to_avro``/``from_avro``
+convert to and from the dicts fastavro reads and writes.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+__all__ = [
+    "JSON",
+    "TERMINAL_KINDS",
+    "CancelRequested",
+    "Cancelled",
+    "ControlCommand",
+    "DeadLettered",
+    "Failed",
+    "Payload",
+    "Progress",
+    "Released",
+    "RetryScheduled",
+    "Scheduled",
+    "Started",
+    "Submitted",
+    "Succeeded",
+    "TaskEvent",
+    "TimedOut",
+    "WorkItem",
+    "now_us",
+]
+
+#: Content type of JSON-encoded arguments and results.
+JSON = "application/json"
+_NAMESPACE = "qtasks.stream.v1."
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    args: str
+    kwargs: str
+    priority: int
+    content_type: str = JSON
+    eta_us: int | None = None
+    idempotency_key: str | None = None
+    max_time: float | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    lane: int
+    priority: int
+    due_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    lane: int
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    seq: int
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    result: str
+    duration_ms: float
+    content_type: str = JSON
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error_type: str
+    message: str
+    traceback: str
+    duration_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled:
+    next_attempt: int
+    due_us: int
+    error_type: str
+    message: str
+    traceback: str
+    duration_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequested:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut:
+    max_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLettered:
+    reason: str
+    stage: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+
+
+Payload = (
+    Submitted
+    | Scheduled
+    | Released
+    | Started
+    | Progress
+    | Succeeded
+    | Failed
+    | RetryScheduled
+    | CancelRequested
+    | Cancelled
+    | TimedOut
+    | DeadLettered
+)
+
+_PAYLOAD_TYPES: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (
+        Submitted,
+        Scheduled,
+        Released,
+        Started,
+        Progress,
+        Succeeded,
+        Failed,
+        RetryScheduled,
+        CancelRequested,
+        Cancelled,
+        TimedOut,
+        DeadLettered,
+    )
+}
+_PAYLOAD_FIELDS: dict[type[Any], tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls)) for cls in _PAYLOAD_TYPES.values()
+}
+
+#: Kinds after which a task never changes again.
+TERMINAL_KINDS = frozenset({"Succeeded", "Failed", "Cancelled", "TimedOut", "DeadLettered"})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    """One fact in a task's life; the key of its record is ``task_id``."""
+
+    task_id: str
+    task_name: str
+    attempt: int
+    source: str
+    payload: Payload
+    at_us: int = 0
+    event_id: str = ""
+    traceparent: str | None = None
+
+    SCHEMA: ClassVar[str] = "TaskEvent"
+
+    @classmethod
+    def new(
+        cls,
+        task_id: str,
+        task_name: str,
+        attempt: int,
+        source: str,
+        payload: Payload,
+        *,
+        traceparent: str | None = None,
+    ) -> TaskEvent:
+        return cls(
+            task_id, task_name, attempt, source, payload, now_us(), uuid.uuid4().hex, traceparent
+        )
+
+    @property
+    def kind(self) -> str:
+        return type(self.payload).__name__
+
+    @property
+    def terminal(self) -> bool:
+        return type(self.payload).__name__ in TERMINAL_KINDS
+
+    def to_avro(self) -> dict[str, Any]:
+        payload = self.payload
+        body = {name: getattr(payload, name) for name in _PAYLOAD_FIELDS[type(payload)]}
+        if isinstance(payload, Submitted):
+            body["tags"] = list(payload.tags)
+        return {
+            "event_id": self.event_id,
+            "task_id": self.task_id,
+            "task_name": self.task_name,
+            "attempt": self.attempt,
+            "at_us": self.at_us,
+            "source": self.source,
+            "traceparent": self.traceparent,
+            "payload": (_NAMESPACE + type(payload).__name__, body),
+        }
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> TaskEvent:
+        name, body = data["payload"]
+        payload_type = _PAYLOAD_TYPES[name.rpartition(".")[2]]
+        if payload_type is Submitted:
+            body = {**body, "tags": tuple(body["tags"])}
+        return cls(
+            data["task_id"],
+            data["task_name"],
+            data["attempt"],
+            data["source"],
+            payload_type(**body),
+            data["at_us"],
+            data["event_id"],
+            data.get("traceparent"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One attempt waiting in a lane for a worker."""
+
+    task_id: str
+    task_name: str
+    attempt: int
+    args: str
+    kwargs: str
+    priority: int
+    submitted_at_us: int
+    content_type: str = JSON
+    max_time: float | None = None
+    traceparent: str | None = None
+
+    SCHEMA: ClassVar[str] = "WorkItem"
+
+    def to_avro(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _WORK_ITEM_FIELDS}
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> WorkItem:
+        return cls(**data)
+
+
+_WORK_ITEM_FIELDS = tuple(f.name for f in fields(WorkItem))
+
+
+@dataclass(frozen=True, slots=True)
+class ControlCommand:
+    """A command read by every worker instance."""
+
+    task_id: str
+    reason: str
+    at_us: int
+    command: str = "CANCEL"
+
+    SCHEMA: ClassVar[str] = "ControlCommand"
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "command": self.command,
+            "reason": self.reason,
+            "at_us": self.at_us,
+        }
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> ControlCommand:
+        return cls(data["task_id"], data["reason"], data["at_us"], data["command"])

@@ -1,0 +1,36 @@
+"""The executor contract: run one call of a user function to its end."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["Call", "Executor", "FunctionKind"]
+
+FunctionKind = Literal["async", "sync", "asyncgen", "syncgen"]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    fn: Callable[..., Any]
+    kind: FunctionKind
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class Executor(ABC):
+    async def start(self) -> None:
+        """Start pools; a no-op by default."""
+
+    async def close(self) -> None:
+        """Stop pools; a no-op by default."""
+
+    @abstractmethod
+    async def run(self, call: Call, on_item: Callable[[Any], None]) -> Any:
+        """Run ``call``; a generator's items go to ``on_item`` and its result is their list.
+
+        Cancelling the awaiting coroutine abandons the call (async functions are cancelled;
+        how far a running thread or process is stopped depends on the executor).
+        """

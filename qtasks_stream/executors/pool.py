@@ -1,0 +1,116 @@
+"""Executors: async functions in the loop and sync ones in threads, or sync ones in processes."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from qtasks_stream.errors import ConfigurationError
+from qtasks_stream.executors.base import Call, Executor
+
+__all__ = ["LocalExecutor", "ProcessExecutor"]
+
+_DONE = object()
+
+
+def _next_item(iterator: Iterator[Any]) -> Any:
+    return next(iterator, _DONE)
+
+
+class LocalExecutor(Executor):
+    """Coroutines run in the event loop; sync functions and generators in a thread pool.
+
+    A sync call cannot be stopped from outside: on timeout or cancel its result is dropped
+    but the thread runs on. Use :class:`ProcessExecutor` when a hard stop matters.
+    """
+
+    def __init__(self, *, threads: int = 8) -> None:
+        if threads < 1:
+            raise ConfigurationError(f"threads must be >= 1, not {threads}")
+        self._threads = threads
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self._threads, thread_name_prefix="qtasks-task"
+            )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def run(self, call: Call, on_item: Callable[[Any], None]) -> Any:
+        if call.kind == "async":
+            return await call.fn(*call.args, **call.kwargs)
+        if call.kind == "asyncgen":
+            items = []
+            async for item in call.fn(*call.args, **call.kwargs):
+                on_item(item)
+                items.append(item)
+            return items
+        await self.start()
+        loop = asyncio.get_running_loop()
+        if call.kind == "sync":
+            fn = functools.partial(call.fn, *call.args, **call.kwargs)
+            return await loop.run_in_executor(self._pool, fn)
+        iterator = iter(call.fn(*call.args, **call.kwargs))
+        items = []
+        while (item := await loop.run_in_executor(self._pool, _next_item, iterator)) is not _DONE:
+            on_item(item)
+            items.append(item)
+        return items
+
+
+class ProcessExecutor(Executor):
+    """Sync functions in worker processes, for CPU-bound work and hard timeouts.
+
+    Functions must be importable by name (module level) and their arguments and results
+    picklable. On timeout or cancel the pool is torn down (killing the runaway process) and
+    rebuilt; calls running beside it in that pool fail with ``BrokenProcessPool`` and are
+    handled as failed attempts (retried where the task allows).
+    """
+
+    def __init__(self, *, processes: int = 2) -> None:
+        if processes < 1:
+            raise ConfigurationError(f"processes must be >= 1, not {processes}")
+        self._processes = processes
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    async def start(self) -> None:
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(self._processes)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def run(self, call: Call, on_item: Callable[[Any], None]) -> Any:
+        if call.kind != "sync":
+            raise ConfigurationError(
+                f"ProcessExecutor runs plain sync functions, not {call.kind} ones "
+                f"({getattr(call.fn, '__qualname__', call.fn)})"
+            )
+        await self.start()
+        pool = self._pool
+        assert pool is not None
+        future = pool.submit(call.fn, *call.args, **call.kwargs)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not future.done():
+                self._kill(pool)
+            raise
+
+    def _kill(self, pool: concurrent.futures.ProcessPoolExecutor) -> None:
+        # The stdlib pool cannot stop one call; terminating its processes is the only hard stop.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is pool:
+            self._pool = None

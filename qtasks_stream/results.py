@@ -1,0 +1,156 @@
+"""Pushes completion and progress events to clients that wait, without polling any store.
+
+One consumer reads the events topic from its end, on its own (no group). Only records whose
+key is a task somebody waits on are decoded; each waited task's state is folded from what
+arrives, so a client needs no view to learn the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from qtasks_stream.errors import EventLogError, SerdeError
+from qtasks_stream.eventlog.base import Consumer, EventLog
+from qtasks_stream.events import Progress, TaskEvent
+from qtasks_stream.records import TopicPartition
+from qtasks_stream.serde.base import Serde
+from qtasks_stream.state import TaskState, fold
+
+__all__ = ["ResultListener"]
+
+log = logging.getLogger("qtasks_stream.results")
+_END = object()
+
+
+class _Watch:
+    __slots__ = ("futures", "queues", "state")
+
+    def __init__(self) -> None:
+        self.state: TaskState | None = None
+        self.futures: list[asyncio.Future[TaskState]] = []
+        self.queues: list[asyncio.Queue[Any]] = []
+
+
+class ResultListener:
+    def __init__(self, event_log: EventLog, serde: Serde, topic: str, partitions: int) -> None:
+        self._log = event_log
+        self._serde = serde
+        self._topic = topic
+        self._partitions = partitions
+        self._watches: dict[bytes, _Watch] = {}
+        self._consumer: Consumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        async with self._lock:
+            if self._task is not None:
+                return
+            consumer = self._log.consumer([self._topic], group_id=None, start="latest")
+            await consumer.start()
+            # Pin the start position now: "latest" resolved lazily could skip the outcome of
+            # a task submitted right after this returns.
+            tps = [TopicPartition(self._topic, p) for p in range(self._partitions)]
+            for tp, end in (await consumer.end_offsets(tps)).items():
+                consumer.seek(tp, end)
+            self._consumer = consumer
+            self._task = asyncio.create_task(self._run(consumer))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._consumer is not None:
+            await self._consumer.close()
+            self._consumer = None
+        for watch in self._watches.values():
+            for future in watch.futures:
+                future.cancel()
+            for queue in watch.queues:
+                queue.put_nowait(_END)
+        self._watches.clear()
+
+    def _watch(self, task_id: str) -> _Watch:
+        key = task_id.encode()
+        watch = self._watches.get(key)
+        if watch is None:
+            watch = self._watches[key] = _Watch()
+        return watch
+
+    def expect(self, task_id: str, base: TaskState | None = None) -> asyncio.Future[TaskState]:
+        """A future of the task's final state; register it before the task can finish."""
+        watch = self._watch(task_id)
+        if base is not None and watch.state is None:
+            watch.state = base
+        future: asyncio.Future[TaskState] = asyncio.get_running_loop().create_future()
+        if watch.state is not None and watch.state.final:
+            future.set_result(watch.state)
+        else:
+            watch.futures.append(future)
+        return future
+
+    def forget(self, task_id: str, future: asyncio.Future[TaskState]) -> None:
+        key = task_id.encode()
+        watch = self._watches.get(key)
+        if watch is None:
+            return
+        if future in watch.futures:
+            watch.futures.remove(future)
+        self._drop_if_unused(key, watch)
+
+    def _drop_if_unused(self, key: bytes, watch: _Watch) -> None:
+        if not watch.futures and not watch.queues:
+            self._watches.pop(key, None)
+
+    async def stream(self, task_id: str) -> AsyncIterator[Any]:
+        """Progress items of the task from now on, until it ends."""
+        await self.start()
+        watch = self._watch(task_id)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        watch.queues.append(queue)
+        try:
+            while (item := await queue.get()) is not _END:
+                yield item
+        finally:
+            if queue in watch.queues:
+                watch.queues.remove(queue)
+            self._drop_if_unused(task_id.encode(), watch)
+
+    async def _run(self, consumer: Consumer) -> None:
+
+        while True:
+            try:
+                records = await consumer.poll(max_records=1000, timeout=1.0)
+            except EventLogError as exc:
+                log.warning("result listener poll failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            watches = self._watches
+            for rec in records:
+                watch = watches.get(rec.key or b"")
+                if watch is None or rec.value is None:
+                    continue
+                try:
+                    event = TaskEvent.from_avro(self._serde.decode(self._topic, rec.value))
+                except (SerdeError, KeyError, TypeError, ValueError) as exc:
+                    log.warning("result listener skipped an undecodable record: %s", exc)
+                    continue
+                watch.state = fold(watch.state, event)
+                if isinstance(event.payload, Progress):
+                    item = json.loads(event.payload.value)
+                    for queue in watch.queues:
+                        queue.put_nowait(item)
+                if watch.state.final:
+                    for future in watch.futures:
+                        if not future.done():
+                            future.set_result(watch.state)
+                    watch.futures.clear()
+                    for queue in watch.queues:
+                        queue.put_nowait(_END)
+                    watch.queues.clear()
+                    watches.pop(rec.key or b"", None)

@@ -1,0 +1,1 @@
+"""Record value encoding: Avro in the Confluent wire format, schemas from a registry."""

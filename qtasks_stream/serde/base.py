@@ -1,0 +1,31 @@
+"""The serde contract: a topic's record values to and from plain dicts."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+__all__ = ["Serde"]
+
+
+class Serde(ABC):
+    """Encodes and decodes the values of the topics it was built for."""
+
+    async def start(self) -> None:
+        """Register or fetch schemas; a no-op where nothing needs it."""
+
+    @abstractmethod
+    def encode(self, topic: str, value: dict[str, Any]) -> bytes:
+        """``value`` as the bytes of a record of ``topic``.
+
+        Raises:
+            SerdeError: ``value`` does not fit the topic's schema.
+        """
+
+    @abstractmethod
+    def decode(self, topic: str, data: bytes) -> dict[str, Any]:
+        """The value of a record of ``topic``.
+
+        Raises:
+            SerdeError: the bytes are not a valid record of the topic.
+        """

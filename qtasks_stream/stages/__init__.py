@@ -1,0 +1,1 @@
+"""The lifecycle stages: each a consumer-producer step with its own consumer group."""

@@ -1,0 +1,91 @@
+"""The stage contract and the checkpoint a stage hands its outputs to.
+
+A stage decides; it never talks to the event log. Its runner polls, decodes, calls the
+stage, and commits what the stage put into the :class:`Checkpoint`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qtasks_stream.records import OutRecord, Record, TopicPartition
+
+__all__ = ["Checkpoint", "Incoming", "Stage"]
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A polled record and its decoded value (``None`` for stages that take raw bytes)."""
+
+    record: Record
+    value: Any
+
+
+class Checkpoint(ABC):
+    """Collects outputs and finished inputs until the runner commits them together."""
+
+    @abstractmethod
+    def emit(self, topic: str, key: str, value: Any, origin: Record | None = None) -> None:
+        """Queue ``value`` (encoded with ``topic``'s schema) for the next commit.
+
+        With ``origin``, the output is dropped if ``origin``'s partition is revoked before
+        the commit: the new owner of the partition redoes the work.
+        """
+
+    @abstractmethod
+    def emit_raw(self, record: OutRecord, origin: Record | None = None) -> None:
+        """Queue an already-encoded record."""
+
+    @abstractmethod
+    def done(self, record: Record) -> None:
+        """``record`` is fully handled: its offset may be committed."""
+
+    @abstractmethod
+    def dead_letter(self, record: Record, reason: str, error: BaseException | None) -> None:
+        """Keep ``record``'s bytes and headers in the dead-letter topic, with the reason."""
+
+
+class Stage(ABC):
+    """One lifecycle step. Lifecycles and rebalance hooks are no-ops by default."""
+
+    #: The consumer-group suffix, and the stage's name in logs and dead letters.
+    name: str = ""
+    #: Whether values are decoded before :meth:`handle` (False: raw records).
+    decode: bool = True
+    #: False when records finish later than :meth:`handle` returns (the worker).
+    done_on_return: bool = True
+
+    @property
+    @abstractmethod
+    def topics(self) -> Sequence[str]:
+        """The topics the stage consumes."""
+
+    async def start(self, checkpoint: Checkpoint) -> None:
+        """Called once before the first poll."""
+
+    async def stop(self) -> None:
+        """Called once after the last commit."""
+
+    async def on_assigned(
+        self, partitions: Sequence[TopicPartition], ends: Mapping[TopicPartition, int]
+    ) -> dict[TopicPartition, int]:
+        """Partitions arrived (``ends``: their end offsets); returns positions to seek to."""
+        return {}
+
+    async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
+        """Partitions go after this returns; drop their state."""
+
+    def capacity(self) -> int:
+        """How many more records the stage accepts now: backpressure."""
+        return 1 << 30
+
+    async def tick(self, checkpoint: Checkpoint) -> float | None:
+        """Timers: emit what is due; return seconds until the next, or None."""
+        return None
+
+    @abstractmethod
+    async def handle(self, batch: Sequence[Incoming], checkpoint: Checkpoint) -> None:
+        """Decide on a batch; outputs and dead letters go to ``checkpoint``."""

@@ -1,0 +1,329 @@
+"""Runs one stage against the event log, and alone decides when things become visible.
+
+Commit order, enforced in :meth:`_RunnerCheckpoint.commit` and nowhere else:
+
+1. Outputs the stage emitted since the last commit (events, work items, control commands,
+   dead letters) are produced in one transaction, in emission order, so one task's events
+   keep their order. Outputs tied to an input whose partition was revoked are dropped.
+2. The offsets of consumed records that are fully handled are added to that transaction,
+   per partition only up to the first record still in flight (a later record finishing
+   first never lets an earlier one be skipped).
+3. The transaction commits: outputs and offsets become visible together or not at all.
+   If it fails (fenced by a newer generation or instance), nothing is visible, the runner
+   drops its partitions and state and rejoins; the new owner redoes the work.
+
+One batch per poll and one transaction per loop turn, never one per record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from qtasks_stream.errors import EventLogError, FencedError, SerdeError
+from qtasks_stream.eventlog.base import Consumer, EventLog, Producer
+from qtasks_stream.events import ControlCommand, TaskEvent, WorkItem
+from qtasks_stream.interceptors import Interceptor, StepInput, chain_step
+from qtasks_stream.records import OutRecord, Record, TopicPartition
+from qtasks_stream.serde.base import Serde
+from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
+from qtasks_stream.topology import Topology
+
+__all__ = ["StageRunner"]
+
+log = logging.getLogger("qtasks_stream.runner")
+
+_FROM_AVRO: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "TaskEvent": TaskEvent.from_avro,
+    "WorkItem": WorkItem.from_avro,
+    "ControlCommand": ControlCommand.from_avro,
+}
+
+#: Header names of dead letters; the original headers come first, unchanged.
+DLQ_REASON = "qtasks.dlq.reason"
+DLQ_STAGE = "qtasks.dlq.stage"
+DLQ_SOURCE = "qtasks.dlq.source"
+DLQ_ERROR = "qtasks.dlq.error_type"
+
+
+class _Offsets:
+    """Per partition: offsets handed to the stage, in order, and which of them are done."""
+
+    __slots__ = ("done", "inflight", "next_commit")
+
+    def __init__(self) -> None:
+        self.inflight: deque[int] = deque()
+        self.done: set[int] = set()
+        self.next_commit = -1
+
+    def advance(self) -> int | None:
+        """The new offset to commit, if the done prefix grew."""
+        moved = False
+        while self.inflight and self.inflight[0] in self.done:
+            offset = self.inflight.popleft()
+            self.done.discard(offset)
+            self.next_commit = offset + 1
+            moved = True
+        return self.next_commit if moved else None
+
+
+class _RunnerCheckpoint(Checkpoint):
+    def __init__(self, runner: StageRunner) -> None:
+        self._runner = runner
+        self._serde = runner.serde
+        self._outputs: list[tuple[OutRecord, TopicPartition | None]] = []
+        self._offsets: dict[TopicPartition, _Offsets] = {}
+        self._dirty_offsets = False
+        self._lock = asyncio.Lock()
+        self.wake = asyncio.Event()
+
+    # -- what stages call ------------------------------------------------------------------
+
+    def emit(self, topic: str, key: str, value: Any, origin: Record | None = None) -> None:
+        encoded = self._serde.encode(topic, value.to_avro())
+        self.emit_raw(OutRecord(topic, key.encode(), encoded), origin)
+
+    def emit_raw(self, record: OutRecord, origin: Record | None = None) -> None:
+        self._outputs.append((record, origin.tp if origin is not None else None))
+        self.wake.set()
+
+    def done(self, record: Record) -> None:
+        offsets = self._offsets.get(record.tp)
+        if offsets is not None:  # None: revoked meanwhile; the new owner redoes it
+            offsets.done.add(record.offset)
+            self._dirty_offsets = True
+            self.wake.set()
+
+    def dead_letter(self, record: Record, reason: str, error: BaseException | None) -> None:
+        stage = self._runner.stage.name
+        headers = (
+            *record.headers,
+            (DLQ_REASON, reason.encode()),
+            (DLQ_STAGE, stage.encode()),
+            (DLQ_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
+            (DLQ_ERROR, (type(error).__qualname__ if error else "").encode()),
+        )
+        topic = self._runner.topology.deadletter
+        self.emit_raw(OutRecord(topic, record.key, record.value, headers), record)
+        self.done(record)
+
+    # -- what the runner calls ---------------------------------------------------------------
+
+    def own(self, partitions: Sequence[TopicPartition]) -> None:
+        for tp in partitions:
+            self._offsets[tp] = _Offsets()
+
+    def drop(self, partitions: Sequence[TopicPartition]) -> None:
+        gone = set(partitions)
+        for tp in gone:
+            self._offsets.pop(tp, None)
+        self._outputs = [(r, o) for r, o in self._outputs if o is None or o not in gone]
+
+    def drop_all(self) -> None:
+        self._offsets.clear()
+        self._outputs.clear()
+
+    def handed(self, records: Sequence[Record]) -> None:
+        for rec in records:
+            offsets = self._offsets.get(rec.tp)
+            if offsets is None:
+                offsets = self._offsets[rec.tp] = _Offsets()
+            offsets.inflight.append(rec.offset)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._outputs) or self._dirty_offsets
+
+    async def commit(self, producer: Producer, consumer: Consumer) -> None:
+        async with self._lock:
+            if not self.dirty:
+                return
+            offsets: dict[TopicPartition, int] = {}
+            for tp, tracker in self._offsets.items():
+                moved = tracker.advance()
+                if moved is not None:
+                    offsets[tp] = moved
+            outputs = [r for r, _ in self._outputs]
+            self._outputs.clear()
+            self._dirty_offsets = False
+            if outputs or offsets:
+                await producer.commit_transaction(outputs, offsets, consumer)
+
+
+class StageRunner:
+    """Polls a stage's topics in batches, hands them to the stage, commits its checkpoint.
+
+    Args:
+        instance_id: names this process's transactional producer (``<group>.<instance>``);
+            a restarted instance with the same id fences its predecessor.
+    """
+
+    def __init__(
+        self,
+        stage: Stage,
+        *,
+        event_log: EventLog,
+        serde: Serde,
+        topology: Topology,
+        instance_id: str,
+        batch_size: int = 500,
+        poll_timeout: float = 0.5,
+        interceptors: Sequence[Interceptor] = (),
+        rejoin_backoff: float = 0.2,
+    ) -> None:
+        self.stage = stage
+        self.event_log = event_log
+        self.serde = serde
+        self.topology = topology
+        self.instance_id = instance_id
+        self.batch_size = batch_size
+        self.poll_timeout = poll_timeout
+        self.rejoin_backoff = rejoin_backoff
+        self.checkpoint = _RunnerCheckpoint(self)
+        schemas = topology.topic_schemas()
+        self._decoders = {topic: _FROM_AVRO[name] for topic, name in schemas.items()}
+        self._step = chain_step(interceptors, self._decode_and_handle)
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._stopping = asyncio.Event()
+        self.sessions = 0
+
+    @property
+    def group(self) -> str:
+        return self.topology.group(self.stage.name)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+        self.checkpoint.wake.set()
+
+    async def run(self) -> None:
+        """Run until :meth:`request_stop`; rejoins the group after being fenced."""
+        await self.stage.start(self.checkpoint)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._session()
+                except FencedError as exc:
+                    log.warning("stage %s fenced, rejoining: %s", self.stage.name, exc)
+                    await self._reset()
+                    await asyncio.sleep(self.rejoin_backoff)
+        finally:
+            await self.stage.stop()
+
+    async def _reset(self) -> None:
+        partitions = list(self.checkpoint._offsets)
+        if partitions:
+            await self.stage.on_revoked(partitions)
+        self.checkpoint.drop_all()
+        await self._close_clients()
+
+    async def _close_clients(self) -> None:
+        consumer, producer = self._consumer, self._producer
+        self._consumer = self._producer = None
+        for client in (consumer, producer):
+            if client is not None:
+                try:
+                    await client.close()
+                except EventLogError as exc:
+                    log.warning("closing a client of stage %s failed: %s", self.stage.name, exc)
+
+    # -- rebalance listener --------------------------------------------------------------
+
+    async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
+        await self.stage.on_revoked(partitions)
+        if self._producer is not None and self._consumer is not None:
+            await self.checkpoint.commit(self._producer, self._consumer)
+        self.checkpoint.drop(partitions)
+
+    async def on_assigned(self, partitions: Sequence[TopicPartition]) -> None:
+        self.checkpoint.own(partitions)
+        assert self._consumer is not None
+        ends = await self._consumer.end_offsets(partitions)
+        seeks: Mapping[TopicPartition, int] = await self.stage.on_assigned(partitions, ends)
+        for tp, offset in seeks.items():
+            self._consumer.seek(tp, offset)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def _session(self) -> None:
+        self.sessions += 1
+        consumer = self.event_log.consumer(self.stage.topics, group_id=self.group, listener=self)
+        producer = self.event_log.producer(transactional_id=f"{self.group}.{self.instance_id}")
+        self._consumer, self._producer = consumer, producer
+        await producer.start()
+        await consumer.start()
+        wake = self.checkpoint.wake
+        poll: asyncio.Task[list[Record]] | None = None
+        try:
+            while True:
+                wake.clear()
+                if poll is not None and poll.done():
+                    records, poll = poll.result(), None
+                    if records:
+                        await self._step(StepInput(self.stage.name, records))
+                next_due = await self.stage.tick(self.checkpoint)
+                if self.checkpoint.dirty:
+                    await self.checkpoint.commit(producer, consumer)
+                if self._stopping.is_set():
+                    break
+                capacity = self.stage.capacity()
+                if poll is None and capacity > 0:
+                    poll = asyncio.create_task(
+                        consumer.poll(
+                            max_records=min(self.batch_size, capacity), timeout=self.poll_timeout
+                        )
+                    )
+                    poll.add_done_callback(lambda _: wake.set())
+                if wake.is_set():
+                    continue
+                wait = self.poll_timeout if next_due is None else min(next_due, self.poll_timeout)
+                try:
+                    async with asyncio.timeout(max(wait, 0.0)):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+            await self._drain(producer, consumer, poll)
+        finally:
+            if poll is not None:
+                poll.cancel()
+                # Retrieve its outcome: a poll cut short by a fence or close is expected here.
+                await asyncio.gather(poll, return_exceptions=True)
+            await self._close_clients()
+
+    async def _drain(
+        self, producer: Producer, consumer: Consumer, poll: asyncio.Task[list[Record]] | None
+    ) -> None:
+        """On stop: let the stage finish what it holds, then make it visible."""
+        if poll is not None:
+            poll.cancel()  # fetched but unhandled records are simply redelivered later
+            await asyncio.gather(poll, return_exceptions=True)
+        await self.stage.stop()
+        await self.stage.tick(self.checkpoint)
+        await self.checkpoint.commit(producer, consumer)
+
+    async def _decode_and_handle(self, step: StepInput) -> None:
+        records = step.records
+        checkpoint = self.checkpoint
+        checkpoint.handed(records)
+        batch: list[Incoming] = []
+        if self.stage.decode:
+            decode, decoders = self.serde.decode, self._decoders
+            for rec in records:
+                if rec.value is None:
+                    checkpoint.dead_letter(rec, "record has no value (a tombstone)", None)
+                    continue
+                try:
+                    value = decoders[rec.topic](decode(rec.topic, rec.value))
+                except (SerdeError, KeyError, TypeError, ValueError) as exc:
+                    checkpoint.dead_letter(rec, f"cannot decode: {exc}", exc)
+                    continue
+                batch.append(Incoming(rec, value))
+        else:
+            batch = [Incoming(rec, None) for rec in records]
+        await self.stage.handle(batch, checkpoint)
+        if self.stage.done_on_return:
+            for item in batch:
+                checkpoint.done(item.record)

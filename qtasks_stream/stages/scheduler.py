@@ -1,0 +1,208 @@
+"""The scheduler: routes submitted tasks into priority lanes, now or when due.
+
+It reads the events topic and owns every decision about *when* an attempt enters a lane:
+idempotent submit (a repeated task id is ignored), ``eta``/``countdown`` delays, retry
+backoff delays, and cancellation of tasks that are not in a lane yet; for tasks already in
+a lane or running it forwards the cancel to the workers through the control topic.
+
+Its state is the fold of the log. On each partition it is given, it reads the partition
+from offset 0 to the end first (restoring, no actions), then acts on what the state says is
+pending. A delay that fired before a restart left a ``Released`` event in the log, so it
+never fires twice; one that had not fired is armed again.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+
+from qtasks_stream.events import (
+    Cancelled,
+    CancelRequested,
+    ControlCommand,
+    Payload,
+    Released,
+    RetryScheduled,
+    Scheduled,
+    Submitted,
+    TaskEvent,
+    WorkItem,
+    now_us,
+)
+from qtasks_stream.records import Record, TopicPartition
+from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
+from qtasks_stream.state import TaskState, fold
+from qtasks_stream.topology import Topology
+
+__all__ = ["SchedulerStage"]
+
+_SOURCE = "scheduler"
+
+
+class SchedulerStage(Stage):
+    name = "scheduler"
+
+    def __init__(self, topology: Topology) -> None:
+        self._topology = topology
+        self._tasks: dict[str, TaskState] = {}
+        self._max_time: dict[str, float | None] = {}
+        self._partition_of: dict[str, TopicPartition] = {}
+        #: Partition → offset up to which it is still being restored.
+        self._restoring: dict[TopicPartition, int] = {}
+        self._timers: list[tuple[int, str, int]] = []
+        #: Ids of events this instance emitted and already folded, skipped when read back.
+        self._own: set[str] = set()
+
+    @property
+    def topics(self) -> Sequence[str]:
+        return [self._topology.events]
+
+    async def on_assigned(
+        self, partitions: Sequence[TopicPartition], ends: Mapping[TopicPartition, int]
+    ) -> dict[TopicPartition, int]:
+        seeks: dict[TopicPartition, int] = {}
+        for tp in partitions:
+            if ends.get(tp, 0) > 0:
+                self._restoring[tp] = ends[tp]
+                seeks[tp] = 0
+        return seeks
+
+    async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
+        gone = set(partitions)
+        for task_id in [t for t, tp in self._partition_of.items() if tp in gone]:
+            self._forget(task_id)
+        for tp in gone:
+            self._restoring.pop(tp, None)
+        self._timers = [t for t in self._timers if t[1] in self._tasks]
+        heapq.heapify(self._timers)
+
+    def _forget(self, task_id: str) -> None:
+        self._tasks.pop(task_id, None)
+        self._max_time.pop(task_id, None)
+        self._partition_of.pop(task_id, None)
+
+    async def handle(self, batch: Sequence[Incoming], checkpoint: Checkpoint) -> None:
+        for item in batch:
+            event: TaskEvent = item.value
+            rec = item.record
+            if event.event_id in self._own:
+                self._own.discard(event.event_id)
+                continue
+            self._fold(event, rec.tp)
+            restore_end = self._restoring.get(rec.tp)
+            if restore_end is not None:
+                if rec.offset + 1 >= restore_end:
+                    del self._restoring[rec.tp]
+                    self._act_on_restored(rec.tp, checkpoint, rec)
+                continue
+            self._act(event, checkpoint, rec)
+
+    def _fold(self, event: TaskEvent, tp: TopicPartition) -> None:
+        state = fold(self._tasks.get(event.task_id), event)
+        if isinstance(event.payload, Submitted) and event.task_id not in self._max_time:
+            self._max_time[event.task_id] = event.payload.max_time
+        self._tasks[event.task_id] = state
+        self._partition_of[event.task_id] = tp
+
+    def _act_on_restored(self, tp: TopicPartition, checkpoint: Checkpoint, origin: Record) -> None:
+        for task_id, state in list(self._tasks.items()):
+            if self._partition_of.get(task_id) != tp:
+                continue
+            if state.final:
+                continue
+            if state.cancel_requested:
+                self._cancel(state, checkpoint, origin)
+            elif state.status == "new":
+                self._schedule(state, checkpoint, origin)
+            elif state.due_us is not None and state.status in ("scheduled", "retry"):
+                self._arm(state)
+
+    def _act(self, event: TaskEvent, checkpoint: Checkpoint, origin: Record) -> None:
+        state = self._tasks[event.task_id]
+        payload = event.payload
+        if state.final:
+            return
+        if isinstance(payload, Submitted) and state.status == "new":
+            self._schedule(state, checkpoint, origin)
+        elif isinstance(payload, RetryScheduled):
+            if state.cancel_requested:
+                self._cancel(state, checkpoint, origin)
+            else:
+                self._arm(state)
+        elif isinstance(payload, CancelRequested):
+            self._cancel(state, checkpoint, origin)
+
+    def _emit(self, state: TaskState, attempt: int, payload: Payload, cp: Checkpoint) -> None:
+        event = TaskEvent.new(
+            state.task_id,
+            state.task_name,
+            attempt,
+            _SOURCE,
+            payload,
+            traceparent=state.traceparent,
+        )
+        self._own.add(event.event_id)
+        self._tasks[state.task_id] = fold(state, event)
+        cp.emit(self._topology.events, state.task_id, event)
+
+    def _enqueue(self, state: TaskState, attempt: int, cp: Checkpoint) -> None:
+        lane = self._topology.lane_for(state.priority)
+        item = WorkItem(
+            task_id=state.task_id,
+            task_name=state.task_name,
+            attempt=attempt,
+            args=state.args,
+            kwargs=state.kwargs,
+            priority=state.priority,
+            submitted_at_us=state.created_us,
+            content_type=state.content_type,
+            max_time=self._max_time.get(state.task_id),
+            traceparent=state.traceparent,
+        )
+        cp.emit(self._topology.lane(lane), state.task_id, item)
+
+    def _schedule(self, state: TaskState, cp: Checkpoint, origin: Record) -> None:
+        lane = self._topology.lane_for(state.priority)
+        due = state.due_us if state.due_us is not None and state.due_us > now_us() else None
+        self._emit(state, 1, Scheduled(lane, state.priority, due), cp)
+        if due is None:
+            self._enqueue(self._tasks[state.task_id], 1, cp)
+        else:
+            self._arm(self._tasks[state.task_id])
+
+    def _arm(self, state: TaskState) -> None:
+        assert state.due_us is not None
+        heapq.heappush(self._timers, (state.due_us, state.task_id, state.attempt))
+
+    def _cancel(self, state: TaskState, cp: Checkpoint, origin: Record) -> None:
+        reason = state.cancel_reason or ""
+        waiting = state.status in ("new", "retry") or (
+            state.status == "scheduled" and state.due_us is not None
+        )
+        if waiting:
+            self._emit(state, state.attempt, Cancelled(reason), cp)
+        else:
+            # In a lane or running: only a worker can stop it.
+            command = ControlCommand(state.task_id, reason, now_us())
+            cp.emit(self._topology.control, state.task_id, command)
+
+    async def tick(self, checkpoint: Checkpoint) -> float | None:
+        now = now_us()
+        while self._timers and self._timers[0][0] <= now:
+            due, task_id, attempt = heapq.heappop(self._timers)
+            state = self._tasks.get(task_id)
+            # Stale entries (cancelled, revoked, re-armed) are skipped here, not removed eagerly.
+            if state is None or state.final or state.due_us != due or state.attempt != attempt:
+                continue
+            if state.status == "retry":
+                attempt += 1
+            elif state.status == "scheduled":
+                attempt = max(1, attempt)
+            else:
+                continue
+            lane = self._topology.lane_for(state.priority)
+            self._emit(state, attempt, Released(lane), checkpoint)
+            self._enqueue(self._tasks[task_id], attempt, checkpoint)
+        if not self._timers:
+            return None
+        return max(0.0, (self._timers[0][0] - now) / 1_000_000)

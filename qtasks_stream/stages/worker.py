@@ -1,0 +1,391 @@
+"""The worker: runs attempts from the priority lanes with bounded concurrency.
+
+A fixed number of slot coroutines take work items from a small in-memory buffer, always
+from the lowest lane first, so high-priority work overtakes a low-priority backlog; the
+buffer is bounded and the runner stops polling while it is full (backpressure). Every
+attempt ends in exactly one outcome event committed together with the lane offset:
+Succeeded, Failed, RetryScheduled, TimedOut, Cancelled, or a dead letter.
+
+Cancel requests reach every worker instance through the control topic, which each instance
+reads in full without a consumer group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+import time
+import traceback
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from qtasks_stream.context import TaskContext
+from qtasks_stream.errors import EventLogError, SerdeError, TaskCancelled, TaskTimeout
+from qtasks_stream.eventlog.base import Consumer
+from qtasks_stream.events import (
+    JSON,
+    Cancelled,
+    ControlCommand,
+    Failed,
+    Payload,
+    Progress,
+    RetryScheduled,
+    Started,
+    Succeeded,
+    TaskEvent,
+    TimedOut,
+    WorkItem,
+    now_us,
+)
+from qtasks_stream.executors.base import Call, Executor
+from qtasks_stream.interceptors import ExecuteInput, Interceptor, chain_execute
+from qtasks_stream.records import Record, TopicPartition
+from qtasks_stream.serde.base import Serde
+from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
+from qtasks_stream.tasks import TaskDefinition
+from qtasks_stream.topology import Topology
+
+__all__ = ["WorkerStage"]
+
+log = logging.getLogger("qtasks_stream.worker")
+
+#: How many cancel requests a worker remembers (oldest forgotten first).
+_CANCEL_MEMORY = 100_000
+
+
+def error_type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+
+
+class WorkerStage(Stage):
+    name = "worker"
+    done_on_return = False
+
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        tasks: Mapping[str, TaskDefinition],
+        executor: Executor,
+        serde: Serde,
+        control: Callable[[], Consumer],
+        worker_id: str,
+        concurrency: int = 16,
+        buffer: int | None = None,
+        interceptors: Sequence[Interceptor] = (),
+        echo_self: Callable[[TaskContext], Any] | None = None,
+        shutdown_grace: float = 10.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._topology = topology
+        self._tasks = tasks
+        self._executor = executor
+        self._serde = serde
+        self._control_factory = control
+        self.worker_id = worker_id
+        self._concurrency = concurrency
+        self._buffer_limit = buffer if buffer is not None else max(2 * concurrency, 8)
+        self._execute = chain_execute(interceptors, self._call)
+        self._echo_self = echo_self
+        self._grace = shutdown_grace
+        self._rng = rng or random.Random()
+        self._lanes: list[deque[Incoming]] = [deque() for _ in range(topology.lanes)]
+        self._buffered = 0
+        self._available = asyncio.Event()
+        self._slots: list[asyncio.Task[None]] = []
+        self._running: dict[str, tuple[asyncio.Task[Any], TaskContext, Record, str]] = {}
+        self._cancelled: OrderedDict[str, str] = OrderedDict()
+        self._control_task: asyncio.Task[None] | None = None
+        self._checkpoint: Checkpoint | None = None
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def topics(self) -> Sequence[str]:
+        return self._topology.lane_topics
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def capacity(self) -> int:
+        return 0 if self._stopping else self._buffer_limit - self._buffered
+
+    async def start(self, checkpoint: Checkpoint) -> None:
+        if self._checkpoint is not None:
+            return
+        self._checkpoint = checkpoint
+        await self._executor.start()
+        self._slots = [asyncio.create_task(self._slot()) for _ in range(self._concurrency)]
+        self._control_task = asyncio.create_task(self._listen_control())
+
+    async def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self._available.set()
+        await self._wait_running(lambda _: True)
+        for slot in self._slots:
+            slot.cancel()
+        if self._control_task is not None:
+            self._control_task.cancel()
+        await asyncio.gather(*self._slots, return_exceptions=True)
+        if self._control_task is not None:
+            await asyncio.gather(self._control_task, return_exceptions=True)
+        await self._executor.close()
+
+    async def _wait_running(self, which: Callable[[TopicPartition], bool]) -> None:
+        deadline = time.monotonic() + self._grace
+        while any(which(rec.tp) for _, _, rec, _ in self._running.values()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning(
+                    "worker %s: attempts still running after %.1fs grace; their "
+                    "records will be redelivered",
+                    self.worker_id,
+                    self._grace,
+                )
+                return
+            self._idle.clear()
+            try:
+                async with asyncio.timeout(min(remaining, 0.1)):
+                    await self._idle.wait()
+            except TimeoutError:
+                pass
+
+    async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
+        gone = set(partitions)
+        for lane in self._lanes:
+            kept = [item for item in lane if item.record.tp not in gone]
+            self._buffered -= len(lane) - len(kept)
+            lane.clear()
+            lane.extend(kept)
+        await self._wait_running(lambda tp: tp in gone)
+
+    async def handle(self, batch: Sequence[Incoming], checkpoint: Checkpoint) -> None:
+        lanes = self._lanes
+        index = self._topology.lane_index
+        for item in batch:
+            lanes[index(item.record.topic)].append(item)
+        self._buffered += len(batch)
+        if batch:
+            self._available.set()
+
+    # -- slots ----------------------------------------------------------------------------
+
+    async def _take(self) -> Incoming | None:
+        while not self._stopping:
+            for lane in self._lanes:
+                if lane:
+                    self._buffered -= 1
+                    return lane.popleft()
+            self._available.clear()
+            await self._available.wait()
+        return None
+
+    async def _slot(self) -> None:
+        while (item := await self._take()) is not None:
+            try:
+                await self._attempt(item.record, item.value)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug of ours must not kill the slot; the record is kept
+                log.exception("worker %s: attempt handling failed", self.worker_id)
+                assert self._checkpoint is not None
+                self._checkpoint.dead_letter(item.record, "worker failed handling it", None)
+
+    def _event(self, work: WorkItem, payload: Payload, origin: Record) -> None:
+        assert self._checkpoint is not None
+        event = TaskEvent.new(
+            work.task_id,
+            work.task_name,
+            work.attempt,
+            self.worker_id,
+            payload,
+            traceparent=work.traceparent,
+        )
+        self._checkpoint.emit(self._topology.events, work.task_id, event, origin)
+
+    async def _attempt(self, rec: Record, work: WorkItem) -> None:
+        checkpoint = self._checkpoint
+        assert checkpoint is not None
+        reason = self._cancelled.get(work.task_id)
+        if reason is not None:
+            self._event(work, Cancelled(reason), rec)
+            checkpoint.done(rec)
+            return
+        definition = self._tasks.get(work.task_name)
+        if definition is None:
+            checkpoint.dead_letter(
+                rec,
+                f"unknown task {work.task_name!r}: no function is registered under it "
+                f"in worker {self.worker_id}",
+                None,
+            )
+            return
+        self._event(work, Started(self.worker_id), rec)
+        outcome = await self._run(definition, work, rec)
+        self._event(work, outcome, rec)
+        checkpoint.done(rec)
+
+    async def _run(self, definition: TaskDefinition, work: WorkItem, rec: Record) -> Payload:
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+        seq = 0
+
+        def progress(value: Any) -> None:
+            nonlocal seq
+            if threading.get_ident() != loop_thread:
+                loop.call_soon_threadsafe(progress, value)
+                return
+            try:
+                encoded = json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                log.warning("task %s: progress item dropped, not JSON: %s", work.task_id, exc)
+                encoded = json.dumps(repr(value))
+            self._event(work, Progress(seq, encoded), rec)
+            seq += 1
+
+        ctx = TaskContext(
+            task_id=work.task_id,
+            task_name=work.task_name,
+            attempt=work.attempt,
+            logger=logging.getLogger(f"qtasks_stream.task.{work.task_name}"),
+            emit_progress=progress,
+        )
+        me = asyncio.current_task()
+        assert me is not None
+        self._running[work.task_id] = (me, ctx, rec, definition.kind)
+        started = time.perf_counter()
+        max_time = work.max_time or definition.max_time
+        timer = asyncio.timeout(max_time)
+        try:
+            args, kwargs = _decode_args(work)
+            if definition.echo and self._echo_self is not None:
+                args = (self._echo_self(ctx), *args)
+            token = ctx._bind()
+            try:
+                async with timer:
+                    result = await self._execute(ExecuteInput(definition, work, ctx, args, kwargs))
+            finally:
+                ctx._unbind(token)
+            duration = (time.perf_counter() - started) * 1000
+            try:
+                return Succeeded(json.dumps(result), duration, JSON)
+            except (TypeError, ValueError) as exc:
+                return Failed(
+                    "TypeError",
+                    f"result of task {work.task_name!r} is not JSON-serializable: {exc}",
+                    "",
+                    duration,
+                )
+        except TaskCancelled as exc:
+            return Cancelled(exc.reason)
+        except asyncio.CancelledError:
+            if ctx.cancel_reason is None or self._stopping:
+                raise
+            me.uncancel()
+            return Cancelled(ctx.cancel_reason)
+        except TimeoutError as exc:
+            duration = (time.perf_counter() - started) * 1000
+            if timer.expired():
+                assert max_time is not None
+                timeout = TaskTimeout(f"attempt {work.attempt} exceeded max_time={max_time}s")
+                retry = self._retry(definition, work, timeout, duration)
+                return retry if retry is not None else TimedOut(max_time)
+            return self._failure(definition, work, exc, duration)
+        except Exception as exc:
+            return self._failure(definition, work, exc, (time.perf_counter() - started) * 1000)
+        finally:
+            self._running.pop(work.task_id, None)
+            self._idle.set()
+
+    def _failure(
+        self, definition: TaskDefinition, work: WorkItem, exc: BaseException, duration: float
+    ) -> Payload:
+        retry = self._retry(definition, work, exc, duration)
+        if retry is not None:
+            return retry
+        return Failed(error_type_name(exc), str(exc), _format(exc), duration)
+
+    def _retry(
+        self, definition: TaskDefinition, work: WorkItem, exc: BaseException, duration: float
+    ) -> RetryScheduled | None:
+        policy = definition.retry
+        if not policy.should_retry(exc, work.attempt):
+            return None
+        delay = policy.delay(work.attempt, self._rng)
+        return RetryScheduled(
+            next_attempt=work.attempt + 1,
+            due_us=now_us() + int(delay * 1_000_000),
+            error_type=error_type_name(exc),
+            message=str(exc),
+            traceback=_format(exc),
+            duration_ms=duration,
+        )
+
+    async def _call(self, input: ExecuteInput) -> Any:
+        definition = input.definition
+        call = Call(definition.fn, definition.kind, input.args, input.kwargs)
+        return await self._executor.run(call, input.ctx.progress)
+
+    # -- control ----------------------------------------------------------------------------
+
+    async def _listen_control(self) -> None:
+        consumer = self._control_factory()
+        await consumer.start()
+        topic = self._topology.control
+        try:
+            while True:
+                try:
+                    records = await consumer.poll(max_records=500, timeout=1.0)
+                except EventLogError as exc:
+                    log.warning("worker %s: control topic poll failed: %s", self.worker_id, exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                for rec in records:
+                    try:
+                        command = ControlCommand.from_avro(
+                            self._serde.decode(topic, rec.value or b"")
+                        )
+                    except (SerdeError, KeyError, TypeError) as exc:
+                        assert self._checkpoint is not None
+                        self._checkpoint.dead_letter(rec, f"cannot decode: {exc}", exc)
+                        continue
+                    self._on_cancel(command)
+        finally:
+            await consumer.close()
+
+    def _on_cancel(self, command: ControlCommand) -> None:
+        self._cancelled[command.task_id] = command.reason
+        while len(self._cancelled) > _CANCEL_MEMORY:
+            self._cancelled.popitem(last=False)
+        running = self._running.get(command.task_id)
+        if running is None:
+            return
+        task, ctx, _, kind = running
+        ctx._request_cancel(command.reason)
+        # Coroutines stop at their next await; code in threads must check ctx.cancelled.
+        if kind in ("async", "asyncgen"):
+            task.cancel()
+
+
+def _decode_args(work: WorkItem) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if work.content_type != JSON:
+        raise TypeError(f"arguments of content type {work.content_type!r} are not supported")
+    args, kwargs = json.loads(work.args), json.loads(work.kwargs)
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise TypeError("arguments must be a JSON array and keyword arguments a JSON object")
+    return tuple(args), kwargs
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))

@@ -1,0 +1,93 @@
+"""Topic and consumer-group names of an application, and what each topic carries.
+
+For app ``shop`` with the default prefix ``qtasks.``::
+
+    qtasks.shop.events        every TaskEvent, keyed by task id (the source of truth)
+    qtasks.shop.lane.0 .. N   WorkItems waiting for a worker; lane 0 is served first
+    qtasks.shop.control       ControlCommands every worker instance reads (cancel)
+    qtasks.shop.deadletter    records no stage could decode or process, bytes untouched
+
+Consumer groups are ``<prefix><app>.<stage>``: scheduler, worker, projector, deadletter.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from qtasks_stream.errors import ConfigurationError
+from qtasks_stream.records import TopicSpec
+
+__all__ = ["Topology"]
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+#: Seven days: long enough to audit a week of tasks; ``Topology(retention_ms=...)`` changes it.
+_WEEK_MS = 7 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    app: str
+    prefix: str = "qtasks."
+    partitions: int = 4
+    lanes: int = 3
+    replication: int = 1
+    retention_ms: int = _WEEK_MS
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.app) or not _NAME.match(self.prefix or "x"):
+            raise ConfigurationError(
+                f"app name {self.app!r} and prefix {self.prefix!r} may only hold letters, "
+                "digits, '.', '_' and '-' (they become Kafka topic names)"
+            )
+        if not 1 <= self.partitions <= 1000:
+            raise ConfigurationError(f"partitions must be 1..1000, not {self.partitions}")
+        if not 1 <= self.lanes <= 10:
+            raise ConfigurationError(f"lanes must be 1..10, not {self.lanes}")
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}{self.app}"
+
+    @property
+    def events(self) -> str:
+        return f"{self.base}.events"
+
+    def lane(self, index: int) -> str:
+        return f"{self.base}.lane.{index}"
+
+    @property
+    def lane_topics(self) -> list[str]:
+        return [self.lane(i) for i in range(self.lanes)]
+
+    @property
+    def control(self) -> str:
+        return f"{self.base}.control"
+
+    @property
+    def deadletter(self) -> str:
+        return f"{self.base}.deadletter"
+
+    def group(self, stage: str) -> str:
+        return f"{self.base}.{stage}"
+
+    def lane_for(self, priority: int) -> int:
+        """Lower priority values run first (the QTasks convention): priority p → lane p."""
+        return min(max(priority, 0), self.lanes - 1)
+
+    def lane_index(self, topic: str) -> int:
+        return int(topic.rsplit(".", 1)[1])
+
+    def topic_schemas(self) -> dict[str, str]:
+        """Topic → name of the Avro schema of its values."""
+        schemas = {self.events: "TaskEvent", self.control: "ControlCommand"}
+        schemas.update({lane: "WorkItem" for lane in self.lane_topics})
+        return schemas
+
+    def specs(self) -> list[TopicSpec]:
+        retention = {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
+        topics = [self.events, *self.lane_topics, self.deadletter]
+        specs = [TopicSpec(t, self.partitions, self.replication, dict(retention)) for t in topics]
+        # One partition: every worker reads all of it, so there is nothing to spread.
+        specs.append(TopicSpec(self.control, 1, self.replication, dict(retention)))
+        return specs

@@ -1,0 +1,1 @@
+"""Task storage as materialized views of the event log."""

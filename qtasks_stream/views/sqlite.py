@@ -1,0 +1,158 @@
+"""A view store in one SQLite file: rows and applied positions in one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from qtasks_stream.errors import ViewStoreError
+from qtasks_stream.records import TopicPartition
+from qtasks_stream.state import TaskState
+from qtasks_stream.views.base import TaskQuery, ViewStore
+
+__all__ = ["SqliteViewStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    task_name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    updated_us INTEGER NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, created_us);
+CREATE INDEX IF NOT EXISTS tasks_name ON tasks (task_name, created_us);
+CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_us);
+CREATE TABLE IF NOT EXISTS tags (
+    task_id TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    PRIMARY KEY (tag, task_id)
+);
+CREATE TABLE IF NOT EXISTS positions (
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+"""
+
+
+class SqliteViewStore(ViewStore):
+    """Args: path: the database file (created if missing), or ``":memory:"``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = str(path)
+        self._db: sqlite3.Connection | None = None
+        # One connection, used from one thread at a time: calls are serialized by this lock.
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        if self._db is not None:
+            return
+        try:
+            db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise ViewStoreError(f"cannot open SQLite view {self._path!r}: {exc}") from exc
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise ViewStoreError("the SQLite view store is not started")
+        return self._db
+
+    async def positions(self) -> dict[TopicPartition, int]:
+        async with self._lock:
+            rows = self._conn().execute("SELECT topic, partition, next_offset FROM positions")
+            return {TopicPartition(t, p): o for t, p, o in rows}
+
+    async def counts(self) -> dict[str, int]:
+        async with self._lock:
+            rows = self._conn().execute("SELECT status, COUNT(*) FROM tasks GROUP BY status")
+            return {status: n for status, n in rows}
+
+    async def _load(self, task_ids: set[str]) -> dict[str, TaskState]:
+        if not task_ids:
+            return {}
+        ids = list(task_ids)
+        async with self._lock:
+            return await asyncio.to_thread(self._load_sync, ids)
+
+    def _load_sync(self, ids: list[str]) -> dict[str, TaskState]:
+        out: dict[str, TaskState] = {}
+        db = self._conn()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for (text,) in db.execute(f"SELECT state FROM tasks WHERE task_id IN ({marks})", chunk):
+                state = TaskState.from_json(text)
+                out[state.task_id] = state
+        return out
+
+    async def _save(
+        self, states: Sequence[TaskState], positions: Mapping[TopicPartition, int]
+    ) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._save_sync, states, positions)
+
+    def _save_sync(
+        self, states: Sequence[TaskState], positions: Mapping[TopicPartition, int]
+    ) -> None:
+        db = self._conn()
+        try:
+            db.execute("BEGIN")
+            db.executemany(
+                "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (s.task_id, s.task_name, s.status, s.created_us, s.updated_us, s.to_json())
+                    for s in states
+                ],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO tags VALUES (?, ?)",
+                [(s.task_id, tag) for s in states for tag in s.tags],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO positions VALUES (?, ?, ?)",
+                [(tp.topic, tp.partition, offset) for tp, offset in positions.items()],
+            )
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            db.execute("ROLLBACK")
+            raise ViewStoreError(f"SQLite view {self._path!r} could not save: {exc}") from exc
+
+    async def _search(self, query: TaskQuery) -> list[TaskState]:
+        where: list[str] = ["1=1"]
+        params: list[str | int] = []
+        if query.status is not None:
+            where.append("status = ?")
+            params.append(query.status)
+        if query.task_name is not None:
+            where.append("task_name = ?")
+            params.append(query.task_name)
+        if query.tag is not None:
+            where.append("task_id IN (SELECT task_id FROM tags WHERE tag = ?)")
+            params.append(query.tag)
+        if query.since_us is not None:
+            where.append("created_us >= ?")
+            params.append(query.since_us)
+        if query.until_us is not None:
+            where.append("created_us < ?")
+            params.append(query.until_us)
+        sql = (
+            f"SELECT state FROM tasks WHERE {' AND '.join(where)} "
+            "ORDER BY created_us, task_id LIMIT ? OFFSET ?"
+        )
+        async with self._lock:
+            rows = self._conn().execute(sql, [*params, query.limit, query.offset]).fetchall()
+        return [TaskState.from_json(text) for (text,) in rows]

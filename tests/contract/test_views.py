@@ -1,0 +1,328 @@
+"""One contract, every view store: MemoryViewStore and SqliteViewStore (a file in tmp_path)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from qtasks_stream.errors import ConfigurationError
+from qtasks_stream.events import (
+    CancelRequested,
+    Failed,
+    Payload,
+    Progress,
+    Released,
+    RetryScheduled,
+    Scheduled,
+    Started,
+    Submitted,
+    Succeeded,
+    TaskEvent,
+)
+from qtasks_stream.records import TopicPartition
+from qtasks_stream.views.base import Applied, TaskQuery, ViewStore
+from qtasks_stream.views.memory import MemoryViewStore
+from qtasks_stream.views.sqlite import SqliteViewStore
+
+TOPIC = "qtasks.contract.events"
+TP0 = TopicPartition(TOPIC, 0)
+TP1 = TopicPartition(TOPIC, 1)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def view(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ViewStore]:
+    store: ViewStore
+    if request.param == "memory":
+        store = MemoryViewStore()
+    else:
+        store = SqliteViewStore(tmp_path / "view.sqlite")
+    await store.start()
+    yield store
+    await store.close()
+
+
+class _Log:
+    """Hands out offsets per partition, as the events topic would."""
+
+    def __init__(self) -> None:
+        self._next: dict[TopicPartition, int] = {}
+
+    def at(self, tp: TopicPartition, event: TaskEvent) -> Applied:
+        offset = self._next.get(tp, 0)
+        self._next[tp] = offset + 1
+        return Applied(tp, offset, event)
+
+    def many(self, tp: TopicPartition, events: Sequence[TaskEvent]) -> list[Applied]:
+        return [self.at(tp, e) for e in events]
+
+
+def _event(
+    task_id: str,
+    payload: Payload,
+    *,
+    name: str = "job",
+    attempt: int = 0,
+    at_us: int | None = None,
+) -> TaskEvent:
+    event = TaskEvent.new(task_id, name, attempt, "test", payload)
+    return event if at_us is None else dataclasses.replace(event, at_us=at_us)
+
+
+def _submitted(
+    task_id: str,
+    *,
+    name: str = "job",
+    args: str = "[1, 2]",
+    tags: Sequence[str] = (),
+    at_us: int | None = None,
+    priority: int = 0,
+) -> TaskEvent:
+    payload = Submitted(args, '{"k": "v"}', priority, tags=tuple(tags), idempotency_key=None)
+    return _event(task_id, payload, name=name, at_us=at_us)
+
+
+def _run_to_success(task_id: str, *, name: str = "job", result: str = "42") -> list[TaskEvent]:
+    return [
+        _event(task_id, Scheduled(0, 0), name=name, attempt=1),
+        _event(task_id, Started("w1"), name=name, attempt=1),
+        _event(task_id, Succeeded(result, 1.5), name=name, attempt=1),
+    ]
+
+
+async def _all(view: ViewStore) -> list[str]:
+    return [t.uuid for t in await view.query(TaskQuery(limit=10_000))]
+
+
+# -- idempotence and positions ----------------------------------------------------------------
+
+
+async def test_apply_is_idempotent_by_offset(view: ViewStore) -> None:
+    log = _Log()
+    batch = log.many(TP0, [_submitted("t1"), *_run_to_success("t1")])
+
+    assert await view.apply(batch) == 4
+    first = await view.state("t1")
+    assert first is not None and first.events == 4 and first.status == "success"
+
+    # The same batch again (a redelivery after a crash before the group commit): no effect.
+    assert await view.apply(batch) == 0
+    assert await view.state("t1") == first
+
+    # An overlapping batch: only the new position is applied.
+    later = log.at(TP0, _event("t1", CancelRequested("late"), attempt=1))
+    assert await view.apply([*batch[2:], later]) == 1
+    after = await view.state("t1")
+    assert after is not None
+    # The final state ignored the event (see below), but its position was recorded.
+    assert after == first
+    assert (await view.positions())[TP0] == 5
+
+
+async def test_positions_are_stored_per_partition(view: ViewStore) -> None:
+    assert await view.positions() == {}
+    log = _Log()
+    await view.apply(log.many(TP0, [_submitted("a"), *_run_to_success("a")]))
+    await view.apply(log.many(TP1, [_submitted("b"), _event("b", Scheduled(1, 1), attempt=1)]))
+    assert await view.positions() == {TP0: 4, TP1: 2}
+
+    # A batch read from the middle of a partition (retention) stores where it stopped.
+    tp2 = TopicPartition(TOPIC, 2)
+    await view.apply([Applied(tp2, 40, _submitted("c")), Applied(tp2, 41, _submitted("d"))])
+    assert await view.positions() == {TP0: 4, TP1: 2, tp2: 42}
+
+    # An offset below the stored position is skipped even if it is about another task.
+    assert await view.apply([Applied(tp2, 41, _submitted("e"))]) == 0
+    assert await view.get("e") is None
+
+
+async def test_get_returns_the_decoded_task(view: ViewStore) -> None:
+    log = _Log()
+    await view.apply(
+        log.many(TP0, [_submitted("t1", name="add", tags=["x"]), *_run_to_success("t1", name="add")])
+    )
+    task = await view.get("t1")
+    assert task is not None
+    assert (task.uuid, task.task_name, task.status) == ("t1", "add", "success")
+    assert task.args == [1, 2] and task.kwargs == {"k": "v"}
+    assert task.returning == 42
+    assert task.attempt == 1 and task.worker_id == "w1" and task.tags == ["x"]
+    assert task.final
+    assert await view.get("missing") is None
+    assert await view.state("missing") is None
+
+
+# -- queries ------------------------------------------------------------------------------------
+
+
+async def _three_outcomes(view: ViewStore) -> None:
+    log = _Log()
+    await view.apply(
+        log.many(
+            TP0,
+            [
+                _submitted("ok", name="add", tags=["math", "fast"], at_us=1_000),
+                *_run_to_success("ok", name="add"),
+                _submitted("bad", name="div", tags=["math"], at_us=2_000),
+                _event("bad", Scheduled(0, 0), name="div", attempt=1),
+                _event("bad", Started("w1"), name="div", attempt=1),
+                _event("bad", Failed("ZeroDivisionError", "boom", "tb", 1.0), name="div", attempt=1),
+                _submitted("wait", name="add", at_us=3_000),
+            ],
+        )
+    )
+
+
+async def test_query_by_status(view: ViewStore) -> None:
+    await _three_outcomes(view)
+    assert [t.uuid for t in await view.query(TaskQuery(status="success"))] == ["ok"]
+    failed = await view.query(TaskQuery(status="error"))
+    assert [t.uuid for t in failed] == ["bad"]
+    assert failed[0].error_type == "ZeroDivisionError" and failed[0].error_message == "boom"
+    assert [t.uuid for t in await view.query(TaskQuery(status="new"))] == ["wait"]
+    assert await view.query(TaskQuery(status="cancel")) == []
+
+
+async def test_query_by_task_name(view: ViewStore) -> None:
+    await _three_outcomes(view)
+    assert [t.uuid for t in await view.query(TaskQuery(task_name="add"))] == ["ok", "wait"]
+    assert [t.uuid for t in await view.query(TaskQuery(task_name="div"))] == ["bad"]
+    assert await view.query(TaskQuery(task_name="nope")) == []
+    combined = await view.query(TaskQuery(task_name="add", status="new"))
+    assert [t.uuid for t in combined] == ["wait"]
+
+
+async def test_query_by_tag(view: ViewStore) -> None:
+    await _three_outcomes(view)
+    assert [t.uuid for t in await view.query(TaskQuery(tag="math"))] == ["ok", "bad"]
+    assert [t.uuid for t in await view.query(TaskQuery(tag="fast"))] == ["ok"]
+    assert await view.query(TaskQuery(tag="slow")) == []
+    assert [t.uuid for t in await view.query(TaskQuery(tag="math", status="error"))] == ["bad"]
+
+
+async def test_query_since_until(view: ViewStore) -> None:
+    await _three_outcomes(view)
+    # since is inclusive, until exclusive, both on the creation time.
+    assert [t.uuid for t in await view.query(TaskQuery(since_us=2_000))] == ["bad", "wait"]
+    assert [t.uuid for t in await view.query(TaskQuery(until_us=2_000))] == ["ok"]
+    window = await view.query(TaskQuery(since_us=1_500, until_us=3_000))
+    assert [t.uuid for t in window] == ["bad"]
+    assert await view.query(TaskQuery(since_us=3_001)) == []
+
+
+async def test_query_pages_oldest_first(view: ViewStore) -> None:
+    log = _Log()
+    ids = [f"task-{i}" for i in range(7)]
+    # Submitted out of creation order, over two partitions: the order is by created time.
+    for i in (3, 0, 6, 1, 5, 2, 4):
+        tp = TP0 if i % 2 else TP1
+        await view.apply([log.at(tp, _submitted(ids[i], at_us=10_000 + i))])
+
+    pages = [
+        [t.uuid for t in await view.query(TaskQuery(limit=3, offset=offset))]
+        for offset in (0, 3, 6, 9)
+    ]
+    assert pages == [ids[0:3], ids[3:6], ids[6:7], []]
+    assert [t.uuid for t in await view.query(TaskQuery(limit=2, offset=1, since_us=10_002))] == [
+        ids[3],
+        ids[4],
+    ]
+
+
+def test_query_rejects_bad_paging() -> None:
+    with pytest.raises(ConfigurationError, match="limit"):
+        TaskQuery(limit=0)
+    with pytest.raises(ConfigurationError, match="limit"):
+        TaskQuery(limit=10_001)
+    with pytest.raises(ConfigurationError, match="offset"):
+        TaskQuery(offset=-1)
+
+
+async def test_counts_by_status(view: ViewStore) -> None:
+    assert await view.counts() == {}
+    await _three_outcomes(view)
+    assert await view.counts() == {"success": 1, "error": 1, "new": 1}
+
+    log = _Log()
+    await view.apply(
+        [
+            log.at(TP1, _submitted("r")),
+            log.at(TP1, _event("r", Scheduled(0, 0), attempt=1)),
+            log.at(TP1, _event("r", Started("w"), attempt=1)),
+            log.at(TP1, _event("r", RetryScheduled(2, 99, "E", "m", "tb", 1.0), attempt=1)),
+        ]
+    )
+    assert await view.counts() == {"success": 1, "error": 1, "new": 1, "retry": 1}
+
+
+# -- the fold rules the store must keep ----------------------------------------------------------
+
+
+async def test_final_state_ignores_later_events(view: ViewStore) -> None:
+    log = _Log()
+    await view.apply(log.many(TP0, [_submitted("t1"), *_run_to_success("t1", result='"first"')]))
+    final = await view.state("t1")
+    assert final is not None and final.status == "success"
+
+    # A stale duplicate attempt arrives after the outcome: it must not resurrect the task.
+    stale = [
+        _event("t1", Released(0), attempt=2),
+        _event("t1", Started("w2"), attempt=2),
+        _event("t1", Progress(0, "1"), attempt=2),
+        _event("t1", Failed("E", "late", "tb", 1.0), attempt=2),
+    ]
+    assert await view.apply(log.many(TP0, stale)) == 4
+    assert await view.state("t1") == final
+    task = await view.get("t1")
+    assert task is not None
+    assert (task.status, task.returning, task.attempt, task.worker_id) == ("success", "first", 1, "w1")
+    assert await view.counts() == {"success": 1}
+
+
+async def test_repeated_submitted_is_ignored(view: ViewStore) -> None:
+    log = _Log()
+    await view.apply([log.at(TP0, _submitted("t1", args="[1]", tags=["a"], at_us=5_000))])
+    first = await view.state("t1")
+    assert first is not None
+    # The same id submitted again (idempotent submit): the first one wins, nothing changes.
+    again = _submitted("t1", args="[2]", tags=["b"], at_us=9_000, priority=2)
+    assert await view.apply([log.at(TP0, again)]) == 1
+    assert await view.state("t1") == first
+    task = await view.get("t1")
+    assert task is not None
+    assert task.args == [1] and task.tags == ["a"] and task.priority == 0
+    assert [t.uuid for t in await view.query(TaskQuery(tag="b"))] == []
+    assert await _all(view) == ["t1"]
+
+
+# -- persistence ---------------------------------------------------------------------------------
+
+
+async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "reopen.sqlite"
+    log = _Log()
+    first = SqliteViewStore(path)
+    await first.start()
+    await first.apply(log.many(TP0, [_submitted("a", tags=["t"]), *_run_to_success("a")]))
+    await first.apply(log.many(TP1, [_submitted("b", at_us=7)]))
+    state_a, state_b = await first.state("a"), await first.state("b")
+    await first.close()
+
+    second = SqliteViewStore(path)
+    await second.start()
+    try:
+        assert await second.positions() == {TP0: 4, TP1: 1}
+        assert await second.state("a") == state_a
+        assert await second.state("b") == state_b
+        assert await second.counts() == {"success": 1, "new": 1}
+        assert [t.uuid for t in await second.query(TaskQuery(tag="t"))] == ["a"]
+        # Idempotence holds across the reopen: the old positions are not applied again.
+        assert await second.apply([Applied(TP0, 3, _submitted("zzz"))]) == 0
+        assert await second.get("zzz") is None
+        # ...and new positions are.
+        assert await second.apply([log.at(TP1, _event("b", Scheduled(0, 0), attempt=1))]) == 1
+        assert (await second.positions())[TP1] == 2
+    finally:
+        await second.close()
