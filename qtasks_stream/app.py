@@ -21,7 +21,7 @@ from typing import Any
 
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from qtasks_stream.errors import ConfigurationError, EventLogError, UnknownTaskError
+from qtasks_stream.errors import ConfigurationError, EventLogError, SerdeError, UnknownTaskError
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.memory import InMemoryEventLog, murmur2_partition
 from qtasks_stream.events import CancelRequested, Submitted, TaskEvent, now_us
@@ -38,7 +38,7 @@ from qtasks_stream.stages.projector import ProjectorStage
 from qtasks_stream.stages.runner import StageRunner
 from qtasks_stream.stages.scheduler import SchedulerStage
 from qtasks_stream.stages.worker import WorkerStage
-from qtasks_stream.state import Task, fold
+from qtasks_stream.state import Task, TaskState, fold
 from qtasks_stream.tasks import Router, TaskDefinition, TaskSelf
 from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import TaskQuery, ViewStore
@@ -114,19 +114,30 @@ class QueueTasks(Router):
         event_log: EventLog | None = None,
         schema_registry: SchemaRegistryClient | None = None,
         view: ViewStore | None = None,
+        topic_prefix: str | None = None,
+        instance_id: str | None = None,
+        own_registry: bool = False,
     ) -> None:
         """Swap the event log, registry or view (``None`` keeps the default) before starting.
 
         This is how a composition root (the CLI) moves an app declared with the embedded
-        defaults onto Kafka without touching the module that declares its tasks.
+        defaults onto Kafka without touching the module that declares its tasks. With
+        ``own_registry`` the app closes the registry client when it closes.
         """
         if self._client_ready or self.runners:
             raise ConfigurationError("components can only be swapped before the app starts")
+        if topic_prefix is not None:
+            t = self.topology
+            self.topology = Topology(t.app, topic_prefix, t.partitions, t.lanes, t.replication)
+        if instance_id is not None:
+            self.instance_id = instance_id
         self.event_log = event_log if event_log is not None else InMemoryEventLog()
         registry = schema_registry or SchemaRegistryClient.new_client(
             {"url": f"mock://{self.name}-{uuid.uuid4().hex[:8]}"}
         )
-        self.serde: Serde = AvroSerde(registry, self.topology.topic_schemas())
+        self.serde: Serde = AvroSerde(
+            registry, self.topology.topic_schemas(), close_registry=own_registry
+        )
         self.view = view if view is not None else MemoryViewStore()
         self._results = ResultListener(
             self.event_log, self.serde, self.topology.events, self.topology.partitions
@@ -228,6 +239,7 @@ class QueueTasks(Router):
         if self._client_ready:
             await self._producer.close()
             self._client_ready = False
+        await self.serde.close()
         if self._view_started:
             await self.view.close()
             self._view_started = False
@@ -287,13 +299,17 @@ class QueueTasks(Router):
         waiter = None
         if timeout is not None:
             await self._results.start()
-            waiter = self._results.expect(task_id)
-        await self._producer.send([OutRecord(self.topology.events, task_id.encode(), value)])
+            waiter = self._results.expect(task_id, base=fold(None, event))
+        record = OutRecord(self.topology.events, task_id.encode(), value, event.record_headers())
+        await self._producer.send([record])
+        if idempotency_key is not None:
+            # A repeat of a known key is the first task: answer with it, as the view has it.
+            existing = await self._view_state(task_id)
+            if existing is not None and (waiter is None or existing.final):
+                if waiter is not None:
+                    self._results.forget(task_id, waiter)
+                return existing.to_task()
         if waiter is None:
-            if idempotency_key is not None:
-                existing = await self._view_get(task_id)
-                if existing is not None:
-                    return existing
             return fold(None, event).to_task()
         return await self._await(task_id, waiter, timeout)
 
@@ -312,8 +328,14 @@ class QueueTasks(Router):
         """Wait for a task to end; returns it, or ``None`` if it did not end in time."""
         await self._ensure_client()
         await self._results.start()
+        # Listen first, then look: whatever ends after this point reaches the listener.
         waiter = self._results.expect(uuid)
         current = await self._view_state(uuid)
+        if current is None or not current.final:
+            # The view may lag behind the log (or not know the task yet): the log decides.
+            current = None
+            for event in await self._history_events(uuid, skip_undecodable=True):
+                current = fold(current, event)
         if current is not None:
             self._results.forget(uuid, waiter)
             waiter = self._results.expect(uuid, base=current)
@@ -325,7 +347,7 @@ class QueueTasks(Router):
         async for item in self._results.stream(uuid):
             yield item
 
-    async def _view_state(self, uuid: str) -> Any:
+    async def _view_state(self, uuid: str) -> TaskState | None:
         await self._ensure_view()
         return await self.view.state(uuid)
 
@@ -348,10 +370,20 @@ class QueueTasks(Router):
         name = known.task_name if known is not None else ""
         event = TaskEvent.new(uuid, name, 0, "client", CancelRequested(reason))
         value = self.serde.encode(self.topology.events, event.to_avro())
-        await self._producer.send([OutRecord(self.topology.events, uuid.encode(), value)])
+        headers = event.record_headers()
+        await self._producer.send([OutRecord(self.topology.events, uuid.encode(), value, headers)])
 
     async def history(self, uuid: str, *, limit: float = 30.0) -> list[TaskEvent]:
-        """Every event of one task, in order, read from the log (not from a view)."""
+        """Every event of one task, in order, read from the log (not from a view).
+
+        Records under the task's key that cannot be decoded are left out (they are in the
+        dead-letter topic, and the ``DeadLettered`` event says so).
+        """
+        return await self._history_events(uuid, skip_undecodable=True, limit=limit)
+
+    async def _history_events(
+        self, uuid: str, *, skip_undecodable: bool, limit: float = 30.0
+    ) -> list[TaskEvent]:
         await self._ensure_client()
         topic = self.topology.events
         tp = TopicPartition(topic, murmur2_partition(uuid.encode(), self.topology.partitions))
@@ -377,8 +409,13 @@ class QueueTasks(Router):
                     if rec.partition != tp.partition:
                         continue
                     position = rec.offset + 1
-                    if rec.key == key and rec.value is not None:
+                    if rec.key != key or rec.value is None:
+                        continue
+                    try:
                         events.append(TaskEvent.from_avro(self.serde.decode(topic, rec.value)))
+                    except (SerdeError, KeyError, TypeError, ValueError):
+                        if not skip_undecodable:
+                            raise
             return events
         finally:
             await consumer.close()

@@ -3,7 +3,10 @@
 Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app`` and
 ``dev up|down|status``. With ``QTASKS_BOOTSTRAP_SERVERS`` set, apps run on that Kafka
 (``QTASKS_EVENT_LOG`` = aiokafka or confluent, ``QTASKS_SCHEMA_REGISTRY_URL``,
-``QTASKS_TOPIC_PREFIX``); otherwise on the embedded default.
+``QTASKS_TOPIC_PREFIX``, ``QTASKS_INSTANCE_ID``, ``QTASKS_TRANSACTION_TIMEOUT_MS``, security
+settings ``QTASKS_SECURITY_PROTOCOL``/``QTASKS_SASL_*``/``QTASKS_SSL_CAFILE`` and
+``QTASKS_KAFKA_EXTRA`` as a JSON object of client properties); otherwise on the embedded
+default.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def event_log_from_env(env: Mapping[str, str]) -> EventLog | None:
         sasl_username=env.get("QTASKS_SASL_USERNAME") or None,
         sasl_password=env.get("QTASKS_SASL_PASSWORD") or None,
         ssl_cafile=env.get("QTASKS_SSL_CAFILE") or None,
+        transaction_timeout_ms=int(env.get("QTASKS_TRANSACTION_TIMEOUT_MS", "10000")),
         extra=extra,
     )
     kind = env.get("QTASKS_EVENT_LOG", "confluent")
@@ -86,8 +90,16 @@ def configure(app: QueueTasks, env: Mapping[str, str]) -> QueueTasks:
         if env.get("QTASKS_SCHEMA_REGISTRY_AUTH"):
             conf["basic.auth.user.info"] = env["QTASKS_SCHEMA_REGISTRY_AUTH"]
         registry = SchemaRegistryClient(conf)
-    if event_log is not None or registry is not None:
-        app.use(event_log=event_log, schema_registry=registry)
+    prefix = env.get("QTASKS_TOPIC_PREFIX") or None
+    instance = env.get("QTASKS_INSTANCE_ID") or None
+    if event_log is not None or registry is not None or prefix or instance:
+        app.use(
+            event_log=event_log,
+            schema_registry=registry,
+            topic_prefix=prefix,
+            instance_id=instance,
+            own_registry=registry is not None,
+        )
     return app
 
 
@@ -115,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("action", choices=["up", "down", "status"])
     dev.add_argument("--home", default=None, help="folder for jars, data and logs")
     dev.add_argument("--wipe", action="store_true", help="with down: delete data and logs")
+    dev.add_argument(
+        "--no-registry", action="store_true", help="the broker only, without the schema registry"
+    )
     return parser
 
 
@@ -156,24 +171,36 @@ def _payload(event: Any) -> dict[str, Any]:
     return {name: getattr(event.payload, name) for name in event.payload.__slots__}
 
 
-def _dev(action: str, home: str | None, wipe: bool, env: Mapping[str, str]) -> int:
+def _dev(action: str, home: str | None, wipe: bool, registry: bool, env: Mapping[str, str]) -> int:
     from qtasks_stream.devenv.kafka import DevKafka
+    from qtasks_stream.devenv.registry import DevRegistry
 
-    folder = Path(home or env.get("QTASKS_DEV_HOME") or Path.cwd() / ".cache" / "devkafka")
-    broker = DevKafka(home=folder)
+    folder = Path(home or env.get("QTASKS_DEV_HOME") or Path.cwd() / ".cache" / "dev")
+    broker = DevKafka(home=folder / "kafka")
+    schemas = DevRegistry(home=folder / "registry") if registry else None
     if action == "up":
         bootstrap = broker.up()
         print(f"export QTASKS_BOOTSTRAP_SERVERS={bootstrap}")
-    elif action == "down":
+        if schemas is not None:
+            print(f"export QTASKS_SCHEMA_REGISTRY_URL={schemas.up()}")
+        return 0
+    if action == "down":
+        if schemas is not None:
+            schemas.down(wipe=wipe)
         broker.down(wipe=wipe)
-    else:
-        status = broker.status()
-        print(f"# {status}", file=sys.stderr)
-        if status.running:
-            print(f"export QTASKS_BOOTSTRAP_SERVERS={status.bootstrap}")
-        else:
-            return 1
-    return 0
+        return 0
+    kafka_status = broker.status()
+    print(f"# kafka: {kafka_status}", file=sys.stderr)
+    running = kafka_status.running
+    if running:
+        print(f"export QTASKS_BOOTSTRAP_SERVERS={kafka_status.bootstrap}")
+    if schemas is not None:
+        registry_status = schemas.status()
+        print(f"# registry: {registry_status}", file=sys.stderr)
+        if registry_status.running:
+            print(f"export QTASKS_SCHEMA_REGISTRY_URL={registry_status.url}")
+        running = running and registry_status.running
+    return 0 if running else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,9 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from qtasks_stream.demo import build_demo_app, run_demo
 
-            app = configure(
-                QueueTasks(args.name, topic_prefix=env.get("QTASKS_TOPIC_PREFIX", "qtasks.")), env
-            )
+            app = configure(QueueTasks(args.name), env)
             asyncio.run(run_demo(build_demo_app(app), args.tasks, sys.stdout))
             return 0
         if args.command == "worker":
@@ -200,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "history":
             app = configure(load_app(args.app), env)
             return asyncio.run(_history(app, args.task_id, args.json))
-        return _dev(args.action, args.home, args.wipe, env)
+        return _dev(args.action, args.home, args.wipe, not args.no_registry, env)
     except QTasksStreamError as exc:
         print(f"qtasks-stream: error: {exc}", file=sys.stderr)
         return 2

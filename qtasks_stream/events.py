@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "JSON",
+    "KIND_HEADER",
     "TERMINAL_KINDS",
     "CancelRequested",
     "Cancelled",
@@ -30,11 +31,14 @@ __all__ = [
     "TaskEvent",
     "TimedOut",
     "WorkItem",
+    "event_kind",
     "now_us",
 ]
 
 #: Content type of JSON-encoded arguments and results.
 JSON = "application/json"
+#: Record header naming the event kind, so a consumer can skip kinds without decoding.
+KIND_HEADER = "qtasks.kind"
 _NAMESPACE = "qtasks.stream.v1."
 
 
@@ -162,6 +166,10 @@ _PAYLOAD_FIELDS: dict[type[Any], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls)) for cls in _PAYLOAD_TYPES.values()
 }
 
+_KIND_BYTES: dict[type[Any], bytes] = {
+    cls: cls.__name__.encode() for cls in _PAYLOAD_TYPES.values()
+}
+
 #: Kinds after which a task never changes again.
 TERMINAL_KINDS = frozenset({"Succeeded", "Failed", "Cancelled", "TimedOut", "DeadLettered"})
 
@@ -203,6 +211,9 @@ class TaskEvent:
     @property
     def terminal(self) -> bool:
         return type(self.payload).__name__ in TERMINAL_KINDS
+
+    def record_headers(self) -> tuple[tuple[str, bytes], ...]:
+        return ((KIND_HEADER, _KIND_BYTES[type(self.payload)]),)
 
     def to_avro(self) -> dict[str, Any]:
         payload = self.payload
@@ -288,3 +299,11 @@ class ControlCommand:
     @classmethod
     def from_avro(cls, data: dict[str, Any]) -> ControlCommand:
         return cls(data["task_id"], data["reason"], data["at_us"], data["command"])
+
+
+def event_kind(headers: tuple[tuple[str, bytes], ...]) -> str | None:
+    """The kind a record's headers declare, if any (records of other producers may not)."""
+    for name, value in headers:
+        if name == KIND_HEADER:
+            return value.decode(errors="replace")
+    return None

@@ -15,7 +15,7 @@ from typing import Any
 
 from qtasks_stream.errors import EventLogError, SerdeError
 from qtasks_stream.eventlog.base import Consumer, EventLog
-from qtasks_stream.events import Progress, TaskEvent
+from qtasks_stream.events import TERMINAL_KINDS, Progress, TaskEvent, event_kind
 from qtasks_stream.records import TopicPartition
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.state import TaskState, fold
@@ -24,6 +24,9 @@ __all__ = ["ResultListener"]
 
 log = logging.getLogger("qtasks_stream.results")
 _END = object()
+#: Kinds that change what a waiting client gets back; the rest are skipped undecoded.
+#: (The client seeds each watch with the task as submitted, or as the view has it.)
+_NEEDED = TERMINAL_KINDS | {"Started", "Progress"}
 
 
 class _Watch:
@@ -134,6 +137,9 @@ class ResultListener:
             for rec in records:
                 watch = watches.get(rec.key or b"")
                 if watch is None or rec.value is None:
+                    continue
+                kind = event_kind(rec.headers)
+                if kind is not None and kind not in _NEEDED:
                     continue
                 try:
                     event = TaskEvent.from_avro(self._serde.decode(self._topic, rec.value))

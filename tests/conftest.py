@@ -1,8 +1,9 @@
-"""Shared fixtures. Tests marked ``kafka`` need the broker the test command starts.
+"""Shared fixtures. Tests marked ``kafka`` need the services the test command starts.
 
-The test command (``scripts/test.sh``) brings the broker up and exports
-``QTASKS_TEST_BOOTSTRAP``; without it, kafka tests skip locally and fail under CI, so a CI
-run can never pass by silently skipping the real broker.
+The test command (``scripts/test.sh``) brings the broker and the schema registry up and
+exports ``QTASKS_TEST_BOOTSTRAP`` and ``QTASKS_TEST_SCHEMA_REGISTRY_URL``; without them,
+kafka tests skip locally and fail under CI, so a CI run can never pass by silently skipping
+the real services.
 """
 
 from __future__ import annotations
@@ -12,12 +13,21 @@ import os
 import pytest
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap() -> str:
-    bootstrap = os.environ.get("QTASKS_TEST_BOOTSTRAP", "")
-    if not bootstrap:
-        message = "QTASKS_TEST_BOOTSTRAP is not set: run the tests through scripts/test.sh"
+def _service(variable: str) -> str:
+    value = os.environ.get(variable, "")
+    if not value:
+        message = f"{variable} is not set: run the tests through scripts/test.sh"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    return bootstrap
+    return value
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    return _service("QTASKS_TEST_BOOTSTRAP")
+
+
+@pytest.fixture(scope="session")
+def schema_registry_url() -> str:
+    return _service("QTASKS_TEST_SCHEMA_REGISTRY_URL")

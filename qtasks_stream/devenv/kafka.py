@@ -38,6 +38,8 @@ from typing import Final
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from qtasks_stream.errors import DevEnvError
+
 __all__ = ["KAFKA_VERSION", "DevEnvError", "DevKafka", "DevKafkaStatus"]
 
 #: The one Kafka version the dev broker and ``docker/compose.yaml`` use.
@@ -74,10 +76,6 @@ _JVM_OPTS: Final = (
 )
 # StorageTool runs for about a second: small heap, serial GC, no C2.
 _TOOL_JVM_OPTS: Final = ("-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
-
-
-class DevEnvError(Exception):
-    """The local development environment cannot be set up, started or stopped."""
 
 
 @dataclass(frozen=True, slots=True)

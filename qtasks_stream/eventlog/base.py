@@ -44,6 +44,10 @@ class Consumer(ABC):
         """Commit offsets outside a transaction (for stages that keep offsets elsewhere)."""
 
     @abstractmethod
+    async def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The group's committed offsets of ``tps`` (partitions with none are left out)."""
+
+    @abstractmethod
     def seek(self, tp: TopicPartition, offset: int) -> None:
         """Read ``tp`` from ``offset`` on the next poll."""
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as AioTopicPartition
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
@@ -32,7 +33,6 @@ from aiokafka.errors import (
     ProducerFenced,
     RebalanceInProgressError,
     UnknownMemberIdError,
-    UnknownTopicOrPartitionError,
 )
 from aiokafka.producer.transaction_manager import TransactionState
 
@@ -61,6 +61,9 @@ _POLL_GRACE = 5.0
 
 def _parameters(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls).parameters) - {"loop"}
+
+
+_CLIENT_PARAMS = _parameters(AIOKafkaClient)
 
 
 def _map_error(exc: BaseException, what: str) -> EventLogError:
@@ -144,6 +147,8 @@ class _AioProducer(Producer):
         self._producer: Any = None
         self._start_lock = asyncio.Lock()
         self._txn_lock = asyncio.Lock()
+        #: Partitions of the topics written so far (metadata, cached for validation).
+        self._partitions: dict[str, set[int]] = {}
         #: Set once the producer is dead (fenced or fatally failed): every later call fails.
         self._fatal: EventLogError | None = None
         self._closed = False
@@ -178,20 +183,27 @@ class _AioProducer(Producer):
             raise type(self._fatal)(str(self._fatal)) from self._fatal
 
     async def _validate(self, records: Sequence[OutRecord]) -> None:
-        # aiokafka asserts on these; check first so a bad batch writes nothing.
-        for topic in {r.topic for r in records}:
-            try:
-                partitions = await self._producer.partitions_for(topic)
-            except UnknownTopicOrPartitionError as exc:
-                raise EventLogError(f"unknown topic {topic!r}: create it first") from exc
-            for rec in records:
-                if (
-                    rec.topic == topic
-                    and rec.partition is not None
-                    and rec.partition not in partitions
-                ):
-                    raise EventLogError(f"topic {topic!r} has no partition {rec.partition}")
+        """Check topics and partitions first, so a bad batch writes nothing.
+
+        aiokafka would assert on a bad partition, and its per-topic metadata request asks
+        the broker to auto-create an unknown topic (with the broker's default partition
+        count); an all-topics request creates nothing.
+        """
+        unknown = {
+            r.topic
+            for r in records
+            if r.topic not in self._partitions
+            or (r.partition is not None and r.partition not in self._partitions[r.topic])
+        }
+        if unknown:
+            cluster = await self._producer.client.fetch_all_metadata()
+            for topic in unknown:
+                self._partitions[topic] = cluster.partitions_for_topic(topic) or set()
         for rec in records:
+            if not self._partitions[rec.topic]:
+                raise EventLogError(f"unknown topic {rec.topic!r}: create it first")
+            if rec.partition is not None and rec.partition not in self._partitions[rec.topic]:
+                raise EventLogError(f"topic {rec.topic!r} has no partition {rec.partition}")
             if rec.key is None and rec.value is None:
                 raise EventLogError(f"a record for {rec.topic!r} needs a key or a value")
 
@@ -240,6 +252,7 @@ class _AioProducer(Producer):
             txn is not None and txn.is_fatal_error()
         ):
             self._fatal = error
+            _retrieve_dead_futures(self._producer)
         return error
 
     async def commit_transaction(
@@ -296,6 +309,50 @@ class _AioProducer(Producer):
             log.warning("aborting the transaction of %r failed: %r", self._transactional_id, exc)
 
 
+async def _existing_partitions(
+    kwargs: Mapping[str, Any], topics: Sequence[str]
+) -> dict[str, set[int]]:
+    """The partitions of ``topics``; EventLogError naming a topic that does not exist.
+
+    Asked with a short-lived client before the consumer exists: a subscribing consumer's
+    own metadata requests would make the broker auto-create a missing topic.
+    """
+    client = AIOKafkaClient(**{k: v for k, v in kwargs.items() if k in _CLIENT_PARAMS})
+    try:
+        await client.bootstrap()
+        cluster = await client.fetch_all_metadata()
+    except KafkaError as exc:
+        raise _map_error(exc, "cannot read the cluster's topics") from exc
+    finally:
+        await client.close()
+    found = {topic: set(cluster.partitions_for_topic(topic) or ()) for topic in topics}
+    missing = sorted(topic for topic, parts in found.items() if not parts)
+    if missing:
+        raise EventLogError(f"unknown topics {missing}: create them first")
+    return found
+
+
+def _retrieve_dead_futures(producer: Any) -> None:
+    """Mark the futures a dead aiokafka producer failed, but nobody awaits, as retrieved.
+
+    When the sender dies (a fenced producer) aiokafka fails its transaction waiter and the
+    batches' drain waiters; unretrieved, each logs "Future exception was never retrieved"
+    when collected, for a situation we already reported as FencedError.
+    """
+    futures: list[asyncio.Future[Any] | None] = []
+    try:
+        futures.append(producer._txn_manager._transaction_waiter)
+        accumulator = producer._message_accumulator
+        batches = [b for queued in accumulator._batches.values() for b in queued]
+        batches.extend(accumulator._pending_batches)
+        futures.extend(b._drain_waiter for b in batches)
+    except AttributeError:  # another aiokafka version: only the log noise comes back
+        return
+    for future in futures:
+        if future is not None and future.done() and not future.cancelled():
+            future.exception()
+
+
 class _AioRebalanceAdapter(ConsumerRebalanceListener):  # type: ignore[misc]
     """aiokafka's listener interface, forwarding to the consumer (which calls ours)."""
 
@@ -335,12 +392,18 @@ class _AioConsumer(Consumer):
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._consumer is not None:
+            # Also while the first start() waits for its assignment: a listener called from
+            # that assignment may use the consumer (commit, committed, seek...).
+            return
         async with self._start_lock:
             if self._consumer is not None:
                 return
             if self._closed:
                 raise EventLogError("start on a closed consumer")
+            partitions = await _existing_partitions(self._kwargs, self._topics)
             consumer = AIOKafkaConsumer(**self._kwargs)
+            self._consumer = consumer
             try:
                 if self._group_id is not None:
                     # Subscribing before start() makes start() wait for the first
@@ -349,8 +412,9 @@ class _AioConsumer(Consumer):
                     await asyncio.wait_for(consumer.start(), self._start_timeout)
                 else:
                     await consumer.start()
-                    await self._assign_everything(consumer)
+                    await self._assign_everything(consumer, partitions)
             except BaseException as exc:
+                self._consumer = None
                 await consumer.stop()
                 if isinstance(exc, TimeoutError):
                     raise EventLogError(
@@ -360,17 +424,11 @@ class _AioConsumer(Consumer):
                 if isinstance(exc, KafkaError):
                     raise _map_error(exc, f"cannot start a consumer of {self._topics}") from exc
                 raise
-            self._consumer = consumer
 
-    async def _assign_everything(self, consumer: Any) -> None:
-        # aiokafka has no public metadata call on a consumer; its client has one.
-        cluster = await consumer._client.fetch_all_metadata()
-        tps: list[AioTopicPartition] = []
-        for topic in self._topics:
-            partitions = cluster.partitions_for_topic(topic)
-            if not partitions:
-                raise EventLogError(f"unknown topic {topic!r}: create it first")
-            tps.extend(AioTopicPartition(topic, p) for p in sorted(partitions))
+    async def _assign_everything(self, consumer: Any, partitions: dict[str, set[int]]) -> None:
+        tps = [
+            AioTopicPartition(topic, p) for topic in self._topics for p in sorted(partitions[topic])
+        ]
         consumer.assign(tps)
         if self._start == "latest":
             # Resolve "latest" now, not at the first fetch, so a record appended after
@@ -413,7 +471,7 @@ class _AioConsumer(Consumer):
 
     # -- reading ----------------------------------------------------------------------------
 
-    async def poll(self, *, max_records: int, timeout: float) -> list[Record]:  # noqa: ASYNC109
+    async def poll(self, *, max_records: int, timeout: float) -> list[Record]:
         if self._closed:
             raise EventLogError("poll on a closed consumer")
         await self.start()
@@ -494,6 +552,16 @@ class _AioConsumer(Consumer):
                 f"{self._group_id!r}; their work is redone by the new owner"
             )
         return self._group_id
+
+    async def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        if self._group_id is None or not tps:
+            return {}
+        await self.start()
+        try:
+            found = await asyncio.gather(*(self._consumer.committed(_aio_tp(tp)) for tp in tps))
+        except KafkaError as exc:
+            raise _map_error(exc, f"cannot read the offsets of group {self._group_id!r}") from exc
+        return {tp: offset for tp, offset in zip(tps, found, strict=True) if offset is not None}
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         if not offsets:

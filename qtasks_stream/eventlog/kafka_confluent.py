@@ -1,18 +1,23 @@
 """The event log on Apache Kafka through confluent-kafka (librdkafka).
 
-librdkafka calls block, so each client gets its own thread:
+librdkafka calls block, so each client gets a thread of its own:
 
 * a producer runs every blocking call (produce + flush, the transaction calls) on a
-  single-thread executor of its own, so transactions of one producer never overlap;
-* a consumer runs one background thread that loops ``consume()`` with a short timeout and
-  buffers what it gets. As with aiokafka, membership and fetching thus go on while the stage
-  is busy between polls: a member started second does not wait for the first one to poll
-  before the group settles. ``poll()`` only drains the buffer.
+  single-thread executor, so transactions of one producer never overlap;
+* a consumer runs one thread that loops ``consume()`` with a short timeout and buffers what
+  it gets. As with aiokafka, membership and fetching thus go on while the stage is busy
+  between polls: a member started second does not wait for the first one to poll before the
+  group settles. ``poll()`` only drains the buffer.
+
+confluent-kafka serializes the calls on a consumer: any call from another thread waits for
+the running ``consume()`` and starves behind a loop of them. So *every* consumer call (commit,
+end offsets, group metadata, seek, pause) is a command that the consumer thread runs between
+two ``consume()`` calls.
 
 Rebalance callbacks fire inside ``consume()`` on that thread. They hand the listener's
-coroutine to the event loop and wait for it there; nothing the listener may call (commit,
-``commit_transaction``, seek, pause, ``end_offsets``) needs the consumer thread, so the
-wait cannot deadlock.
+coroutine to the event loop and, while waiting for it, keep running commands: a listener that
+commits (directly, or through a transaction needing the group metadata) is served from inside
+the callback, which librdkafka allows, instead of deadlocking.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -66,8 +72,8 @@ _CONSUMER_FATAL_CODES = frozenset(
         KafkaError.GROUP_AUTHORIZATION_FAILED,
     }
 )
-#: How long one consume() call may block: bounds how late close, seek and pause apply.
-_CONSUME_SLICE = 0.1
+#: How long one consume() call may block: bounds how long a command waits to run.
+_CONSUME_SLICE = 0.05
 _CONSUME_BATCH = 500
 #: Past this many buffered records a partition stops fetching until poll() drains it.
 _BUFFER_HIGH = 2_000
@@ -83,6 +89,11 @@ def _map_error(exc: BaseException, what: str) -> EventLogError:
     if err is not None and err.code() in _FENCING_CODES:
         return FencedError(text)
     return EventLogError(text)
+
+
+def _with_logger(conf: dict[str, ConfValue]) -> dict[str, Any]:
+    """``conf`` with librdkafka's log lines sent to Python logging instead of stderr."""
+    return {**conf, "logger": logging.getLogger("qtasks_stream.rdkafka")}
 
 
 def _ck_tp(tp: TopicPartition, offset: int | None = None) -> ck.TopicPartition:
@@ -113,6 +124,8 @@ class ConfluentEventLog(EventLog):
             # the same partition whichever client wrote it.
             "partitioner": "murmur2_random",
             "linger.ms": 5,
+            # A missing topic is an error to report, not one to create with defaults.
+            "allow.auto.create.topics": False,
             "message.timeout.ms": config.request_timeout_ms * 2,
             "request.timeout.ms": config.request_timeout_ms,
             "topic.metadata.refresh.interval.ms": config.metadata_max_age_ms,
@@ -121,7 +134,9 @@ class ConfluentEventLog(EventLog):
             settings["transactional.id"] = transactional_id
             settings["transaction.timeout.ms"] = config.transaction_timeout_ms
         return _ConfluentProducer(
-            config.to_librdkafka(settings), transactional_id, config.request_timeout_ms / 1000
+            _with_logger(config.to_librdkafka(settings)),
+            transactional_id,
+            config.request_timeout_ms / 1000,
         )
 
     def consumer(
@@ -151,7 +166,7 @@ class ConfluentEventLog(EventLog):
             "queued.max.messages.kbytes": 16_384,
         }
         return _ConfluentConsumer(
-            config.to_librdkafka(settings),
+            _with_logger(config.to_librdkafka(settings)),
             tuple(topics),
             group_id,
             listener,
@@ -162,9 +177,7 @@ class ConfluentEventLog(EventLog):
 
 
 class _ConfluentProducer(Producer):
-    def __init__(
-        self, conf: dict[str, ConfValue], transactional_id: str | None, timeout: float
-    ) -> None:
+    def __init__(self, conf: dict[str, Any], transactional_id: str | None, timeout: float) -> None:
         self._conf = conf
         self._transactional_id = transactional_id
         self._timeout = timeout
@@ -174,6 +187,8 @@ class _ConfluentProducer(Producer):
         #: Set once the producer is dead (fenced or fatally failed): every later call fails.
         self._fatal: EventLogError | None = None
         self._closed = False
+        #: Partitions of the topics written so far (metadata, cached for validation).
+        self._partitions: dict[str, set[int]] = {}
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         assert self._executor is not None
@@ -216,6 +231,29 @@ class _ConfluentProducer(Producer):
         if self._fatal is not None:
             raise type(self._fatal)(str(self._fatal)) from self._fatal
 
+    def _validate(self, records: Sequence[OutRecord]) -> None:
+        """Check topics and partitions first, so a bad batch writes nothing (producer thread).
+
+        librdkafka would only fail the record after its metadata propagation timeout.
+        """
+        assert self._producer is not None
+        unknown = {
+            r.topic
+            for r in records
+            if r.topic not in self._partitions
+            or (r.partition is not None and r.partition not in self._partitions[r.topic])
+        }
+        for topic in unknown:
+            # With allow.auto.create.topics=false this request creates nothing.
+            info = self._producer.list_topics(topic, timeout=self._timeout).topics.get(topic)
+            ok = info is not None and info.error is None
+            self._partitions[topic] = set(info.partitions) if ok and info is not None else set()
+        for rec in records:
+            if not self._partitions[rec.topic]:
+                raise EventLogError(f"unknown topic {rec.topic!r}: create it first")
+            if rec.partition is not None and rec.partition not in self._partitions[rec.topic]:
+                raise EventLogError(f"topic {rec.topic!r} has no partition {rec.partition}")
+
     def _produce_all(self, records: Sequence[OutRecord], on_delivery: Any) -> None:
         """Queue every record in order (producer thread)."""
         assert self._producer is not None
@@ -245,6 +283,7 @@ class _ConfluentProducer(Producer):
             if err is not None:
                 errors.append(err)
 
+        self._validate(records)
         self._produce_all(records, on_delivery)
         deadline = time.monotonic() + self._timeout * 2
         while self._producer.flush(0.1) > 0:
@@ -287,9 +326,9 @@ class _ConfluentProducer(Producer):
             return
         if not isinstance(consumer, _ConfluentConsumer):
             raise EventLogError("commit_transaction needs a consumer of the same event log")
-        # Taken on the event loop: librdkafka's group metadata call is thread-safe and does
-        # not need the consumer thread, which may be waiting for a listener right now.
-        await self._transact(records, offsets, consumer.group_metadata())
+        consumer.check_owned(offsets)
+        # The broker fences the offsets if this generation is no longer the group's.
+        await self._transact(records, offsets, await consumer.group_metadata())
 
     async def _transact(
         self, records: Sequence[OutRecord], offsets: Mapping[TopicPartition, int], group: Any
@@ -306,6 +345,7 @@ class _ConfluentProducer(Producer):
     ) -> None:
         producer = self._producer
         assert producer is not None
+        self._validate(records)
         producer.begin_transaction()
         try:
             self._produce_all(records, None)
@@ -332,7 +372,7 @@ class _ConfluentProducer(Producer):
 class _ConfluentConsumer(Consumer):
     def __init__(
         self,
-        conf: dict[str, ConfValue],
+        conf: dict[str, Any],
         topics: tuple[str, ...],
         group_id: str | None,
         listener: RebalanceListener | None,
@@ -355,11 +395,14 @@ class _ConfluentConsumer(Consumer):
         self._wakeup = asyncio.Event()
         self._first_assignment: asyncio.Future[None] | None = None
         self._stop = threading.Event()
+        #: Work for the consumer thread; None only wakes it (a listener finished).
+        self._commands: queue.SimpleQueue[_Command | None] = queue.SimpleQueue()
         #: Set while closing: rebalance callbacks from close() skip the listener, as aiokafka.
         self._closing = False
         self._closed = False
         # State shared between the consumer thread and the event loop, under _lock.
         self._lock = threading.Lock()
+        self._thread_done = False
         self._assigned: set[TopicPartition] = set()
         self._buffers: dict[TopicPartition, deque[Record]] = {}
         self._paused: set[TopicPartition] = set()  # what the stage asked for
@@ -376,10 +419,15 @@ class _ConfluentConsumer(Consumer):
         self._next_tp = 0
         # Consumer thread only.
         self._rd_paused: set[TopicPartition] = set()
+        self._seek_failures: dict[TopicPartition, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._consumer is not None:
+            # Also while the first start() waits for its assignment: a listener called from
+            # that assignment may use the consumer (commit, committed, seek...).
+            return
         async with self._start_lock:
             if self._consumer is not None:
                 return
@@ -391,6 +439,7 @@ class _ConfluentConsumer(Consumer):
                 consumer = await asyncio.to_thread(ck.Consumer, self._conf)
             except KafkaException as exc:
                 raise _map_error(exc, "cannot create the Kafka consumer") from exc
+            # No consumer thread yet: these calls may run anywhere.
             try:
                 partitions = await asyncio.to_thread(self._partitions, consumer)
                 if self._group_id is not None:
@@ -459,10 +508,32 @@ class _ConfluentConsumer(Consumer):
         self._closing = True
         self._stop.set()
         if self._thread is not None:
-            # The thread closes the consumer itself: librdkafka wants one thread on it.
+            # The thread closes the consumer itself, as it makes every other call.
             await asyncio.to_thread(self._thread.join)
-        elif self._consumer is not None:
-            await asyncio.to_thread(self._consumer.close)
+
+    # -- commands -------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[[ck.Consumer], _T]) -> _T:
+        """Run ``fn(consumer)`` on the consumer thread and wait for its result."""
+        await self.start()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            if self._thread_done or self._closed:
+                raise EventLogError("the consumer is closed")
+            self._commands.put(_Command(fn, future))
+        result: _T = await asyncio.wrap_future(future)
+        return result
+
+    def _serve_commands(self, consumer: ck.Consumer, *, block: float = 0.0) -> None:
+        """Run queued commands (consumer thread); wait up to ``block`` for the first."""
+        try:
+            item = self._commands.get(timeout=block) if block else self._commands.get_nowait()
+            while True:
+                if item is not None:
+                    item.run(consumer)
+                item = self._commands.get_nowait()
+        except queue.Empty:
+            return
 
     # -- the consumer thread --------------------------------------------------------------
 
@@ -471,6 +542,7 @@ class _ConfluentConsumer(Consumer):
         assert consumer is not None
         try:
             while not self._stop.is_set():
+                self._serve_commands(consumer)
                 with self._lock:
                     epochs = dict(self._seek_epochs)
                     seeks, self._pending_seeks = self._pending_seeks, {}
@@ -491,15 +563,33 @@ class _ConfluentConsumer(Consumer):
                 consumer.close()
             except (KafkaException, RuntimeError) as exc:
                 log.warning("closing the Kafka consumer failed: %s", describe_kafka_error(exc))
+            with self._lock:
+                self._thread_done = True
+            self._fail_commands()
+
+    def _fail_commands(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._commands.get_nowait()
+                if item is not None:
+                    item.future.set_exception(EventLogError("the consumer is closed"))
 
     def _apply(self, consumer: ck.Consumer, seeks: dict[TopicPartition, int]) -> None:
         """Apply seeks and pause changes asked for since the last consume()."""
         for tp, offset in seeks.items():
             try:
                 consumer.seek(_ck_tp(tp, offset))
+                self._seek_failures.pop(tp, None)
             except KafkaException as exc:
-                # Revoked meanwhile: the new owner starts from the committed offset anyway.
-                log.info("seek %s to %d skipped: %s", tp, offset, describe_kafka_error(exc))
+                # Just assigned, its fetch not started yet: try again on the next round.
+                failures = self._seek_failures[tp] = self._seek_failures.get(tp, 0) + 1
+                with self._lock:
+                    retry = tp in self._assigned and failures < 100
+                    if retry:
+                        self._pending_seeks.setdefault(tp, offset)
+                if not retry:
+                    self._seek_failures.pop(tp, None)
+                    log.warning("seek %s to %d failed: %s", tp, offset, describe_kafka_error(exc))
         with self._lock:
             want = (self._paused | self._throttled) & self._assigned
             dirty, self._pause_dirty = self._pause_dirty & self._assigned, set()
@@ -522,19 +612,17 @@ class _ConfluentConsumer(Consumer):
                 if err is not None:
                     errors.append(err)
                     continue
-                topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-                assert topic is not None and partition is not None and offset is not None
-                tp = TopicPartition(topic, partition)
+                tp = TopicPartition(msg.topic(), msg.partition())
                 # librdkafka drops what a rebalance or seek made stale inside consume();
-                # this drops what went stale between consume() returning and now.
+                # this drops what a seek asked for meanwhile made stale.
                 if tp not in self._assigned or epochs.get(tp, 0) != self._seek_epochs.get(tp, 0):
                     continue
                 buffer = self._buffers.setdefault(tp, deque())
                 buffer.append(
                     Record(
-                        topic,
-                        partition,
-                        offset,
+                        tp.topic,
+                        tp.partition,
+                        msg.offset(),
                         msg.key(),
                         msg.value(),
                         _headers(msg),
@@ -571,7 +659,7 @@ class _ConfluentConsumer(Consumer):
             with contextlib.suppress(RuntimeError):  # the loop closed in between
                 self._loop.call_soon_threadsafe(fn)
 
-    def _on_assign(self, _consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
+    def _on_assign(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
         tps = {_our_tp(p) for p in partitions}
         with self._lock:
             # Added, not replaced: also right for an incremental (cooperative) assignor.
@@ -581,11 +669,11 @@ class _ConfluentConsumer(Consumer):
             for tp in tps:
                 self._buffers.pop(tp, None)
         if tps and self._listener is not None and not self._closing:
-            self._call_listener(self._listener.on_assigned, tps)
+            self._call_listener(consumer, self._listener.on_assigned, tps)
         if self._first_assignment is not None:
             self._call_soon(lambda: _settle(self._first_assignment, None))
 
-    def _on_revoke(self, _consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
+    def _on_revoke(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
         tps = {_our_tp(p) for p in partitions}
         with self._lock:
             # Drop what poll() has not handed out yet: the next owner reads it again.
@@ -594,7 +682,7 @@ class _ConfluentConsumer(Consumer):
                 self._throttled.discard(tp)
         if tps and self._listener is not None and not self._closing:
             # Still assigned while the listener runs, so it can commit their work.
-            self._call_listener(self._listener.on_revoked, tps)
+            self._call_listener(consumer, self._listener.on_revoked, tps)
         with self._lock:
             self._assigned -= tps
             self._paused -= tps
@@ -602,39 +690,37 @@ class _ConfluentConsumer(Consumer):
 
     def _call_listener(
         self,
+        consumer: ck.Consumer,
         method: Callable[[list[TopicPartition]], Coroutine[Any, Any, None]],
         tps: set[TopicPartition],
     ) -> None:
-        """Run the listener on the event loop and wait for it (consumer thread)."""
+        """Run the listener on the event loop; serve commands until it ends (consumer thread)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         future = asyncio.run_coroutine_threadsafe(method(sorted(tps)), loop)
-        while True:
-            try:
-                future.result(timeout=0.2)
+        future.add_done_callback(lambda _: self._commands.put(None))
+        while not future.done():
+            self._serve_commands(consumer, block=0.2)
+            if not future.done() and (loop.is_closed() or not loop.is_running()):
+                future.cancel()
                 return
-            except TimeoutError:
-                if loop.is_closed() or not loop.is_running():
-                    future.cancel()
-                    return
-            except BaseException as exc:
-                log.warning("rebalance listener %r failed: %r", method, exc)
-                with self._lock:
-                    if self._listener_error is None:
-                        self._listener_error = exc
-                self._notify()
-                return
+        try:
+            future.result()
+        except BaseException as exc:
+            log.warning("rebalance listener %r failed: %r", method, exc)
+            with self._lock:
+                if self._listener_error is None:
+                    self._listener_error = exc
+            self._notify()
 
     # -- the event loop side --------------------------------------------------------------
 
-    def group_metadata(self) -> Any:
-        """The group generation to pass to a transaction (callable from any thread)."""
-        if self._consumer is None or self._closed:
-            raise EventLogError("the consumer is not started (or closed)")
-        return self._consumer.consumer_group_metadata()
+    async def group_metadata(self) -> Any:
+        """The group generation to pass to a transaction."""
+        return await self._call(lambda consumer: consumer.consumer_group_metadata())
 
-    async def poll(self, *, max_records: int, timeout: float) -> list[Record]:  # noqa: ASYNC109
+    async def poll(self, *, max_records: int, timeout: float) -> list[Record]:
         if self._closed:
             raise EventLogError("poll on a closed consumer")
         await self.start()
@@ -692,12 +778,8 @@ class _ConfluentConsumer(Consumer):
 
     async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         """The last stable offset: the end of the log a read_committed reader can reach."""
-        await self.start()
-        consumer = self._consumer
-        assert consumer is not None
 
-        def query() -> dict[TopicPartition, int]:
-            # Any thread: librdkafka's offset queries do not touch the consume queue.
+        def query(consumer: ck.Consumer) -> dict[TopicPartition, int]:
             ends: dict[TopicPartition, int] = {}
             for tp in tps:
                 _low, high = consumer.get_watermark_offsets(_ck_tp(tp), timeout=self._timeout)
@@ -705,32 +787,74 @@ class _ConfluentConsumer(Consumer):
             return ends
 
         try:
-            return await asyncio.to_thread(query)
+            return await self._call(query)
         except KafkaException as exc:
             raise _map_error(exc, "cannot read end offsets") from exc
+
+    async def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        if self._group_id is None or not tps:
+            return {}
+        parts = [_ck_tp(tp) for tp in tps]
+        try:
+            found = await self._call(
+                lambda consumer: consumer.committed(parts, timeout=self._timeout)
+            )
+        except KafkaException as exc:
+            raise _map_error(exc, f"cannot read the offsets of group {self._group_id!r}") from exc
+        result: dict[TopicPartition, int] = {}
+        for part in found:
+            if part.error is not None:
+                raise _map_error(KafkaException(part.error), f"cannot read {_our_tp(part)}")
+            if part.offset >= 0:  # OFFSET_INVALID: nothing committed
+                result[_our_tp(part)] = part.offset
+        return result
+
+    def check_owned(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """FencedError unless this member still holds every partition of ``offsets``.
+
+        The broker only checks the generation; this also catches a member that rejoined
+        the new generation without the partition (as aiokafka does for plain commits).
+        """
+        if self._group_id is None:
+            raise EventLogError("a consumer without group_id has no offsets to commit")
+        with self._lock:
+            lost = sorted(set(offsets) - self._assigned)
+        if lost:
+            raise FencedError(
+                f"partitions {lost} are no longer assigned to this member of group "
+                f"{self._group_id!r}; their work is redone by the new owner"
+            )
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         if not offsets:
             return
-        if self._group_id is None:
-            raise EventLogError("a consumer without group_id has no offsets to commit")
-        await self.start()
-        consumer = self._consumer
-        assert consumer is not None
+        self.check_owned(offsets)
         parts = [_ck_tp(tp, offset) for tp, offset in offsets.items()]
         try:
-            # Not on the consumer thread: a listener committing from on_revoked runs while
-            # that thread waits for it. librdkafka's commit is thread-safe.
-            result = await asyncio.to_thread(
-                lambda: consumer.commit(offsets=parts, asynchronous=False)
+            result = await self._call(
+                lambda consumer: consumer.commit(offsets=parts, asynchronous=False)
             )
         except KafkaException as exc:
             raise _map_error(exc, f"commit to group {self._group_id!r} failed") from exc
         for part in result:
             if part.error is not None:
-                raise _map_error(
-                    KafkaException(part.error), f"commit of {_our_tp(part)} failed"
-                ) from None
+                raise _map_error(KafkaException(part.error), f"commit of {_our_tp(part)} failed")
+
+
+class _Command:
+    """A call for the consumer thread, with the future its caller awaits."""
+
+    def __init__(self, fn: Callable[[ck.Consumer], Any], future: concurrent.futures.Future[Any]):
+        self.fn = fn
+        self.future = future
+
+    def run(self, consumer: ck.Consumer) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            self.future.set_result(self.fn(consumer))
+        except BaseException as exc:
+            self.future.set_exception(exc)
 
 
 def _settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:

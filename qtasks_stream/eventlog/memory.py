@@ -11,6 +11,7 @@ Everything lives in one event loop; nothing is persisted.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,8 +51,13 @@ def _murmur2(data: bytes) -> int:
     return h - (1 << 32) if h & 0x80000000 else h
 
 
+@functools.lru_cache(maxsize=65536)
 def murmur2_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner picks for ``key``."""
+    """The partition Kafka's default partitioner picks for ``key``.
+
+    Cached: one task's key is partitioned for each of its events, and murmur2 in Python
+    costs more than the rest of an append.
+    """
     return (_murmur2(key) & 0x7FFFFFFF) % partitions
 
 
@@ -402,6 +408,12 @@ class _MemoryConsumer(Consumer):
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         self._check_commit(offsets)
         self._store_commit(offsets)
+
+    async def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        if self._group_id is None:
+            return {}
+        stored = self._log._group(self._group_id).committed
+        return {tp: stored[tp] for tp in tps if tp in stored}
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         if tp not in self._assigned:

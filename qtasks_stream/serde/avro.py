@@ -17,6 +17,7 @@ from typing import Any
 
 import fastavro
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from fastavro.validation import ValidationError, validate
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from qtasks_stream.errors import SchemaError, SerdeError
@@ -39,11 +40,19 @@ class AvroSerde(Serde):
 
     Args:
         registry: a Confluent-compatible registry client (``mock://`` for the embedded default).
+        close_registry: close the client with the serde (when the caller hands it over).
         topic_schemas: topic name → schema name in ``schemas/avro`` (``TaskEvent``...).
     """
 
-    def __init__(self, registry: SchemaRegistryClient, topic_schemas: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        registry: SchemaRegistryClient,
+        topic_schemas: Mapping[str, str],
+        *,
+        close_registry: bool = False,
+    ) -> None:
         self._registry = registry
+        self._close_registry = close_registry
         self._topic_schemas = dict(topic_schemas)
         self._parsed_by_name: dict[str, Any] = {}
         self._writer: dict[str, tuple[bytes, Any]] = {}
@@ -62,6 +71,11 @@ class AvroSerde(Serde):
 
     async def start(self) -> None:
         await asyncio.to_thread(self._register_all)
+
+    async def close(self) -> None:
+        if self._close_registry:
+            # The client keeps an HTTP session; it is only ours to close when we were told so.
+            self._registry.__exit__()  # type: ignore[no-untyped-call]
 
     def _register_all(self) -> None:
         for topic, name in self._topic_schemas.items():
@@ -91,7 +105,13 @@ class AvroSerde(Serde):
         buf = io.BytesIO()
         buf.write(header)
         try:
+            # fastavro's writer does not range-check: a Python int past 32 bits would be
+            # written as an Avro "int" that Java and other readers misread or reject.
+            validate(value, parsed, raise_errors=True)
             fastavro.schemaless_writer(buf, parsed, value)
+        except ValidationError as exc:
+            problems = "; ".join(str(e) for e in exc.errors)
+            raise SerdeError(f"value does not fit the schema of topic {topic!r}: {problems}") from exc
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SerdeError(f"value does not fit the schema of topic {topic!r}: {exc}") from exc
         return buf.getvalue()

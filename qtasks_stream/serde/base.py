@@ -14,6 +14,9 @@ class Serde(ABC):
     async def start(self) -> None:
         """Register or fetch schemas; a no-op where nothing needs it."""
 
+    async def close(self) -> None:
+        """Release connections; a no-op where there are none."""
+
     @abstractmethod
     def encode(self, topic: str, value: dict[str, Any]) -> bytes:
         """``value`` as the bytes of a record of ``topic``.

@@ -78,6 +78,16 @@ class Stage(ABC):
     async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         """Partitions go after this returns; drop their state."""
 
+    async def advanced(
+        self, positions: Mapping[TopicPartition, int], checkpoint: Checkpoint
+    ) -> None:
+        """After each batch: the next offset per partition, counting records the stage
+        never saw (dead-lettered before decoding)."""
+
+    def wants_value(self, record: Record) -> bool:
+        """False lets the runner skip decoding ``record`` (handed over with value None)."""
+        return True
+
     def capacity(self) -> int:
         """How many more records the stage accepts now: backpressure."""
         return 1 << 30

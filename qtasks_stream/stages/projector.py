@@ -25,6 +25,7 @@ class ProjectorStage(Stage):
         self._topology = topology
         self.view = view
         self.applied = 0
+        self._applied_to: dict[TopicPartition, int] = {}
 
     @property
     def topics(self) -> Sequence[str]:
@@ -40,3 +41,15 @@ class ProjectorStage(Stage):
         self.applied += await self.view.apply(
             [Applied(i.record.tp, i.record.offset, i.value) for i in batch]
         )
+        for item in batch:
+            self._applied_to[item.record.tp] = item.record.offset + 1
+
+    async def advanced(
+        self, positions: Mapping[TopicPartition, int], checkpoint: Checkpoint
+    ) -> None:
+        # Records dead-lettered before decoding never reach handle(); without this the view
+        # would re-read (and the runner re-judge) them after every restart.
+        skipped = {tp: o for tp, o in positions.items() if o > self._applied_to.get(tp, 0)}
+        if skipped:
+            await self.view.advance(skipped)
+            self._applied_to.update(skipped)

@@ -84,7 +84,8 @@ class _RunnerCheckpoint(Checkpoint):
 
     def emit(self, topic: str, key: str, value: Any, origin: Record | None = None) -> None:
         encoded = self._serde.encode(topic, value.to_avro())
-        self.emit_raw(OutRecord(topic, key.encode(), encoded), origin)
+        headers = value.record_headers() if isinstance(value, TaskEvent) else ()
+        self.emit_raw(OutRecord(topic, key.encode(), encoded, headers), origin)
 
     def emit_raw(self, record: OutRecord, origin: Record | None = None) -> None:
         self._outputs.append((record, origin.tp if origin is not None else None))
@@ -189,6 +190,7 @@ class StageRunner:
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._stopping = asyncio.Event()
+        self._replay_below: dict[TopicPartition, int] = {}
         self.sessions = 0
 
     @property
@@ -202,14 +204,33 @@ class StageRunner:
     async def run(self) -> None:
         """Run until :meth:`request_stop`; rejoins the group after being fenced."""
         await self.stage.start(self.checkpoint)
+        failures = 0
         try:
             while not self._stopping.is_set():
                 try:
                     await self._session()
+                    failures = 0
                 except FencedError as exc:
                     log.warning("stage %s fenced, rejoining: %s", self.stage.name, exc)
                     await self._reset()
                     await asyncio.sleep(self.rejoin_backoff)
+                except Exception:
+                    # The log or a store failed (or a bug): nothing uncommitted is lost, since
+                    # the next member redoes it. Back off so a persistent fault is no hot loop.
+                    failures += 1
+                    delay = min(30.0, self.rejoin_backoff * 2**failures)
+                    log.exception(
+                        "stage %s failed; rejoining in %.1fs (failure %d in a row)",
+                        self.stage.name,
+                        delay,
+                        failures,
+                    )
+                    await self._reset()
+                    try:
+                        async with asyncio.timeout(delay):
+                            await self._stopping.wait()
+                    except TimeoutError:
+                        pass
         finally:
             await self.stage.stop()
 
@@ -242,6 +263,11 @@ class StageRunner:
         self.checkpoint.own(partitions)
         assert self._consumer is not None
         ends = await self._consumer.end_offsets(partitions)
+        # Below the committed offset every record was handled (and dead-lettered where it
+        # had to be) in a committed transaction: a stage replaying it must not do so again.
+        committed = await self._consumer.committed(partitions)
+        for tp in partitions:
+            self._replay_below[tp] = committed.get(tp, 0)
         seeks: Mapping[TopicPartition, int] = await self.stage.on_assigned(partitions, ends)
         for tp, offset in seeks.items():
             self._consumer.seek(tp, offset)
@@ -311,14 +337,20 @@ class StageRunner:
         batch: list[Incoming] = []
         if self.stage.decode:
             decode, decoders = self.serde.decode, self._decoders
+            wants = self.stage.wants_value
             for rec in records:
-                if rec.value is None:
-                    checkpoint.dead_letter(rec, "record has no value (a tombstone)", None)
+                if not wants(rec):
+                    batch.append(Incoming(rec, None))
                     continue
                 try:
+                    if rec.value is None:
+                        raise SerdeError("record has no value (a tombstone)")
                     value = decoders[rec.topic](decode(rec.topic, rec.value))
                 except (SerdeError, KeyError, TypeError, ValueError) as exc:
-                    checkpoint.dead_letter(rec, f"cannot decode: {exc}", exc)
+                    if rec.offset >= self._replay_below.get(rec.tp, 0):
+                        checkpoint.dead_letter(rec, f"cannot decode: {exc}", exc)
+                    else:
+                        checkpoint.done(rec)
                     continue
                 batch.append(Incoming(rec, value))
         else:
@@ -327,3 +359,7 @@ class StageRunner:
         if self.stage.done_on_return:
             for item in batch:
                 checkpoint.done(item.record)
+        positions: dict[TopicPartition, int] = {}
+        for rec in records:
+            positions[rec.tp] = rec.offset + 1
+        await self.stage.advanced(positions, checkpoint)

@@ -17,6 +17,7 @@ import heapq
 from collections.abc import Mapping, Sequence
 
 from qtasks_stream.events import (
+    TERMINAL_KINDS,
     Cancelled,
     CancelRequested,
     ControlCommand,
@@ -27,6 +28,7 @@ from qtasks_stream.events import (
     Submitted,
     TaskEvent,
     WorkItem,
+    event_kind,
     now_us,
 )
 from qtasks_stream.records import Record, TopicPartition
@@ -37,6 +39,8 @@ from qtasks_stream.topology import Topology
 __all__ = ["SchedulerStage"]
 
 _SOURCE = "scheduler"
+#: Kinds the scheduler decides on once restored; other kinds are not even decoded.
+_ACTIONABLE = frozenset({"Submitted", "RetryScheduled", "CancelRequested"})
 
 
 class SchedulerStage(Stage):
@@ -50,8 +54,12 @@ class SchedulerStage(Stage):
         #: Partition → offset up to which it is still being restored.
         self._restoring: dict[TopicPartition, int] = {}
         self._timers: list[tuple[int, str, int]] = []
-        #: Ids of events this instance emitted and already folded, skipped when read back.
-        self._own: set[str] = set()
+        #: Events this instance emitted and already folded (id → partition), skipped when
+        #: read back live; a restore folds them like any other record.
+        self._own: dict[str, TopicPartition] = {}
+        #: Tasks that ended, per partition: only their ids are kept, so a repeated submit
+        #: of a finished task stays ignored.
+        self._finished: dict[TopicPartition, set[str]] = {}
 
     @property
     def topics(self) -> Sequence[str]:
@@ -73,6 +81,8 @@ class SchedulerStage(Stage):
             self._forget(task_id)
         for tp in gone:
             self._restoring.pop(tp, None)
+            self._finished.pop(tp, None)
+        self._own = {e: tp for e, tp in self._own.items() if tp not in gone}
         self._timers = [t for t in self._timers if t[1] in self._tasks]
         heapq.heapify(self._timers)
 
@@ -81,56 +91,82 @@ class SchedulerStage(Stage):
         self._max_time.pop(task_id, None)
         self._partition_of.pop(task_id, None)
 
+    def wants_value(self, record: Record) -> bool:
+        if record.tp in self._restoring:
+            return True
+        kind = event_kind(record.headers)
+        return kind is None or kind in _ACTIONABLE
+
     async def handle(self, batch: Sequence[Incoming], checkpoint: Checkpoint) -> None:
         for item in batch:
-            event: TaskEvent = item.value
             rec = item.record
-            if event.event_id in self._own:
-                self._own.discard(event.event_id)
+            event: TaskEvent | None = item.value
+            if event is None:
+                # Live, and a kind that needs no decision: only an end matters, to let go.
+                if event_kind(rec.headers) in TERMINAL_KINDS and rec.key is not None:
+                    self._finish(rec.key.decode(errors="replace"), rec.tp)
+                continue
+            if rec.tp in self._restoring:
+                self._own.pop(event.event_id, None)
+                self._fold(event, rec.tp)
+                continue
+            if self._own.pop(event.event_id, None) is not None:
                 continue
             self._fold(event, rec.tp)
-            restore_end = self._restoring.get(rec.tp)
-            if restore_end is not None:
-                if rec.offset + 1 >= restore_end:
-                    del self._restoring[rec.tp]
-                    self._act_on_restored(rec.tp, checkpoint, rec)
-                continue
-            self._act(event, checkpoint, rec)
+            self._act(event, checkpoint)
+
+    async def advanced(
+        self, positions: Mapping[TopicPartition, int], checkpoint: Checkpoint
+    ) -> None:
+        for tp, position in positions.items():
+            end = self._restoring.get(tp)
+            if end is not None and position >= end:
+                del self._restoring[tp]
+                self._act_on_restored(tp, checkpoint)
 
     def _fold(self, event: TaskEvent, tp: TopicPartition) -> None:
+        if event.task_id in self._finished.get(tp, ()):
+            return
         state = fold(self._tasks.get(event.task_id), event)
+        if state.final:
+            self._finish(event.task_id, tp)
+            return
         if isinstance(event.payload, Submitted) and event.task_id not in self._max_time:
             self._max_time[event.task_id] = event.payload.max_time
         self._tasks[event.task_id] = state
         self._partition_of[event.task_id] = tp
 
-    def _act_on_restored(self, tp: TopicPartition, checkpoint: Checkpoint, origin: Record) -> None:
+    def _finish(self, task_id: str, tp: TopicPartition) -> None:
+        self._forget(task_id)
+        self._finished.setdefault(tp, set()).add(task_id)
+
+    def _act_on_restored(self, tp: TopicPartition, checkpoint: Checkpoint) -> None:
         for task_id, state in list(self._tasks.items()):
             if self._partition_of.get(task_id) != tp:
                 continue
             if state.final:
                 continue
             if state.cancel_requested:
-                self._cancel(state, checkpoint, origin)
+                self._cancel(state, checkpoint)
             elif state.status == "new":
-                self._schedule(state, checkpoint, origin)
+                self._schedule(state, checkpoint)
             elif state.due_us is not None and state.status in ("scheduled", "retry"):
                 self._arm(state)
 
-    def _act(self, event: TaskEvent, checkpoint: Checkpoint, origin: Record) -> None:
-        state = self._tasks[event.task_id]
+    def _act(self, event: TaskEvent, checkpoint: Checkpoint) -> None:
+        state = self._tasks.get(event.task_id)
         payload = event.payload
-        if state.final:
+        if state is None or state.final:
             return
         if isinstance(payload, Submitted) and state.status == "new":
-            self._schedule(state, checkpoint, origin)
+            self._schedule(state, checkpoint)
         elif isinstance(payload, RetryScheduled):
             if state.cancel_requested:
-                self._cancel(state, checkpoint, origin)
+                self._cancel(state, checkpoint)
             else:
                 self._arm(state)
         elif isinstance(payload, CancelRequested):
-            self._cancel(state, checkpoint, origin)
+            self._cancel(state, checkpoint)
 
     def _emit(self, state: TaskState, attempt: int, payload: Payload, cp: Checkpoint) -> None:
         event = TaskEvent.new(
@@ -141,9 +177,14 @@ class SchedulerStage(Stage):
             payload,
             traceparent=state.traceparent,
         )
-        self._own.add(event.event_id)
-        self._tasks[state.task_id] = fold(state, event)
+        self._own[event.event_id] = self._partition_of[state.task_id]
         cp.emit(self._topology.events, state.task_id, event)
+        new_state = fold(state, event)
+        if new_state.final:
+            tp = self._partition_of[state.task_id]
+            self._finish(state.task_id, tp)
+        else:
+            self._tasks[state.task_id] = new_state
 
     def _enqueue(self, state: TaskState, attempt: int, cp: Checkpoint) -> None:
         lane = self._topology.lane_for(state.priority)
@@ -161,7 +202,7 @@ class SchedulerStage(Stage):
         )
         cp.emit(self._topology.lane(lane), state.task_id, item)
 
-    def _schedule(self, state: TaskState, cp: Checkpoint, origin: Record) -> None:
+    def _schedule(self, state: TaskState, cp: Checkpoint) -> None:
         lane = self._topology.lane_for(state.priority)
         due = state.due_us if state.due_us is not None and state.due_us > now_us() else None
         self._emit(state, 1, Scheduled(lane, state.priority, due), cp)
@@ -174,7 +215,7 @@ class SchedulerStage(Stage):
         assert state.due_us is not None
         heapq.heappush(self._timers, (state.due_us, state.task_id, state.attempt))
 
-    def _cancel(self, state: TaskState, cp: Checkpoint, origin: Record) -> None:
+    def _cancel(self, state: TaskState, cp: Checkpoint) -> None:
         reason = state.cancel_reason or ""
         waiting = state.status in ("new", "retry") or (
             state.status == "scheduled" and state.due_us is not None

@@ -86,6 +86,13 @@ class ViewStore(ABC):
         await self._save([states[t] for t in changed], new_positions)
         return len(fresh)
 
+    async def advance(self, positions: Mapping[TopicPartition, int]) -> None:
+        """Move positions past records with nothing to apply (dead-lettered ones)."""
+        current = await self.positions()
+        newer = {tp: o for tp, o in positions.items() if o > current.get(tp, 0)}
+        if newer:
+            await self._save([], newer)
+
     async def get(self, task_id: str) -> Task | None:
         state = (await self._load({task_id})).get(task_id)
         return state.to_task() if state is not None else None

@@ -145,7 +145,9 @@ async def test_group_members_split_partitions_and_uncommitted_work_is_redelivere
     redelivered: list[Record] = []
     deadline = loop.time() + 60
     while len(redelivered) < len(seen_a) and loop.time() < deadline:
-        redelivered += [r for r in await b.poll(max_records=100, timeout=0.3) if r.partition in parts_a]
+        redelivered += [
+            r for r in await b.poll(max_records=100, timeout=0.3) if r.partition in parts_a
+        ]
     assert sorted((r.partition, r.offset) for r in redelivered) == sorted(
         (r.partition, r.offset) for r in seen_a
     )

@@ -141,7 +141,9 @@ async def test_positions_are_stored_per_partition(view: ViewStore) -> None:
 async def test_get_returns_the_decoded_task(view: ViewStore) -> None:
     log = _Log()
     await view.apply(
-        log.many(TP0, [_submitted("t1", name="add", tags=["x"]), *_run_to_success("t1", name="add")])
+        log.many(
+            TP0, [_submitted("t1", name="add", tags=["x"]), *_run_to_success("t1", name="add")]
+        )
     )
     task = await view.get("t1")
     assert task is not None
@@ -168,7 +170,9 @@ async def _three_outcomes(view: ViewStore) -> None:
                 _submitted("bad", name="div", tags=["math"], at_us=2_000),
                 _event("bad", Scheduled(0, 0), name="div", attempt=1),
                 _event("bad", Started("w1"), name="div", attempt=1),
-                _event("bad", Failed("ZeroDivisionError", "boom", "tb", 1.0), name="div", attempt=1),
+                _event(
+                    "bad", Failed("ZeroDivisionError", "boom", "tb", 1.0), name="div", attempt=1
+                ),
                 _submitted("wait", name="add", at_us=3_000),
             ],
         )
@@ -277,7 +281,12 @@ async def test_final_state_ignores_later_events(view: ViewStore) -> None:
     assert await view.state("t1") == final
     task = await view.get("t1")
     assert task is not None
-    assert (task.status, task.returning, task.attempt, task.worker_id) == ("success", "first", 1, "w1")
+    assert (task.status, task.returning, task.attempt, task.worker_id) == (
+        "success",
+        "first",
+        1,
+        "w1",
+    )
     assert await view.counts() == {"success": 1}
 
 

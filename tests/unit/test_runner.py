@@ -1,0 +1,196 @@
+"""StageRunner on a real InMemoryEventLog, with a stage that only records what it is given."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from qtasks_stream.eventlog.memory import InMemoryEventLog
+from qtasks_stream.events import ControlCommand, Progress, TaskEvent, now_us
+from qtasks_stream.records import Headers, OutRecord, Record, TopicPartition
+from qtasks_stream.serde.avro import AvroSerde
+from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
+from qtasks_stream.stages.runner import DLQ_ERROR, DLQ_REASON, DLQ_SOURCE, DLQ_STAGE, StageRunner
+from qtasks_stream.topology import Topology
+
+TOPOLOGY = Topology("runner", partitions=1, lanes=1)
+TP = TopicPartition(TOPOLOGY.events, 0)
+LIMIT = 5.0
+
+
+class RecordingStage(Stage):
+    name = "recorder"
+
+    def __init__(self, *, done_on_return: bool = True) -> None:
+        self.done_on_return = done_on_return
+        self.seen: list[Incoming] = []
+        self.batches = 0
+
+    @property
+    def topics(self) -> Sequence[str]:
+        return [TOPOLOGY.events]
+
+    async def handle(self, batch: Sequence[Incoming], checkpoint: Checkpoint) -> None:
+        self.batches += 1
+        self.seen.extend(batch)
+
+
+@dataclass
+class Harness:
+    log: InMemoryEventLog
+    serde: AvroSerde
+    stage: RecordingStage
+    runner: StageRunner
+
+    async def send(self, *records: OutRecord) -> None:
+        producer = self.log.producer()
+        await producer.send(list(records))
+
+    def event(self, task_id: str, seq: int, headers: Headers = ()) -> OutRecord:
+        event = TaskEvent.new(task_id, "job", 1, "test", Progress(seq, str(seq)))
+        value = self.serde.encode(TOPOLOGY.events, event.to_avro())
+        return OutRecord(TOPOLOGY.events, task_id.encode(), value, headers)
+
+    def committed(self) -> int | None:
+        return self.log.committed(self.runner.group).get(TP)
+
+    async def until(self, what: Callable[[], bool], message: str) -> None:
+        try:
+            async with asyncio.timeout(LIMIT):
+                while True:
+                    if what():
+                        return
+                    await asyncio.sleep(0.005)
+        except TimeoutError:
+            raise AssertionError(f"not within {LIMIT}s: {message}") from None
+
+    async def committed_pass(self) -> None:
+        """Wait until the runner has committed everything the checkpoint holds."""
+        await self.until(lambda: not self.runner.checkpoint.dirty, "the runner committed")
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Callable[..., Any]]:
+    running: list[tuple[StageRunner, asyncio.Task[None]]] = []
+
+    async def build(stage: RecordingStage) -> Harness:
+        log = InMemoryEventLog()
+        await log.create_topics(TOPOLOGY.specs())
+        registry = SchemaRegistryClient.new_client({"url": f"mock://runner-{uuid.uuid4().hex}"})
+        serde = AvroSerde(registry, TOPOLOGY.topic_schemas())
+        await serde.start()
+        runner = StageRunner(
+            stage,
+            event_log=log,
+            serde=serde,
+            topology=TOPOLOGY,
+            instance_id="unit",
+            poll_timeout=0.05,
+        )
+        running.append((runner, asyncio.create_task(runner.run())))
+        return Harness(log, serde, stage, runner)
+
+    yield build
+    for runner, task in running:
+        runner.request_stop()
+        async with asyncio.timeout(LIMIT):
+            await task
+
+
+def _split(headers: Headers, original: Headers) -> dict[str, bytes]:
+    assert headers[: len(original)] == original, "the original headers come first, unchanged"
+    return dict(headers[len(original) :])
+
+
+async def test_undecodable_records_go_to_the_dead_letter_topic(make: Callable[..., Any]) -> None:
+    h = await make(RecordingStage())
+    garbage_headers: Headers = (("origin", b"test"), ("origin", b"again"))
+    tombstone_headers: Headers = (("why", b"compaction"),)
+    await h.send(
+        h.event("first", 0, (("traceparent", b"00-aa-bb-01"),)),
+        # A Confluent header (magic 0, schema id 1) followed by bytes that are not the body.
+        OutRecord(
+            TOPOLOGY.events, b"garbage-key", b"\x00\x00\x00\x00\x01\xff\xfe!", garbage_headers
+        ),
+        OutRecord(TOPOLOGY.events, b"tombstone-key", None, tombstone_headers),
+        h.event("second", 1),
+    )
+    await h.until(lambda: len(h.stage.seen) == 2 and h.committed() == 4, "4 records handled")
+
+    assert [i.value.task_id for i in h.stage.seen] == ["first", "second"]
+    assert all(isinstance(i.value, TaskEvent) for i in h.stage.seen)
+    assert h.stage.seen[0].record.headers == (("traceparent", b"00-aa-bb-01"),)
+
+    garbage, tombstone = h.log.records(TOPOLOGY.deadletter)
+    assert (garbage.key, garbage.value) == (b"garbage-key", b"\x00\x00\x00\x00\x01\xff\xfe!")
+    extra = _split(garbage.headers, garbage_headers)
+    assert extra[DLQ_REASON].startswith(b"cannot decode")
+    assert extra[DLQ_STAGE] == b"recorder"
+    assert extra[DLQ_SOURCE] == f"{TOPOLOGY.events}/0/1".encode()
+    assert extra[DLQ_ERROR] == b"SerdeError"
+
+    assert (tombstone.key, tombstone.value) == (b"tombstone-key", None)
+    extra = _split(tombstone.headers, tombstone_headers)
+    assert b"tombstone" in extra[DLQ_REASON]
+    assert extra[DLQ_STAGE] == b"recorder"
+    assert extra[DLQ_SOURCE] == f"{TOPOLOGY.events}/0/2".encode()
+
+    # The stage keeps going after its dead letters.
+    await h.send(h.event("third", 2))
+    await h.until(lambda: len(h.stage.seen) == 3 and h.committed() == 5, "a later record")
+    assert h.stage.seen[-1].value.task_id == "third"
+    assert len(h.log.records(TOPOLOGY.deadletter)) == 2
+
+
+async def test_a_batch_of_only_garbage_is_committed(make: Callable[..., Any]) -> None:
+    h = await make(RecordingStage())
+    await h.send(*(OutRecord(TOPOLOGY.events, b"k", b"not avro at all") for _ in range(3)))
+    await h.until(lambda: h.committed() == 3, "garbage committed")
+    assert h.stage.seen == []
+    sources = [dict(r.headers)[DLQ_SOURCE] for r in h.log.records(TOPOLOGY.deadletter)]
+    assert sources == [f"{TOPOLOGY.events}/0/{i}".encode() for i in range(3)]
+
+
+async def test_offsets_commit_only_up_to_the_first_unfinished_record(
+    make: Callable[..., Any],
+) -> None:
+    h = await make(RecordingStage(done_on_return=False))
+    await h.send(*(h.event(f"t{i}", i) for i in range(5)))
+    await h.until(lambda: len(h.stage.seen) == 5, "5 records handed over")
+    await h.committed_pass()
+    assert h.committed() is None
+    records: list[Record] = [i.record for i in h.stage.seen]
+    checkpoint = h.runner.checkpoint
+
+    # Later records finishing first never let an earlier, unfinished one be skipped.
+    for offset, expected in [(2, None), (4, None), (0, 1), (1, 3), (3, 5)]:
+        checkpoint.done(records[offset])
+        await h.committed_pass()
+        assert h.committed() == expected, f"after offset {offset} finished"
+
+
+async def test_outputs_are_produced_in_emission_order(make: Callable[..., Any]) -> None:
+    class Forwarding(RecordingStage):
+        async def handle(self, batch: Sequence[Incoming], checkpoint: Checkpoint) -> None:
+            await super().handle(batch, checkpoint)
+            for item in batch:
+                for n in range(2):
+                    command = ControlCommand(item.value.task_id, f"reason {n}", now_us())
+                    checkpoint.emit(TOPOLOGY.control, command.task_id, command, item.record)
+
+    h = await make(Forwarding())
+    await h.send(*(h.event(f"t{i}", i) for i in range(3)))
+    await h.until(lambda: h.committed() == 3, "3 records handled")
+    commands = [
+        ControlCommand.from_avro(h.serde.decode(TOPOLOGY.control, r.value or b""))
+        for r in h.log.records(TOPOLOGY.control)
+    ]
+    assert [(c.task_id, c.reason) for c in commands] == [
+        (f"t{i}", f"reason {n}") for i in range(3) for n in range(2)
+    ]

@@ -1,0 +1,434 @@
+"""WorkerStage, driven by hand: work items go straight to ``handle`` and a fake checkpoint
+records the events, dead letters and finished records. Cancel commands travel through the
+control topic of a real in-memory event log."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from qtasks_stream.eventlog.memory import InMemoryEventLog
+from qtasks_stream.events import (
+    Cancelled,
+    ControlCommand,
+    Failed,
+    Progress,
+    RetryScheduled,
+    Started,
+    Succeeded,
+    TaskEvent,
+    TimedOut,
+    WorkItem,
+    now_us,
+)
+from qtasks_stream.executors.pool import LocalExecutor
+from qtasks_stream.records import OutRecord, Record
+from qtasks_stream.serde.avro import AvroSerde
+from qtasks_stream.stages.base import Checkpoint, Incoming
+from qtasks_stream.stages.worker import WorkerStage
+from qtasks_stream.tasks import Router
+from qtasks_stream.topology import Topology
+
+TOPOLOGY = Topology("worker", partitions=1, lanes=3)
+LIMIT = 5.0
+
+
+class FakeCheckpoint(Checkpoint):
+    def __init__(self) -> None:
+        self.events: list[TaskEvent] = []
+        self.other: list[tuple[str, Any]] = []
+        self.finished: list[Record] = []
+        self.dead: list[tuple[Record, str, BaseException | None]] = []
+        self.changed = asyncio.Event()
+
+    def emit(self, topic: str, key: str, value: Any, origin: Record | None = None) -> None:
+        assert key == value.task_id
+        if topic == TOPOLOGY.events:
+            self.events.append(value)
+        else:
+            self.other.append((topic, value))
+        self.changed.set()
+
+    def emit_raw(self, record: OutRecord, origin: Record | None = None) -> None:
+        self.other.append((record.topic, record))
+        self.changed.set()
+
+    def done(self, record: Record) -> None:
+        self.finished.append(record)
+        self.changed.set()
+
+    def dead_letter(self, record: Record, reason: str, error: BaseException | None) -> None:
+        self.dead.append((record, reason, error))
+        self.done(record)
+
+    def of(self, task_id: str) -> list[TaskEvent]:
+        return [e for e in self.events if e.task_id == task_id]
+
+    def outcome(self, task_id: str) -> Any:
+        [last] = [e for e in self.of(task_id) if e.kind not in ("Started", "Progress")]
+        return last.payload
+
+    async def until(self, what: Callable[[], bool], message: str = "") -> None:
+        try:
+            async with asyncio.timeout(LIMIT):
+                while not what():
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"not within {LIMIT}s: {message}") from None
+
+
+@dataclass
+class Harness:
+    stage: WorkerStage
+    cp: FakeCheckpoint
+    log: InMemoryEventLog
+    serde: AvroSerde
+    router: Router
+    offsets: itertools.count[int]
+
+    def item(
+        self,
+        task_name: str,
+        *args: Any,
+        lane: int = 0,
+        attempt: int = 1,
+        max_time: float | None = None,
+        task_id: str | None = None,
+    ) -> Incoming:
+        work = WorkItem(
+            task_id=task_id or uuid.uuid4().hex,
+            task_name=task_name,
+            attempt=attempt,
+            args=json.dumps(list(args)),
+            kwargs="{}",
+            priority=lane,
+            submitted_at_us=now_us(),
+            max_time=max_time,
+        )
+        rec = Record(TOPOLOGY.lane(lane), 0, next(self.offsets), work.task_id.encode(), b"")
+        return Incoming(rec, work)
+
+    async def give(self, *items: Incoming) -> list[str]:
+        await self.stage.handle(list(items), self.cp)
+        return [i.value.task_id for i in items]
+
+    async def all_done(self, *items: Incoming) -> None:
+        wanted = {i.record for i in items}
+        await self.cp.until(lambda: wanted <= set(self.cp.finished), "records finished")
+
+    async def cancel(self, task_id: str, reason: str) -> None:
+        producer = self.log.producer()
+        value = self.serde.encode(
+            TOPOLOGY.control, ControlCommand(task_id, reason, now_us()).to_avro()
+        )
+        await producer.send([OutRecord(TOPOLOGY.control, task_id.encode(), value)])
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Callable[..., Any]]:
+    stages: list[WorkerStage] = []
+
+    async def build(router: Router, *, concurrency: int = 4, buffer: int | None = None) -> Harness:
+        log = InMemoryEventLog()
+        await log.create_topics(TOPOLOGY.specs())
+        registry = SchemaRegistryClient.new_client({"url": f"mock://worker-{uuid.uuid4().hex}"})
+        serde = AvroSerde(registry, TOPOLOGY.topic_schemas())
+        await serde.start()
+        stage = WorkerStage(
+            TOPOLOGY,
+            tasks=router.definitions,
+            executor=LocalExecutor(threads=2),
+            serde=serde,
+            control=lambda: log.consumer([TOPOLOGY.control], group_id=None),
+            worker_id="worker:test",
+            concurrency=concurrency,
+            buffer=buffer,
+            shutdown_grace=1.0,
+        )
+        cp = FakeCheckpoint()
+        await stage.start(cp)
+        stages.append(stage)
+        return Harness(stage, cp, log, serde, router, itertools.count())
+
+    yield build
+    for stage in stages:
+        async with asyncio.timeout(LIMIT):
+            await stage.stop()
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+async def test_success_emits_started_then_succeeded(make: Callable[..., Any]) -> None:
+    router = Router()
+
+    @router.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    h = await make(router)
+    item = h.item("add", 2, 3, attempt=2)
+    [task_id] = await h.give(item)
+    await h.all_done(item)
+    started, succeeded = h.cp.of(task_id)
+    assert started.payload == Started("worker:test")
+    assert isinstance(succeeded.payload, Succeeded) and succeeded.payload.result == "5"
+    assert {started.attempt, succeeded.attempt} == {2}
+    assert succeeded.source == "worker:test"
+
+
+async def test_concurrency_is_bounded(make: Callable[..., Any]) -> None:
+    router = Router()
+    running = 0
+    peak = 0
+
+    @router.task
+    async def work(i: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await asyncio.sleep(0.03)
+        finally:
+            running -= 1
+        return i
+
+    h = await make(router, concurrency=3, buffer=20)
+    items = [h.item("work", i, lane=i % 3) for i in range(12)]
+    await h.give(*items[:5])
+    await h.give(*items[5:])
+    await h.all_done(*items)
+    assert peak == 3, f"{peak} attempts ran at once with concurrency=3"
+    assert all(isinstance(h.cp.outcome(i.value.task_id), Succeeded) for i in items)
+
+
+async def test_capacity_shrinks_as_the_buffer_fills(make: Callable[..., Any]) -> None:
+    router = Router()
+    gate = asyncio.Event()
+
+    @router.task
+    async def wait() -> None:
+        await gate.wait()
+
+    h = await make(router, concurrency=1, buffer=4)
+    assert h.stage.capacity() == 4
+    first = h.item("wait")
+    await h.give(first)
+    await h.cp.until(lambda: bool(h.cp.of(first.value.task_id)), "first attempt started")
+    assert h.stage.capacity() == 4  # taken by the slot: no longer buffered
+    rest = [h.item("wait") for _ in range(3)]
+    await h.give(*rest)
+    assert h.stage.capacity() == 1
+    gate.set()
+    await h.all_done(first, *rest)
+    assert h.stage.capacity() == 4
+
+
+async def test_lane_zero_is_served_before_lane_two_already_buffered(
+    make: Callable[..., Any],
+) -> None:
+    router = Router()
+    gate = asyncio.Event()
+    order: list[str] = []
+
+    @router.task
+    async def job(label: str) -> None:
+        order.append(label)
+        if label == "blocker":
+            await gate.wait()
+
+    h = await make(router, concurrency=1)
+    blocker = h.item("job", "blocker", lane=2)
+    await h.give(blocker)
+    await h.cp.until(lambda: order == ["blocker"], "the blocker runs")
+    low = [h.item("job", f"low-{i}", lane=2) for i in range(3)]
+    await h.give(*low)
+    mid = h.item("job", "mid", lane=1)
+    high = [h.item("job", f"high-{i}", lane=0) for i in range(2)]
+    # The high-priority items arrive after the low ones are buffered, and overtake them.
+    await h.give(mid, *high)
+    gate.set()
+    await h.all_done(blocker, *low, mid, *high)
+    assert order == ["blocker", "high-0", "high-1", "mid", "low-0", "low-1", "low-2"]
+
+
+async def test_max_time_ends_with_timed_out(make: Callable[..., Any]) -> None:
+    router = Router()
+    saw_cancel = asyncio.Event()
+
+    @router.task
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            saw_cancel.set()
+            raise
+
+    @router.task(max_time=0.05)
+    async def slow_by_definition() -> None:
+        await asyncio.sleep(30)
+
+    h = await make(router)
+    per_call = h.item("slow", max_time=0.05)
+    by_definition = h.item("slow_by_definition")
+    await h.give(per_call, by_definition)
+    await h.all_done(per_call, by_definition)
+    assert h.cp.outcome(per_call.value.task_id) == TimedOut(0.05)
+    assert h.cp.outcome(by_definition.value.task_id) == TimedOut(0.05)
+    assert saw_cancel.is_set()
+
+
+async def test_max_time_retries_when_attempts_remain(make: Callable[..., Any]) -> None:
+    router = Router()
+
+    @router.task(max_time=0.05, retry=1, retry_backoff=0.01)
+    async def slow() -> None:
+        await asyncio.sleep(30)
+
+    h = await make(router)
+    item = h.item("slow")
+    await h.give(item)
+    await h.all_done(item)
+    outcome = h.cp.outcome(item.value.task_id)
+    assert isinstance(outcome, RetryScheduled)
+    assert outcome.next_attempt == 2 and outcome.error_type == "qtasks_stream.errors.TaskTimeout"
+
+
+async def test_retry_on_exc_matches_subclasses(make: Callable[..., Any]) -> None:
+    router = Router()
+
+    @router.task(retry=2, retry_on_exc=[OSError], retry_backoff=0.01, retry_jitter=0.0)
+    def connect(kind: str) -> None:
+        raise {"conn": ConnectionError, "value": ValueError}[kind](f"{kind} failed")
+
+    h = await make(router)
+    retried = h.item("connect", "conn")
+    unrelated = h.item("connect", "value")
+    exhausted = h.item("connect", "conn", attempt=3)
+    before = now_us()
+    await h.give(retried, unrelated, exhausted)
+    await h.all_done(retried, unrelated, exhausted)
+
+    retry = h.cp.outcome(retried.value.task_id)
+    assert isinstance(retry, RetryScheduled)
+    assert retry.next_attempt == 2
+    assert retry.error_type == "ConnectionError" and retry.message == "conn failed"
+    assert "ConnectionError: conn failed" in retry.traceback
+    assert before + 10_000 <= retry.due_us <= now_us() + 10_000
+
+    failed = h.cp.outcome(unrelated.value.task_id)
+    assert isinstance(failed, Failed) and failed.error_type == "ValueError"
+
+    last = h.cp.outcome(exhausted.value.task_id)
+    assert isinstance(last, Failed) and last.error_type == "ConnectionError"
+
+
+async def test_unknown_task_name_is_dead_lettered(make: Callable[..., Any]) -> None:
+    h = await make(Router())
+    item = h.item("no_such_task")
+    await h.give(item)
+    await h.all_done(item)
+    [(record, reason, _)] = h.cp.dead
+    assert record == item.record
+    assert "unknown task 'no_such_task'" in reason and "worker:test" in reason
+    assert h.cp.events == []  # never started
+
+
+async def test_user_exception_fails_the_attempt_and_the_stage_keeps_running(
+    make: Callable[..., Any],
+) -> None:
+    router = Router()
+
+    @router.task
+    def explode(message: str) -> None:
+        raise RuntimeError(message)
+
+    @router.task
+    async def fine() -> str:
+        return "still here"
+
+    h = await make(router, concurrency=1)
+    bad = h.item("explode", "kaboom")
+    await h.give(bad)
+    await h.all_done(bad)
+    failed = h.cp.outcome(bad.value.task_id)
+    assert isinstance(failed, Failed)
+    assert (failed.error_type, failed.message) == ("RuntimeError", "kaboom")
+    assert "in explode" in failed.traceback and "RuntimeError: kaboom" in failed.traceback
+    assert h.cp.dead == []
+
+    good = h.item("fine")
+    await h.give(good)
+    await h.all_done(good)
+    succeeded = h.cp.outcome(good.value.task_id)
+    assert isinstance(succeeded, Succeeded) and succeeded.result == '"still here"'
+
+
+async def test_result_that_is_not_json_fails(make: Callable[..., Any]) -> None:
+    router = Router()
+
+    @router.task
+    async def returns_object() -> object:
+        return object()
+
+    h = await make(router)
+    item = h.item("returns_object")
+    await h.give(item)
+    await h.all_done(item)
+    failed = h.cp.outcome(item.value.task_id)
+    assert isinstance(failed, Failed) and "not JSON-serializable" in failed.message
+
+
+async def test_generator_items_become_progress_events(make: Callable[..., Any]) -> None:
+    router = Router()
+
+    @router.task
+    def count(n: int) -> Any:
+        yield from range(n)
+
+    h = await make(router)
+    item = h.item("count", 3)
+    await h.give(item)
+    await h.all_done(item)
+    kinds = [e.kind for e in h.cp.of(item.value.task_id)]
+    assert kinds == ["Started", "Progress", "Progress", "Progress", "Succeeded"]
+    progress = [e.payload for e in h.cp.of(item.value.task_id) if e.kind == "Progress"]
+    assert progress == [Progress(0, "0"), Progress(1, "1"), Progress(2, "2")]
+    assert h.cp.outcome(item.value.task_id).result == "[0, 1, 2]"
+
+
+async def test_control_command_cancels_a_running_attempt(make: Callable[..., Any]) -> None:
+    router = Router()
+    saw_cancel = asyncio.Event()
+
+    @router.task
+    async def forever() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            saw_cancel.set()
+            raise
+
+    h = await make(router)
+    item = h.item("forever")
+    [task_id] = await h.give(item)
+    await h.cp.until(lambda: bool(h.cp.of(task_id)), "the attempt started")
+    await h.cancel(task_id, "enough")
+    await h.all_done(item)
+    assert h.cp.outcome(task_id) == Cancelled("enough")
+    assert saw_cancel.is_set()
+
+    # A later delivery of the same task (a redelivery) is cancelled without running.
+    again = h.item("forever", task_id=task_id, attempt=2)
+    await h.give(again)
+    await h.all_done(again)
+    assert [e.kind for e in h.cp.of(task_id)] == ["Started", "Cancelled", "Cancelled"]
