@@ -329,16 +329,13 @@ class QueueTasks(Router):
         await self._ensure_client()
         await self._results.start()
         # Listen first, then look: whatever ends after this point reaches the listener.
-        waiter = self._results.expect(uuid)
+        waiter = self._results.expect(uuid, record=True)
         current = await self._view_state(uuid)
-        if current is None or not current.final:
-            # The view may lag behind the log (or not know the task yet): the log decides.
-            current = None
-            for event in await self._history_events(uuid, skip_undecodable=True):
-                current = fold(current, event)
-        if current is not None:
+        if current is not None and current.final:
             self._results.forget(uuid, waiter)
-            waiter = self._results.expect(uuid, base=current)
+            return current.to_task()
+        # The view may lag behind the log (or not know the task yet): the log decides.
+        self._results.seed(uuid, await self._history_events(uuid, skip_undecodable=True))
         return await self._await(uuid, waiter, timeout)
 
     async def stream(self, uuid: str) -> AsyncIterator[Any]:
@@ -406,16 +403,14 @@ class QueueTasks(Router):
                 if asyncio.get_running_loop().time() > deadline:
                     raise EventLogError(f"reading the history of {uuid} took over {limit}s")
                 for rec in await consumer.poll(max_records=5000, timeout=0.5):
-                    if rec.partition != tp.partition:
-                        continue
-                    position = rec.offset + 1
-                    if rec.key != key or rec.value is None:
+                    if rec.partition != tp.partition or rec.key != key or rec.value is None:
                         continue
                     try:
                         events.append(TaskEvent.from_avro(self.serde.decode(topic, rec.value)))
                     except (SerdeError, KeyError, TypeError, ValueError):
                         if not skip_undecodable:
                             raise
+                position = await consumer.position(tp) or 0
             return events
         finally:
             await consumer.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from qtasks_stream.errors import EventLogError, SerdeError
@@ -30,12 +30,14 @@ _NEEDED = TERMINAL_KINDS | {"Started", "Progress"}
 
 
 class _Watch:
-    __slots__ = ("futures", "queues", "state")
+    __slots__ = ("events", "futures", "queues", "state")
 
     def __init__(self) -> None:
         self.state: TaskState | None = None
         self.futures: list[asyncio.Future[TaskState]] = []
         self.queues: list[asyncio.Queue[Any]] = []
+        #: Events seen while a reader of the log catches up (see :meth:`seed`).
+        self.events: list[TaskEvent] | None = None
 
 
 class ResultListener:
@@ -85,9 +87,16 @@ class ResultListener:
             watch = self._watches[key] = _Watch()
         return watch
 
-    def expect(self, task_id: str, base: TaskState | None = None) -> asyncio.Future[TaskState]:
-        """A future of the task's final state; register it before the task can finish."""
+    def expect(
+        self, task_id: str, base: TaskState | None = None, *, record: bool = False
+    ) -> asyncio.Future[TaskState]:
+        """A future of the task's final state; register it before the task can finish.
+
+        With ``record``, events seen from now on are also kept for :meth:`seed`.
+        """
         watch = self._watch(task_id)
+        if record and watch.events is None:
+            watch.events = []
         if base is not None and watch.state is None:
             watch.state = base
         future: asyncio.Future[TaskState] = asyncio.get_running_loop().create_future()
@@ -96,6 +105,33 @@ class ResultListener:
         else:
             watch.futures.append(future)
         return future
+
+    def seed(self, task_id: str, history: Sequence[TaskEvent]) -> None:
+        """Complete a watch registered (with ``record``) before ``history`` was read from the
+        log: fold the history, then what the listener saw meanwhile that it lacks."""
+        watch = self._watches.get(task_id.encode())
+        if watch is None:
+            return  # it ended meanwhile: the futures hold the outcome already
+        known = {e.event_id for e in history}
+        state: TaskState | None = None
+        for event in (*history, *(e for e in watch.events or () if e.event_id not in known)):
+            state = fold(state, event)
+        watch.events = None
+        if state is not None:
+            watch.state = state
+            if state.final:
+                self._finish(task_id.encode(), watch)
+
+    def _finish(self, key: bytes, watch: _Watch) -> None:
+        assert watch.state is not None
+        for future in watch.futures:
+            if not future.done():
+                future.set_result(watch.state)
+        watch.futures.clear()
+        for queue in watch.queues:
+            queue.put_nowait(_END)
+        watch.queues.clear()
+        self._watches.pop(key, None)
 
     def forget(self, task_id: str, future: asyncio.Future[TaskState]) -> None:
         key = task_id.encode()
@@ -147,16 +183,11 @@ class ResultListener:
                     log.warning("result listener skipped an undecodable record: %s", exc)
                     continue
                 watch.state = fold(watch.state, event)
+                if watch.events is not None:
+                    watch.events.append(event)
                 if isinstance(event.payload, Progress):
                     item = json.loads(event.payload.value)
                     for queue in watch.queues:
                         queue.put_nowait(item)
                 if watch.state.final:
-                    for future in watch.futures:
-                        if not future.done():
-                            future.set_result(watch.state)
-                    watch.futures.clear()
-                    for queue in watch.queues:
-                        queue.put_nowait(_END)
-                    watch.queues.clear()
-                    watches.pop(rec.key or b"", None)
+                    self._finish(rec.key or b"", watch)

@@ -221,7 +221,9 @@ class DevKafka:
             "log.dirs": str(self._data_dir),
             "num.partitions": "1",
             "default.replication.factor": "1",
-            "auto.create.topics.enable": "true",
+            # Apps create their topics with the partitions and configs they need; a typo'd
+            # topic must fail, not appear with one partition.
+            "auto.create.topics.enable": "false",
             # No 3 s wait before the first consumer group rebalance.
             "group.initial.rebalance.delay.ms": "0",
             # One node: replication factor 1 everywhere, and one partition for internal topics

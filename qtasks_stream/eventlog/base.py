@@ -17,7 +17,9 @@ StartFrom = Literal["earliest", "latest"]
 
 
 class RebalanceListener(Protocol):
-    """Called from inside :meth:`Consumer.poll` when the group moves partitions."""
+    """Called when the group moves partitions: inside :meth:`Consumer.poll` (in-memory) or
+    from the client's background task (Kafka), so possibly while the stage is between the
+    awaits of a batch. A revoke waits for an in-flight transaction of the same producer."""
 
     async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         """Partitions are about to go: flush and commit their work now."""
@@ -46,6 +48,15 @@ class Consumer(ABC):
     @abstractmethod
     async def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         """The group's committed offsets of ``tps`` (partitions with none are left out)."""
+
+    @abstractmethod
+    async def position(self, tp: TopicPartition) -> int | None:
+        """The offset of the next record :meth:`poll` would return for ``tp``, past any
+        transaction markers already read; ``None`` while unknown (nothing fetched yet).
+
+        Offsets of delivered records cannot tell a reader it reached the end: a partition
+        written transactionally ends with a commit marker that is never delivered.
+        """
 
     @abstractmethod
     def seek(self, tp: TopicPartition, offset: int) -> None:

@@ -10,7 +10,8 @@ import asyncio
 import time
 from collections.abc import Iterable, Sequence
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import IsolationLevel, KafkaError, KafkaException
+from confluent_kafka import TopicPartition as CkTopicPartition
 
 # These are public in confluent_kafka.admin (its docs import them from there) but missing
 # from its __all__, which mypy --strict reads as "not exported".
@@ -18,14 +19,15 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     ConfigResource,
     NewTopic,
+    OffsetSpec,
     ResourceType,
 )
 
 from qtasks_stream.errors import EventLogError, TopicConfigError
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
-from qtasks_stream.records import TopicSpec
+from qtasks_stream.records import TopicPartition, TopicSpec
 
-__all__ = ["describe_kafka_error", "ensure_topics", "kafka_error_of"]
+__all__ = ["describe_kafka_error", "ensure_topics", "kafka_error_of", "log_end_offsets"]
 
 
 def kafka_error_of(exc: BaseException) -> KafkaError | None:
@@ -173,3 +175,38 @@ def _wait_visible(admin: AdminClient, specs: list[TopicSpec], timeout: float) ->
         if time.monotonic() >= deadline:
             raise EventLogError(f"topics {sorted(pending)} were created but have no leader yet")
         time.sleep(0.05)
+
+
+async def log_end_offsets(
+    config: KafkaConfig, tps: Sequence[TopicPartition], timeout: float
+) -> dict[TopicPartition, int]:
+    """The high watermark of each partition: where its next record will go.
+
+    Not the last stable offset a read_committed consumer reports: a reader that stops there
+    misses records committed behind a transaction that is still open (say, one a killed
+    producer left until its timeout). Reading up to the high watermark read_committed waits
+    for such transactions to end, then skips what they aborted.
+    """
+    if not tps:
+        return {}
+    return await asyncio.to_thread(_log_end_offsets, config, list(tps), timeout)
+
+
+def _log_end_offsets(
+    config: KafkaConfig, tps: list[TopicPartition], timeout: float
+) -> dict[TopicPartition, int]:
+    admin = AdminClient(config.to_librdkafka())
+    latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+    request = {CkTopicPartition(tp.topic, tp.partition): latest for tp in tps}
+    try:
+        futures = admin.list_offsets(
+            request,
+            isolation_level=IsolationLevel.READ_UNCOMMITTED,
+            request_timeout=timeout,
+        )
+        return {
+            TopicPartition(ck_tp.topic, ck_tp.partition): future.result(timeout).offset
+            for ck_tp, future in futures.items()
+        }
+    except KafkaException as exc:
+        raise EventLogError(f"cannot read end offsets: {describe_kafka_error(exc)}") from exc

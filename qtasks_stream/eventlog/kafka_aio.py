@@ -38,7 +38,7 @@ from aiokafka.producer.transaction_manager import TransactionState
 
 from qtasks_stream.errors import ConfigurationError, EventLogError, FencedError
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer, RebalanceListener, StartFrom
-from qtasks_stream.eventlog.kafka_admin import ensure_topics
+from qtasks_stream.eventlog.kafka_admin import ensure_topics, log_end_offsets
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
 from qtasks_stream.records import OutRecord, Record, TopicPartition, TopicSpec
 
@@ -137,7 +137,9 @@ class AioKafkaEventLog(EventLog):
         }
         kwargs = config.to_aiokafka_kwargs(settings, accepted=self._consumer_params)
         start_timeout = (config.max_poll_interval_ms + config.request_timeout_ms) / 1000
-        return _AioConsumer(kwargs, tuple(topics), group_id, listener, start, start_timeout)
+        consumer = _AioConsumer(kwargs, tuple(topics), group_id, listener, start, start_timeout)
+        consumer.admin_config = config
+        return consumer
 
 
 class _AioProducer(Producer):
@@ -367,6 +369,9 @@ class _AioRebalanceAdapter(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class _AioConsumer(Consumer):
+    #: Set by the event log: end offsets are read with an admin client (see log_end_offsets).
+    admin_config: KafkaConfig | None = None
+
     def __init__(
         self,
         kwargs: dict[str, Any],
@@ -384,6 +389,7 @@ class _AioConsumer(Consumer):
         self._start_timeout = start_timeout
         self._consumer: Any = None
         self._start_lock = asyncio.Lock()
+        self._first_assignment: asyncio.Future[None] | None = None
         self._paused: set[TopicPartition] = set()
         #: The first exception a listener raised in the background, for the next poll.
         self._listener_error: BaseException | None = None
@@ -403,19 +409,26 @@ class _AioConsumer(Consumer):
                 raise EventLogError("start on a closed consumer")
             partitions = await _existing_partitions(self._kwargs, self._topics)
             consumer = AIOKafkaConsumer(**self._kwargs)
+            try:
+                await consumer.start()
+            except BaseException as exc:
+                await consumer.stop()
+                if isinstance(exc, KafkaError):
+                    raise _map_error(exc, f"cannot start a consumer of {self._topics}") from exc
+                raise
             self._consumer = consumer
             try:
-                if self._group_id is not None:
-                    # Subscribing before start() makes start() wait for the first
-                    # assignment, so a started member already owns its partitions.
-                    consumer.subscribe(list(self._topics), listener=_AioRebalanceAdapter(self))
-                    await asyncio.wait_for(consumer.start(), self._start_timeout)
-                else:
-                    await consumer.start()
+                if self._group_id is None:
                     await self._assign_everything(consumer, partitions)
+                else:
+                    # Subscribed only now, so the consumer is fully usable by the listener
+                    # that the first assignment calls; then wait for that assignment, so a
+                    # started member already owns its partitions.
+                    first = self._first_assignment = asyncio.get_running_loop().create_future()
+                    consumer.subscribe(list(self._topics), listener=_AioRebalanceAdapter(self))
+                    await asyncio.wait_for(asyncio.shield(first), self._start_timeout)
             except BaseException as exc:
-                self._consumer = None
-                await consumer.stop()
+                await self.close()
                 if isinstance(exc, TimeoutError):
                     raise EventLogError(
                         f"group {self._group_id!r} gave no assignment within "
@@ -459,6 +472,8 @@ class _AioConsumer(Consumer):
             self._consumer.pause(*(_aio_tp(tp) for tp in self._paused))
         if assigned and self._listener is not None and not self._closed:
             await self._call_listener(self._listener.on_assigned, assigned)
+        if self._first_assignment is not None and not self._first_assignment.done():
+            self._first_assignment.set_result(None)
 
     async def _call_listener(self, method: Any, partitions: set[TopicPartition]) -> None:
         try:
@@ -510,6 +525,16 @@ class _AioConsumer(Consumer):
             raise EventLogError("the consumer is not started (or closed)")
         return self._consumer
 
+    async def position(self, tp: TopicPartition) -> int | None:
+        consumer = self._require_started()
+        try:
+            # aiokafka advances it as getmany hands records out, and past control batches.
+            return int(await consumer.position(_aio_tp(tp)))
+        except IllegalStateError:
+            return None
+        except KafkaError as exc:
+            raise _map_error(exc, f"cannot read the position of {tp}") from exc
+
     def seek(self, tp: TopicPartition, offset: int) -> None:
         consumer = self._require_started()
         try:
@@ -529,13 +554,9 @@ class _AioConsumer(Consumer):
             consumer.resume(*(_aio_tp(tp) for tp in tps if tp in assigned))
 
     async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        """The last stable offset: the end of the log a read_committed reader can reach."""
-        await self.start()
-        try:
-            ends = await self._consumer.end_offsets([_aio_tp(tp) for tp in tps])
-        except KafkaError as exc:
-            raise _map_error(exc, "cannot read end offsets") from exc
-        return {_our_tp(tp): offset for tp, offset in ends.items()}
+        assert self.admin_config is not None, "built by AioKafkaEventLog.consumer"
+        timeout = self.admin_config.request_timeout_ms / 1000
+        return await log_end_offsets(self.admin_config, tps, timeout)
 
     # -- committing -----------------------------------------------------------------------
 

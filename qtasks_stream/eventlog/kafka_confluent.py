@@ -39,7 +39,12 @@ from confluent_kafka import KafkaError, KafkaException
 
 from qtasks_stream.errors import EventLogError, FencedError
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer, RebalanceListener, StartFrom
-from qtasks_stream.eventlog.kafka_admin import describe_kafka_error, ensure_topics, kafka_error_of
+from qtasks_stream.eventlog.kafka_admin import (
+    describe_kafka_error,
+    ensure_topics,
+    kafka_error_of,
+    log_end_offsets,
+)
 from qtasks_stream.eventlog.kafka_config import ConfValue, KafkaConfig
 from qtasks_stream.records import Headers, OutRecord, Record, TopicPartition, TopicSpec
 
@@ -133,6 +138,10 @@ class ConfluentEventLog(EventLog):
         if transactional_id is not None:
             settings["transactional.id"] = transactional_id
             settings["transaction.timeout.ms"] = config.transaction_timeout_ms
+            # librdkafka refuses a transactional producer whose messages may outlive it.
+            settings["message.timeout.ms"] = min(
+                config.request_timeout_ms * 2, config.transaction_timeout_ms
+            )
         return _ConfluentProducer(
             _with_logger(config.to_librdkafka(settings)),
             transactional_id,
@@ -165,7 +174,7 @@ class ConfluentEventLog(EventLog):
             # already holds a few thousand records per partition.
             "queued.max.messages.kbytes": 16_384,
         }
-        return _ConfluentConsumer(
+        consumer = _ConfluentConsumer(
             _with_logger(config.to_librdkafka(settings)),
             tuple(topics),
             group_id,
@@ -174,6 +183,8 @@ class ConfluentEventLog(EventLog):
             timeout=config.request_timeout_ms / 1000,
             start_timeout=(config.max_poll_interval_ms + config.request_timeout_ms) / 1000,
         )
+        consumer.admin_config = config
+        return consumer
 
 
 class _ConfluentProducer(Producer):
@@ -370,6 +381,9 @@ class _ConfluentProducer(Producer):
 
 
 class _ConfluentConsumer(Consumer):
+    #: Set by the event log: end offsets are read with an admin client (see log_end_offsets).
+    admin_config: KafkaConfig | None = None
+
     def __init__(
         self,
         conf: dict[str, Any],
@@ -405,6 +419,12 @@ class _ConfluentConsumer(Consumer):
         self._thread_done = False
         self._assigned: set[TopicPartition] = set()
         self._buffers: dict[TopicPartition, deque[Record]] = {}
+        #: librdkafka's position per partition after the last consume(): past every record
+        #: handed to the buffers and past transaction markers (which are never delivered).
+        self._fetch_positions: dict[TopicPartition, int] = {}
+        #: Partitions sought and not yet delivered from: librdkafka's position for them is
+        #: still the one before the seek, so it is not taken.
+        self._unsettled: set[TopicPartition] = set()
         self._paused: set[TopicPartition] = set()  # what the stage asked for
         self._throttled: set[TopicPartition] = set()  # buffer full
         self._pending_seeks: dict[TopicPartition, int] = {}
@@ -554,6 +574,7 @@ class _ConfluentConsumer(Consumer):
                     continue
                 if messages:
                     self._store(messages, epochs)
+                self._note_positions(consumer, epochs)
         except Exception as exc:  # a bug here must reach poll(), not vanish
             log.exception("the Kafka consumer thread failed")
             self._set_fatal(EventLogError(f"the Kafka consumer thread failed: {exc!r}"))
@@ -617,6 +638,11 @@ class _ConfluentConsumer(Consumer):
                 # this drops what a seek asked for meanwhile made stale.
                 if tp not in self._assigned or epochs.get(tp, 0) != self._seek_epochs.get(tp, 0):
                     continue
+                # A seek librdkafka refused so far (the partition's fetch had not started) is
+                # retried; until it lands, what arrives is from the old position: drop it.
+                if tp in self._pending_seeks:
+                    continue
+                self._unsettled.discard(tp)
                 buffer = self._buffers.setdefault(tp, deque())
                 buffer.append(
                     Record(
@@ -634,6 +660,28 @@ class _ConfluentConsumer(Consumer):
         for err in errors:
             self._report(KafkaException(err))
         self._notify()
+
+    def _note_positions(self, consumer: ck.Consumer, epochs: dict[TopicPartition, int]) -> None:
+        with self._lock:
+            assigned = list(self._assigned)
+        if not assigned:
+            return
+        try:
+            found = consumer.position([_ck_tp(tp) for tp in assigned])
+        except KafkaException as exc:
+            self._report(exc)
+            return
+        with self._lock:
+            for item in found:
+                tp = TopicPartition(item.topic, item.partition)
+                # A seek asked for meanwhile wins over what the fetch had reached.
+                settled = tp not in self._unsettled
+                if (
+                    settled
+                    and item.offset >= 0
+                    and epochs.get(tp, 0) == self._seek_epochs.get(tp, 0)
+                ):
+                    self._fetch_positions[tp] = item.offset
 
     def _report(self, exc: KafkaException) -> None:
         err = kafka_error_of(exc)
@@ -668,6 +716,7 @@ class _ConfluentConsumer(Consumer):
             self._pause_dirty |= tps
             for tp in tps:
                 self._buffers.pop(tp, None)
+                self._fetch_positions.pop(tp, None)
         if tps and self._listener is not None and not self._closing:
             self._call_listener(consumer, self._listener.on_assigned, tps)
         if self._first_assignment is not None:
@@ -679,6 +728,7 @@ class _ConfluentConsumer(Consumer):
             # Drop what poll() has not handed out yet: the next owner reads it again.
             for tp in tps:
                 self._buffers.pop(tp, None)
+                self._fetch_positions.pop(tp, None)
                 self._throttled.discard(tp)
         if tps and self._listener is not None and not self._closing:
             # Still assigned while the listener runs, so it can commit their work.
@@ -760,6 +810,15 @@ class _ConfluentConsumer(Consumer):
                     break
         return out
 
+    async def position(self, tp: TopicPartition) -> int | None:
+        with self._lock:
+            if tp in self._pending_seeks:
+                return self._pending_seeks[tp]
+            buffer = self._buffers.get(tp)
+            if buffer:
+                return buffer[0].offset
+            return self._fetch_positions.get(tp)
+
     def seek(self, tp: TopicPartition, offset: int) -> None:
         with self._lock:
             if tp not in self._assigned:
@@ -768,6 +827,8 @@ class _ConfluentConsumer(Consumer):
             self._buffers.pop(tp, None)
             self._throttled.discard(tp)
             self._pending_seeks[tp] = offset
+            self._fetch_positions[tp] = offset
+            self._unsettled.add(tp)
 
     def pause(self, tps: Sequence[TopicPartition], paused: bool) -> None:
         with self._lock:
@@ -777,19 +838,8 @@ class _ConfluentConsumer(Consumer):
                 self._paused.difference_update(tps)
 
     async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        """The last stable offset: the end of the log a read_committed reader can reach."""
-
-        def query(consumer: ck.Consumer) -> dict[TopicPartition, int]:
-            ends: dict[TopicPartition, int] = {}
-            for tp in tps:
-                _low, high = consumer.get_watermark_offsets(_ck_tp(tp), timeout=self._timeout)
-                ends[tp] = high
-            return ends
-
-        try:
-            return await self._call(query)
-        except KafkaException as exc:
-            raise _map_error(exc, "cannot read end offsets") from exc
+        assert self.admin_config is not None, "built by ConfluentEventLog.consumer"
+        return await log_end_offsets(self.admin_config, tps, self._timeout)
 
     async def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         if self._group_id is None or not tps:

@@ -415,6 +415,9 @@ class _MemoryConsumer(Consumer):
         stored = self._log._group(self._group_id).committed
         return {tp: stored[tp] for tp in tps if tp in stored}
 
+    async def position(self, tp: TopicPartition) -> int | None:
+        return self._positions.get(tp)
+
     def seek(self, tp: TopicPartition, offset: int) -> None:
         if tp not in self._assigned:
             raise EventLogError(f"cannot seek {tp}: not assigned to this consumer")

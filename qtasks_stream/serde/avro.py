@@ -17,8 +17,8 @@ from typing import Any
 
 import fastavro
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
-from fastavro.validation import ValidationError, validate
 from confluent_kafka.schema_registry.error import SchemaRegistryError
+from fastavro.validation import ValidationError, validate
 
 from qtasks_stream.errors import SchemaError, SerdeError
 from qtasks_stream.serde.base import Serde
@@ -111,7 +111,9 @@ class AvroSerde(Serde):
             fastavro.schemaless_writer(buf, parsed, value)
         except ValidationError as exc:
             problems = "; ".join(str(e) for e in exc.errors)
-            raise SerdeError(f"value does not fit the schema of topic {topic!r}: {problems}") from exc
+            raise SerdeError(
+                f"value does not fit the schema of topic {topic!r}: {problems}"
+            ) from exc
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SerdeError(f"value does not fit the schema of topic {topic!r}: {exc}") from exc
         return buf.getvalue()

@@ -7,7 +7,7 @@ stage, and commits what the stage put into the :class:`Checkpoint`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,11 +78,16 @@ class Stage(ABC):
     async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         """Partitions go after this returns; drop their state."""
 
+    def positions_wanted(self) -> Collection[TopicPartition]:
+        """Partitions whose read position :meth:`advanced` should report after every poll,
+        even an empty one (besides those the poll returned records of)."""
+        return ()
+
     async def advanced(
         self, positions: Mapping[TopicPartition, int], checkpoint: Checkpoint
     ) -> None:
-        """After each batch: the next offset per partition, counting records the stage
-        never saw (dead-lettered before decoding)."""
+        """After each poll: the consumer's next offset per partition, past records the stage
+        never saw (dead-lettered before decoding) and past transaction markers."""
 
     def wants_value(self, record: Record) -> bool:
         """False lets the runner skip decoding ``record`` (handed over with value None)."""

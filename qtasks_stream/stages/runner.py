@@ -290,6 +290,7 @@ class StageRunner:
                     records, poll = poll.result(), None
                     if records:
                         await self._step(StepInput(self.stage.name, records))
+                    await self._report_positions(consumer, records)
                 next_due = await self.stage.tick(self.checkpoint)
                 if self.checkpoint.dirty:
                     await self.checkpoint.commit(producer, consumer)
@@ -318,6 +319,18 @@ class StageRunner:
                 # Retrieve its outcome: a poll cut short by a fence or close is expected here.
                 await asyncio.gather(poll, return_exceptions=True)
             await self._close_clients()
+
+    async def _report_positions(self, consumer: Consumer, records: Sequence[Record]) -> None:
+        wanted = {rec.tp for rec in records}
+        wanted.update(self.stage.positions_wanted())
+        if not wanted:
+            return
+        positions: dict[TopicPartition, int] = {}
+        for tp in wanted:
+            position = await consumer.position(tp)
+            if position is not None:
+                positions[tp] = position
+        await self.stage.advanced(positions, self.checkpoint)
 
     async def _drain(
         self, producer: Producer, consumer: Consumer, poll: asyncio.Task[list[Record]] | None
@@ -359,7 +372,3 @@ class StageRunner:
         if self.stage.done_on_return:
             for item in batch:
                 checkpoint.done(item.record)
-        positions: dict[TopicPartition, int] = {}
-        for rec in records:
-            positions[rec.tp] = rec.offset + 1
-        await self.stage.advanced(positions, checkpoint)

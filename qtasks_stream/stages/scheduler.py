@@ -14,7 +14,8 @@ never fires twice; one that had not fired is armed again.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Collection, Mapping, Sequence
 
 from qtasks_stream.events import (
     TERMINAL_KINDS,
@@ -38,6 +39,7 @@ from qtasks_stream.topology import Topology
 
 __all__ = ["SchedulerStage"]
 
+log = logging.getLogger("qtasks_stream.scheduler")
 _SOURCE = "scheduler"
 #: Kinds the scheduler decides on once restored; other kinds are not even decoded.
 _ACTIONABLE = frozenset({"Submitted", "RetryScheduled", "CancelRequested"})
@@ -69,6 +71,7 @@ class SchedulerStage(Stage):
         self, partitions: Sequence[TopicPartition], ends: Mapping[TopicPartition, int]
     ) -> dict[TopicPartition, int]:
         seeks: dict[TopicPartition, int] = {}
+        log.info("scheduler assigned %s, ends %s", sorted(partitions), dict(ends))
         for tp in partitions:
             if ends.get(tp, 0) > 0:
                 self._restoring[tp] = ends[tp]
@@ -115,6 +118,9 @@ class SchedulerStage(Stage):
             self._fold(event, rec.tp)
             self._act(event, checkpoint)
 
+    def positions_wanted(self) -> Collection[TopicPartition]:
+        return list(self._restoring)
+
     async def advanced(
         self, positions: Mapping[TopicPartition, int], checkpoint: Checkpoint
     ) -> None:
@@ -122,6 +128,7 @@ class SchedulerStage(Stage):
             end = self._restoring.get(tp)
             if end is not None and position >= end:
                 del self._restoring[tp]
+                log.info("scheduler restored %s up to %d (end %d)", tp, position, end)
                 self._act_on_restored(tp, checkpoint)
 
     def _fold(self, event: TaskEvent, tp: TopicPartition) -> None:

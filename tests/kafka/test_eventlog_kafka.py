@@ -11,13 +11,17 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from confluent_kafka.admin import AdminClient
 
-from qtasks_stream.errors import EventLogError, FencedError, TopicConfigError
+from qtasks_stream.errors import ConfigurationError, EventLogError, FencedError, TopicConfigError
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer
+from qtasks_stream.eventlog.kafka_aio import AioKafkaEventLog
+from qtasks_stream.eventlog.kafka_config import KafkaConfig
+from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
 from qtasks_stream.records import OutRecord, Record, TopicPartition, TopicSpec
 from tests.eventlogs import EVENT_LOG_KINDS, make_event_log
 
-pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
+#: The Kafka kinds carry the ``kafka`` mark; the config tests below need no broker.
 KAFKA_KINDS = [p for p in EVENT_LOG_KINDS if p.values[0] != "memory"]
 
 
@@ -177,3 +181,85 @@ async def test_unknown_topic_is_an_error_and_never_auto_created(
         AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics, timeout=10
     )
     assert topic not in metadata.topics
+
+
+class _SeekOnAssign:
+    """Keeps offsets "elsewhere": on assignment, reads them and seeks there."""
+
+    def __init__(self, start_at: int) -> None:
+        self.start_at = start_at
+        self.consumer: Consumer | None = None
+        self.seen: list[tuple[dict[TopicPartition, int], dict[TopicPartition, int]]] = []
+
+    async def on_assigned(self, partitions: Sequence[TopicPartition]) -> None:
+        assert self.consumer is not None
+        # Called during start(): the consumer must already serve these calls.
+        committed = await self.consumer.committed(partitions)
+        ends = await self.consumer.end_offsets(partitions)
+        self.seen.append((committed, ends))
+        for tp in partitions:
+            self.consumer.seek(tp, self.start_at)
+
+    async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
+        pass
+
+
+async def test_listener_uses_the_consumer_during_the_first_assignment(log: EventLog) -> None:
+    topic, group = _name("seek"), _name("g")
+    tp = TopicPartition(topic, 0)
+    await log.create_topics([TopicSpec(topic, partitions=1)])
+    producer = log.producer()
+    await producer.start()
+    await producer.send([OutRecord(topic, b"k", str(i).encode()) for i in range(6)])
+    listener = _SeekOnAssign(start_at=4)
+    consumer = log.consumer([topic], group_id=group, listener=listener)
+    listener.consumer = consumer
+    await asyncio.wait_for(consumer.start(), 30)
+    assert listener.seen == [({}, {tp: 6})]
+    assert [r.offset for r in await _drain(consumer, 2)] == [4, 5]
+    await consumer.commit({tp: 6})
+    assert await consumer.committed([tp]) == {tp: 6}
+    await consumer.close()
+    await producer.close()
+
+
+def test_config_masks_secrets_and_maps_to_both_clients() -> None:
+    config = KafkaConfig(
+        "broker:9093",
+        security_protocol="sasl_ssl",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="app",
+        sasl_password="s3cret",
+        extra={"compression.type": "lz4", "max.poll.records": "50", "linger.ms": "20"},
+    )
+    assert "s3cret" not in repr(config) and "sasl_password='***'" in repr(config)
+    rd = config.to_librdkafka({"linger.ms": 5, "acks": "all"})
+    assert rd["security.protocol"] == "sasl_ssl"
+    assert rd["sasl.mechanism"] == "SCRAM-SHA-512" and rd["sasl.password"] == "s3cret"
+    assert rd["linger.ms"] == "20"  # extra wins over what the event log sets
+    assert rd["acks"] == "all"
+    aio = config.to_aiokafka_kwargs(
+        {"linger_ms": 5}, accepted={"linger_ms", "compression_type", "max_poll_records"}
+    )
+    assert aio["sasl_plain_password"] == "s3cret" and aio["ssl_context"] is not None
+    assert aio["linger_ms"] == 20 and aio["max_poll_records"] == 50
+    assert aio["compression_type"] == "lz4"
+
+
+def test_config_refuses_what_no_client_understands() -> None:
+    with pytest.raises(ConfigurationError):
+        KafkaConfig("b:9092", security_protocol="TLS")
+    with pytest.raises(ConfigurationError):
+        KafkaConfig("b:9092", sasl_mechanism="PLAIN")
+    with pytest.raises(ConfigurationError, match=r"statistics\.interval\.ms"):
+        AioKafkaEventLog(KafkaConfig("b:9092", extra={"statistics.interval.ms": "1000"}))
+
+
+def test_building_clients_does_no_io() -> None:
+    # Port 9 (discard) on loopback: any connection attempt would fail or hang.
+    config = KafkaConfig("127.0.0.1:9")
+    for event_log in (AioKafkaEventLog(config), ConfluentEventLog(config)):
+        event_log.producer()
+        event_log.producer(transactional_id="t")
+        event_log.consumer(["t"], group_id="g")
+        event_log.consumer(["t"], group_id=None, start="latest")
