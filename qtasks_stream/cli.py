@@ -42,7 +42,12 @@ def load_app(spec: str) -> QueueTasks:
         raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
     target = getattr(module, attr, None)
     if callable(target) and not isinstance(target, QueueTasks):
-        target = target()
+        try:
+            target = target()  # an app factory
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"{spec!r} is a callable that is not an app factory: {exc}"
+            ) from exc
     if not isinstance(target, QueueTasks):
         raise ConfigurationError(f"{spec!r} is not a QueueTasks app (got {type(target).__name__})")
     return target

@@ -1,0 +1,89 @@
+"""The command line on the real broker: `worker -A` in another process, `history`, `demo`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from qtasks_stream.cli import configure
+from tests.apps.eos_app import build
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env(bootstrap: str, registry: str, prefix: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
+    env.update(
+        QTASKS_BOOTSTRAP_SERVERS=bootstrap,
+        QTASKS_SCHEMA_REGISTRY_URL=registry,
+        QTASKS_TOPIC_PREFIX=prefix,
+        QTASKS_EVENT_LOG="confluent",
+    )
+    return env
+
+
+def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qtasks_stream", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _spawn_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "qtasks_stream", "worker", "-A", "tests.apps.eos_app:app"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def test_worker_in_another_process_and_history_from_the_log(
+    kafka_bootstrap: str, schema_registry_url: str, tmp_path: Path
+) -> None:
+    env = _env(kafka_bootstrap, schema_registry_url, f"cli{uuid.uuid4().hex[:8]}.")
+    worker = _spawn_worker(env, tmp_path / "worker.log")
+    client = configure(build(), env)
+    try:
+        done = await client.add_task("work", 21, timeout=90)
+    finally:
+        await client.close()
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(timeout=60)
+    assert done is not None and done.status == "success" and done.returning == 42
+    assert code == 0, (tmp_path / "worker.log").read_text()[-2000:]
+
+    result = _cli(env, "history", done.uuid, "-A", "tests.apps.eos_app:app", "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["payload"][0] for e in events] == ["Submitted", "Scheduled", "Started", "Succeeded"]
+    assert {e["task_id"] for e in events} == {done.uuid}
+    assert events[-1]["payload"][1]["result"] == "42"
+
+    unknown = _cli(env, "history", str(uuid.uuid4()), "-A", "tests.apps.eos_app:app")
+    assert unknown.returncode == 1 and "no events for task" in unknown.stderr
+
+
+def test_demo_runs_on_kafka_when_configured(kafka_bootstrap: str, schema_registry_url: str) -> None:
+    env = _env(kafka_bootstrap, schema_registry_url, f"demo{uuid.uuid4().hex[:8]}.")
+    result = _cli(env, "demo", "--tasks", "40", timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "event log ConfluentEventLog" in result.stdout
+    assert "bulk tasks not successful: 0" in result.stdout
+    assert "status=success  attempt=2" in result.stdout

@@ -1,0 +1,104 @@
+"""The command line: the demo on the embedded default, and configuration from the environment."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+from contextlib import redirect_stdout
+
+import pytest
+
+from qtasks_stream import QueueTasks
+from qtasks_stream.cli import configure, load_app, main
+from qtasks_stream.errors import ConfigurationError
+from qtasks_stream.eventlog.kafka_aio import AioKafkaEventLog
+from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
+from qtasks_stream.eventlog.memory import InMemoryEventLog
+
+
+def test_demo_runs_every_path_and_prints_a_summary_and_a_history() -> None:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["demo", "--tasks", "30"]) == 0
+    text = out.getvalue()
+    assert "event log InMemoryEventLog" in text
+    assert "tasks/s end to end" in text and "p50" in text and "p99" in text
+    for line in (
+        "retried then succeeded",
+        "failed",
+        "delayed 0.5s",
+        "cancelled while running",
+    ):
+        assert line in text
+    assert "status=success  attempt=2" in text  # the retried one
+    assert "status=error" in text and "status=cancel" in text
+    assert "bulk tasks not successful: 0" in text
+    history = text.split("(read from the log):")[1]
+    kinds = [
+        re.search(r"attempt \d+\s+(\w+)", line).group(1)  # type: ignore[union-attr]
+        for line in history.strip().splitlines()
+    ]
+    assert kinds == [
+        "Submitted",
+        "Scheduled",
+        "Started",
+        "RetryScheduled",
+        "Released",
+        "Started",
+        "Succeeded",
+    ]
+
+
+def test_demo_refuses_too_few_tasks() -> None:
+    with pytest.raises(ValueError, match="at least 5 tasks"):
+        main(["demo", "--tasks", "2"])
+
+
+def test_configure_without_kafka_keeps_the_embedded_default() -> None:
+    app = configure(QueueTasks("envless"), {})
+    assert isinstance(app.event_log, InMemoryEventLog)
+    assert app.topology.events == "qtasks.envless.events"
+
+
+@pytest.mark.parametrize(
+    ("kind", "cls"), [("aiokafka", AioKafkaEventLog), ("confluent", ConfluentEventLog)]
+)
+def test_configure_moves_an_app_onto_kafka_from_the_environment(kind: str, cls: type) -> None:
+    app = configure(
+        QueueTasks("shop"),
+        {
+            "QTASKS_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+            "QTASKS_EVENT_LOG": kind,
+            "QTASKS_TOPIC_PREFIX": "team-a.",
+            "QTASKS_INSTANCE_ID": "w7",
+        },
+    )
+    assert isinstance(app.event_log, cls)  # built lazily: nothing connects here
+    assert app.topology.events == "team-a.shop.events"
+    assert app.instance_id == "w7"
+
+
+def test_configure_names_a_bad_event_log_choice() -> None:
+    with pytest.raises(ConfigurationError, match=r"aiokafka or confluent.*'kafka-python'"):
+        configure(
+            QueueTasks("shop"),
+            {"QTASKS_BOOTSTRAP_SERVERS": "127.0.0.1:1", "QTASKS_EVENT_LOG": "kafka-python"},
+        )
+
+
+def test_load_app_explains_what_is_wrong(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigurationError, match="module:app"):
+        load_app("no_colon_here")
+    with pytest.raises(ConfigurationError, match="cannot import"):
+        load_app("tests.apps.does_not_exist:app")
+    with pytest.raises(ConfigurationError, match="not an app factory"):
+        load_app("tests.apps.cpu:square")
+    with pytest.raises(ConfigurationError, match="not a QueueTasks app"):
+        load_app("tests.apps.eos_app:os")
+    assert load_app("tests.apps.eos_app:app").name == "eos"
+    assert load_app("tests.apps.eos_app:build").name == "eos"
+    # Errors reach the user as one line on stderr and exit code 2, not a traceback.
+    assert main(["worker", "-A", "nope"]) == 2
+    assert "-A wants module:app" in capsys.readouterr().err
+    assert sys.modules.get("tests.apps.eos_app") is not None
