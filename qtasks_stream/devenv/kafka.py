@@ -18,19 +18,13 @@ Layout of ``home``::
 from __future__ import annotations
 
 import base64
-import contextlib
-import fcntl
 import importlib.resources
 import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -38,14 +32,23 @@ from typing import Final
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+# HOST is re-exported: it was defined here first, and callers import it from this module.
+from qtasks_stream.devenv.process import HOST as HOST
+from qtasks_stream.devenv.process import (
+    ManagedProcess,
+    java_major,
+    port_in_use,
+    print_to_stderr,
+    require,
+    run_maven,
+    tail,
+)
 from qtasks_stream.errors import DevEnvError
 
 __all__ = ["KAFKA_VERSION", "DevEnvError", "DevKafka", "DevKafkaStatus"]
 
 #: The one Kafka version the dev broker and ``docker/compose.yaml`` use.
 KAFKA_VERSION: Final = "4.1.1"
-#: Everything binds and advertises loopback only.
-HOST: Final = "127.0.0.1"
 
 _PACKAGE: Final = "qtasks_stream.devenv"
 _MIN_JAVA: Final = 17
@@ -89,10 +92,6 @@ class DevKafkaStatus:
     version: str
 
 
-def _print_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 class DevKafka:
     """Start, check and stop one local Kafka broker whose files all live under ``home``."""
 
@@ -103,7 +102,7 @@ class DevKafka:
         port: int = 19092,
         controller_port: int = 19093,
         kafka_version: str = KAFKA_VERSION,
-        log: Callable[[str], None] = _print_to_stderr,
+        log: Callable[[str], None] = print_to_stderr,
     ) -> None:
         if port == controller_port:
             raise ValueError("port and controller_port must differ")
@@ -116,6 +115,16 @@ class DevKafka:
         self._controller_port = controller_port
         self._version = kafka_version
         self._log = log
+        # A pid is this home's broker only if it runs kafka.Kafka with this home's config.
+        self._process = ManagedProcess(
+            self._home,
+            "kafka",
+            what="the Kafka broker",
+            markers=("kafka.Kafka", str(self._server_props)),
+            expectation=f"answer metadata requests on {self.bootstrap}",
+            data_dir=self._data_dir,
+            log=log,
+        )
 
     # -- public API -------------------------------------------------------------------------
 
@@ -150,12 +159,13 @@ class DevKafka:
         ``timeout`` bounds formatting, startup and readiness; the one-off jar fetch is bounded
         separately by ``fetch_timeout``. Raises ``DevEnvError`` with the log tail on failure.
         """
-        with self._locked(time.monotonic() + timeout + fetch_timeout):
-            pid = self._read_pid()
+        process = self._process
+        with process.locked(time.monotonic() + timeout + fetch_timeout):
+            pid = process.read_pid()
             if pid is not None:
-                self._wait_ready(pid, time.monotonic() + timeout, timeout)
+                process.wait_ready(pid, time.monotonic() + timeout, timeout, self._ready_check())
                 return self.bootstrap
-            java = self._require("java", _JAVA_HINT)
+            java = require("java", _JAVA_HINT)
             self._check_java_version(java)
             self._check_ports_free()
             libs = self._ensure_libs(fetch_timeout)
@@ -163,14 +173,13 @@ class DevKafka:
             deadline = started + timeout
             self._write_config()
             self._format_storage(java, libs, deadline)
-            pid = self._spawn(java, libs)
-            try:
-                self._wait_ready(pid, deadline, timeout)
-            except BaseException:
-                # A broker that never became ready still holds the ports: do not leave it behind.
-                self._stop(pid, 10)
-                self._pid_file.unlink(missing_ok=True)
-                raise
+            self._log(f"devkafka: starting Kafka {self._version} (log: {process.out_file})")
+            pid = process.start(
+                self._argv(java, libs),
+                deadline=deadline,
+                timeout=timeout,
+                ready=self._ready_check(),
+            )
             elapsed = time.monotonic() - started
             self._log(
                 f"devkafka: Kafka {self._version} ready at {self.bootstrap} "
@@ -183,19 +192,15 @@ class DevKafka:
 
         ``wipe`` also deletes the data and logs; the jar cache is kept either way.
         """
-        with self._locked(time.monotonic() + timeout):
-            pid = self._read_pid()
-            if pid is not None:
-                self._log(f"devkafka: stopping Kafka (pid {pid})")
-                self._stop(pid, timeout)
-            self._pid_file.unlink(missing_ok=True)
+        with self._process.locked(time.monotonic() + timeout):
+            self._process.stop_running(timeout)
             if wipe:
                 shutil.rmtree(self._data_dir, ignore_errors=True)
                 shutil.rmtree(self._logs_dir, ignore_errors=True)
 
     def status(self) -> DevKafkaStatus:
         """Report whether the broker runs and answers a metadata request."""
-        pid = self._read_pid(cleanup=False)
+        pid = self._process.read_pid(cleanup=False)
         running = pid is not None and self._metadata_ok(self._admin(), 2.0)
         return DevKafkaStatus(
             running=running,
@@ -263,10 +268,6 @@ class DevKafka:
         return self._home / "logs"
 
     @property
-    def _pid_file(self) -> Path:
-        return self._home / "kafka.pid"
-
-    @property
     def _server_props(self) -> Path:
         return self._config_dir / "server.properties"
 
@@ -274,54 +275,12 @@ class DevKafka:
     def _log4j_props(self) -> Path:
         return self._config_dir / "log4j2.properties"
 
-    @property
-    def _kafka_out(self) -> Path:
-        return self._logs_dir / "kafka.out"
-
     # -- steps of up() ----------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self, deadline: float) -> Iterator[None]:
-        # Serialises up/down across processes (e.g. pytest workers sharing one home).
-        self._home.mkdir(parents=True, exist_ok=True)
-        # Python opens files close-on-exec, so the JVM never inherits (and holds) this lock.
-        with (self._home / ".devkafka.lock").open("a") as handle:
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise DevEnvError(
-                            f"another process is starting or stopping the broker in {self._home}"
-                        ) from None
-                    time.sleep(0.2)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    @staticmethod
-    def _require(program: str, hint: str) -> str:
-        path = shutil.which(program)
-        if path is None:
-            raise DevEnvError(hint)
-        return path
-
     def _check_java_version(self, java: str) -> None:
-        try:
-            result = subprocess.run(
-                [java, "-version"], capture_output=True, text=True, timeout=30, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise DevEnvError(f"cannot run {java} -version: {exc}") from exc
-        # 'openjdk version "17.0.15" ...' or, before Java 9, 'java version "1.8.0_292"'.
-        match = re.search(r'version "(\d+)(?:\.(\d+))?', result.stderr + result.stdout)
-        if match is None:
+        major = java_major(java)
+        if major is None:
             return  # unknown format: let the broker start and fail with its own message
-        major = int(match[1])
-        if major == 1 and match[2] is not None:
-            major = int(match[2])
         if major < _MIN_JAVA:
             raise DevEnvError(
                 f"{java} is Java {major}; Kafka {self._version} needs Java {_MIN_JAVA}+ "
@@ -330,63 +289,42 @@ class DevKafka:
 
     def _check_ports_free(self) -> None:
         for port in (self._port, self._controller_port):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.settimeout(0.5)
-                if sock.connect_ex((HOST, port)) == 0:
-                    raise DevEnvError(
-                        f"{HOST}:{port} is already in use by a process this DevKafka did not "
-                        f"start (another broker or docker compose?); stop it or choose other ports"
-                    )
+            if port_in_use(port):
+                raise DevEnvError(
+                    f"{HOST}:{port} is already in use by a process this DevKafka did not "
+                    f"start (another broker or docker compose?); stop it or choose other ports"
+                )
 
     def _ensure_libs(self, fetch_timeout: float) -> Path:
         libs = self._libs_dir
         marker = libs / ".complete"
         if marker.is_file():
             return libs
-        mvn = self._require("mvn", _MVN_HINT)
-        if libs.exists():
-            shutil.rmtree(libs)  # an interrupted fetch: start clean rather than trust it
+        mvn = require("mvn", _MVN_HINT)
         self._config_dir.mkdir(parents=True, exist_ok=True)
-        self._logs_dir.mkdir(parents=True, exist_ok=True)
         pom = self._config_dir / "kafka-pom.xml"
         pom.write_bytes(importlib.resources.files(_PACKAGE).joinpath("kafka-pom.xml").read_bytes())
         maven_log = self._logs_dir / f"maven-{self._version}.log"
-        command = [
-            mvn,
-            "--batch-mode",
-            "--no-transfer-progress",
-            "-f",
-            str(pom),
-            f"-Dmaven.repo.local={self._home / 'maven-repo'}",
-            f"-Dkafka.version={self._version}",
-            "dependency:copy-dependencies",
-            "-DincludeScope=runtime",
-            f"-DoutputDirectory={libs}",
-        ]
         self._log(
             f"devkafka: fetching Kafka {self._version} jars from Maven Central "
             f"into {libs} (once, then cached; log: {maven_log})"
         )
         started = time.monotonic()
-        with maven_log.open("wb") as out:
-            try:
-                result = subprocess.run(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    timeout=fetch_timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise DevEnvError(
-                    f"Maven did not finish within {fetch_timeout:.0f}s; see {maven_log}"
-                ) from exc
-        if result.returncode != 0:
-            raise DevEnvError(
-                f"Maven failed (exit {result.returncode}) fetching Kafka {self._version}; "
-                f"last lines of {maven_log}:\n{_tail(maven_log)}"
-            )
+        run_maven(
+            mvn,
+            [
+                "-f",
+                str(pom),
+                f"-Dkafka.version={self._version}",
+                "dependency:copy-dependencies",
+                "-DincludeScope=runtime",
+            ],
+            target=libs,
+            maven_repo=self._home / "maven-repo",
+            log_file=maven_log,
+            timeout=fetch_timeout,
+            what=f"Kafka {self._version}",
+        )
         if not (libs / f"kafka_2.13-{self._version}.jar").is_file():
             raise DevEnvError(f"Maven finished but kafka_2.13-{self._version}.jar is not in {libs}")
         jars = sum(1 for _ in libs.glob("*.jar"))
@@ -449,14 +387,11 @@ class DevKafka:
         if result.returncode != 0:
             raise DevEnvError(
                 f"formatting Kafka storage failed (exit {result.returncode}); "
-                f"last lines of {format_log}:\n{_tail(format_log)}"
+                f"last lines of {format_log}:\n{tail(format_log)}"
             )
 
-    def _spawn(self, java: str, libs: Path) -> int:
-        self._logs_dir.mkdir(parents=True, exist_ok=True)
-        if self._kafka_out.exists():
-            self._kafka_out.replace(self._logs_dir / "kafka.out.1")  # keep one run for post-mortems
-        argv = [
+    def _argv(self, java: str, libs: Path) -> list[str]:
+        return [
             java,
             *_JVM_OPTS,
             f"-XX:ErrorFile={self._logs_dir / 'hs_err_pid%p.log'}",
@@ -467,18 +402,6 @@ class DevKafka:
             "kafka.Kafka",
             str(self._server_props),
         ]
-        truncate = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        file_actions = [
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, str(self._kafka_out), truncate, 0o644),
-            (os.POSIX_SPAWN_DUP2, 1, 2),
-        ]
-        self._log(f"devkafka: starting Kafka {self._version} (log: {self._kafka_out})")
-        # posix_spawn with setsid is start_new_session=True without a subprocess.Popen object:
-        # the broker outlives this process, and a dropped Popen would warn "still running".
-        pid = os.posix_spawn(java, argv, os.environ, file_actions=file_actions, setsid=True)
-        self._pid_file.write_text(f"{pid}\n", encoding="ascii")
-        return pid
 
     def _admin(self) -> AdminClient:
         return AdminClient(
@@ -502,85 +425,14 @@ class DevKafka:
             return False
         return True
 
-    def _wait_ready(self, pid: int, deadline: float, timeout: float) -> None:
-        admin = self._admin()
-        while True:
-            if not self._broker_alive(pid):
-                raise DevEnvError(
-                    f"the Kafka broker (pid {pid}) exited during startup (if {self._data_dir} "
-                    f"is damaged, down(wipe=True) clears it); "
-                    f"last lines of {self._kafka_out}:\n{_tail(self._kafka_out)}"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DevEnvError(
-                    f"the Kafka broker (pid {pid}) did not answer metadata requests on "
-                    f"{self.bootstrap} within {timeout:g}s; "
-                    f"last lines of {self._kafka_out}:\n{_tail(self._kafka_out)}"
-                )
-            if self._metadata_ok(admin, min(2.0, remaining)):
-                return
-            time.sleep(max(0.0, min(0.2, deadline - time.monotonic())))
+    def _ready_check(self) -> Callable[[float], bool]:
+        """The readiness check for ``ManagedProcess.wait_ready``."""
+        admin = self._admin()  # one client for the whole wait: it keeps retrying to connect
 
-    # -- process bookkeeping ----------------------------------------------------------------
+        def ready(timeout: float) -> bool:
+            return self._metadata_ok(admin, timeout)
 
-    def _read_pid(self, *, cleanup: bool = True) -> int | None:
-        """Return the pid of this home's running broker; drop a stale pid file if ``cleanup``."""
-        try:
-            pid = int(self._pid_file.read_text(encoding="ascii").strip())
-        except (OSError, ValueError):
-            return None
-        if self._broker_alive(pid):
-            return pid
-        if cleanup:
-            self._pid_file.unlink(missing_ok=True)
-        return None
-
-    def _broker_alive(self, pid: int) -> bool:
-        # Reap our own child first: an exited but unreaped child still "exists" as a zombie.
-        with contextlib.suppress(ChildProcessError):
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done == pid:
-                return False
-        proc = Path("/proc")
-        if not proc.is_dir():  # not Linux: no way to check the command line, trust the pid
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
-        try:
-            stat = (proc / str(pid) / "stat").read_text(encoding="ascii", errors="replace")
-            cmdline = (proc / str(pid) / "cmdline").read_bytes()
-        except OSError:
-            return False
-        # The state follows the parenthesised command name, which may itself hold spaces.
-        fields = stat.rpartition(")")[2].split()
-        if not fields or fields[0] in ("Z", "X"):  # a zombie whose parent does not reap it
-            return False
-        # The pid may have been reused: it must be a broker started with this home's config.
-        args = cmdline.split(b"\0")
-        return b"kafka.Kafka" in args and str(self._server_props).encode() in args
-
-    def _stop(self, pid: int, timeout: float) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)  # the JVM's shutdown hook does a controlled shutdown
-        if self._wait_exit(pid, time.monotonic() + timeout):
-            return
-        self._log(f"devkafka: Kafka (pid {pid}) still up {timeout:.0f}s after SIGTERM; SIGKILL")
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        if not self._wait_exit(pid, time.monotonic() + 5):
-            raise DevEnvError(f"the Kafka broker (pid {pid}) survived SIGKILL")
-
-    def _wait_exit(self, pid: int, deadline: float) -> bool:
-        while self._broker_alive(pid):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-        return True
+        return ready
 
 
 def _new_cluster_id() -> str:
@@ -590,15 +442,3 @@ def _new_cluster_id() -> str:
         # Kafka's Uuid.randomUuid() skips ids with a leading '-': CLIs read them as options.
         if not text.startswith("-"):
             return text
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    """Return the last ``lines`` lines of a log file, or a note that it is missing."""
-    try:
-        with path.open("rb") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, size - 32768))
-            text = handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return f"({path} is missing)"
-    return "\n".join(text.splitlines()[-lines:])

@@ -32,24 +32,27 @@ Layout of ``home``::
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import http.client
 import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from qtasks_stream.devenv.kafka import HOST, DevEnvError
+from qtasks_stream.devenv.process import (
+    HOST,
+    ManagedProcess,
+    java_major,
+    port_in_use,
+    print_to_stderr,
+    require,
+    run_maven,
+)
+from qtasks_stream.errors import DevEnvError
 
 __all__ = [
     "APICURIO_VERSION",
@@ -107,10 +110,6 @@ class DevRegistryStatus:
     version: str
 
 
-def _print_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 class DevRegistry:
     """Start, check and stop one local Apicurio Registry whose files all live under ``home``."""
 
@@ -121,7 +120,7 @@ class DevRegistry:
         port: int = 18081,
         version: str = APICURIO_VERSION,
         java: str | None = None,
-        log: Callable[[str], None] = _print_to_stderr,
+        log: Callable[[str], None] = print_to_stderr,
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"not a TCP port: {port}")
@@ -133,6 +132,17 @@ class DevRegistry:
         self._version = version
         self._java = java
         self._log = log
+        # A pid is this home's registry only if it runs this home's application: still as the
+        # sh that is about to exec the JVM, or as the JVM.
+        self._process = ManagedProcess(
+            self._home,
+            "registry",
+            what="Apicurio Registry",
+            markers=(str(self._run_jar),),
+            expectation=f"answer GET {self.url}/subjects",
+            data_dir=self._data_dir,
+            log=log,
+        )
 
     # -- public API -------------------------------------------------------------------------
 
@@ -163,10 +173,11 @@ class DevRegistry:
         bounded separately by ``fetch_timeout``. Raises ``DevEnvError`` with the log tail on
         failure.
         """
-        with self._locked(time.monotonic() + timeout + fetch_timeout):
-            pid = self._read_pid()
+        process = self._process
+        with process.locked(time.monotonic() + timeout + fetch_timeout):
+            pid = process.read_pid()
             if pid is not None:
-                self._wait_ready(pid, time.monotonic() + timeout, timeout)
+                process.wait_ready(pid, time.monotonic() + timeout, timeout, self._api_ok)
                 return self.url
             if ";" in str(self._home):
                 raise DevEnvError(f"{self._home} holds ';', which H2's JDBC URL cannot carry")
@@ -175,13 +186,20 @@ class DevRegistry:
             app = self._ensure_app(fetch_timeout)
             had_archive = self._cds_archive.is_file()
             started = time.monotonic()
-            pid = self._spawn(java, app)
+            argv = self._prepare_jvm(java, app)
+            self._log(
+                f"devregistry: starting Apicurio Registry {self._version} with {java} "
+                f"(log: {process.out_file})"
+            )
             try:
-                self._wait_ready(pid, started + timeout, timeout)
+                pid = process.start(
+                    argv,
+                    deadline=started + timeout,
+                    timeout=timeout,
+                    ready=self._api_ok,
+                )
             except BaseException:
-                # A registry that never became ready still holds the port: do not leave it.
-                self._stop(pid, 10)
-                self._pid_file.unlink(missing_ok=True)
+                # start() has stopped the JVM that never became ready.
                 if not had_archive:
                     # Written at exit by a JVM stopped halfway through its start: it would
                     # hold only part of the classes, and it is never rewritten once valid.
@@ -200,19 +218,15 @@ class DevRegistry:
         ``wipe`` also deletes the database (every subject and id) and the logs; the downloaded
         application and the JVM's class-data archive are kept either way.
         """
-        with self._locked(time.monotonic() + timeout):
-            pid = self._read_pid()
-            if pid is not None:
-                self._log(f"devregistry: stopping Apicurio Registry (pid {pid})")
-                self._stop(pid, timeout)
-            self._pid_file.unlink(missing_ok=True)
+        with self._process.locked(time.monotonic() + timeout):
+            self._process.stop_running(timeout)
             if wipe:
                 for folder in (self._data_dir, self._logs_dir, self._tmp_dir):
                     shutil.rmtree(folder, ignore_errors=True)
 
     def status(self) -> DevRegistryStatus:
         """Report whether the registry runs and answers ``GET /subjects``."""
-        pid = self._read_pid(cleanup=False)
+        pid = self._process.read_pid(cleanup=False)
         running = pid is not None and self._api_ok(2.0)
         return DevRegistryStatus(
             running=running, pid=pid, url=self.url, home=self._home, version=self._version
@@ -275,36 +289,7 @@ class DevRegistry:
     def _cds_archive(self) -> Path:
         return self._home / "cds" / f"apicurio-{self._version}.jsa"
 
-    @property
-    def _pid_file(self) -> Path:
-        return self._home / "registry.pid"
-
-    @property
-    def _registry_out(self) -> Path:
-        return self._logs_dir / "registry.out"
-
     # -- steps of up() ----------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _locked(self, deadline: float) -> Iterator[None]:
-        # Serialises up/down across processes (e.g. pytest workers sharing one home).
-        self._home.mkdir(parents=True, exist_ok=True)
-        # Python opens files close-on-exec, so the JVM never inherits (and holds) this lock.
-        with (self._home / ".devregistry.lock").open("a") as handle:
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise DevEnvError(
-                            f"another process is starting or stopping the registry in {self._home}"
-                        ) from None
-                    time.sleep(0.2)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _find_java(self) -> str:
         """Return a ``java`` of version 21+, or raise ``DevEnvError`` naming what was found."""
@@ -313,7 +298,7 @@ class DevRegistry:
             path = shutil.which(explicit)
             if path is None:
                 raise DevEnvError(f"{explicit} (from {JAVA_ENV} or java=) is not an executable")
-            major = _java_major(path)
+            major = _java_major_or_none(path)
             if major is not None and major < _MIN_JAVA:
                 raise DevEnvError(
                     f"{path} is Java {major}; Apicurio Registry {self._version} needs Java "
@@ -325,7 +310,7 @@ class DevRegistry:
             real = os.path.realpath(candidate)
             if real in seen:
                 continue
-            major = _java_major(candidate)
+            major = _java_major_or_none(candidate)
             seen[real] = (candidate, major)
             if major is not None and major >= _MIN_JAVA:
                 return candidate
@@ -340,70 +325,35 @@ class DevRegistry:
         )
 
     def _check_port_free(self) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex((HOST, self._port)) == 0:
-                raise DevEnvError(
-                    f"{HOST}:{self._port} is already in use by a process this DevRegistry did "
-                    f"not start (another registry?); stop it or choose another port"
-                )
+        if port_in_use(self._port):
+            raise DevEnvError(
+                f"{HOST}:{self._port} is already in use by a process this DevRegistry did "
+                f"not start (another registry?); stop it or choose another port"
+            )
 
     def _ensure_app(self, fetch_timeout: float) -> Path:
         app = self._app_dir
         marker = app / ".complete"
         if marker.is_file():
             return app
-        mvn = shutil.which("mvn")
-        if mvn is None:
-            raise DevEnvError(_MVN_HINT)
-        if app.exists():
-            shutil.rmtree(app)  # an interrupted fetch: start clean rather than trust it
-        self._logs_dir.mkdir(parents=True, exist_ok=True)
-        # Without a project, the dependency plugin drops a literal '${project.basedir}' folder
-        # (its markers) into the working directory: give it a scratch one.
-        scratch = self._home / ".fetch"
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir()
+        mvn = require("mvn", _MVN_HINT)
         maven_repo = self._home / "maven-repo"
         maven_log = self._logs_dir / f"maven-{self._version}.log"
         artifact = _ARTIFACT.format(version=self._version)
-        command = [
-            mvn,
-            "--batch-mode",
-            "--no-transfer-progress",
-            f"-Dmaven.repo.local={maven_repo}",
-            f"{_DEPENDENCY_PLUGIN}:unpack",
-            f"-Dartifact={artifact}",
-            f"-DoutputDirectory={app}",
-        ]
         self._log(
             f"devregistry: fetching {artifact} (about 160 MB) from Maven Central "
             f"into {app} (once, then cached; log: {maven_log})"
         )
         started = time.monotonic()
-        try:
-            with maven_log.open("wb") as out:
-                try:
-                    result = subprocess.run(
-                        command,
-                        cwd=scratch,
-                        stdin=subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        timeout=fetch_timeout,
-                        check=False,
-                    )
-                except subprocess.TimeoutExpired as exc:
-                    raise DevEnvError(
-                        f"Maven did not finish within {fetch_timeout:.0f}s; see {maven_log}"
-                    ) from exc
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        if result.returncode != 0:
-            raise DevEnvError(
-                f"Maven failed (exit {result.returncode}) fetching {artifact}; "
-                f"last lines of {maven_log}:\n{_tail(maven_log)}"
-            )
+        run_maven(
+            mvn,
+            [f"{_DEPENDENCY_PLUGIN}:unpack", f"-Dartifact={artifact}"],
+            target=app,
+            maven_repo=maven_repo,
+            log_file=maven_log,
+            timeout=fetch_timeout,
+            what=artifact,
+        )
         if not self._run_jar.is_file():
             raise DevEnvError(f"Maven finished but {self._run_jar} is missing")
         # The unpacked copy is what runs: drop the tarball from Maven's repository.
@@ -414,12 +364,10 @@ class DevRegistry:
         self._log(f"devregistry: fetched and unpacked in {time.monotonic() - started:.1f}s")
         return app
 
-    def _spawn(self, java: str, app: Path) -> int:
-        for folder in (self._logs_dir, self._data_dir, self._tmp_dir, self._cds_archive.parent):
+    def _prepare_jvm(self, java: str, app: Path) -> list[str]:
+        """Create the folders the JVM writes to; return the command line that starts it."""
+        for folder in (self._data_dir, self._tmp_dir, self._cds_archive.parent):
             folder.mkdir(parents=True, exist_ok=True)
-        if self._registry_out.exists():
-            # Keep one run for post-mortems.
-            self._registry_out.replace(self._logs_dir / "registry.out.1")
         argv = [
             java,
             *_JVM_OPTS,
@@ -436,24 +384,7 @@ class DevRegistry:
         # directory: start it in the application's folder, not wherever the caller runs.
         # posix_spawn cannot change directory on Python 3.11, so sh does it and execs the JVM
         # (same pid).
-        shell_argv = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', str(app), *argv]
-        truncate = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        file_actions = [
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, str(self._registry_out), truncate, 0o644),
-            (os.POSIX_SPAWN_DUP2, 1, 2),
-        ]
-        self._log(
-            f"devregistry: starting Apicurio Registry {self._version} with {java} "
-            f"(log: {self._registry_out})"
-        )
-        # posix_spawn with setsid is start_new_session=True without a subprocess.Popen object:
-        # the registry outlives this process, and a dropped Popen would warn "still running".
-        pid = os.posix_spawn(
-            "/bin/sh", shell_argv, os.environ, file_actions=file_actions, setsid=True
-        )
-        self._pid_file.write_text(f"{pid}\n", encoding="ascii")
-        return pid
+        return ["/bin/sh", "-c", 'cd "$0" && exec "$@"', str(app), *argv]
 
     def _api_ok(self, timeout: float) -> bool:
         """True if ``GET <url>/subjects`` answers 200 with a JSON list."""
@@ -473,87 +404,6 @@ class DevRegistry:
         except ValueError:
             return False
 
-    def _wait_ready(self, pid: int, deadline: float, timeout: float) -> None:
-        while True:
-            if not self._registry_alive(pid):
-                raise DevEnvError(
-                    f"Apicurio Registry (pid {pid}) exited during startup (if {self._data_dir} "
-                    f"is damaged, down(wipe=True) clears it); "
-                    f"last lines of {self._registry_out}:\n{_tail(self._registry_out)}"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DevEnvError(
-                    f"Apicurio Registry (pid {pid}) did not answer GET {self.url}/subjects "
-                    f"within {timeout:g}s; "
-                    f"last lines of {self._registry_out}:\n{_tail(self._registry_out)}"
-                )
-            if self._api_ok(min(2.0, remaining)):
-                return
-            time.sleep(max(0.0, min(0.2, deadline - time.monotonic())))
-
-    # -- process bookkeeping ----------------------------------------------------------------
-
-    def _read_pid(self, *, cleanup: bool = True) -> int | None:
-        """Return the pid of this home's running registry; drop a stale pid file if ``cleanup``."""
-        try:
-            pid = int(self._pid_file.read_text(encoding="ascii").strip())
-        except (OSError, ValueError):
-            return None
-        if self._registry_alive(pid):
-            return pid
-        if cleanup:
-            self._pid_file.unlink(missing_ok=True)
-        return None
-
-    def _registry_alive(self, pid: int) -> bool:
-        # Reap our own child first: an exited but unreaped child still "exists" as a zombie.
-        with contextlib.suppress(ChildProcessError):
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done == pid:
-                return False
-        proc = Path("/proc")
-        if not proc.is_dir():  # not Linux: no way to check the command line, trust the pid
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
-        try:
-            stat = (proc / str(pid) / "stat").read_text(encoding="ascii", errors="replace")
-            cmdline = (proc / str(pid) / "cmdline").read_bytes()
-        except OSError:
-            return False
-        # The state follows the parenthesised command name, which may itself hold spaces.
-        fields = stat.rpartition(")")[2].split()
-        if not fields or fields[0] in ("Z", "X"):  # a zombie whose parent does not reap it
-            return False
-        # The pid may have been reused: it must run this home's application (either still as
-        # the sh that is about to exec the JVM, or as the JVM).
-        return str(self._run_jar).encode() in cmdline.split(b"\0")
-
-    def _stop(self, pid: int, timeout: float) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)  # Quarkus shuts down; the JVM writes its CDS archive
-        if self._wait_exit(pid, time.monotonic() + timeout):
-            return
-        self._log(
-            f"devregistry: registry (pid {pid}) still up {timeout:.0f}s after SIGTERM; SIGKILL"
-        )
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        if not self._wait_exit(pid, time.monotonic() + 5):
-            raise DevEnvError(f"Apicurio Registry (pid {pid}) survived SIGKILL")
-
-    def _wait_exit(self, pid: int, deadline: float) -> bool:
-        while self._registry_alive(pid):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-        return True
-
 
 def _java_candidates() -> Iterator[str]:
     """``java`` executables in the order they are tried: JAVA_HOME, PATH, then /usr/lib/jvm."""
@@ -572,31 +422,10 @@ def _java_candidates() -> Iterator[str]:
                     yield str(path)
 
 
-def _java_major(java: str) -> int | None:
-    """The major version ``java -version`` reports, or None if it cannot be told."""
+def _java_major_or_none(java: str) -> int | None:
+    """The major version of ``java``, or None if it cannot be told (it may not even run)."""
+    # A candidate that will not run is passed over, not fatal: a later one may do.
     try:
-        result = subprocess.run(
-            [java, "-version"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        return java_major(java)
+    except DevEnvError:
         return None
-    # 'openjdk version "21.0.5" ...', 'openjdk version "25" ...' or 'java version "1.8.0_292"'.
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', result.stderr + result.stdout)
-    if match is None:
-        return None
-    major = int(match[1])
-    if major == 1 and match[2] is not None:
-        major = int(match[2])
-    return major
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    """Return the last ``lines`` lines of a log file, or a note that it is missing."""
-    try:
-        with path.open("rb") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, size - 32768))
-            text = handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return f"({path} is missing)"
-    return "\n".join(text.splitlines()[-lines:])
