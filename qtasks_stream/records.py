@@ -27,10 +27,11 @@ class Record:
     value: bytes | None
     headers: Headers = ()
     timestamp_ms: int = 0
+    #: Built once: stages look it up for every record several times.
+    tp: TopicPartition = field(init=False, repr=False, compare=False)
 
-    @property
-    def tp(self) -> TopicPartition:
-        return TopicPartition(self.topic, self.partition)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tp", TopicPartition(self.topic, self.partition))
 
 
 @dataclass(frozen=True, slots=True)
