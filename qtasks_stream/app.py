@@ -9,6 +9,7 @@ no server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -62,7 +63,7 @@ class QueueTasks(Router):
         schema_registry: a ``SchemaRegistryClient``; defaults to an in-process ``mock://``.
         view: the task view; defaults to :class:`MemoryViewStore`.
         executor: where task functions run; defaults to :class:`LocalExecutor`.
-        topic_prefix, partitions, lanes: see :class:`Topology`.
+        topic_prefix, partitions, lanes, retention_ms: see :class:`Topology`.
         concurrency: attempts one worker runs at once.
         interceptors: wrap task execution and stage steps, outermost first.
         instance_id: this process's identity in transactional ids; a restarted process
@@ -80,6 +81,7 @@ class QueueTasks(Router):
         topic_prefix: str = "qtasks.",
         partitions: int = 4,
         lanes: int = 3,
+        retention_ms: int | None = None,
         concurrency: int = 16,
         interceptors: Sequence[Interceptor] = (),
         instance_id: str | None = None,
@@ -90,6 +92,8 @@ class QueueTasks(Router):
         super().__init__()
         self.name = name
         self.topology = Topology(name, topic_prefix, partitions, lanes)
+        if retention_ms is not None:
+            self.topology = dataclasses.replace(self.topology, retention_ms=retention_ms)
         if concurrency < 1:
             raise ConfigurationError(f"concurrency must be >= 1, not {concurrency}")
         self.executor = executor if executor is not None else LocalExecutor()
@@ -127,8 +131,7 @@ class QueueTasks(Router):
         if self._client_ready or self.runners:
             raise ConfigurationError("components can only be swapped before the app starts")
         if topic_prefix is not None:
-            t = self.topology
-            self.topology = Topology(t.app, topic_prefix, t.partitions, t.lanes, t.replication)
+            self.topology = dataclasses.replace(self.topology, prefix=topic_prefix)
         if instance_id is not None:
             self.instance_id = instance_id
         self.event_log = event_log if event_log is not None else InMemoryEventLog()

@@ -1,7 +1,8 @@
 """``qtasks-stream``: the command line, and the only place that reads the environment.
 
-Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app`` and
-``dev up|down|status``. With ``QTASKS_BOOTSTRAP_SERVERS`` set, apps run on that Kafka
+Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app``,
+``schemas check|register -A module:app`` and ``dev up|down|status``. With
+``QTASKS_BOOTSTRAP_SERVERS`` set, apps run on that Kafka
 (``QTASKS_EVENT_LOG`` = aiokafka or confluent, ``QTASKS_SCHEMA_REGISTRY_URL``,
 ``QTASKS_TOPIC_PREFIX``, ``QTASKS_INSTANCE_ID``, ``QTASKS_TRANSACTION_TIMEOUT_MS``, security
 settings ``QTASKS_SECURITY_PROTOCOL``/``QTASKS_SASL_*``/``QTASKS_SSL_CAFILE`` and
@@ -128,6 +129,15 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("-A", "--app", required=True, help="module:app")
     history.add_argument("--json", action="store_true", help="one JSON object per event")
 
+    schemas = sub.add_parser(
+        "schemas", help="check or register an app's Avro schemas (a gate for CI pipelines)"
+    )
+    schemas.add_argument("action", choices=["check", "register"])
+    schemas.add_argument("-A", "--app", required=True, help="module:app")
+    schemas.add_argument(
+        "--level", default=None, help="compatibility level (default BACKWARD_TRANSITIVE)"
+    )
+
     dev = sub.add_parser("dev", help="a local Kafka broker for development and tests")
     dev.add_argument("action", choices=["up", "down", "status"])
     dev.add_argument("--home", default=None, help="folder for jars, data and logs")
@@ -208,6 +218,36 @@ def _dev(action: str, home: str | None, wipe: bool, registry: bool, env: Mapping
     return 0 if running else 1
 
 
+def _schemas(action: str, app: QueueTasks, level: str | None, env: Mapping[str, str]) -> int:
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    from qtasks_stream.serde.compat import (
+        DEFAULT_COMPATIBILITY,
+        check_compatibility,
+        register_schemas,
+        subject_schemas_for,
+    )
+
+    url = env.get("QTASKS_SCHEMA_REGISTRY_URL", "")
+    if not url:
+        raise ConfigurationError("set QTASKS_SCHEMA_REGISTRY_URL to the registry to check against")
+    conf = {"url": url}
+    if env.get("QTASKS_SCHEMA_REGISTRY_AUTH"):
+        conf["basic.auth.user.info"] = env["QTASKS_SCHEMA_REGISTRY_AUTH"]
+    subjects = subject_schemas_for(app.topology)
+    with SchemaRegistryClient(conf) as registry:
+        if action == "check":
+            problems = check_compatibility(registry, subjects, level or DEFAULT_COMPATIBILITY)
+            for problem in problems:
+                print(problem)
+            print(f"{len(subjects)} subjects checked, {len(problems)} problems", file=sys.stderr)
+            return 1 if problems else 0
+        ids = register_schemas(registry, subjects, level or DEFAULT_COMPATIBILITY)
+        for subject, schema_id in sorted(ids.items()):
+            print(f"{subject}\t{schema_id}")
+        return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -230,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "history":
             app = configure(load_app(args.app), env)
             return asyncio.run(_history(app, args.task_id, args.json))
+        if args.command == "schemas":
+            app = configure(load_app(args.app), env)
+            return _schemas(args.action, app, args.level, env)
         return _dev(args.action, args.home, args.wipe, not args.no_registry, env)
     except QTasksStreamError as exc:
         print(f"qtasks-stream: error: {exc}", file=sys.stderr)

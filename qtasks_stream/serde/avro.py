@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import fastavro
-from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from fastavro.validation import ValidationError, validate
 
@@ -78,21 +78,21 @@ class AvroSerde(Serde):
             self._registry.__exit__()  # type: ignore[no-untyped-call]
 
     def _register_all(self) -> None:
-        for topic, name in self._topic_schemas.items():
-            if topic in self._writer:
-                continue
+        # Imported here: compat imports subject_for from this module.
+        from qtasks_stream.serde.compat import register_schemas
+
+        pending = {t: n for t, n in self._topic_schemas.items() if t not in self._writer}
+        if not pending:
+            return
+        # Checked against every registered version and pinned per subject before anything is
+        # registered: an incompatible local schema stops the app before it produces a record.
+        ids = register_schemas(
+            self._registry,
+            {subject_for(topic): load_schema_text(name) for topic, name in pending.items()},
+        )
+        for topic, name in pending.items():
+            schema_id = ids[subject_for(topic)]
             parsed = self._parsed(name)
-            try:
-                schema_id = self._registry.register_schema(
-                    subject_for(topic), Schema(load_schema_text(name), "AVRO")
-                )
-            except SchemaRegistryError as exc:
-                raise SchemaError(
-                    f"registering schema {name!r} under subject {subject_for(topic)!r} "
-                    f"failed: {exc}"
-                ) from exc
-            except Exception as exc:  # the client raises plain errors for transport failures
-                raise SchemaError(f"schema registry unreachable: {exc}") from exc
             self._writer[topic] = (_HEADER.pack(_MAGIC, schema_id), parsed)
             self._reader_id[topic] = schema_id
             self._by_id[schema_id] = parsed

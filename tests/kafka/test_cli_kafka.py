@@ -87,3 +87,31 @@ def test_demo_runs_on_kafka_when_configured(kafka_bootstrap: str, schema_registr
     assert "event log ConfluentEventLog" in result.stdout
     assert "bulk tasks not successful: 0" in result.stdout
     assert "status=success  attempt=2" in result.stdout
+
+
+def test_schemas_check_is_a_gate_naming_the_field(schema_registry_url: str) -> None:
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+    from qtasks_stream.serde.schemas import load_schema_text
+
+    prefix = f"sch{uuid.uuid4().hex[:8]}."
+    env = _env("127.0.0.1:1", schema_registry_url, prefix)
+    env.pop("QTASKS_BOOTSTRAP_SERVERS")  # the gate needs the registry only
+    clean = _cli(env, "schemas", "check", "-A", "tests.apps.eos_app:app")
+    assert clean.returncode == 0, clean.stderr
+    assert "0 problems" in clean.stderr
+
+    # Another writer registered data our schema cannot read: `attempt` as a string.
+    old = json.loads(load_schema_text("TaskEvent"))
+    for field in old["fields"]:
+        if field["name"] == "attempt":
+            field["type"] = "string"
+    with SchemaRegistryClient({"url": schema_registry_url}) as registry:
+        registry.register_schema(f"{prefix}eos.events-value", Schema(json.dumps(old), "AVRO"))
+        gate = _cli(env, "schemas", "check", "-A", "tests.apps.eos_app:app")
+        assert gate.returncode == 1
+        assert "attempt" in gate.stdout and "BACKWARD_TRANSITIVE" in gate.stdout
+        before = registry.get_versions(f"{prefix}eos.events-value")
+        refused = _cli(env, "schemas", "register", "-A", "tests.apps.eos_app:app")
+        assert refused.returncode == 2 and "attempt" in refused.stderr
+        assert registry.get_versions(f"{prefix}eos.events-value") == before
