@@ -139,7 +139,8 @@ class Task:
 
 
 def fold(state: TaskState | None, event: TaskEvent) -> TaskState:
-    """``state`` after ``event``. Pure: the caller decides where the result goes.
+    """``state`` after ``event``: updated in place (a new one when ``state`` is None) and
+    returned. Callers that must keep the old state (a view mid-transaction) fold a copy.
 
     A final task ignores later events (a stale duplicate cannot resurrect it), and a repeated
     ``Submitted`` is ignored (idempotent submit: the first one wins).
