@@ -97,6 +97,10 @@ class Stage(ABC):
         """How many more records the stage accepts now: backpressure."""
         return 1 << 30
 
+    def paused_topics(self) -> Collection[str]:
+        """Topics not to fetch from now (their buffer is full), while others still flow."""
+        return ()
+
     async def tick(self, checkpoint: Checkpoint) -> float | None:
         """Timers: emit what is due; return seconds until the next, or None."""
         return None

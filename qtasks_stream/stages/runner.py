@@ -123,6 +123,9 @@ class _RunnerCheckpoint(Checkpoint):
             self._offsets.pop(tp, None)
         self._outputs = [(r, o) for r, o in self._outputs if o is None or o not in gone]
 
+    def owned(self) -> list[TopicPartition]:
+        return list(self._offsets)
+
     def drop_all(self) -> None:
         self._offsets.clear()
         self._outputs.clear()
@@ -191,6 +194,7 @@ class StageRunner:
         self._producer: Producer | None = None
         self._stopping = asyncio.Event()
         self._replay_below: dict[TopicPartition, int] = {}
+        self._paused: set[TopicPartition] = set()
         self.sessions = 0
 
     @property
@@ -276,6 +280,7 @@ class StageRunner:
 
     async def _session(self) -> None:
         self.sessions += 1
+        self._paused = set()
         consumer = self.event_log.consumer(self.stage.topics, group_id=self.group, listener=self)
         producer = self.event_log.producer(transactional_id=f"{self.group}.{self.instance_id}")
         self._consumer, self._producer = consumer, producer
@@ -298,6 +303,7 @@ class StageRunner:
                     break
                 capacity = self.stage.capacity()
                 if poll is None and capacity > 0:
+                    self._apply_pauses(consumer)
                     poll = asyncio.create_task(
                         consumer.poll(
                             max_records=min(self.batch_size, capacity), timeout=self.poll_timeout
@@ -319,6 +325,16 @@ class StageRunner:
                 # Retrieve its outcome: a poll cut short by a fence or close is expected here.
                 await asyncio.gather(poll, return_exceptions=True)
             await self._close_clients()
+
+    def _apply_pauses(self, consumer: Consumer) -> None:
+        topics = self.stage.paused_topics()
+        wanted = {tp for tp in self.checkpoint.owned() if tp.topic in topics}
+        if wanted != self._paused:
+            if self._paused - wanted:
+                consumer.pause(sorted(self._paused - wanted), False)
+            if wanted - self._paused:
+                consumer.pause(sorted(wanted - self._paused), True)
+            self._paused = wanted
 
     async def _report_positions(self, consumer: Consumer, records: Sequence[Record]) -> None:
         wanted = {rec.tp for rec in records}

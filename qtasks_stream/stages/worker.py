@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from qtasks_stream.context import TaskContext
@@ -91,13 +91,13 @@ class WorkerStage(Stage):
         self._control_factory = control
         self.worker_id = worker_id
         self._concurrency = concurrency
-        self._buffer_limit = buffer if buffer is not None else max(2 * concurrency, 8)
+        #: Work items buffered per lane; a full lane is paused so the others still flow.
+        self._lane_limit = buffer if buffer is not None else max(2 * concurrency, 8)
         self._execute = chain_execute(interceptors, self._call)
         self._echo_self = echo_self
         self._grace = shutdown_grace
         self._rng = rng or random.Random()
         self._lanes: list[deque[Incoming]] = [deque() for _ in range(topology.lanes)]
-        self._buffered = 0
         self._available = asyncio.Event()
         self._slots: list[asyncio.Task[None]] = []
         self._running: dict[str, tuple[asyncio.Task[Any], TaskContext, Record, str]] = {}
@@ -117,7 +117,19 @@ class WorkerStage(Stage):
         return len(self._running)
 
     def capacity(self) -> int:
-        return 0 if self._stopping else self._buffer_limit - self._buffered
+        # A poll may bring a whole batch for one lane: a lane holds at most twice its limit.
+        if self._stopping or all(len(lane) >= self._lane_limit for lane in self._lanes):
+            return 0
+        return self._lane_limit
+
+    def paused_topics(self) -> Collection[str]:
+        # A full low-priority lane must not take the poll from the lanes above it: however
+        # the client orders fetched records, a paused lane returns none.
+        return [
+            self._topology.lane(index)
+            for index, lane in enumerate(self._lanes)
+            if len(lane) >= self._lane_limit
+        ]
 
     async def start(self, checkpoint: Checkpoint) -> None:
         if self._checkpoint is not None:
@@ -165,7 +177,6 @@ class WorkerStage(Stage):
         gone = set(partitions)
         for lane in self._lanes:
             kept = [item for item in lane if item.record.tp not in gone]
-            self._buffered -= len(lane) - len(kept)
             lane.clear()
             lane.extend(kept)
         await self._wait_running(lambda tp: tp in gone)
@@ -175,7 +186,6 @@ class WorkerStage(Stage):
         index = self._topology.lane_index
         for item in batch:
             lanes[index(item.record.topic)].append(item)
-        self._buffered += len(batch)
         if batch:
             self._available.set()
 
@@ -185,7 +195,6 @@ class WorkerStage(Stage):
         while not self._stopping:
             for lane in self._lanes:
                 if lane:
-                    self._buffered -= 1
                     return lane.popleft()
             self._available.clear()
             await self._available.wait()

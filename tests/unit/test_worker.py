@@ -211,7 +211,9 @@ async def test_concurrency_is_bounded(make: Callable[..., Any]) -> None:
     assert all(isinstance(h.cp.outcome(i.value.task_id), Succeeded) for i in items)
 
 
-async def test_capacity_shrinks_as_the_buffer_fills(make: Callable[..., Any]) -> None:
+async def test_a_full_lane_is_paused_and_a_full_buffer_stops_polling(
+    make: Callable[..., Any],
+) -> None:
     router = Router()
     gate = asyncio.Event()
 
@@ -220,17 +222,25 @@ async def test_capacity_shrinks_as_the_buffer_fills(make: Callable[..., Any]) ->
         await gate.wait()
 
     h = await make(router, concurrency=1, buffer=4)
-    assert h.stage.capacity() == 4
-    first = h.item("wait")
+    assert h.stage.capacity() == 4 and list(h.stage.paused_topics()) == []
+    first = h.item("wait", lane=2)
     await h.give(first)
     await h.cp.until(lambda: bool(h.cp.of(first.value.task_id)), "first attempt started")
-    assert h.stage.capacity() == 4  # taken by the slot: no longer buffered
-    rest = [h.item("wait") for _ in range(3)]
-    await h.give(*rest)
-    assert h.stage.capacity() == 1
-    gate.set()
-    await h.all_done(first, *rest)
+    # Taken by the slot: no longer buffered.
+    assert h.stage.capacity() == 4 and list(h.stage.paused_topics()) == []
+    low = [h.item("wait", lane=2) for _ in range(4)]
+    await h.give(*low)
+    # The low lane is full: it is paused, and the lanes above it still get polled.
+    assert list(h.stage.paused_topics()) == [TOPOLOGY.lane(2)]
     assert h.stage.capacity() == 4
+    rest = [h.item("wait", lane=lane) for lane in (0, 1) for _ in range(4)]
+    await h.give(*rest)
+    # Every lane full: no poll at all until a slot takes work (bounded memory).
+    assert h.stage.capacity() == 0
+    assert sorted(h.stage.paused_topics()) == sorted(TOPOLOGY.lane(i) for i in range(3))
+    gate.set()
+    await h.all_done(first, *low, *rest)
+    assert h.stage.capacity() == 4 and list(h.stage.paused_topics()) == []
 
 
 async def test_lane_zero_is_served_before_lane_two_already_buffered(
