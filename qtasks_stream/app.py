@@ -304,7 +304,12 @@ class QueueTasks(Router):
             await self._results.start()
             waiter = self._results.expect(task_id, base=fold(None, event))
         record = OutRecord(self.topology.events, task_id.encode(), value, event.record_headers())
-        await self._producer.send([record])
+        try:
+            await self._producer.send([record])
+        except BaseException:
+            if waiter is not None:
+                self._results.forget(task_id, waiter)
+            raise
         if idempotency_key is not None:
             # A repeat of a known key is the first task: answer with it, as the view has it.
             existing = await self._view_state(task_id)
@@ -317,7 +322,7 @@ class QueueTasks(Router):
         return await self._await(task_id, waiter, timeout)
 
     async def _await(
-        self, task_id: str, waiter: asyncio.Future[Any], timeout: float | None
+        self, task_id: str, waiter: asyncio.Future[TaskState], timeout: float | None
     ) -> Task | None:
         try:
             async with asyncio.timeout(timeout):
@@ -325,7 +330,7 @@ class QueueTasks(Router):
         except TimeoutError:
             self._results.forget(task_id, waiter)
             return None
-        return state.to_task()  # type: ignore[no-any-return]
+        return state.to_task()
 
     async def wait(self, uuid: str, timeout: float | None = None) -> Task | None:
         """Wait for a task to end; returns it, or ``None`` if it did not end in time."""

@@ -50,12 +50,15 @@ DLQ_ERROR = "qtasks.dlq.error_type"
 
 
 class _Offsets:
-    """Per partition: offsets handed to the stage, in order, and which of them are done."""
+    """One assignment of one partition: records handed to the stage, in order, and which of
+    them are done. A partition revoked and assigned again gets a new one, so late results of
+    the old assignment can neither commit offsets nor outputs for the new."""
 
-    __slots__ = ("done", "inflight", "next_commit")
+    __slots__ = ("done", "inflight", "next_commit", "records")
 
     def __init__(self) -> None:
         self.inflight: deque[int] = deque()
+        self.records: dict[int, Record] = {}
         self.done: set[int] = set()
         self.next_commit = -1
 
@@ -74,7 +77,8 @@ class _RunnerCheckpoint(Checkpoint):
     def __init__(self, runner: StageRunner) -> None:
         self._runner = runner
         self._serde = runner.serde
-        self._outputs: list[tuple[OutRecord, TopicPartition | None]] = []
+        #: Outputs with the assignment of the input they came from (None: no input).
+        self._outputs: list[tuple[OutRecord, TopicPartition | None, _Offsets | None]] = []
         self._offsets: dict[TopicPartition, _Offsets] = {}
         self._dirty_offsets = False
         self._lock = asyncio.Lock()
@@ -88,13 +92,21 @@ class _RunnerCheckpoint(Checkpoint):
         self.emit_raw(OutRecord(topic, key.encode(), encoded, headers), origin)
 
     def emit_raw(self, record: OutRecord, origin: Record | None = None) -> None:
-        self._outputs.append((record, origin.tp if origin is not None else None))
+        if origin is None:
+            self._outputs.append((record, None, None))
+        else:
+            tracker = self._offsets.get(origin.tp)
+            if tracker is None or tracker.records.get(origin.offset) is not origin:
+                return  # its partition was revoked: the new owner redoes the work
+            self._outputs.append((record, origin.tp, tracker))
         self.wake.set()
 
     def done(self, record: Record) -> None:
-        offsets = self._offsets.get(record.tp)
-        if offsets is not None:  # None: revoked meanwhile; the new owner redoes it
-            offsets.done.add(record.offset)
+        tracker = self._offsets.get(record.tp)
+        # Only the very record handed in this assignment counts (not a stale copy).
+        if tracker is not None and tracker.records.get(record.offset) is record:
+            del tracker.records[record.offset]
+            tracker.done.add(record.offset)
             self._dirty_offsets = True
             self.wake.set()
 
@@ -107,9 +119,14 @@ class _RunnerCheckpoint(Checkpoint):
             (DLQ_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
             (DLQ_ERROR, (type(error).__qualname__ if error else "").encode()),
         )
-        topic = self._runner.topology.deadletter
-        self.emit_raw(OutRecord(topic, record.key, record.value, headers), record)
-        self.done(record)
+        dead = OutRecord(self._runner.topology.deadletter, record.key, record.value, headers)
+        if record.topic in self._runner.stage.topics:
+            self.emit_raw(dead, record)
+            self.done(record)
+        else:
+            # A side input (the worker's control topic, read outside the group): no offset
+            # of ours to tie it to, and dropping it would lose it.
+            self.emit_raw(dead)
 
     # -- what the runner calls ---------------------------------------------------------------
 
@@ -118,10 +135,13 @@ class _RunnerCheckpoint(Checkpoint):
             self._offsets[tp] = _Offsets()
 
     def drop(self, partitions: Sequence[TopicPartition]) -> None:
-        gone = set(partitions)
-        for tp in gone:
+        for tp in partitions:
             self._offsets.pop(tp, None)
-        self._outputs = [(r, o) for r, o in self._outputs if o is None or o not in gone]
+        self._outputs = [out for out in self._outputs if self._current(out)]
+
+    def _current(self, output: tuple[OutRecord, TopicPartition | None, _Offsets | None]) -> bool:
+        _, tp, tracker = output
+        return tp is None or self._offsets.get(tp) is tracker
 
     def owned(self) -> list[TopicPartition]:
         return list(self._offsets)
@@ -130,12 +150,18 @@ class _RunnerCheckpoint(Checkpoint):
         self._offsets.clear()
         self._outputs.clear()
 
-    def handed(self, records: Sequence[Record]) -> None:
+    def handed(self, records: Sequence[Record]) -> list[Record]:
+        """Register ``records`` as in flight; returns those of partitions this member owns
+        (a client may still deliver a few of a partition just revoked: they are ignored)."""
+        kept: list[Record] = []
         for rec in records:
-            offsets = self._offsets.get(rec.tp)
-            if offsets is None:
-                offsets = self._offsets[rec.tp] = _Offsets()
-            offsets.inflight.append(rec.offset)
+            tracker = self._offsets.get(rec.tp)
+            if tracker is None:
+                continue
+            tracker.inflight.append(rec.offset)
+            tracker.records[rec.offset] = rec
+            kept.append(rec)
+        return kept
 
     @property
     def dirty(self) -> bool:
@@ -150,7 +176,7 @@ class _RunnerCheckpoint(Checkpoint):
                 moved = tracker.advance()
                 if moved is not None:
                     offsets[tp] = moved
-            outputs = [r for r, _ in self._outputs]
+            outputs = [out[0] for out in self._outputs if self._current(out)]
             self._outputs.clear()
             self._dirty_offsets = False
             if outputs or offsets:
@@ -360,9 +386,8 @@ class StageRunner:
         await self.checkpoint.commit(producer, consumer)
 
     async def _decode_and_handle(self, step: StepInput) -> None:
-        records = step.records
         checkpoint = self.checkpoint
-        checkpoint.handed(records)
+        records = checkpoint.handed(step.records)
         batch: list[Incoming] = []
         if self.stage.decode:
             decode, decoders = self.serde.decode, self._decoders
