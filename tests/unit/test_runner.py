@@ -194,3 +194,36 @@ async def test_outputs_are_produced_in_emission_order(make: Callable[..., Any]) 
     assert [(c.task_id, c.reason) for c in commands] == [
         (f"t{i}", f"reason {n}") for i in range(3) for n in range(2)
     ]
+
+
+def test_late_results_of_a_revoked_assignment_reach_neither_outputs_nor_offsets() -> None:
+    serde = AvroSerde(SchemaRegistryClient.new_client({"url": "mock://late"}), {})
+    runner = StageRunner(
+        RecordingStage(done_on_return=False),
+        event_log=InMemoryEventLog(),
+        serde=serde,
+        topology=TOPOLOGY,
+        instance_id="late",
+    )
+    cp = runner.checkpoint
+    first = Record(TP.topic, 0, 7, b"k", b"v")
+    cp.own([TP])
+    assert cp.handed([first]) == [first]
+    # The partition is revoked while `first` is still being worked on, then comes back.
+    cp.drop([TP])
+    cp.own([TP])
+    again = Record(TP.topic, 0, 7, b"k", b"v")  # redelivered: same offset, a new record
+    assert cp.handed([again]) == [again]
+    late = OutRecord(TOPOLOGY.deadletter, b"k", b"late")
+    cp.emit_raw(late, first)
+    cp.done(first)
+    assert not cp.dirty, "the old attempt's output or offset leaked into the new assignment"
+    fresh = OutRecord(TOPOLOGY.deadletter, b"k", b"fresh")
+    cp.emit_raw(fresh, again)
+    cp.done(again)
+    assert cp.dirty
+    assert [o[0] for o in cp._outputs] == [fresh]
+    assert cp._offsets[TP].advance() == 8
+    # A record of a partition not owned at all is not handed to the stage.
+    stray = Record(TP.topic, 1, 0, b"k", b"v")
+    assert cp.handed([stray]) == []
