@@ -431,3 +431,4 @@ class _MemoryConsumer(Consumer):
             self._paused.update(tp for tp in tps if tp in self._assigned)
         else:
             self._paused.difference_update(tps)
+            self._log._signal.notify()  # a poll waiting now may have records to return

@@ -327,9 +327,11 @@ class StageRunner:
                     await self.checkpoint.commit(producer, consumer)
                 if self._stopping.is_set():
                     break
+                # Every turn, not only before a poll: a lane that drained must be resumed for
+                # the poll already waiting, or the worker idles until that poll times out.
+                self._apply_pauses(consumer)
                 capacity = self.stage.capacity()
                 if poll is None and capacity > 0:
-                    self._apply_pauses(consumer)
                     poll = asyncio.create_task(
                         consumer.poll(
                             max_records=min(self.batch_size, capacity), timeout=self.poll_timeout
