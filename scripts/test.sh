@@ -9,7 +9,13 @@ python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 
 home="${QTASKS_DEV_HOME:-$PWD/.cache/dev}"
 mkdir -p "$home"
-stop_broker() { python -m qtasks_stream dev down --home "$home" --wipe || true; }
+stop_broker() {
+    # Keep the services' logs of this run (a failed run is diagnosed from them), then wipe.
+    rm -rf "$PWD/.cache/last-run-logs" && mkdir -p "$PWD/.cache/last-run-logs"
+    cp -r "$home/kafka/logs" "$PWD/.cache/last-run-logs/kafka" 2>/dev/null || true
+    cp -r "$home/registry/logs" "$PWD/.cache/last-run-logs/registry" 2>/dev/null || true
+    python -m qtasks_stream dev down --home "$home" --wipe || true
+}
 trap stop_broker EXIT
 
 exports="$(python -m qtasks_stream dev up --home "$home")"
