@@ -30,6 +30,9 @@ from qtasks_stream.eventlog.base import EventLog
 
 __all__ = ["main"]
 
+#: Seconds one registry request may take before the client retries it.
+_REGISTRY_TIMEOUT_S = 10
+
 
 def load_app(spec: str) -> QueueTasks:
     """``module:attribute`` → the QueueTasks it names (an app, or a function returning one)."""
@@ -92,7 +95,8 @@ def configure(app: QueueTasks, env: Mapping[str, str]) -> QueueTasks:
     if url:
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        conf = {"url": url}
+        # Bounded: the client's default is to wait forever; with a timeout it retries instead.
+        conf: dict[str, Any] = {"url": url, "timeout": _REGISTRY_TIMEOUT_S}
         if env.get("QTASKS_SCHEMA_REGISTRY_AUTH"):
             conf["basic.auth.user.info"] = env["QTASKS_SCHEMA_REGISTRY_AUTH"]
         registry = SchemaRegistryClient(conf)
@@ -231,7 +235,7 @@ def _schemas(action: str, app: QueueTasks, level: str | None, env: Mapping[str, 
     url = env.get("QTASKS_SCHEMA_REGISTRY_URL", "")
     if not url:
         raise ConfigurationError("set QTASKS_SCHEMA_REGISTRY_URL to the registry to check against")
-    conf = {"url": url}
+    conf: dict[str, Any] = {"url": url, "timeout": _REGISTRY_TIMEOUT_S}
     if env.get("QTASKS_SCHEMA_REGISTRY_AUTH"):
         conf["basic.auth.user.info"] = env["QTASKS_SCHEMA_REGISTRY_AUTH"]
     subjects = subject_schemas_for(app.topology)

@@ -130,7 +130,7 @@ def read_events(
 ) -> list[ForeignEvent]:
     """Every committed event of an events topic, decoded with the writer's schema."""
     events: list[ForeignEvent] = []
-    with SchemaRegistryClient({"url": registry_url}) as registry:
+    with SchemaRegistryClient({"url": registry_url, "timeout": 10}) as registry:
         deserializer = AvroDeserializer(registry, return_record_name=True)
         read_to_end(
             bootstrap,
@@ -146,7 +146,7 @@ def read_values(
 ) -> list[tuple[str, Any]]:
     """(key, decoded value) of every committed record of any Avro topic."""
     values: list[tuple[str, Any]] = []
-    with SchemaRegistryClient({"url": registry_url}) as registry:
+    with SchemaRegistryClient({"url": registry_url, "timeout": 10}) as registry:
         deserializer = AvroDeserializer(registry)
 
         def keep(msg: Message) -> None:
@@ -171,7 +171,7 @@ def consume_in_group(
     ``until()``. Records whose ``qtasks.kind`` header is not in ``kinds`` are skipped without
     being decoded. Returns how many records were decoded."""
     decoded = 0
-    with SchemaRegistryClient({"url": registry_url}) as registry:
+    with SchemaRegistryClient({"url": registry_url, "timeout": 10}) as registry:
         deserializer = AvroDeserializer(registry, return_record_name=True)
         consumer = plain_consumer(bootstrap, group_id)
         try:

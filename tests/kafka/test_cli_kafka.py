@@ -106,7 +106,7 @@ def test_schemas_check_is_a_gate_naming_the_field(schema_registry_url: str) -> N
     for field in old["fields"]:
         if field["name"] == "attempt":
             field["type"] = "string"
-    with SchemaRegistryClient({"url": schema_registry_url}) as registry:
+    with SchemaRegistryClient({"url": schema_registry_url, "timeout": 10}) as registry:
         registry.register_schema(f"{prefix}eos.events-value", Schema(json.dumps(old), "AVRO"))
         gate = _cli(env, "schemas", "check", "-A", "tests.apps.eos_app:app")
         assert gate.returncode == 1

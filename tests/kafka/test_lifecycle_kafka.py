@@ -81,7 +81,7 @@ class KafkaEnv:
 async def env(
     request: pytest.FixtureRequest, kafka_bootstrap: str, schema_registry_url: str
 ) -> AsyncIterator[KafkaEnv]:
-    with SchemaRegistryClient({"url": schema_registry_url}) as registry:
+    with SchemaRegistryClient({"url": schema_registry_url, "timeout": 10}) as registry:
         kafka = KafkaEnv(request.param, kafka_bootstrap, registry, f"lc{uuid.uuid4().hex[:8]}.")
         try:
             yield kafka

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.kafka
 
 @pytest.fixture
 def registry(schema_registry_url: str) -> Iterator[SchemaRegistryClient]:
-    with SchemaRegistryClient({"url": schema_registry_url}) as client:
+    with SchemaRegistryClient({"url": schema_registry_url, "timeout": 10}) as client:
         yield client
 
 
@@ -52,7 +52,7 @@ def test_register_then_fetch_by_id(
     schema_id = registry.register_schema(subject, Schema(text, "AVRO"))
 
     # A fresh client: nothing may come from the registering client's cache.
-    with SchemaRegistryClient({"url": schema_registry_url}) as fresh:
+    with SchemaRegistryClient({"url": schema_registry_url, "timeout": 10}) as fresh:
         fetched = fresh.get_schema(schema_id)
         assert fetched.schema_type in (None, "AVRO")
         assert json.loads(fetched.schema_str or "") == json.loads(text)
@@ -126,5 +126,5 @@ def test_avro_serializer_deserializer_round_trip(
     # The serializer registered the schema under the topic name strategy's subject.
     assert registry.get_latest_version(f"{topic}-value").schema_id == schema_id
 
-    with SchemaRegistryClient({"url": schema_registry_url}) as reader:
+    with SchemaRegistryClient({"url": schema_registry_url, "timeout": 10}) as reader:
         assert AvroDeserializer(reader)(data, context) == value

@@ -71,7 +71,7 @@ async def make_app(
     registries: list[SchemaRegistryClient] = []
 
     def make(name: str, prefix: str) -> QueueTasks:
-        registry = SchemaRegistryClient({"url": schema_registry_url})
+        registry = SchemaRegistryClient({"url": schema_registry_url, "timeout": 10})
         registries.append(registry)
         app = QueueTasks(
             name,
@@ -270,7 +270,7 @@ async def test_the_events_schema_evolves_only_compatibly(
     topic = f"{_unique('evo')}app.events"
     subject = subject_for(topic)
     await asyncio.to_thread(_create_topics, kafka_bootstrap, (topic, 1))
-    with SchemaRegistryClient({"url": schema_registry_url}) as registry:
+    with SchemaRegistryClient({"url": schema_registry_url, "timeout": 10}) as registry:
         shipped = _task_event_schema()
         old_id = register_schemas(registry, {subject: shipped})[subject]
         assert registry.get_versions(subject) == [1]
@@ -387,7 +387,7 @@ def _team_b_summarizes(
         until=lambda: sum(counts.values()) >= expected,
     )
     _create_topics(bootstrap, (summary_topic, 1))
-    with SchemaRegistryClient({"url": registry_url}) as registry:
+    with SchemaRegistryClient({"url": registry_url, "timeout": 10}) as registry:
         serialize = AvroSerializer(registry, SUMMARY_SCHEMA)
         ctx = SerializationContext(summary_topic, MessageField.VALUE)
         key = StringSerializer()
