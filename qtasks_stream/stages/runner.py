@@ -4,7 +4,9 @@ Commit order, enforced in :meth:`_RunnerCheckpoint.commit` and nowhere else:
 
 1. Outputs the stage emitted since the last commit (events, work items, control commands,
    dead letters) are produced in one transaction, in emission order, so one task's events
-   keep their order. Outputs tied to an input whose partition was revoked are dropped.
+   keep their order. Outputs tied to an input whose partition was revoked are dropped, and
+   outputs tied to an input whose offset cannot be committed in this transaction (an
+   earlier record of its partition is still in flight) wait for a later one.
 2. The offsets of consumed records that are fully handled are added to that transaction,
    per partition only up to the first record still in flight (a later record finishing
    first never lets an earlier one be skipped).
@@ -73,12 +75,16 @@ class _Offsets:
         return self.next_commit if moved else None
 
 
+#: An output, the partition and assignment of its input, and the input's offset (-1: none).
+_Output = tuple[OutRecord, TopicPartition | None, "_Offsets | None", int]
+
+
 class _RunnerCheckpoint(Checkpoint):
     def __init__(self, runner: StageRunner) -> None:
         self._runner = runner
         self._serde = runner.serde
-        #: Outputs with the assignment of the input they came from (None: no input).
-        self._outputs: list[tuple[OutRecord, TopicPartition | None, _Offsets | None]] = []
+        #: Outputs with the assignment and offset of the input they came from (None: none).
+        self._outputs: list[_Output] = []
         self._offsets: dict[TopicPartition, _Offsets] = {}
         self._dirty_offsets = False
         self._lock = asyncio.Lock()
@@ -93,12 +99,12 @@ class _RunnerCheckpoint(Checkpoint):
 
     def emit_raw(self, record: OutRecord, origin: Record | None = None) -> None:
         if origin is None:
-            self._outputs.append((record, None, None))
+            self._outputs.append((record, None, None, -1))
         else:
             tracker = self._offsets.get(origin.tp)
             if tracker is None or tracker.records.get(origin.offset) is not origin:
                 return  # its partition was revoked: the new owner redoes the work
-            self._outputs.append((record, origin.tp, tracker))
+            self._outputs.append((record, origin.tp, tracker, origin.offset))
         self.wake.set()
 
     def done(self, record: Record) -> None:
@@ -139,8 +145,8 @@ class _RunnerCheckpoint(Checkpoint):
             self._offsets.pop(tp, None)
         self._outputs = [out for out in self._outputs if self._current(out)]
 
-    def _current(self, output: tuple[OutRecord, TopicPartition | None, _Offsets | None]) -> bool:
-        _, tp, tracker = output
+    def _current(self, output: _Output) -> bool:
+        _, tp, tracker, _ = output
         return tp is None or self._offsets.get(tp) is tracker
 
     def owned(self) -> list[TopicPartition]:
@@ -165,7 +171,10 @@ class _RunnerCheckpoint(Checkpoint):
 
     @property
     def dirty(self) -> bool:
-        return bool(self._outputs) or self._dirty_offsets
+        # Held outputs alone are not work: they wait for their input's offset to move.
+        return self._dirty_offsets or any(
+            out[2] is None or out[3] < out[2].next_commit for out in self._outputs
+        )
 
     async def commit(self, producer: Producer, consumer: Consumer) -> None:
         async with self._lock:
@@ -176,8 +185,23 @@ class _RunnerCheckpoint(Checkpoint):
                 moved = tracker.advance()
                 if moved is not None:
                     offsets[tp] = moved
-            outputs = [out[0] for out in self._outputs if self._current(out)]
-            self._outputs.clear()
+            ready: list[OutRecord] = []
+            held: list[_Output] = []
+            for out in self._outputs:
+                record, origin_tp, origin, offset = out
+                if origin is None or origin_tp is None:
+                    ready.append(record)
+                elif self._offsets.get(origin_tp) is not origin:
+                    continue  # revoked: dropped
+                elif offset < origin.next_commit:
+                    ready.append(record)
+                else:
+                    # Its input's offset cannot be committed yet (an earlier record is still in
+                    # flight): were the output committed alone and this member then died, the
+                    # next owner would redo the input and write its outcome a second time.
+                    held.append(out)
+            outputs = ready
+            self._outputs = held
             self._dirty_offsets = False
             if outputs or offsets:
                 await producer.commit_transaction(outputs, offsets, consumer)

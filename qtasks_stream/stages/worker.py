@@ -211,7 +211,7 @@ class WorkerStage(Stage):
                 assert self._checkpoint is not None
                 self._checkpoint.dead_letter(item.record, "worker failed handling it", None)
 
-    def _event(self, work: WorkItem, payload: Payload, origin: Record) -> None:
+    def _event(self, work: WorkItem, payload: Payload, origin: Record | None) -> None:
         assert self._checkpoint is not None
         event = TaskEvent.new(
             work.task_id,
@@ -240,7 +240,9 @@ class WorkerStage(Stage):
                 None,
             )
             return
-        self._event(work, Started(self.worker_id), rec)
+        # Not tied to the work item: a start is a fact even if the attempt is redone, and it
+        # must be visible while the attempt runs (outcomes wait for the item's offset).
+        self._event(work, Started(self.worker_id), None)
         outcome = await self._run(definition, work, rec)
         self._event(work, outcome, rec)
         checkpoint.done(rec)
@@ -260,7 +262,7 @@ class WorkerStage(Stage):
             except (TypeError, ValueError) as exc:
                 log.warning("task %s: progress item dropped, not JSON: %s", work.task_id, exc)
                 encoded = json.dumps(repr(value))
-            self._event(work, Progress(seq, encoded), rec)
+            self._event(work, Progress(seq, encoded), None)
             seq += 1
 
         ctx = TaskContext(

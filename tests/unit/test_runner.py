@@ -227,3 +227,44 @@ def test_late_results_of_a_revoked_assignment_reach_neither_outputs_nor_offsets(
     # A record of a partition not owned at all is not handed to the stage.
     stray = Record(TP.topic, 1, 0, b"k", b"v")
     assert cp.handed([stray]) == []
+
+
+class _CapturingProducer:
+    def __init__(self) -> None:
+        self.transactions: list[tuple[list[OutRecord], dict[TopicPartition, int]]] = []
+
+    async def commit_transaction(
+        self, records: Sequence[OutRecord], offsets: Any, consumer: Any
+    ) -> None:
+        self.transactions.append((list(records), dict(offsets)))
+
+
+async def test_an_outcome_waits_until_its_input_offset_can_be_committed_with_it() -> None:
+    serde = AvroSerde(SchemaRegistryClient.new_client({"url": "mock://hold"}), {})
+    runner = StageRunner(
+        RecordingStage(done_on_return=False),
+        event_log=InMemoryEventLog(),
+        serde=serde,
+        topology=TOPOLOGY,
+        instance_id="hold",
+    )
+    cp = runner.checkpoint
+    producer = _CapturingProducer()
+    slow, fast = Record(TP.topic, 0, 0, b"a", b"v"), Record(TP.topic, 0, 1, b"b", b"v")
+    cp.own([TP])
+    cp.handed([slow, fast])
+    started = OutRecord(TOPOLOGY.events, b"a", b"started")
+    cp.emit_raw(started)  # not tied to an input: goes at once
+    outcome = OutRecord(TOPOLOGY.events, b"b", b"outcome-of-fast")
+    cp.emit_raw(outcome, fast)
+    cp.done(fast)
+    await cp.commit(producer, None)  # type: ignore[arg-type]
+    # `slow` (offset 0) is still running: committing fast's outcome now, without an offset,
+    # would let a successor redo `fast` after a crash and write its outcome twice.
+    assert producer.transactions == [([started], {})]
+    cp.emit_raw(OutRecord(TOPOLOGY.events, b"a", b"outcome-of-slow"), slow)
+    cp.done(slow)
+    await cp.commit(producer, None)  # type: ignore[arg-type]
+    last_records, last_offsets = producer.transactions[-1]
+    assert [r.value for r in last_records] == [b"outcome-of-fast", b"outcome-of-slow"]
+    assert last_offsets == {TP: 2}
