@@ -245,7 +245,6 @@ class StageRunner:
         self._stopping = asyncio.Event()
         self._replay_below: dict[TopicPartition, int] = {}
         self._paused: set[TopicPartition] = set()
-        self.sessions = 0
 
     @property
     def group(self) -> str:
@@ -329,7 +328,6 @@ class StageRunner:
     # -- the loop ------------------------------------------------------------------------
 
     async def _session(self) -> None:
-        self.sessions += 1
         self._paused = set()
         consumer = self.event_log.consumer(self.stage.topics, group_id=self.group, listener=self)
         producer = self.event_log.producer(transactional_id=f"{self.group}.{self.instance_id}")

@@ -112,10 +112,6 @@ class WorkerStage(Stage):
     def topics(self) -> Sequence[str]:
         return self._topology.lane_topics
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._running)
-
     def capacity(self) -> int:
         # A poll may bring a whole batch for one lane: a lane holds at most twice its limit.
         if self._stopping or all(len(lane) >= self._lane_limit for lane in self._lanes):
