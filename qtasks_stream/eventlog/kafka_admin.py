@@ -7,8 +7,11 @@ contradicting" identical whichever client a deployment picks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from confluent_kafka import IsolationLevel, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as CkTopicPartition
@@ -24,10 +27,94 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from qtasks_stream.errors import EventLogError, TopicConfigError
-from qtasks_stream.eventlog.kafka_config import KafkaConfig
+from qtasks_stream.eventlog.kafka_config import ConfValue, KafkaConfig
 from qtasks_stream.records import TopicPartition, TopicSpec
 
-__all__ = ["describe_kafka_error", "ensure_topics", "kafka_error_of", "log_end_offsets"]
+__all__ = [
+    "describe_kafka_error",
+    "ensure_topics",
+    "is_retriable",
+    "kafka_error_of",
+    "log_end_offsets",
+    "retry_retriable",
+    "with_rdkafka_logger",
+]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: Codes Kafka itself calls retriable (a partition's leadership is moving or not loaded yet,
+#: a request lost in transit) that librdkafka hands out as a bare code, so the KafkaError
+#: says ``retriable()`` False: ListOffsets' per-partition errors, get_watermark_offsets'
+#: exception. A partition created a moment ago answers NOT_LEADER_FOR_PARTITION until its
+#: leader has loaded it, although the metadata already names that leader. Unknown topics
+#: and partitions are left out: a missing topic must fail at once, not after the timeout.
+_RETRIABLE_CODES = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.OFFSET_NOT_AVAILABLE,
+        KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError.KAFKA_STORAGE_ERROR,
+        KafkaError._TRANSPORT,
+    }
+)
+#: First pause before retrying, doubled up to the cap: a new partition's leader is usually
+#: ready within a few hundred milliseconds.
+_RETRY_BACKOFF = 0.05
+_RETRY_BACKOFF_MAX = 0.5
+#: The least time one attempt gets, so the last one is not doomed by a sliver of deadline.
+_MIN_ATTEMPT_TIMEOUT = 0.5
+
+
+def with_rdkafka_logger(conf: dict[str, ConfValue]) -> dict[str, Any]:
+    """``conf`` with librdkafka's log lines sent to Python logging instead of stderr.
+
+    confluent-kafka then queues them on the client's main queue: a producer or consumer
+    emits them as it polls; an admin client only when ``poll()`` is called (see
+    :func:`_admin_client`). Lines logged while the handle is being destroyed are dropped,
+    never printed.
+    """
+    return {**conf, "logger": logging.getLogger("qtasks_stream.rdkafka")}
+
+
+@contextlib.contextmanager
+def _admin_client(config: KafkaConfig) -> Iterator[AdminClient]:
+    """A short-lived admin client whose log lines go to Python logging (blocking)."""
+    admin = AdminClient(with_rdkafka_logger(config.to_librdkafka()))
+    try:
+        yield admin
+    finally:
+        # Its queued log lines reach the logger only when polled: do it before dropping it.
+        admin.poll(0)
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """Whether the librdkafka error inside ``exc`` may go away when the call is repeated."""
+    err = kafka_error_of(exc)
+    return err is not None and (err.retriable() or err.code() in _RETRIABLE_CODES)
+
+
+def retry_retriable(call: Callable[[float], _T], timeout: float, what: str) -> _T:
+    """``call(seconds left)``, repeated after a short backoff while it raises a retriable
+    KafkaException, for up to about ``timeout`` seconds; then its last exception (blocking).
+    """
+    deadline = time.monotonic() + timeout
+    backoff = _RETRY_BACKOFF
+    while True:
+        try:
+            return call(max(deadline - time.monotonic(), _MIN_ATTEMPT_TIMEOUT))
+        except KafkaException as exc:
+            if not is_retriable(exc) or time.monotonic() + backoff >= deadline:
+                raise
+            log.debug("%s: %s; retrying in %.2fs", what, describe_kafka_error(exc), backoff)
+        time.sleep(backoff)
+        backoff = min(backoff * 2, _RETRY_BACKOFF_MAX)
 
 
 def kafka_error_of(exc: BaseException) -> KafkaError | None:
@@ -67,8 +154,11 @@ def _dedupe(specs: Iterable[TopicSpec]) -> list[TopicSpec]:
 
 
 def _ensure_topics(config: KafkaConfig, specs: list[TopicSpec]) -> None:
-    timeout = config.request_timeout_ms / 1000
-    admin = AdminClient(config.to_librdkafka())
+    with _admin_client(config) as admin:
+        _ensure_with(admin, config.request_timeout_ms / 1000, specs)
+
+
+def _ensure_with(admin: AdminClient, timeout: float, specs: list[TopicSpec]) -> None:
     existing = _partition_counts(admin, [s.name for s in specs], timeout)
     missing = [s for s in specs if s.name not in existing]
     to_check = [s for s in specs if s.name in existing]
@@ -195,18 +285,24 @@ async def log_end_offsets(
 def _log_end_offsets(
     config: KafkaConfig, tps: list[TopicPartition], timeout: float
 ) -> dict[TopicPartition, int]:
-    admin = AdminClient(config.to_librdkafka())
     latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
     request = {CkTopicPartition(tp.topic, tp.partition): latest for tp in tps}
-    try:
-        futures = admin.list_offsets(
-            request,
-            isolation_level=IsolationLevel.READ_UNCOMMITTED,
-            request_timeout=timeout,
-        )
-        return {
-            TopicPartition(ck_tp.topic, ck_tp.partition): future.result(timeout).offset
-            for ck_tp, future in futures.items()
-        }
-    except KafkaException as exc:
-        raise EventLogError(f"cannot read end offsets: {describe_kafka_error(exc)}") from exc
+    with _admin_client(config) as admin:
+
+        def attempt(seconds: float) -> dict[TopicPartition, int]:
+            futures = admin.list_offsets(
+                request,
+                isolation_level=IsolationLevel.READ_UNCOMMITTED,
+                request_timeout=seconds,
+            )
+            # A little longer than the request, so librdkafka's own timeout error is the one
+            # that surfaces (a KafkaException), not the future's.
+            return {
+                TopicPartition(ck_tp.topic, ck_tp.partition): future.result(seconds + 1).offset
+                for ck_tp, future in futures.items()
+            }
+
+        try:
+            return retry_retriable(attempt, timeout, "reading end offsets")
+        except KafkaException as exc:
+            raise EventLogError(f"cannot read end offsets: {describe_kafka_error(exc)}") from exc

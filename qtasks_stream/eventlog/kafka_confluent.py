@@ -3,21 +3,26 @@
 librdkafka calls block, so each client gets a thread of its own:
 
 * a producer runs every blocking call (produce + flush, the transaction calls) on a
-  single-thread executor, so transactions of one producer never overlap;
-* a consumer runs one thread that loops ``consume()`` with a short timeout and buffers what
-  it gets. As with aiokafka, membership and fetching thus go on while the stage is busy
-  between polls: a member started second does not wait for the first one to poll before the
-  group settles. ``poll()`` only drains the buffer.
+  single-thread executor, so transactions of one producer never overlap. Plain sends that
+  arrive while one is being written wait and go together in the next batch, flushed once:
+  a flush per call would serialize concurrent callers on that thread;
+* a consumer runs one thread that loops ``consume()`` and buffers what it gets; each round
+  waits at most a short slice for the first message and takes what else is ready. As with
+  aiokafka, membership and fetching thus go on while the stage is busy between polls: a
+  member started second does not wait for the first one to poll before the group settles.
+  ``poll()`` only drains the buffer.
 
 confluent-kafka serializes the calls on a consumer: any call from another thread waits for
-the running ``consume()`` and starves behind a loop of them. So *every* consumer call (commit,
-end offsets, group metadata, seek, pause) is a command that the consumer thread runs between
-two ``consume()`` calls.
+the running ``consume()`` and starves behind a loop of them. So *every* consumer call
+(commit, committed, seek, pause) runs on the consumer thread between two ``consume()``
+calls, as a command or from state it reads. The group metadata a transaction needs is
+cached by that thread, renewed with every assignment change and every round, so a
+transaction does not wait for a round to end.
 
 Rebalance callbacks fire inside ``consume()`` on that thread. They hand the listener's
 coroutine to the event loop and, while waiting for it, keep running commands: a listener that
-commits (directly, or through a transaction needing the group metadata) is served from inside
-the callback, which librdkafka allows, instead of deadlocking.
+commits (directly, or through a transaction) is served from inside the callback, which
+librdkafka allows, instead of deadlocking.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -44,6 +50,8 @@ from qtasks_stream.eventlog.kafka_admin import (
     ensure_topics,
     kafka_error_of,
     log_end_offsets,
+    retry_retriable,
+    with_rdkafka_logger,
 )
 from qtasks_stream.eventlog.kafka_config import ConfValue, KafkaConfig
 from qtasks_stream.records import Headers, OutRecord, Record, TopicPartition, TopicSpec
@@ -96,11 +104,6 @@ def _map_error(exc: BaseException, what: str) -> EventLogError:
     return EventLogError(text)
 
 
-def _with_logger(conf: dict[str, ConfValue]) -> dict[str, Any]:
-    """``conf`` with librdkafka's log lines sent to Python logging instead of stderr."""
-    return {**conf, "logger": logging.getLogger("qtasks_stream.rdkafka")}
-
-
 def _ck_tp(tp: TopicPartition, offset: int | None = None) -> ck.TopicPartition:
     if offset is None:
         return ck.TopicPartition(tp.topic, tp.partition)
@@ -109,6 +112,12 @@ def _ck_tp(tp: TopicPartition, offset: int | None = None) -> ck.TopicPartition:
 
 def _our_tp(tp: ck.TopicPartition) -> TopicPartition:
     return TopicPartition(tp.topic, tp.partition)
+
+
+def _high_watermark(consumer: ck.Consumer, tp: TopicPartition, timeout: float) -> int:
+    """Where the next record of ``tp`` will go (blocking)."""
+    _low, high = consumer.get_watermark_offsets(_ck_tp(tp), timeout=timeout)
+    return high
 
 
 class ConfluentEventLog(EventLog):
@@ -143,7 +152,7 @@ class ConfluentEventLog(EventLog):
                 config.request_timeout_ms * 2, config.transaction_timeout_ms
             )
         return _ConfluentProducer(
-            _with_logger(config.to_librdkafka(settings)),
+            with_rdkafka_logger(config.to_librdkafka(settings)),
             transactional_id,
             config.request_timeout_ms / 1000,
         )
@@ -175,7 +184,7 @@ class ConfluentEventLog(EventLog):
             "queued.max.messages.kbytes": 16_384,
         }
         consumer = _ConfluentConsumer(
-            _with_logger(config.to_librdkafka(settings)),
+            with_rdkafka_logger(config.to_librdkafka(settings)),
             tuple(topics),
             group_id,
             listener,
@@ -200,6 +209,10 @@ class _ConfluentProducer(Producer):
         self._closed = False
         #: Partitions of the topics written so far (metadata, cached for validation).
         self._partitions: dict[str, set[int]] = {}
+        #: send() calls waiting for the flusher to take them into its next batch.
+        self._queued: list[_QueuedSend] = []
+        #: The task writing queued sends, batch after batch; None while nothing is queued.
+        self._flusher: asyncio.Task[None] | None = None
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         assert self._executor is not None
@@ -229,6 +242,9 @@ class _ConfluentProducer(Producer):
         if self._closed:
             return
         self._closed = True
+        if self._flusher is not None:
+            # Sends accepted before close() are written (or fail) before the executor goes.
+            await asyncio.wait({self._flusher})
         if self._producer is not None:
             try:
                 await self._run(self._producer.flush, self._timeout)
@@ -286,23 +302,6 @@ class _ConfluentProducer(Producer):
                     # The local queue is full: let deliveries drain it, then retry.
                     self._producer.poll(0.05)
 
-    def _send_blocking(self, records: Sequence[OutRecord]) -> None:
-        assert self._producer is not None
-        errors: list[KafkaError] = []
-
-        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-            if err is not None:
-                errors.append(err)
-
-        self._validate(records)
-        self._produce_all(records, on_delivery)
-        deadline = time.monotonic() + self._timeout * 2
-        while self._producer.flush(0.1) > 0:
-            if time.monotonic() > deadline:
-                raise EventLogError(f"records not acknowledged within {self._timeout * 2:.0f}s")
-        if errors:
-            raise KafkaException(errors[0])
-
     async def send(self, records: Sequence[OutRecord]) -> None:
         if not records:
             return
@@ -312,10 +311,96 @@ class _ConfluentProducer(Producer):
             return
         self._check_alive()
         await self.start()
+        # Again: close() may have begun meanwhile, and it only waits for sends already queued.
+        self._check_alive()
+        # A produce + flush round trip per call would serialize concurrent callers on the
+        # one producer thread (a few ms each); they join the next batch instead, which is
+        # produced whole and flushed once.
+        loop = asyncio.get_running_loop()
+        queued = _QueuedSend(list(records), loop.create_future())
+        self._queued.append(queued)
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush_queued(), name="qtasks-rdkafka-send")
+        await queued.future
+
+    async def _flush_queued(self) -> None:
+        """Write queued sends, batch after batch, until none is left (event loop)."""
+        batch: list[_QueuedSend] = []
         try:
-            await self._run(self._send_blocking, records)
-        except KafkaException as exc:
-            raise self._fail(exc, "send failed") from exc
+            while self._queued:
+                # A caller cancelled before its batch started gives up its records, as a
+                # cancelled executor job never runs.
+                batch = [q for q in self._queued if not q.future.done()]
+                self._queued = []
+                if not batch:
+                    continue
+                try:
+                    await self._run(self._send_batch_blocking, batch)
+                except Exception as exc:  # the batch as a whole failed (executor gone...)
+                    for queued in batch:
+                        if queued.failure is None:
+                            queued.failure = _map_error(exc, "send failed")
+                for queued in batch:
+                    self._settle_send(queued)
+                batch = []
+        finally:
+            self._flusher = None
+            # Cancelled (the loop is shutting down): no one else would answer these callers.
+            for queued in [*batch, *self._queued]:
+                if not queued.future.done():
+                    queued.future.set_exception(EventLogError("send abandoned: producer stopped"))
+            self._queued = []
+
+    def _send_batch_blocking(self, batch: list[_QueuedSend]) -> None:
+        """Produce every queued send in order, then flush once (producer thread).
+
+        A send refused before reaching a broker (validation, produce()) fails alone; the
+        others go on. Delivery reports then tell, record by record, what was written.
+        """
+        producer = self._producer
+        assert producer is not None
+        for queued in batch:
+            try:
+                self._validate(queued.records)
+                self._produce_all(queued.records, queued.on_delivery)
+            except Exception as exc:
+                queued.failure = exc
+        # message.timeout.ms (2x the request timeout) fails undelivered records by then; this
+        # only bounds the wait should librdkafka never report them.
+        deadline = time.monotonic() + self._timeout * 2
+        while producer.flush(0.1) > 0:
+            if time.monotonic() > deadline:
+                return
+
+    def _settle_send(self, queued: _QueuedSend) -> None:
+        """Complete one caller's future from what became of its records (event loop)."""
+        if queued.future.done():  # the caller was cancelled meanwhile
+            return
+        error: BaseException | None = None
+        failure = queued.failure
+        if isinstance(failure, KafkaException):
+            error = self._fail(failure, "send failed")
+            error.__cause__ = failure
+        elif failure is not None:
+            # Ours (EventLogError: unknown topic...) or the caller's bug (TypeError for a
+            # bad key...): raised as they are, as before sends were batched.
+            error = failure
+        elif queued.errors:
+            first = KafkaException(queued.errors[0])
+            error = self._fail(
+                first,
+                f"send failed, {len(queued.errors)} of {len(queued.records)} records not written",
+            )
+            error.__cause__ = first
+        elif queued.delivered < len(queued.records):
+            error = EventLogError(
+                f"send failed: {len(queued.records) - queued.delivered} of "
+                f"{len(queued.records)} records not acknowledged within {self._timeout * 2:.0f}s"
+            )
+        if error is None:
+            queued.future.set_result(None)
+        else:
+            queued.future.set_exception(error)
 
     def _fail(self, exc: KafkaException, what: str) -> EventLogError:
         error = _map_error(exc, what)
@@ -337,9 +422,8 @@ class _ConfluentProducer(Producer):
             return
         if not isinstance(consumer, _ConfluentConsumer):
             raise EventLogError("commit_transaction needs a consumer of the same event log")
-        consumer.check_owned(offsets)
         # The broker fences the offsets if this generation is no longer the group's.
-        await self._transact(records, offsets, await consumer.group_metadata())
+        await self._transact(records, offsets, await consumer.group_metadata_for(offsets))
 
     async def _transact(
         self, records: Sequence[OutRecord], offsets: Mapping[TopicPartition, int], group: Any
@@ -436,6 +520,9 @@ class _ConfluentConsumer(Consumer):
         self._fatal: EventLogError | None = None
         #: The first exception a listener raised; the next poll raises it, once.
         self._listener_error: BaseException | None = None
+        #: consumer_group_metadata() as of the last assignment change or consume round, set
+        #: together with ``_assigned``: a transaction reads both at once (group_metadata_for).
+        self._group_metadata: Any = None
         self._next_tp = 0
         # Consumer thread only.
         self._rd_paused: set[TopicPartition] = set()
@@ -511,8 +598,13 @@ class _ConfluentConsumer(Consumer):
         for tp in tps:
             if self._start == "latest":
                 # Resolve "latest" now, not at the first fetch, so a record appended after
-                # start() is read.
-                _low, high = consumer.get_watermark_offsets(_ck_tp(tp), timeout=self._timeout)
+                # start() is read. A partition created a moment ago may not be served by
+                # its leader yet (NOT_LEADER_FOR_PARTITION): that passes, so retry it.
+                high = retry_retriable(
+                    functools.partial(_high_watermark, consumer, tp),
+                    self._timeout,
+                    f"reading the end of {tp}",
+                )
                 assignment.append(_ck_tp(tp, high))
             else:
                 assignment.append(_ck_tp(tp, ck.OFFSET_BEGINNING))
@@ -568,13 +660,16 @@ class _ConfluentConsumer(Consumer):
                     seeks, self._pending_seeks = self._pending_seeks, {}
                 self._apply(consumer, seeks)
                 try:
-                    messages = consumer.consume(_CONSUME_BATCH, _CONSUME_SLICE)
+                    messages = self._consume_ready(consumer)
                 except KafkaException as exc:
                     self._report(exc)
                     continue
                 if messages:
                     self._store(messages, epochs)
                 self._note_positions(consumer, epochs)
+                # The generation may also move without a callback for this member (a
+                # rebalance that leaves its partitions alone): keep the cache current.
+                self._refresh_group_metadata(consumer)
         except Exception as exc:  # a bug here must reach poll(), not vanish
             log.exception("the Kafka consumer thread failed")
             self._set_fatal(EventLogError(f"the Kafka consumer thread failed: {exc!r}"))
@@ -587,6 +682,36 @@ class _ConfluentConsumer(Consumer):
             with self._lock:
                 self._thread_done = True
             self._fail_commands()
+
+    @staticmethod
+    def _consume_ready(consumer: ck.Consumer) -> list[Any]:
+        """What is ready, waiting up to one slice for the first message (consumer thread).
+
+        ``consume(n, slice)`` would sit out the whole slice unless ``n`` messages arrive,
+        delaying every record and every queued command by up to a slice. Waiting for one
+        and then taking what else is ready returns at once when something is there, while
+        an idle consumer still sleeps inside librdkafka.
+        """
+        first = consumer.consume(1, _CONSUME_SLICE)
+        if not first:
+            return first
+        return first + consumer.consume(_CONSUME_BATCH - 1, 0)
+
+    def _group_metadata_now(self, consumer: ck.Consumer) -> Any:
+        """librdkafka's current group metadata (consumer thread); None without a group."""
+        if self._group_id is None:
+            return None
+        try:
+            return consumer.consumer_group_metadata()
+        except (KafkaException, RuntimeError) as exc:  # closing: the cached one stays
+            log.debug("no group metadata: %s", describe_kafka_error(exc))
+            return None
+
+    def _refresh_group_metadata(self, consumer: ck.Consumer) -> None:
+        metadata = self._group_metadata_now(consumer)
+        if metadata is not None:
+            with self._lock:
+                self._group_metadata = metadata
 
     def _fail_commands(self) -> None:
         with contextlib.suppress(queue.Empty):
@@ -709,7 +834,12 @@ class _ConfluentConsumer(Consumer):
 
     def _on_assign(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
         tps = {_our_tp(p) for p in partitions}
+        # The new generation's, stored with its assignment and before the listener runs, so
+        # a transaction from the listener or after it carries this generation (KIP-447).
+        metadata = self._group_metadata_now(consumer)
         with self._lock:
+            if metadata is not None:
+                self._group_metadata = metadata
             # Added, not replaced: also right for an incremental (cooperative) assignor.
             self._assigned |= tps
             self._paused &= self._assigned
@@ -724,7 +854,11 @@ class _ConfluentConsumer(Consumer):
 
     def _on_revoke(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
         tps = {_our_tp(p) for p in partitions}
+        # The listener commits the revoked partitions' work in the generation that owns them.
+        metadata = self._group_metadata_now(consumer)
         with self._lock:
+            if metadata is not None:
+                self._group_metadata = metadata
             # Drop what poll() has not handed out yet: the next owner reads it again.
             for tp in tps:
                 self._buffers.pop(tp, None)
@@ -733,7 +867,10 @@ class _ConfluentConsumer(Consumer):
         if tps and self._listener is not None and not self._closing:
             # Still assigned while the listener runs, so it can commit their work.
             self._call_listener(consumer, self._listener.on_revoked, tps)
+        metadata = self._group_metadata_now(consumer)
         with self._lock:
+            if metadata is not None:
+                self._group_metadata = metadata
             self._assigned -= tps
             self._paused -= tps
         self._rd_paused -= tps
@@ -766,9 +903,24 @@ class _ConfluentConsumer(Consumer):
 
     # -- the event loop side --------------------------------------------------------------
 
-    async def group_metadata(self) -> Any:
-        """The group generation to pass to a transaction."""
-        return await self._call(lambda consumer: consumer.consumer_group_metadata())
+    async def group_metadata_for(self, offsets: Mapping[TopicPartition, int]) -> Any:
+        """The group generation to commit ``offsets`` in a transaction with; FencedError
+        unless this member holds every partition of ``offsets`` (see :meth:`check_owned`).
+
+        Read from the cache the consumer thread keeps, not through a command that would
+        wait for the running consume(). Ownership and generation are read under one lock,
+        as the thread sets them together: partitions held in one generation are never
+        committed with the metadata of a later one that moved them elsewhere.
+        """
+        with self._lock:
+            self._check_owned_locked(offsets)
+            metadata = self._group_metadata
+        if metadata is not None:
+            return metadata
+        # Only before the first assignment stored one (a consumer used before start()).
+        metadata = await self._call(lambda consumer: consumer.consumer_group_metadata())
+        self.check_owned(offsets)
+        return metadata
 
     async def poll(self, *, max_records: int, timeout: float) -> list[Record]:
         if self._closed:
@@ -836,6 +988,10 @@ class _ConfluentConsumer(Consumer):
                 self._paused.update(tp for tp in tps if tp in self._assigned)
             else:
                 self._paused.difference_update(tps)
+        if not paused:
+            # A poll waiting now may have buffered records of ``tps`` to return: without this
+            # it would sleep until new records or its timeout (a drained lane idling).
+            self._wakeup.set()
 
     async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         assert self.admin_config is not None, "built by ConfluentEventLog.consumer"
@@ -865,10 +1021,13 @@ class _ConfluentConsumer(Consumer):
         The broker only checks the generation; this also catches a member that rejoined
         the new generation without the partition (as aiokafka does for plain commits).
         """
+        with self._lock:
+            self._check_owned_locked(offsets)
+
+    def _check_owned_locked(self, offsets: Mapping[TopicPartition, int]) -> None:
         if self._group_id is None:
             raise EventLogError("a consumer without group_id has no offsets to commit")
-        with self._lock:
-            lost = sorted(set(offsets) - self._assigned)
+        lost = sorted(set(offsets) - self._assigned)
         if lost:
             raise FencedError(
                 f"partitions {lost} are no longer assigned to this member of group "
@@ -889,6 +1048,30 @@ class _ConfluentConsumer(Consumer):
         for part in result:
             if part.error is not None:
                 raise _map_error(KafkaException(part.error), f"commit of {_our_tp(part)} failed")
+
+
+class _QueuedSend:
+    """One ``send()`` call in a coalesced batch, with the future its caller awaits.
+
+    ``failure``, ``delivered`` and ``errors`` are written on the producer thread (delivery
+    reports fire inside its produce and flush calls) and read on the event loop once the
+    batch's flush has returned.
+    """
+
+    __slots__ = ("delivered", "errors", "failure", "future", "records")
+
+    def __init__(self, records: list[OutRecord], future: asyncio.Future[None]) -> None:
+        self.records = records
+        self.future = future
+        #: Why the records were refused before reaching a broker (some may have been queued).
+        self.failure: BaseException | None = None
+        self.delivered = 0  # delivery reports received, failed ones included
+        self.errors: list[KafkaError] = []
+
+    def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
+        self.delivered += 1
+        if err is not None:
+            self.errors.append(err)
 
 
 class _Command:

@@ -478,8 +478,9 @@ async def test_task_outcomes_on_kafka(env: KafkaEnv) -> None:
 
 # -- cancellation and delays ----------------------------------------------------------------
 
-#: A delayed task is cancelled well before this; the test then waits past it.
-CANCEL_COUNTDOWN = 3.0
+#: A delayed task is cancelled well before this; the test then waits past it. Generous,
+#: because a loaded CI box may take seconds between the submit and the cancel.
+CANCEL_COUNTDOWN = 8.0
 COUNTDOWN = 2.0
 
 
@@ -511,6 +512,9 @@ async def test_cancel_and_countdown_on_kafka(env: KafkaEnv) -> None:
     await app.start()
     warm = await app.add_task("stamp", "warm-up", timeout=LIMIT)
     assert warm is not None and warm.status == "success", "the pipeline never came up"
+    # The result comes by the listener; the view below is the projector's, which may still
+    # be joining its group. Wait for it too, or the countdown runs out while it catches up.
+    await finished(app, warm.uuid)
 
     before = time.time()
     delayed = await app.add_task("reminder", countdown=CANCEL_COUNTDOWN)
@@ -547,9 +551,11 @@ async def test_cancel_and_countdown_on_kafka(env: KafkaEnv) -> None:
     assert viewed.status == "cancel" and viewed.cancel_requested
 
     # -- countdown respected
+    asked_at = time.time()
     while_waiting = await app.get(by_countdown.uuid)
-    if "countdown" not in stamps:
-        assert while_waiting is not None and while_waiting.status == "scheduled", while_waiting
+    if asked_at < before + COUNTDOWN - 0.5:
+        # Clearly before its due time: the view may lag, but it can never be past waiting.
+        assert while_waiting is not None and while_waiting.status in ("new", "scheduled")
     counted_down = await outcome(app, by_countdown.uuid)
     assert counted_down.status == "success", counted_down
     # 1 ms of slack for the microsecond rounding of the due time.
