@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import socket
@@ -33,6 +32,7 @@ from qtasks_stream.records import OutRecord, TopicPartition
 from qtasks_stream.results import ResultListener
 from qtasks_stream.serde.avro import AvroSerde
 from qtasks_stream.serde.base import Serde
+from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.stages.base import Stage
 from qtasks_stream.stages.deadletter import DeadLetterStage
 from qtasks_stream.stages.projector import ProjectorStage
@@ -141,6 +141,7 @@ class QueueTasks(Router):
         self.serde: Serde = AvroSerde(
             registry, self.topology.topic_schemas(), close_registry=own_registry
         )
+        self.payloads = TaskPayloads(registry, self.topology.events, self.definitions)
         self.view = view if view is not None else MemoryViewStore()
         self._results = ResultListener(
             self.event_log, self.serde, self.topology.events, self.topology.partitions
@@ -174,6 +175,7 @@ class QueueTasks(Router):
                 return
             await self.event_log.create_topics(self.topology.specs())
             await self.serde.start()
+            await self.payloads.start(self.definitions.values())
             await self._producer.start()
             self._client_ready = True
 
@@ -220,6 +222,7 @@ class QueueTasks(Router):
             tasks=self.definitions,
             executor=self.executor,
             serde=self.serde,
+            payloads=self.payloads,
             control=lambda: self.event_log.consumer([self.topology.control], group_id=None),
             worker_id=f"worker:{self.instance_id}",
             concurrency=self.concurrency,
@@ -285,18 +288,26 @@ class QueueTasks(Router):
         if definition is None:
             known = ", ".join(sorted(self.definitions)) or "none"
             raise UnknownTaskError(f"no task named {task_name!r} (registered: {known})")
-        submitted = _submission(
-            definition, args, kwargs, priority, countdown, eta, idempotency_key, max_time, tags
-        )
         if timeout is not None and timeout < 0:
             raise ConfigurationError(f"timeout must be >= 0, not {timeout}")
+        options = _options(definition, priority, countdown, eta, idempotency_key, max_time)
+        await self._ensure_client()
+        await self.payloads.start([definition])  # a task added after the client started
+        call = self.payloads.encode_call(definition, args, kwargs)
+        submitted = Submitted(
+            args=call.args,
+            kwargs=call.kwargs,
+            content_type=call.content_type,
+            arguments_avro=call.arguments_avro,
+            tags=tuple(tags) if tags is not None else definition.tags,
+            **options,
+        )
         task_id = (
             str(uuid.uuid5(_IDEMPOTENCY_NS, f"{self.name}:{idempotency_key}"))
             if idempotency_key is not None
             else str(uuid.uuid4())
         )
         event = TaskEvent.new(task_id, task_name, 0, "client", submitted)
-        await self._ensure_client()
         # Encoded before anything is sent: a value that does not fit leaves nothing behind.
         value = self.serde.encode(self.topology.events, event.to_avro())
         waiter = None
@@ -316,9 +327,9 @@ class QueueTasks(Router):
             if existing is not None and (waiter is None or existing.final):
                 if waiter is not None:
                     self._results.forget(task_id, waiter)
-                return existing.to_task()
+                return existing.to_task(self.payloads)
         if waiter is None:
-            return fold(None, event).to_task()
+            return fold(None, event).to_task(self.payloads)
         return await self._await(task_id, waiter, timeout)
 
     async def _await(
@@ -330,7 +341,7 @@ class QueueTasks(Router):
         except TimeoutError:
             self._results.forget(task_id, waiter)
             return None
-        return state.to_task()
+        return state.to_task(self.payloads)
 
     async def wait(self, uuid: str, timeout: float | None = None) -> Task | None:
         """Wait for a task to end; returns it, or ``None`` if it did not end in time."""
@@ -341,7 +352,7 @@ class QueueTasks(Router):
         current = await self._view_state(uuid)
         if current is not None and current.final:
             self._results.forget(uuid, waiter)
-            return current.to_task()
+            return current.to_task(self.payloads)
         # The view may lag behind the log (or not know the task yet): the log decides.
         self._results.seed(uuid, await self._history_events(uuid, skip_undecodable=True))
         return await self._await(uuid, waiter, timeout)
@@ -356,17 +367,14 @@ class QueueTasks(Router):
         await self._ensure_view()
         return await self.view.state(uuid)
 
-    async def _view_get(self, uuid: str) -> Task | None:
-        await self._ensure_view()
-        return await self.view.get(uuid)
-
     async def get(self, uuid: str) -> Task | None:
         """The task as the view knows it, or ``None`` when unknown."""
-        return await self._view_get(uuid)
+        state = await self._view_state(uuid)
+        return state.to_task(self.payloads) if state is not None else None
 
     async def query(self, query: TaskQuery | None = None, **filters: Any) -> list[Task]:
         await self._ensure_view()
-        return await self.view.query(query or TaskQuery(**filters))
+        return await self.view.query(query or TaskQuery(**filters), payloads=self.payloads)
 
     async def cancel(self, uuid: str, reason: str = "") -> None:
         """Ask for the task to be cancelled; honoured wherever it is, even after restarts."""
@@ -424,25 +432,15 @@ class QueueTasks(Router):
             await consumer.close()
 
 
-def _json(what: str, value: Any) -> str:
-    try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"{what} cannot be sent as JSON: {exc}") from exc
-
-
-def _submission(
+def _options(
     definition: TaskDefinition,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
     priority: int | None,
     countdown: float | None,
     eta: datetime | None,
     idempotency_key: str | None,
     max_time: float | None,
-    tags: Sequence[str] | None,
-) -> Submitted:
-    name = definition.name
+) -> dict[str, Any]:
+    """The Submitted fields other than arguments and tags, checked."""
     if priority is None:
         priority = definition.priority
     if not isinstance(priority, int) or isinstance(priority, bool):
@@ -462,16 +460,9 @@ def _submission(
         raise ConfigurationError(f"max_time must be > 0, not {max_time!r}")
     if idempotency_key is not None and not idempotency_key:
         raise ConfigurationError("idempotency_key must be a non-empty string")
-    for index, arg in enumerate(args):
-        _json(f"argument {index} of task {name!r}", arg)
-    for key, arg in kwargs.items():
-        _json(f"keyword argument {key!r} of task {name!r}", arg)
-    return Submitted(
-        args=_json(f"arguments of task {name!r}", list(args)),
-        kwargs=_json(f"keyword arguments of task {name!r}", kwargs),
-        priority=priority,
-        eta_us=eta_us,
-        idempotency_key=idempotency_key,
-        max_time=max_time,
-        tags=tuple(tags) if tags is not None else definition.tags,
-    )
+    return {
+        "priority": priority,
+        "eta_us": eta_us,
+        "idempotency_key": idempotency_key,
+        "max_time": max_time,
+    }

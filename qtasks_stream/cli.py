@@ -171,6 +171,8 @@ async def _run_worker(app: QueueTasks, stages: Sequence[str]) -> None:
 async def _history(app: QueueTasks, task_id: str, as_json: bool) -> int:
     try:
         events = await app.history(task_id)
+        # Decoded while the registry client is open: typed payloads need their schemas.
+        payloads = [_payload(app, event) for event in events] if as_json else []
     finally:
         await app.close()
     if not events:
@@ -178,16 +180,23 @@ async def _history(app: QueueTasks, task_id: str, as_json: bool) -> int:
         return 1
     from qtasks_stream.demo import _format_event
 
-    for event in events:
+    for index, event in enumerate(events):
         if as_json:
-            print(json.dumps({**event.to_avro(), "payload": [event.kind, _payload(event)]}))
+            document = {**event.to_avro(), "payload": [event.kind, payloads[index]]}
+            print(json.dumps(document, default=str))
         else:
             print(_format_event(event, events[0].at_us))
     return 0
 
 
-def _payload(event: Any) -> dict[str, Any]:
-    return {name: getattr(event.payload, name) for name in event.payload.__slots__}
+def _payload(app: QueueTasks, event: Any) -> dict[str, Any]:
+    """The payload's fields; typed Avro arguments and results decoded with the writer's
+    schema to plain values (records as objects), like any Avro consumer would see them."""
+    fields = {name: getattr(event.payload, name) for name in event.payload.__slots__}
+    for name, value in fields.items():
+        if isinstance(value, bytes):
+            fields[name] = app.payloads.decode_plain(value, f"{name} of {event.task_id}")
+    return fields
 
 
 def _dev(action: str, home: str | None, wipe: bool, registry: bool, env: Mapping[str, str]) -> int:
@@ -238,7 +247,9 @@ def _schemas(action: str, app: QueueTasks, level: str | None, env: Mapping[str, 
     conf: dict[str, Any] = {"url": url, "timeout": _REGISTRY_TIMEOUT_S}
     if env.get("QTASKS_SCHEMA_REGISTRY_AUTH"):
         conf["basic.auth.user.info"] = env["QTASKS_SCHEMA_REGISTRY_AUTH"]
+    # The topics' subjects and the typed tasks' argument and result subjects.
     subjects = subject_schemas_for(app.topology)
+    subjects.update(app.payloads.subject_schemas(app.definitions.values()))
     with SchemaRegistryClient(conf) as registry:
         if action == "check":
             problems = check_compatibility(registry, subjects, level or DEFAULT_COMPATIBILITY)

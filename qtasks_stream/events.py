@@ -56,6 +56,7 @@ class Submitted:
     idempotency_key: str | None = None
     max_time: float | None = None
     tags: tuple[str, ...] = ()
+    arguments_avro: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,7 @@ class Succeeded:
     result: str
     duration_ms: float
     content_type: str = JSON
+    result_avro: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +266,7 @@ class WorkItem:
     content_type: str = JSON
     max_time: float | None = None
     traceparent: str | None = None
+    arguments_avro: bytes | None = None
 
     SCHEMA: ClassVar[str] = "WorkItem"
 

@@ -6,10 +6,11 @@ scheduler and ``history --as-of`` all use it, so they cannot disagree.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from qtasks_stream.events import (
     Cancelled,
@@ -27,7 +28,19 @@ from qtasks_stream.events import (
     TimedOut,
 )
 
-__all__ = ["FINAL_STATUSES", "Task", "TaskState", "fold"]
+__all__ = ["FINAL_STATUSES", "PayloadDecoder", "Task", "TaskState", "fold"]
+
+JSON = "application/json"
+_BYTES_FIELDS = ("arguments_avro", "result_avro")
+
+
+class PayloadDecoder(Protocol):
+    """Turns a state's encoded arguments and result into Python values (see serde.payloads)."""
+
+    def task_values(self, state: TaskState) -> tuple[Any, Any, Any]:
+        """``(args, kwargs, result)`` of ``state``; the result is ``None`` before success."""
+        ...
+
 
 #: Statuses after which a task never changes.
 FINAL_STATUSES = frozenset({"success", "error", "cancel", "timeout", "dead_letter"})
@@ -43,8 +56,11 @@ class TaskState:
     priority: int = 0
     args: str = "[]"
     kwargs: str = "{}"
-    content_type: str = "application/json"
+    content_type: str = JSON
     result: str | None = None
+    result_content_type: str = JSON
+    arguments_avro: bytes | None = None
+    result_avro: bytes | None = None
     error_type: str | None = None
     error_message: str | None = None
     traceback: str | None = None
@@ -67,25 +83,40 @@ class TaskState:
         return self.status in FINAL_STATUSES
 
     def to_json(self) -> str:
-        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)})
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in _BYTES_FIELDS:
+            if data[name] is not None:
+                data[name] = base64.b64encode(data[name]).decode()
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> TaskState:
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        for name in _BYTES_FIELDS:
+            if data.get(name) is not None:
+                data[name] = base64.b64decode(data[name])
+        return cls(**data)
 
-    def to_task(self) -> Task:
+    def to_task(self, payloads: PayloadDecoder | None = None) -> Task:
+        """The client's ``Task``. JSON payloads are decoded here; typed Avro ones need
+        ``payloads`` (without it they stay encoded: the view has no registry)."""
+        if self.content_type == JSON and self.result_content_type == JSON:
+            args: Any = json.loads(self.args)
+            kwargs: Any = json.loads(self.kwargs)
+            returning = json.loads(self.result) if self.result is not None else None
+        elif payloads is not None:
+            args, kwargs, returning = payloads.task_values(self)
+        else:
+            args, kwargs = self.arguments_avro or self.args, self.kwargs
+            returning = self.result_avro or self.result
         return Task(
             uuid=self.task_id,
             task_name=self.task_name,
             status=self.status,
             priority=self.priority,
-            args=json.loads(self.args) if self.content_type == "application/json" else self.args,
-            kwargs=json.loads(self.kwargs)
-            if self.content_type == "application/json"
-            else self.kwargs,
-            returning=json.loads(self.result)
-            if self.result is not None and self.content_type == "application/json"
-            else self.result,
+            args=args,
+            kwargs=kwargs,
+            returning=returning,
             traceback=self.traceback,
             error_type=self.error_type,
             error_message=self.error_message,
@@ -161,6 +192,7 @@ def fold(state: TaskState | None, event: TaskEvent) -> TaskState:
         state.priority = payload.priority
         state.args, state.kwargs = payload.args, payload.kwargs
         state.content_type = payload.content_type
+        state.arguments_avro = payload.arguments_avro
         state.idempotency_key = payload.idempotency_key
         state.tags = list(payload.tags)
         state.due_us = payload.eta_us
@@ -178,7 +210,8 @@ def fold(state: TaskState | None, event: TaskEvent) -> TaskState:
         state.status, state.result = "success", payload.result
         # Errors of earlier attempts stay in the history; the view shows the outcome.
         state.error_type = state.error_message = state.traceback = None
-        state.content_type = payload.content_type
+        state.result_content_type = payload.content_type
+        state.result_avro = payload.result_avro
         state.attempt = event.attempt
     elif isinstance(payload, Failed):
         state.status, state.attempt = "error", event.attempt

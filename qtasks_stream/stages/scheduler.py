@@ -206,6 +206,7 @@ class SchedulerStage(Stage):
             content_type=state.content_type,
             max_time=self._max_time.get(state.task_id),
             traceparent=state.traceparent,
+            arguments_avro=state.arguments_avro,
         )
         cp.emit(self._topology.lane(lane), state.task_id, item)
 

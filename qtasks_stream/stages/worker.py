@@ -27,7 +27,6 @@ from qtasks_stream.context import TaskContext
 from qtasks_stream.errors import EventLogError, SerdeError, TaskCancelled, TaskTimeout
 from qtasks_stream.eventlog.base import Consumer
 from qtasks_stream.events import (
-    JSON,
     Cancelled,
     ControlCommand,
     Failed,
@@ -45,6 +44,7 @@ from qtasks_stream.executors.base import Call, Executor
 from qtasks_stream.interceptors import ExecuteInput, Interceptor, chain_execute
 from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.serde.base import Serde
+from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
 from qtasks_stream.tasks import TaskDefinition
 from qtasks_stream.topology import Topology
@@ -75,6 +75,7 @@ class WorkerStage(Stage):
         tasks: Mapping[str, TaskDefinition],
         executor: Executor,
         serde: Serde,
+        payloads: TaskPayloads,
         control: Callable[[], Consumer],
         worker_id: str,
         concurrency: int = 16,
@@ -88,6 +89,7 @@ class WorkerStage(Stage):
         self._tasks = tasks
         self._executor = executor
         self._serde = serde
+        self._payloads = payloads
         self._control_factory = control
         self.worker_id = worker_id
         self._concurrency = concurrency
@@ -275,7 +277,9 @@ class WorkerStage(Stage):
         max_time = work.max_time or definition.max_time
         timer = asyncio.timeout(max_time)
         try:
-            args, kwargs = _decode_args(work)
+            args, kwargs = self._payloads.decode_call(
+                definition, work.content_type, work.args, work.kwargs, work.arguments_avro
+            )
             if definition.echo and self._echo_self is not None:
                 args = (self._echo_self(ctx), *args)
             token = ctx._bind()
@@ -286,14 +290,10 @@ class WorkerStage(Stage):
                 ctx._unbind(token)
             duration = (time.perf_counter() - started) * 1000
             try:
-                return Succeeded(json.dumps(result), duration, JSON)
-            except (TypeError, ValueError) as exc:
-                return Failed(
-                    "TypeError",
-                    f"result of task {work.task_name!r} is not JSON-serializable: {exc}",
-                    "",
-                    duration,
-                )
+                encoded = self._payloads.encode_result(definition, result)
+            except SerdeError as exc:
+                return Failed(error_type_name(exc), str(exc), "", duration)
+            return Succeeded(encoded.text, duration, encoded.content_type, encoded.data)
         except TaskCancelled as exc:
             return Cancelled(exc.reason)
         except asyncio.CancelledError:
@@ -383,15 +383,6 @@ class WorkerStage(Stage):
         # Coroutines stop at their next await; code in threads must check ctx.cancelled.
         if kind in ("async", "asyncgen"):
             task.cancel()
-
-
-def _decode_args(work: WorkItem) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if work.content_type != JSON:
-        raise TypeError(f"arguments of content type {work.content_type!r} are not supported")
-    args, kwargs = json.loads(work.args), json.loads(work.kwargs)
-    if not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise TypeError("arguments must be a JSON array and keyword arguments a JSON object")
-    return tuple(args), kwargs
 
 
 def _format(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.events import TaskEvent
 from qtasks_stream.records import TopicPartition
-from qtasks_stream.state import Task, TaskState, fold
+from qtasks_stream.state import PayloadDecoder, Task, TaskState, fold
 
 __all__ = ["Applied", "TaskQuery", "ViewStore"]
 
@@ -93,15 +93,18 @@ class ViewStore(ABC):
         if newer:
             await self._save([], newer)
 
-    async def get(self, task_id: str) -> Task | None:
+    async def get(self, task_id: str, *, payloads: PayloadDecoder | None = None) -> Task | None:
         state = (await self._load({task_id})).get(task_id)
-        return state.to_task() if state is not None else None
+        return state.to_task(payloads) if state is not None else None
 
     async def state(self, task_id: str) -> TaskState | None:
         return (await self._load({task_id})).get(task_id)
 
-    async def query(self, query: TaskQuery) -> list[Task]:
-        return [s.to_task() for s in await self._search(query)]
+    async def query(
+        self, query: TaskQuery, *, payloads: PayloadDecoder | None = None
+    ) -> list[Task]:
+        """Tasks matching ``query``; ``payloads`` decodes typed Avro arguments and results."""
+        return [s.to_task(payloads) for s in await self._search(query)]
 
     @abstractmethod
     async def positions(self) -> dict[TopicPartition, int]:

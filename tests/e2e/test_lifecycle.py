@@ -41,21 +41,6 @@ T = TypeVar("T")
 # -- helpers ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def make_app() -> AsyncIterator[Callable[..., QueueTasks]]:
-    apps: list[QueueTasks] = []
-
-    def make(name: str = "e2e", **options: Any) -> QueueTasks:
-        app = QueueTasks(name, **options)
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        async with asyncio.timeout(LIMIT):
-            await app.close()
-
-
 async def eventually(
     probe: Callable[[], Awaitable[T] | T],
     ok: Callable[[T], bool] = bool,

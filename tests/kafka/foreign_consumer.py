@@ -11,6 +11,10 @@ was (``Cancelled`` and ``CancelRequested`` both decode to ``{"reason": ...}``). 
 ``return_record_name=True`` (a constructor argument, not a ``conf`` key) every union that
 holds records decodes to a ``(full record name, fields)`` tuple, e.g.
 ``("qtasks.stream.v1.Succeeded", {"result": "42", ...})``; its short name is the event kind.
+
+Typed task payloads (content type ``application/vnd.qtasks.avro``) are Avro records in the
+Confluent wire format inside the ``arguments_avro`` / ``result_avro`` bytes fields: the same
+deserializer decodes them, fetching their schema by the id in their first bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -40,6 +44,7 @@ class ForeignEvent:
     offset: int
     envelope: dict[str, Any]  # the whole value; envelope["payload"] is (record name, fields)
     payload: dict[str, Any]  # the fields of the payload branch
+    typed: dict[str, Any] = field(default_factory=dict)  # decoded *_avro fields, by name
 
 
 def plain_consumer(bootstrap: str, group_id: str, **extra: Any) -> Consumer:
@@ -76,11 +81,18 @@ def _value_context(msg: Message) -> SerializationContext:
     return SerializationContext(msg.topic() or "", MessageField.VALUE)
 
 
-def decode_event(deserializer: AvroDeserializer, msg: Message) -> ForeignEvent:
+def decode_event(
+    deserializer: AvroDeserializer, msg: Message, nested: AvroDeserializer | None = None
+) -> ForeignEvent:
     envelope = deserializer(msg.value(), _value_context(msg))
     if not isinstance(envelope, dict):
         raise TypeError(f"expected an Avro record, got {envelope!r}")
     record_name, payload = envelope["payload"]
+    typed = {}
+    if nested is not None:
+        for name in ("arguments_avro", "result_avro"):
+            if payload.get(name) is not None:
+                typed[name] = nested(payload[name], _value_context(msg))
     return ForeignEvent(
         task_id=_key(msg),
         kind=record_name.rpartition(".")[2],
@@ -89,6 +101,7 @@ def decode_event(deserializer: AvroDeserializer, msg: Message) -> ForeignEvent:
         offset=msg.offset() or 0,
         envelope=envelope,
         payload=payload,
+        typed=typed,
     )
 
 
@@ -132,10 +145,11 @@ def read_events(
     events: list[ForeignEvent] = []
     with SchemaRegistryClient({"url": registry_url, "timeout": 10}) as registry:
         deserializer = AvroDeserializer(registry, return_record_name=True)
+        nested = AvroDeserializer(registry)
         read_to_end(
             bootstrap,
             topic,
-            lambda msg: events.append(decode_event(deserializer, msg)),
+            lambda msg: events.append(decode_event(deserializer, msg, nested)),
             timeout=timeout,
         )
     return events

@@ -74,7 +74,9 @@ async def test_worker_in_another_process_and_history_from_the_log(
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert [e["payload"][0] for e in events] == ["Submitted", "Scheduled", "Started", "Succeeded"]
     assert {e["task_id"] for e in events} == {done.uuid}
-    assert events[-1]["payload"][1]["result"] == "42"
+    # `work(n: int) -> int` is typed: its arguments and result are Avro, shown decoded.
+    assert events[0]["payload"][1]["arguments_avro"] == {"n": 21}
+    assert events[-1]["payload"][1]["result_avro"] == {"value": 42}
 
     unknown = _cli(env, "history", str(uuid.uuid4()), "-A", "tests.apps.eos_app:app")
     assert unknown.returncode == 1 and "no events for task" in unknown.stderr

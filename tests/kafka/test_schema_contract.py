@@ -151,14 +151,20 @@ async def test_a_foreign_consumer_reconstructs_every_lifecycle(
     async def broken() -> None:
         raise ValueError("always fails")
 
+    @app.task
+    async def total(values):  # type: ignore[no-untyped-def]
+        return sum(values)
+
     async with app:
-        ok, retried, failed = await asyncio.gather(
+        ok, retried, failed, untyped = await asyncio.gather(
             app.add_task("double", 21, timeout=WAIT),
             app.add_task("flaky", "k", timeout=WAIT),
             app.add_task("broken", timeout=WAIT),
+            app.add_task("total", [1, 2], timeout=WAIT),
         )
-    assert ok is not None and retried is not None and failed is not None
+    assert ok is not None and retried is not None and failed is not None and untyped is not None
     assert (ok.status, retried.status, failed.status) == ("success", "success", "error")
+    assert untyped.status == "success"
 
     events = await asyncio.to_thread(
         read_events, kafka_bootstrap, schema_registry_url, app.topology.events
@@ -176,6 +182,7 @@ async def test_a_foreign_consumer_reconstructs_every_lifecycle(
             "Succeeded",
         ],
         failed.uuid: ["Submitted", "Scheduled", "Started", "Failed"],
+        untyped.uuid: ["Submitted", "Scheduled", "Started", "Succeeded"],
     }
     by_task: dict[str, list[ForeignEvent]] = {}
     for event in sorted(events, key=lambda e: (e.partition, e.offset)):
@@ -185,14 +192,27 @@ async def test_a_foreign_consumer_reconstructs_every_lifecycle(
         assert event.header_kind == event.kind
         assert event.envelope["task_id"] == event.task_id
     names = {task_id: {e.envelope["task_name"] for e in evs} for task_id, evs in by_task.items()}
-    assert names == {ok.uuid: {"double"}, retried.uuid: {"flaky"}, failed.uuid: {"broken"}}
+    assert names == {
+        ok.uuid: {"double"},
+        retried.uuid: {"flaky"},
+        failed.uuid: {"broken"},
+        untyped.uuid: {"total"},
+    }
 
-    # Arguments and results are JSON text with their content type.
-    submitted = by_task[ok.uuid][0].payload
-    assert (json.loads(submitted["args"]), submitted["content_type"]) == ([21], "application/json")
-    succeeded = by_task[ok.uuid][-1].payload
-    assert (json.loads(succeeded["result"]), succeeded["content_type"]) == (42, "application/json")
-    assert json.loads(by_task[retried.uuid][-1].payload["result"]) == "K"
+    # Typed signatures: arguments and results are Avro records with registered schemas,
+    # decoded by the same deserializer; untyped ones are JSON text with their content type.
+    submitted = by_task[ok.uuid][0]
+    assert submitted.payload["content_type"] == "application/vnd.qtasks.avro"
+    assert submitted.typed["arguments_avro"] == {"x": 21}
+    succeeded = by_task[ok.uuid][-1]
+    assert succeeded.payload["content_type"] == "application/vnd.qtasks.avro"
+    assert succeeded.typed["result_avro"] == {"value": 42}
+    assert by_task[retried.uuid][-1].typed["result_avro"] == {"value": "K"}
+    assert (json.loads(by_task[untyped.uuid][0].payload["args"]), "application/json") == (
+        [[1, 2]],
+        by_task[untyped.uuid][0].payload["content_type"],
+    )
+    assert json.loads(by_task[untyped.uuid][-1].payload["result"]) == 3
     # Attempts: the retry runs as attempt 2, announced by RetryScheduled.next_attempt.
     retry_events = by_task[retried.uuid]
     assert [e.envelope["attempt"] for e in retry_events if e.kind == "Started"] == [1, 2]

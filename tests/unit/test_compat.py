@@ -157,7 +157,8 @@ def test_a_required_field_in_a_payload_branch_is_named_through_the_union() -> No
         with_versions(TASK_EVENT), {SUBJECT: text(evolved("submitted gains required field"))}
     )
     assert problem.field == "payload.Submitted.owner"
-    assert problem.location == "/fields/7/type/0/fields/8"
+    submitted_fields = len(TASK_EVENT["fields"][7]["type"][0]["fields"])  # owner goes last
+    assert problem.location == f"/fields/7/type/0/fields/{submitted_fields}"
     assert problem.kind == "reader_field_missing_default_value"
 
 

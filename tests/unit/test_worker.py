@@ -32,6 +32,7 @@ from qtasks_stream.events import (
 from qtasks_stream.executors.pool import LocalExecutor
 from qtasks_stream.records import OutRecord, Record
 from qtasks_stream.serde.avro import AvroSerde
+from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.stages.base import Checkpoint, Incoming
 from qtasks_stream.stages.worker import WorkerStage
 from qtasks_stream.tasks import Router
@@ -148,6 +149,7 @@ async def make() -> AsyncIterator[Callable[..., Any]]:
             tasks=router.definitions,
             executor=LocalExecutor(threads=2),
             serde=serde,
+            payloads=TaskPayloads(registry, TOPOLOGY.events, router.definitions),
             control=lambda: log.consumer([TOPOLOGY.control], group_id=None),
             worker_id="worker:test",
             concurrency=concurrency,
