@@ -5,9 +5,9 @@ set (``OTEL_EXPORTER_OTLP_ENDPOINT`` or the ``_TRACES_`` one; exporter ``otlp``)
 likewise with ``OTEL_METRICS_EXPORTER``. ``OTEL_SDK_DISABLED=true`` turns both off.
 Exporters: ``otlp`` (``OTEL_EXPORTER_OTLP_PROTOCOL`` http/protobuf, or grpc when its
 package is installed; the exporter reads its own ``OTEL_EXPORTER_OTLP_*`` settings),
-``console`` and ``none``. ``QTASKS_OTEL_SPANS_FILE`` also writes spans as JSON lines to that
-path (``{pid}`` in it becomes the process id). Providers are built here and handed to the
-interceptors; the global ones are never set.
+``console`` and ``none``. ``QTASKS_OTEL_SPANS_FILE`` and ``QTASKS_OTEL_METRICS_FILE`` also
+write spans and metrics as JSON lines to that path (``{pid}`` in it becomes the process
+id). Providers are built here and handed to the interceptors; the global ones are never set.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def telemetry_from_env(
     metric_exporters = [
         _metric_exporter(n, env) for n in _names(env, "OTEL_METRICS_EXPORTER", "METRICS")
     ]
-    if not span_exporters and not spans_file and not metric_exporters:
+    metrics_file = env.get("QTASKS_OTEL_METRICS_FILE", "")
+    if not span_exporters and not spans_file and not metric_exporters and not metrics_file:
         return None
     try:
         from opentelemetry.sdk.metrics import MeterProvider
@@ -134,7 +135,8 @@ def telemetry_from_env(
     if spans_file:
         from qtasks_stream.telemetry.export import JsonLinesSpanExporter
 
-        span_exporters.append(JsonLinesSpanExporter(spans_file.replace("{pid}", str(os.getpid()))))
+        path = spans_file.replace("{pid}", str(os.getpid()))
+        span_exporters.append(JsonLinesSpanExporter(path))
     if span_exporters:
         tracer_provider = TracerProvider(resource=resource)
         for exporter in span_exporters:
@@ -143,6 +145,11 @@ def telemetry_from_env(
             TracingInterceptor(tracer_provider, messaging_system=messaging_system)
         )
         telemetry._shutdowns.append(tracer_provider.shutdown)
+    if metrics_file:
+        from qtasks_stream.telemetry.export import JsonLinesMetricExporter
+
+        path = metrics_file.replace("{pid}", str(os.getpid()))
+        metric_exporters.append(JsonLinesMetricExporter(path))
     if metric_exporters:
         readers = [PeriodicExportingMetricReader(e) for e in metric_exporters]
         meter_provider = MeterProvider(metric_readers=readers, resource=resource)

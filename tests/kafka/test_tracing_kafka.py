@@ -17,17 +17,20 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from qtasks_stream.cli import configure
-from qtasks_stream.telemetry import TracingInterceptor, trace_id_of
-from qtasks_stream.telemetry.export import span_to_dict
+from qtasks_stream.telemetry import MetricsInterceptor, TracingInterceptor, trace_id_of
+from qtasks_stream.telemetry.export import metrics_to_dict, span_to_dict
 from qtasks_stream.telemetry.propagation import parse_traceparent
 from tests.apps.otel_app import build
 
@@ -45,6 +48,7 @@ def _env(kind: str, bootstrap: str, prefix: str, spans: Path) -> dict[str, str]:
         QTASKS_TOPIC_PREFIX=prefix,
         QTASKS_TRANSACTION_TIMEOUT_MS="10000",
         QTASKS_OTEL_SPANS_FILE=str(spans / "spans-{pid}.jsonl"),
+        QTASKS_OTEL_METRICS_FILE=str(spans / "metrics-{pid}.jsonl"),
         OTEL_SERVICE_NAME="otel-test-worker",
         OTEL_BSP_SCHEDULE_DELAY="200",
     )
@@ -75,6 +79,23 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def _metric_totals(folder: Path, client: InMemoryMetricReader) -> Counter[str]:
+    """Sum of every counter and of every histogram's count, over the client and workers."""
+    exports = []
+    for path in folder.glob("metrics-*.jsonl"):
+        lines = [line for line in path.read_text().splitlines() if line]
+        exports.append(json.loads(lines[-1]))  # cumulative: the last export is the total
+    data = client.get_metrics_data()
+    assert data is not None
+    exports.append(metrics_to_dict(data))
+    totals: Counter[str] = Counter()
+    for export in exports:
+        for name, points in export.items():
+            for point in points:
+                totals[name] += point["count"] if "count" in point else point["value"]
+    return totals
+
+
 def _file_spans(folder: Path) -> dict[int, list[dict[str, Any]]]:
     """Spans per worker process id, from the files the workers wrote."""
     spans: dict[int, list[dict[str, Any]]] = {}
@@ -85,7 +106,7 @@ def _file_spans(folder: Path) -> dict[int, list[dict[str, Any]]]:
 
 
 @pytest.mark.parametrize("kind", ["confluent", "aiokafka"])
-async def test_a_retried_task_is_one_trace_across_two_worker_processes(
+async def test_a_retried_task_is_one_trace_and_counted_once_across_two_worker_processes(
     kind: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     prefix = f"otel{uuid.uuid4().hex[:8]}."
@@ -93,8 +114,11 @@ async def test_a_retried_task_is_one_trace_across_two_worker_processes(
     client_spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(client_spans))
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
     client = configure(build(), env)
     client.add_interceptor(TracingInterceptor(provider))
+    client.add_interceptor(MetricsInterceptor(meters))
 
     first = _spawn(env, tmp_path, 1)
     second: subprocess.Popen[bytes] | None = None
@@ -129,6 +153,17 @@ async def test_a_retried_task_is_one_trace_across_two_worker_processes(
             _stop(second)
         await client.close()
         provider.shutdown()
+
+    totals = _metric_totals(tmp_path, reader)
+    meters.shutdown()
+    kinds = Counter(e.kind for e in history)
+    assert kinds["Started"] == 2
+    assert totals["qtasks.tasks.submitted"] == kinds["Submitted"] == 1
+    assert totals["qtasks.tasks.retried"] == kinds["RetryScheduled"] == 1
+    assert totals["qtasks.tasks.succeeded"] == kinds["Succeeded"] == 1
+    assert totals["qtasks.tasks.failed"] == kinds["Failed"] + kinds["TimedOut"] == 0
+    assert totals["qtasks.task.duration"] == totals["qtasks.task.queue_wait"] == 2
+    assert totals["qtasks.worker.in_flight"] == 0
 
     trace_ids = {trace_id_of(e.traceparent) for e in history}
     assert len(trace_ids) == 1 and None not in trace_ids, history

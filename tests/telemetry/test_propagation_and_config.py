@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.trace import SpanContext, TraceFlags
@@ -115,3 +117,35 @@ def test_unknown_exporters_are_configuration_errors() -> None:
         telemetry_from_env(
             {"OTEL_METRICS_EXPORTER": "prometheus"}, service_name="s", messaging_system="kafka"
         )
+
+
+async def test_files_receive_spans_and_a_final_metrics_export(tmp_path: Path) -> None:
+    app = QueueTasks("cfg")
+
+    @app.task
+    def double(n: int) -> int:
+        return 2 * n
+
+    env = {
+        "QTASKS_OTEL_SPANS_FILE": str(tmp_path / "spans-{pid}.jsonl"),
+        "QTASKS_OTEL_METRICS_FILE": str(tmp_path / "metrics-{pid}.jsonl"),
+        "OTEL_SERVICE_NAME": "cfg-test",
+    }
+    telemetry = telemetry_from(app, env)
+    assert telemetry is not None
+    assert [type(i) for i in app.interceptors] == [TracingInterceptor, MetricsInterceptor]
+    async with app:
+        task = await app.add_task("double", 2, timeout=10)
+        assert task is not None and task.status == "success"
+    telemetry.shutdown()
+    spans = _lines(tmp_path, "spans-*.jsonl")
+    assert {"submit double", "execute double", "Succeeded double"} <= {s["name"] for s in spans}
+    assert {s["service"] for s in spans} == {"cfg-test"}
+    last = _lines(tmp_path, "metrics-*.jsonl")[-1]
+    assert [p["value"] for p in last["qtasks.tasks.succeeded"]] == [1]
+    assert last["qtasks.tasks.succeeded"][0]["attributes"] == {"qtasks.task.name": "double"}
+
+
+def _lines(folder: Path, pattern: str) -> list[dict[str, Any]]:
+    (path,) = folder.glob(pattern)  # one process, one file
+    return [json.loads(line) for line in path.read_text().splitlines()]
