@@ -14,7 +14,6 @@ The tracer provider is passed in; nothing here touches the global providers.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -175,7 +174,6 @@ class TracingInterceptor(Interceptor):
             "messaging.destination.name": input.topic,
             "messaging.kafka.message.key": input.key,
             "qtasks.stage": input.stage,
-            "qtasks.event.kind": kind,
             "qtasks.task.id": event.task_id,
             "qtasks.task.name": event.task_name,
             "qtasks.task.attempt": event.attempt,
@@ -194,10 +192,18 @@ class TracingInterceptor(Interceptor):
         try:
             if kind in _ERROR_KINDS:
                 span.set_status(Status(StatusCode.ERROR, _reason(event)))
-            stamped = dataclasses.replace(
-                event, traceparent=format_traceparent(span.get_span_context())
+            # Built directly: dataclasses.replace costs several times more, per event.
+            stamped = TaskEvent(
+                event.task_id,
+                event.task_name,
+                event.attempt,
+                event.source,
+                event.payload,
+                event.at_us,
+                event.event_id,
+                format_traceparent(span.get_span_context()),
             )
-            next(dataclasses.replace(input, value=stamped))
+            next(EmitInput(input.stage, input.topic, input.key, stamped, input.origin))
         finally:
             span.end()
 
