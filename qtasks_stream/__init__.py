@@ -11,7 +11,7 @@ from qtasks_stream.errors import (
     TaskTimeout,
     UnknownTaskError,
 )
-from qtasks_stream.interceptors import ExecuteInput, Interceptor, StepInput
+from qtasks_stream.interceptors import EmitInput, ExecuteInput, Interceptor, StepInput
 from qtasks_stream.state import Task
 from qtasks_stream.tasks import RetryPolicy, Router, TaskHandle
 from qtasks_stream.views.base import TaskQuery
@@ -19,6 +19,7 @@ from qtasks_stream.views.base import TaskQuery
 __all__ = [
     "STAGES",
     "ConfigurationError",
+    "EmitInput",
     "EventLogError",
     "ExecuteInput",
     "Interceptor",

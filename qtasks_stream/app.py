@@ -21,13 +21,19 @@ from typing import Any
 
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from qtasks_stream.errors import ConfigurationError, EventLogError, SerdeError, UnknownTaskError
+from qtasks_stream.errors import (
+    ConfigurationError,
+    EventLogError,
+    QTasksStreamError,
+    SerdeError,
+    UnknownTaskError,
+)
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.memory import InMemoryEventLog, murmur2_partition
 from qtasks_stream.events import CancelRequested, Submitted, TaskEvent, now_us
 from qtasks_stream.executors.base import Executor
 from qtasks_stream.executors.pool import LocalExecutor
-from qtasks_stream.interceptors import Interceptor
+from qtasks_stream.interceptors import EmitInput, Interceptor, chain_emit, wants
 from qtasks_stream.records import OutRecord, TopicPartition
 from qtasks_stream.results import ResultListener
 from qtasks_stream.serde.avro import AvroSerde
@@ -308,6 +314,7 @@ class QueueTasks(Router):
             else str(uuid.uuid4())
         )
         event = TaskEvent.new(task_id, task_name, 0, "client", submitted)
+        event = self._intercept(self.topology.events, task_id, event)
         # Encoded before anything is sent: a value that does not fit leaves nothing behind.
         value = self.serde.encode(self.topology.events, event.to_avro())
         waiter = None
@@ -382,9 +389,22 @@ class QueueTasks(Router):
         known = await self._view_state(uuid)
         name = known.task_name if known is not None else ""
         event = TaskEvent.new(uuid, name, 0, "client", CancelRequested(reason))
+        event = self._intercept(self.topology.events, uuid, event)
         value = self.serde.encode(self.topology.events, event.to_avro())
         headers = event.record_headers()
         await self._producer.send([OutRecord(self.topology.events, uuid.encode(), value, headers)])
+
+    def _intercept(self, topic: str, key: str, event: TaskEvent) -> TaskEvent:
+        """``event`` as the client's emit interceptors pass it on (tracing stamps it)."""
+        if not wants(self.interceptors, "emit"):
+            return event
+        passed: list[TaskEvent] = []
+        chain_emit(self.interceptors, lambda out: passed.append(out.value))(
+            EmitInput("client", topic, key, event)
+        )
+        if not passed:
+            raise QTasksStreamError(f"an interceptor dropped the {event.kind} event of {key}")
+        return passed[-1]
 
     async def history(self, uuid: str, *, limit: float = 30.0) -> list[TaskEvent]:
         """Every event of one task, in order, read from the log (not from a view).

@@ -7,7 +7,8 @@ Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app``,
 ``QTASKS_TOPIC_PREFIX``, ``QTASKS_INSTANCE_ID``, ``QTASKS_TRANSACTION_TIMEOUT_MS``, security
 settings ``QTASKS_SECURITY_PROTOCOL``/``QTASKS_SASL_*``/``QTASKS_SSL_CAFILE`` and
 ``QTASKS_KAFKA_EXTRA`` as a JSON object of client properties); otherwise on the embedded
-default.
+default. ``worker`` and ``demo`` trace and measure through OpenTelemetry when the standard
+``OTEL_*`` settings ask for it (see ``qtasks_stream.telemetry.config``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 from qtasks_stream.app import STAGES, QueueTasks
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 from qtasks_stream.eventlog.base import EventLog
+from qtasks_stream.telemetry.config import Telemetry
 
 __all__ = ["main"]
 
@@ -113,6 +115,22 @@ def configure(app: QueueTasks, env: Mapping[str, str]) -> QueueTasks:
     return app
 
 
+def telemetry_from(app: QueueTasks, env: Mapping[str, str]) -> Telemetry | None:
+    """Install the tracing and metrics the ``OTEL_*`` settings ask for on ``app``; returns
+    what to shut down at exit (None when telemetry is off: no interceptor, no cost)."""
+    from qtasks_stream.telemetry.config import telemetry_from_env
+
+    telemetry = telemetry_from_env(
+        env,
+        service_name=f"qtasks-stream.{app.name}",
+        messaging_system="kafka" if env.get("QTASKS_BOOTSTRAP_SERVERS") else "qtasks.memory",
+    )
+    if telemetry is not None:
+        for interceptor in telemetry.interceptors:
+            app.add_interceptor(interceptor)
+    return telemetry
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qtasks-stream", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -179,7 +197,11 @@ async def _history(app: QueueTasks, task_id: str, as_json: bool) -> int:
         print(f"no events for task {task_id} in {app.topology.events}", file=sys.stderr)
         return 1
     from qtasks_stream.demo import _format_event
+    from qtasks_stream.telemetry.propagation import trace_id_of
 
+    trace_id = next((t for e in events if (t := trace_id_of(e.traceparent))), None)
+    if trace_id is not None and not as_json:
+        print(f"task {task_id}  trace {trace_id}")
     for index, event in enumerate(events):
         if as_json:
             document = {**event.to_avro(), "payload": [event.kind, payloads[index]]}
@@ -275,12 +297,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             from qtasks_stream.demo import build_demo_app, run_demo
 
             app = configure(QueueTasks(args.name), env)
-            asyncio.run(run_demo(build_demo_app(app), args.tasks, sys.stdout))
+            telemetry = telemetry_from(app, env)
+            try:
+                asyncio.run(run_demo(build_demo_app(app), args.tasks, sys.stdout))
+            finally:
+                if telemetry is not None:
+                    telemetry.shutdown()  # flushes what the exporters still hold
             return 0
         if args.command == "worker":
             app = configure(load_app(args.app), env)
+            telemetry = telemetry_from(app, env)
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-            asyncio.run(_run_worker(app, stages))
+            try:
+                asyncio.run(_run_worker(app, stages))
+            finally:
+                if telemetry is not None:
+                    telemetry.shutdown()
             return 0
         if args.command == "history":
             app = configure(load_app(args.app), env)

@@ -34,6 +34,7 @@ class TaskContext:
         attempt: int,
         logger: logging.Logger,
         emit_progress: Callable[[Any], None],
+        traceparent: str | None = None,
     ) -> None:
         self.task_id = task_id
         self.task_uuid = task_id  # the QTasks name
@@ -42,6 +43,10 @@ class TaskContext:
         self.logger = logger
         self._emit_progress = emit_progress
         self.cancel_reason: str | None = None
+        #: W3C trace context of this attempt: the task's, or the attempt's own span when a
+        #: tracing interceptor runs. Events the attempt emits carry it; user code may
+        #: continue the trace from it.
+        self.traceparent = traceparent
 
     def get_logger(self) -> logging.Logger:
         return self.logger

@@ -15,6 +15,7 @@ __all__ = [
     "JSON",
     "KIND_HEADER",
     "TERMINAL_KINDS",
+    "TRACEPARENT_HEADER",
     "CancelRequested",
     "Cancelled",
     "ControlCommand",
@@ -39,6 +40,8 @@ __all__ = [
 JSON = "application/json"
 #: Record header naming the event kind, so a consumer can skip kinds without decoding.
 KIND_HEADER = "qtasks.kind"
+#: W3C trace context header (the name OpenTelemetry's Kafka instrumentations use).
+TRACEPARENT_HEADER = "traceparent"
 _NAMESPACE = "qtasks.stream.v1."
 
 
@@ -216,6 +219,11 @@ class TaskEvent:
         return type(self.payload).__name__ in TERMINAL_KINDS
 
     def record_headers(self) -> tuple[tuple[str, bytes], ...]:
+        if self.traceparent:
+            return (
+                (KIND_HEADER, _KIND_BYTES[type(self.payload)]),
+                (TRACEPARENT_HEADER, self.traceparent.encode()),
+            )
         return ((KIND_HEADER, _KIND_BYTES[type(self.payload)]),)
 
     def to_avro(self) -> dict[str, Any]:
@@ -269,6 +277,9 @@ class WorkItem:
     arguments_avro: bytes | None = None
 
     SCHEMA: ClassVar[str] = "WorkItem"
+
+    def record_headers(self) -> tuple[tuple[str, bytes], ...]:
+        return ((TRACEPARENT_HEADER, self.traceparent.encode()),) if self.traceparent else ()
 
     def to_avro(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _WORK_ITEM_FIELDS}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from qtasks_stream.events import DeadLettered, TaskEvent
+from qtasks_stream.events import TRACEPARENT_HEADER, DeadLettered, TaskEvent
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
 from qtasks_stream.stages.runner import DLQ_REASON, DLQ_SOURCE, DLQ_STAGE
 from qtasks_stream.topology import Topology
@@ -64,5 +64,7 @@ class DeadLetterStage(Stage):
                     source_partition=int(parts[1]),
                     source_offset=int(parts[2]),
                 ),
+                # The dead letter keeps the original headers: the task's trace goes on.
+                traceparent=headers.get(TRACEPARENT_HEADER) or None,
             )
             checkpoint.emit(self._topology.events, task_id, event, rec)

@@ -28,7 +28,14 @@ from typing import Any
 from qtasks_stream.errors import EventLogError, FencedError, SerdeError
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer
 from qtasks_stream.events import ControlCommand, TaskEvent, WorkItem
-from qtasks_stream.interceptors import Interceptor, StepInput, chain_step
+from qtasks_stream.interceptors import (
+    EmitInput,
+    Interceptor,
+    StepInput,
+    chain_emit,
+    chain_step,
+    wants,
+)
 from qtasks_stream.records import OutRecord, Record, TopicPartition
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
@@ -80,9 +87,14 @@ _Output = tuple[OutRecord, TopicPartition | None, "_Offsets | None", int]
 
 
 class _RunnerCheckpoint(Checkpoint):
-    def __init__(self, runner: StageRunner) -> None:
+    def __init__(self, runner: StageRunner, interceptors: Sequence[Interceptor] = ()) -> None:
         self._runner = runner
         self._serde = runner.serde
+        self._stage_name = runner.stage.name
+        # Only built when an interceptor wraps emits: without one, emit stays a direct call.
+        self._emit_chain = (
+            chain_emit(interceptors, self._emit_input) if wants(interceptors, "emit") else None
+        )
         #: Outputs with the assignment and offset of the input they came from (None: none).
         self._outputs: list[_Output] = []
         self._offsets: dict[TopicPartition, _Offsets] = {}
@@ -93,9 +105,18 @@ class _RunnerCheckpoint(Checkpoint):
     # -- what stages call ------------------------------------------------------------------
 
     def emit(self, topic: str, key: str, value: Any, origin: Record | None = None) -> None:
+        if self._emit_chain is not None:
+            self._emit_chain(EmitInput(self._stage_name, topic, key, value, origin))
+            return
         encoded = self._serde.encode(topic, value.to_avro())
-        headers = value.record_headers() if isinstance(value, TaskEvent) else ()
+        headers = value.record_headers() if isinstance(value, TaskEvent | WorkItem) else ()
         self.emit_raw(OutRecord(topic, key.encode(), encoded, headers), origin)
+
+    def _emit_input(self, input: EmitInput) -> None:
+        value = input.value
+        encoded = self._serde.encode(input.topic, value.to_avro())
+        headers = value.record_headers() if isinstance(value, TaskEvent | WorkItem) else ()
+        self.emit_raw(OutRecord(input.topic, input.key.encode(), encoded, headers), input.origin)
 
     def emit_raw(self, record: OutRecord, origin: Record | None = None) -> None:
         if origin is None:
@@ -236,7 +257,7 @@ class StageRunner:
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
         self.rejoin_backoff = rejoin_backoff
-        self.checkpoint = _RunnerCheckpoint(self)
+        self.checkpoint = _RunnerCheckpoint(self, interceptors)
         schemas = topology.topic_schemas()
         self._decoders = {topic: _FROM_AVRO[name] for topic, name in schemas.items()}
         self._step = chain_step(interceptors, self._decode_and_handle)
@@ -342,7 +363,9 @@ class StageRunner:
                 if poll is not None and poll.done():
                     records, poll = poll.result(), None
                     if records:
-                        await self._step(StepInput(self.stage.name, records))
+                        await self._step(
+                            StepInput(self.stage.name, records, self.group, self._measure_lag)
+                        )
                     await self._report_positions(consumer, records)
                 next_due = await self.stage.tick(self.checkpoint)
                 if self.checkpoint.dirty:
@@ -375,6 +398,19 @@ class StageRunner:
                 # Retrieve its outcome: a poll cut short by a fence or close is expected here.
                 await asyncio.gather(poll, return_exceptions=True)
             await self._close_clients()
+
+    async def _measure_lag(self) -> dict[TopicPartition, int]:
+        consumer = self._consumer
+        owned = self.checkpoint.owned()
+        if consumer is None or not owned:
+            return {}
+        ends = await consumer.end_offsets(owned)
+        lag: dict[TopicPartition, int] = {}
+        for tp in owned:
+            position = await consumer.position(tp)
+            if position is not None and tp in ends:
+                lag[tp] = max(0, ends[tp] - position)
+        return lag
 
     def _apply_pauses(self, consumer: Consumer) -> None:
         topics = self.stage.paused_topics()

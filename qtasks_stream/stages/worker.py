@@ -96,6 +96,7 @@ class WorkerStage(Stage):
         #: Work items buffered per lane; a full lane is paused so the others still flow.
         self._lane_limit = buffer if buffer is not None else max(2 * concurrency, 8)
         self._execute = chain_execute(interceptors, self._call)
+        self._group = topology.group(self.name)
         self._echo_self = echo_self
         self._grace = shutdown_grace
         self._rng = rng or random.Random()
@@ -209,7 +210,13 @@ class WorkerStage(Stage):
                 assert self._checkpoint is not None
                 self._checkpoint.dead_letter(item.record, "worker failed handling it", None)
 
-    def _event(self, work: WorkItem, payload: Payload, origin: Record | None) -> None:
+    def _event(
+        self,
+        work: WorkItem,
+        payload: Payload,
+        origin: Record | None,
+        traceparent: str | None = None,
+    ) -> None:
         assert self._checkpoint is not None
         event = TaskEvent.new(
             work.task_id,
@@ -217,7 +224,7 @@ class WorkerStage(Stage):
             work.attempt,
             self.worker_id,
             payload,
-            traceparent=work.traceparent,
+            traceparent=traceparent or work.traceparent,
         )
         self._checkpoint.emit(self._topology.events, work.task_id, event, origin)
 
@@ -241,11 +248,18 @@ class WorkerStage(Stage):
         # Not tied to the work item: a start is a fact even if the attempt is redone, and it
         # must be visible while the attempt runs (outcomes wait for the item's offset).
         self._event(work, Started(self.worker_id), None)
-        outcome = await self._run(definition, work, rec)
-        self._event(work, outcome, rec)
+        outcome, traceparent = await self._run(definition, work, rec)
+        self._event(work, outcome, rec, traceparent)
         checkpoint.done(rec)
 
-    async def _run(self, definition: TaskDefinition, work: WorkItem, rec: Record) -> Payload:
+    async def _run(
+        self, definition: TaskDefinition, work: WorkItem, rec: Record
+    ) -> tuple[Payload, str | None]:
+        """The attempt's outcome, and the trace context the attempt ended with."""
+        ctx = self._context(work)
+        return await self._outcome(definition, work, rec, ctx), ctx.traceparent
+
+    def _context(self, work: WorkItem) -> TaskContext:
         loop = asyncio.get_running_loop()
         loop_thread = threading.get_ident()
         seq = 0
@@ -260,7 +274,7 @@ class WorkerStage(Stage):
             except (TypeError, ValueError) as exc:
                 log.warning("task %s: progress item dropped, not JSON: %s", work.task_id, exc)
                 encoded = json.dumps(repr(value))
-            self._event(work, Progress(seq, encoded), None)
+            self._event(work, Progress(seq, encoded), None, ctx.traceparent)
             seq += 1
 
         ctx = TaskContext(
@@ -269,7 +283,13 @@ class WorkerStage(Stage):
             attempt=work.attempt,
             logger=logging.getLogger(f"qtasks_stream.task.{work.task_name}"),
             emit_progress=progress,
+            traceparent=work.traceparent,
         )
+        return ctx
+
+    async def _outcome(
+        self, definition: TaskDefinition, work: WorkItem, rec: Record, ctx: TaskContext
+    ) -> Payload:
         me = asyncio.current_task()
         assert me is not None
         self._running[work.task_id] = (me, ctx, rec, definition.kind)
@@ -285,7 +305,11 @@ class WorkerStage(Stage):
             token = ctx._bind()
             try:
                 async with timer:
-                    result = await self._execute(ExecuteInput(definition, work, ctx, args, kwargs))
+                    result = await self._execute(
+                        ExecuteInput(
+                            definition, work, ctx, args, kwargs, rec, self._group, self.worker_id
+                        )
+                    )
             finally:
                 ctx._unbind(token)
             duration = (time.perf_counter() - started) * 1000

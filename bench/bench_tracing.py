@@ -1,0 +1,93 @@
+"""What telemetry costs: no-op task throughput on the embedded default, telemetry off vs on.
+
+Same run, same app shape, alternating rounds so drift hits both: ``off`` installs no
+interceptor (the zero-cost path), ``tracing`` installs TracingInterceptor with a
+BatchSpanProcessor into an exporter that drops spans (all span work is done, no I/O), and
+``tracing+metrics`` adds MetricsInterceptor with an in-memory reader. Prints tasks/s per
+round, the median per mode and its ratio to ``off``.
+
+    python -m bench.bench_tracing --tasks 3000 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from collections.abc import Sequence
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from qtasks_stream import QueueTasks
+from qtasks_stream.telemetry import MetricsInterceptor, TracingInterceptor
+
+MODES = ("off", "tracing", "tracing+metrics")
+
+
+class _Counting(SpanExporter):
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+async def run(mode: str, tasks: int, window: int) -> tuple[float, int]:
+    app = QueueTasks("bench", concurrency=64)
+    exporter = _Counting()
+    tracer_provider = TracerProvider()
+    # A queue large enough that the bench measures span work, not dropped spans.
+    tracer_provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=1 << 18))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    if mode != "off":
+        app.add_interceptor(TracingInterceptor(tracer_provider, messaging_system="qtasks.memory"))
+    if mode == "tracing+metrics":
+        app.add_interceptor(MetricsInterceptor(meter_provider))
+
+    @app.task(name="noop")
+    async def noop(i: int) -> int:
+        return i
+
+    slots = asyncio.Semaphore(window)
+
+    async def one(i: int) -> None:
+        async with slots:
+            done = await app.add_task("noop", i, timeout=120)
+            assert done is not None and done.status == "success", done
+
+    async with app:
+        await app.add_task("noop", -1, timeout=30)  # warm up every stage
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(tasks)))
+        elapsed = time.perf_counter() - started
+    tracer_provider.shutdown()  # exports what the batch processor still holds
+    meter_provider.shutdown()
+    return tasks / elapsed, exporter.spans
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--window", type=int, default=256, help="tasks in flight per client")
+    args = parser.parse_args()
+    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    print(f"embedded default, {args.tasks} no-op tasks, {args.window} in flight")
+    for round_ in range(args.rounds):
+        for mode in MODES:
+            rate, spans = asyncio.run(run(mode, args.tasks, args.window))
+            rates[mode].append(rate)
+            print(f"  round {round_ + 1}  {mode:<16} {rate:8.0f} tasks/s  {spans:7d} spans")
+    base = statistics.median(rates["off"])
+    for mode in MODES:
+        median = statistics.median(rates[mode])
+        print(f"{mode:<16} median {median:8.0f} tasks/s  ratio to off {median / base:5.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""W3C trace context in events and record headers, without the global propagator.
+
+Events keep the ``traceparent`` of the span that emitted them and records carry it as a
+header; both are the plain W3C string (``00-<trace id>-<span id>-<flags>``). Parsing here is
+a string split, cheap enough to run for every record of a traced batch.
+"""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from qtasks_stream.events import TRACEPARENT_HEADER
+from qtasks_stream.records import Headers
+
+__all__ = [
+    "context_from_traceparent",
+    "format_traceparent",
+    "parse_traceparent",
+    "trace_id_of",
+    "traceparent_from_headers",
+]
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def parse_traceparent(value: str | None) -> SpanContext | None:
+    """The remote span context a ``traceparent`` names, or None if absent or malformed."""
+    if not value or len(value) < 55:
+        return None
+    parts = value.split("-")
+    if len(parts) < 4:
+        return None
+    version, trace_hex, span_hex, flags_hex = parts[0], parts[1], parts[2], parts[3]
+    if (
+        len(version) != 2
+        or version == "ff"
+        or len(trace_hex) != 32
+        or len(span_hex) != 16
+        or len(flags_hex) != 2
+        or not _HEX.issuperset(trace_hex + span_hex + flags_hex)
+    ):
+        return None
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if trace_id == 0 or span_id == 0:
+        return None
+    return SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(flags_hex, 16))
+    )
+
+
+def format_traceparent(ctx: SpanContext) -> str | None:
+    """``ctx`` as a ``traceparent``; None for an invalid context (tracing off)."""
+    if not ctx.is_valid:
+        return None
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def context_from_traceparent(value: str | None) -> Context | None:
+    """A context whose current span is the remote one ``value`` names (None: no parent)."""
+    span_context = parse_traceparent(value)
+    if span_context is None:
+        return None
+    return trace.set_span_in_context(NonRecordingSpan(span_context))
+
+
+def traceparent_from_headers(headers: Headers) -> str | None:
+    for name, value in headers:
+        if name == TRACEPARENT_HEADER:
+            return value.decode("ascii", errors="replace")
+    return None
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The 32-hex-digit trace id of a ``traceparent`` (what trace viewers search by)."""
+    span_context = parse_traceparent(traceparent)
+    return None if span_context is None else f"{span_context.trace_id:032x}"

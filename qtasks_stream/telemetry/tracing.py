@@ -1,0 +1,217 @@
+"""``TracingInterceptor``: one trace per task, across stages, processes and restarts.
+
+The client's submit span starts the task's trace; its context goes into the ``Submitted``
+event and the record's ``traceparent`` header. The scheduler copies it into every decision
+and work item, so each event a stage emits gets a short producer span ("create", in the
+messaging conventions) that is a child of the task's trace, and the event keeps that span's
+context; retries keep the task's trace. Each attempt is a consumer span, parent of the
+outcome it delivers. A stage step handles a batch of many tasks: its span starts a trace of
+its own and links to the records' contexts instead of joining one of them.
+
+The tracer provider is passed in; nothing here touches the global providers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
+
+from qtasks_stream.events import Progress, TaskEvent
+from qtasks_stream.interceptors import (
+    EmitInput,
+    EmitNext,
+    ExecuteInput,
+    ExecuteNext,
+    Interceptor,
+    StepInput,
+    StepNext,
+)
+from qtasks_stream.telemetry.propagation import (
+    context_from_traceparent,
+    format_traceparent,
+    parse_traceparent,
+    traceparent_from_headers,
+)
+
+__all__ = ["TracingInterceptor"]
+
+_SCOPE = "qtasks_stream"
+
+#: The task status an event leaves behind (as ``Task.status`` reports it).
+STATUS_AFTER = {
+    "Submitted": "new",
+    "Scheduled": "scheduled",
+    "Released": "scheduled",
+    "Started": "process",
+    "Succeeded": "success",
+    "Failed": "error",
+    "RetryScheduled": "retry",
+    "CancelRequested": "cancel_requested",
+    "Cancelled": "cancel",
+    "TimedOut": "timeout",
+    "DeadLettered": "dead_letter",
+}
+_ERROR_KINDS = frozenset({"Failed", "TimedOut", "DeadLettered"})
+
+
+class TracingInterceptor(Interceptor):
+    """Spans for submits, events, attempts and stage steps.
+
+    Args:
+        tracer_provider: where spans go (an SDK ``TracerProvider`` with your exporters).
+        messaging_system: ``messaging.system`` on every span; ``kafka`` for the Kafka logs.
+        max_links: links per step span at most (the SDK keeps 128 by default).
+    """
+
+    def __init__(
+        self,
+        tracer_provider: TracerProvider,
+        *,
+        messaging_system: str = "kafka",
+        max_links: int = 128,
+    ) -> None:
+        self._tracer = tracer_provider.get_tracer(_SCOPE)
+        self._system = messaging_system
+        self._max_links = max_links
+
+    async def execute(self, input: ExecuteInput, next: ExecuteNext) -> Any:
+        item = input.item
+        attributes: dict[str, Any] = {
+            "messaging.system": self._system,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "execute",
+            "messaging.consumer.group.name": input.group,
+            "messaging.kafka.message.key": item.task_id,
+            "qtasks.task.id": item.task_id,
+            "qtasks.task.name": item.task_name,
+            "qtasks.task.attempt": item.attempt,
+            "qtasks.worker.id": input.worker_id,
+        }
+        rec = input.record
+        if rec is not None:
+            attributes["messaging.destination.name"] = rec.topic
+            attributes["messaging.destination.partition.id"] = str(rec.partition)
+            attributes["messaging.kafka.offset"] = rec.offset
+        with self._tracer.start_as_current_span(
+            f"execute {item.task_name}",
+            context=context_from_traceparent(item.traceparent),
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            # The outcome event (and progress) are emitted as children of this attempt.
+            input.ctx.traceparent = format_traceparent(span.get_span_context())
+            try:
+                result = await next(input)
+            except asyncio.CancelledError:
+                span.set_attribute("qtasks.task.status", "cancel")
+                raise
+            except BaseException as exc:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                span.set_attribute("error.type", type(exc).__qualname__)
+                span.set_attribute("qtasks.task.status", "error")
+                raise
+            span.set_attribute("qtasks.task.status", "success")
+            return result
+
+    async def step(self, input: StepInput, next: StepNext) -> None:
+        records = input.records
+        links: list[Link] = []
+        seen: set[str] = set()
+        for rec in records:
+            if len(links) >= self._max_links:
+                break
+            value = traceparent_from_headers(rec.headers)
+            if value is None or value in seen:
+                continue
+            seen.add(value)
+            span_context = parse_traceparent(value)
+            if span_context is not None:
+                links.append(Link(span_context))
+        topics = sorted({rec.topic for rec in records})
+        partitions = {rec.partition for rec in records}
+        attributes: dict[str, Any] = {
+            "messaging.system": self._system,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.consumer.group.name": input.group,
+            "messaging.batch.message_count": len(records),
+            "qtasks.stage": input.stage,
+        }
+        if len(topics) == 1:
+            attributes["messaging.destination.name"] = topics[0]
+            if len(partitions) == 1:
+                attributes["messaging.destination.partition.id"] = str(partitions.pop())
+        name = f"process {topics[0]}" if len(topics) == 1 else f"process {input.stage}"
+        # A batch belongs to no one task: a new trace, linked to each record's.
+        with self._tracer.start_as_current_span(
+            name,
+            context=otel_context.Context(),
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+            links=links,
+        ):
+            await next(input)
+
+    def emit(self, input: EmitInput, next: EmitNext) -> None:
+        event = input.value
+        if not isinstance(event, TaskEvent) or isinstance(event.payload, Progress):
+            next(input)  # work items and commands keep the task's context; progress its attempt's
+            return
+        kind = event.kind
+        client = input.stage == "client"
+        attributes: dict[str, Any] = {
+            "messaging.system": self._system,
+            "messaging.operation.type": "create",
+            "messaging.operation.name": ("submit" if kind == "Submitted" else "cancel")
+            if client
+            else kind,
+            "messaging.destination.name": input.topic,
+            "messaging.kafka.message.key": input.key,
+            "qtasks.stage": input.stage,
+            "qtasks.task.id": event.task_id,
+            "qtasks.task.name": event.task_name,
+            "qtasks.task.attempt": event.attempt,
+            "qtasks.task.status": STATUS_AFTER.get(kind, ""),
+        }
+        origin = input.origin
+        if origin is not None:
+            # The record this event answers (a work item for an outcome).
+            attributes["qtasks.origin"] = f"{origin.topic}/{origin.partition}/{origin.offset}"
+        # The task's trace if the event has one; a client's submit joins the caller's span.
+        parent = context_from_traceparent(event.traceparent)
+        name = f"{'submit' if client and kind == 'Submitted' else kind} {event.task_name}"
+        span = self._tracer.start_span(
+            name.rstrip(), context=parent, kind=SpanKind.PRODUCER, attributes=attributes
+        )
+        try:
+            if kind in _ERROR_KINDS:
+                span.set_status(Status(StatusCode.ERROR, _reason(event)))
+            # Built directly: dataclasses.replace costs several times more, per event.
+            stamped = TaskEvent(
+                event.task_id,
+                event.task_name,
+                event.attempt,
+                event.source,
+                event.payload,
+                event.at_us,
+                event.event_id,
+                format_traceparent(span.get_span_context()),
+            )
+            next(EmitInput(input.stage, input.topic, input.key, stamped, input.origin))
+        finally:
+            span.end()
+
+
+def _reason(event: TaskEvent) -> str:
+    payload = event.payload
+    for name in ("message", "reason"):
+        value = getattr(payload, name, None)
+        if isinstance(value, str) and value:
+            return value[:200]
+    return event.kind

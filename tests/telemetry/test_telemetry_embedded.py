@@ -1,0 +1,264 @@
+"""Tracing and metrics on the embedded default, with the SDK's in-memory exporter and reader."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from qtasks_stream import Interceptor, QueueTasks, StepInput, current
+from qtasks_stream.events import TRACEPARENT_HEADER, TaskEvent
+from qtasks_stream.telemetry import MetricsInterceptor, TracingInterceptor, trace_id_of
+from qtasks_stream.telemetry.metrics import COUNTED_KINDS
+from qtasks_stream.telemetry.propagation import parse_traceparent
+
+LIMIT = 10.0
+
+
+class Flaky(Exception):
+    pass
+
+
+@pytest.fixture
+async def traced() -> AsyncIterator[tuple[QueueTasks, InMemorySpanExporter, InMemoryMetricReader]]:
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    app = QueueTasks("otel", partitions=2, concurrency=4)
+    app.add_interceptor(TracingInterceptor(tracer_provider, messaging_system="qtasks.memory"))
+    app.add_interceptor(MetricsInterceptor(meter_provider, lag_interval=0.0))
+
+    @app.task(retry=2, retry_on_exc=[Flaky], retry_backoff=0.01)
+    async def flaky(n: int) -> int:
+        if current().attempt == 1:
+            raise Flaky("first attempt fails")
+        return n + 1
+
+    @app.task
+    async def boom() -> None:
+        raise RuntimeError("always")
+
+    @app.task
+    def plain(n: int) -> int:
+        return n
+
+    try:
+        yield app, spans, reader
+    finally:
+        async with asyncio.timeout(LIMIT):
+            await app.close()
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+
+def _span_id(span: ReadableSpan) -> str:
+    ctx = span.get_span_context()
+    assert ctx is not None
+    return f"{ctx.span_id:016x}"
+
+
+def _trace_id(span: ReadableSpan) -> str:
+    ctx = span.get_span_context()
+    assert ctx is not None
+    return f"{ctx.trace_id:032x}"
+
+
+async def test_a_retried_task_is_one_trace_from_submit_to_completion(
+    traced: tuple[QueueTasks, InMemorySpanExporter, InMemoryMetricReader],
+) -> None:
+    app, exporter, _ = traced
+    async with app:
+        task = await app.add_task("flaky", 41, timeout=LIMIT)
+        assert task is not None and task.status == "success"
+        history = await app.history(task.uuid)
+
+    kinds = [e.kind for e in history]
+    assert kinds.count("Started") == 2 and "RetryScheduled" in kinds and "Succeeded" in kinds
+    trace_ids = {trace_id_of(e.traceparent) for e in history}
+    assert len(trace_ids) == 1 and None not in trace_ids
+    trace_id = trace_ids.pop()
+
+    spans = [s for s in exporter.get_finished_spans() if _trace_id(s) == trace_id]
+    by_id = {_span_id(s): s for s in spans}
+    submit = [s for s in spans if s.name == "submit flaky"]
+    assert len(submit) == 1 and submit[0].parent is None
+    assert submit[0].kind is SpanKind.PRODUCER
+    assert submit[0].attributes is not None
+    assert submit[0].attributes["messaging.destination.name"] == app.topology.events
+    assert submit[0].attributes["qtasks.task.id"] == task.uuid
+
+    attempts = sorted(
+        (s for s in spans if s.name == "execute flaky"),
+        key=lambda s: (s.attributes or {})["qtasks.task.attempt"],
+    )
+    assert [(s.attributes or {})["qtasks.task.attempt"] for s in attempts] == [1, 2]
+    first, second = attempts
+    lane = app.topology.lane(app.topology.lane_for(0))
+    assert first.status.status_code is StatusCode.ERROR
+    assert second.status.status_code is StatusCode.UNSET
+    for attempt in attempts:
+        attributes = attempt.attributes or {}
+        assert attempt.kind is SpanKind.CONSUMER
+        assert attributes["messaging.system"] == "qtasks.memory"
+        assert attributes["messaging.operation.type"] == "process"
+        assert attributes["messaging.destination.name"] == lane
+        assert attributes["messaging.consumer.group.name"] == app.topology.group("worker")
+        assert isinstance(attributes["messaging.kafka.offset"], int)
+        assert attributes["messaging.destination.partition.id"] in ("0", "1")
+        assert attributes["qtasks.task.name"] == "flaky"
+        assert attributes["qtasks.task.id"] == task.uuid
+        # Both attempts hang off the task's trace, under its submit.
+        assert attempt.parent is not None
+        assert by_id[f"{attempt.parent.span_id:016x}"].name in ("submit flaky",)
+
+    # Each outcome is a child of the attempt that delivered it, and its event points there.
+    outcomes = {e.kind: e for e in history if e.kind in ("RetryScheduled", "Succeeded")}
+    for kind, attempt in (("RetryScheduled", first), ("Succeeded", second)):
+        span_context = parse_traceparent(outcomes[kind].traceparent)
+        assert span_context is not None
+        delivered = by_id[f"{span_context.span_id:016x}"]
+        assert delivered.name == f"{kind} flaky"
+        assert delivered.parent is not None and delivered.parent.span_id == int(
+            _span_id(attempt), 16
+        )
+    emitted = {e.kind: by_id[_event_span(e)] for e in history if e.kind != "Started"}
+    assert (emitted["Succeeded"].attributes or {})["qtasks.task.status"] == "success"
+    # The first event is the submit's; every later one points at a span of the trace.
+    assert _event_span(history[0]) == _span_id(submit[0])
+    assert {_event_span(e) for e in history} <= set(by_id)
+
+
+def _event_span(event: TaskEvent) -> str:
+    span_context = parse_traceparent(event.traceparent)
+    assert span_context is not None
+    return f"{span_context.span_id:016x}"
+
+
+async def test_step_spans_link_the_records_of_their_batch(
+    traced: tuple[QueueTasks, InMemorySpanExporter, InMemoryMetricReader],
+) -> None:
+    app, exporter, _ = traced
+    task_traces: set[str | None] = set()
+    async with app:
+        tasks = [await app.add_task("plain", i) for i in range(20)]
+        for t in tasks:
+            assert t is not None
+            done = await app.wait(t.uuid, timeout=LIMIT)
+            assert done is not None and done.status == "success"
+            task_traces.update(trace_id_of(e.traceparent) for e in await app.history(t.uuid))
+    assert len(task_traces) == 20 and None not in task_traces
+    steps = [s for s in exporter.get_finished_spans() if s.name.startswith("process ")]
+    stages = {(s.attributes or {})["qtasks.stage"] for s in steps}
+    assert {"scheduler", "worker", "projector"} <= stages
+    for step in steps:
+        attributes = step.attributes or {}
+        assert step.parent is None and step.kind is SpanKind.CONSUMER
+        assert attributes["messaging.batch.message_count"] >= 1
+        assert attributes["messaging.consumer.group.name"] == app.topology.group(
+            str(attributes["qtasks.stage"])
+        )
+        assert len(step.links) >= 1
+    linked = {f"{link.context.trace_id:032x}" for s in steps for link in s.links}
+    assert task_traces <= linked
+    # Batches are one span each, not one per record.
+    worker_steps = [s for s in steps if (s.attributes or {})["qtasks.stage"] == "worker"]
+    assert sum((s.attributes or {})["messaging.batch.message_count"] for s in worker_steps) == 20
+
+
+async def test_records_carry_the_traceparent_header(
+    traced: tuple[QueueTasks, InMemorySpanExporter, InMemoryMetricReader],
+) -> None:
+    app, _, _ = traced
+    seen: list[tuple[str, str | None]] = []
+
+    class Headers(Interceptor):
+        async def step(self, input: StepInput, next: Any) -> None:
+            for rec in input.records:
+                value = dict(rec.headers).get(TRACEPARENT_HEADER)
+                seen.append((rec.topic, value.decode() if value else None))
+            await next(input)
+
+    app.add_interceptor(Headers())
+    async with app:
+        task = await app.add_task("plain", 1, timeout=LIMIT)
+        assert task is not None
+        history = await app.history(task.uuid)
+    topics = {topic for topic, value in seen if value is not None}
+    assert app.topology.events in topics and app.topology.lane(app.topology.lane_for(0)) in topics
+    assert all(value is not None for _, value in seen)
+    assert {e.traceparent for e in history} <= {value for _, value in seen}
+
+
+def _sums(reader: InMemoryMetricReader) -> dict[str, Counter[str]]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    sums: dict[str, Counter[str]] = {}
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                counts = sums.setdefault(metric.name, Counter())
+                for point in metric.data.data_points:  # type: ignore[union-attr]
+                    name = str((point.attributes or {}).get("qtasks.task.name", ""))
+                    value = getattr(point, "value", None)
+                    if value is None:
+                        value = point.count  # type: ignore[union-attr]
+                    counts[name] += value
+    return sums
+
+
+async def test_metric_counts_match_the_events_in_the_log(
+    traced: tuple[QueueTasks, InMemorySpanExporter, InMemoryMetricReader],
+) -> None:
+    app, _, reader = traced
+    async with app:
+        submitted = [await app.add_task("flaky", i) for i in range(6)]
+        submitted += [await app.add_task("boom") for _ in range(3)]
+        submitted += [await app.add_task("plain", i) for i in range(5)]
+        histories: list[TaskEvent] = []
+        for t in submitted:
+            assert t is not None
+            done = await app.wait(t.uuid, timeout=LIMIT)
+            assert done is not None and done.final
+            histories += await app.history(t.uuid)
+    sums = _sums(reader)
+    expected: dict[str, Counter[str]] = {}
+    for event in histories:
+        counter = COUNTED_KINDS.get(event.kind)
+        if counter is not None:
+            expected.setdefault(f"qtasks.tasks.{counter}", Counter())[event.task_name] += 1
+    assert expected["qtasks.tasks.submitted"] == Counter(flaky=6, boom=3, plain=5)
+    assert expected["qtasks.tasks.retried"] == Counter(flaky=6)
+    for name, counts in expected.items():
+        assert sums[name] == counts, name
+    attempts = Counter(e.task_name for e in histories if e.kind == "Started")
+    assert sums["qtasks.task.duration"] == attempts
+    assert sums["qtasks.task.queue_wait"] == attempts
+    # Every attempt ended: nothing in flight.
+    assert sum(sums["qtasks.worker.in_flight"].values()) == 0
+    assert "qtasks.consumer.lag" in sums
+
+
+async def test_without_interceptors_emits_take_the_direct_path() -> None:
+    app = QueueTasks("plain")
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    async with app:
+        task = await app.add_task("add", 1, 2, timeout=LIMIT)
+        assert task is not None and task.status == "success"
+        assert all(r.checkpoint._emit_chain is None for r in app.runners.values())
+        history = await app.history(task.uuid)
+    assert all(e.traceparent is None for e in history)
