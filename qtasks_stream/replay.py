@@ -18,8 +18,8 @@ from typing import TextIO
 
 from qtasks_stream.errors import EventLogError, SerdeError
 from qtasks_stream.eventlog.base import Consumer, EventLog
-from qtasks_stream.events import TaskEvent
-from qtasks_stream.records import TopicPartition
+from qtasks_stream.events import TaskEvent, event_kind
+from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.state import TaskState
 from qtasks_stream.views.base import Applied, TaskQuery, ViewStore
@@ -32,6 +32,7 @@ __all__ = [
     "format_positions",
     "parse_offsets",
     "read_events",
+    "read_records",
     "replay_into",
 ]
 
@@ -116,30 +117,19 @@ def parse_offsets(text: str, topic: str, partitions: int) -> dict[TopicPartition
     return out
 
 
-async def read_events(
+async def read_records(
     event_log: EventLog,
-    serde: Serde,
     topic: str,
     partitions: int,
-    on_batch: Callable[[list[Applied]], Awaitable[None]],
+    on_records: Callable[[list[Record]], Awaitable[None]],
     *,
     start: Mapping[TopicPartition, int] | None = None,
     until: Mapping[TopicPartition, int] | None = None,
-    kinds: frozenset[str] | None = None,
     progress: Callable[[int], None] | None = None,
-) -> tuple[dict[TopicPartition, int], int, int]:
+) -> tuple[dict[TopicPartition, int], int]:
     """Read ``topic`` from ``start`` (0 where not given) to its end offsets as of now (or
-    ``until``, where given and earlier), handing decoded events to ``on_batch`` in batches, in
-    log order per partition.
-
-    With ``kinds``, records whose kind header names another kind are skipped undecoded.
-
-    Returns:
-        the end offsets read up to, the records read, and the records that could not be
-        decoded (left out).
-    """
-    from qtasks_stream.events import event_kind
-
+    ``until``, where given and earlier), handing the records to ``on_records`` in batches,
+    in log order per partition. Returns the end offsets read up to and the records read."""
     tps = [TopicPartition(topic, p) for p in range(partitions)]
     consumer = event_log.consumer([topic], group_id=None, start="earliest")
     await consumer.start()
@@ -152,46 +142,75 @@ async def read_events(
         for tp in tps:
             consumer.seek(tp, starts[tp])
         consumer.pause([tp for tp in tps if tp not in pending], True)
-        read = undecodable = 0
+        read = 0
         loop = asyncio.get_running_loop()
         last_progress = loop.time()
         while pending:
-            records = await consumer.poll(max_records=_BATCH, timeout=0.5)
-            batch: list[Applied] = []
-            counted = 0
-            for rec in records:
-                tp = rec.tp
-                if tp not in pending or rec.offset >= ends[tp]:
-                    continue
-                counted += 1
-                if rec.value is None:
-                    continue
-                if kinds is not None:
-                    kind = event_kind(rec.headers)
-                    if kind is not None and kind not in kinds:
-                        continue
-                try:
-                    event = TaskEvent.from_avro(serde.decode(topic, rec.value))
-                except (SerdeError, KeyError, TypeError, ValueError):
-                    undecodable += 1
-                    continue
-                batch.append(Applied(tp, rec.offset, event))
-            if batch:
-                await on_batch(batch)
-            read += counted
-            if progress is not None and counted:
-                progress(counted)
+            polled = await consumer.poll(max_records=_BATCH, timeout=0.5)
+            records = [r for r in polled if r.tp in pending and r.offset < ends[r.tp]]
+            if records:
+                await on_records(records)
+                read += len(records)
+                if progress is not None:
+                    progress(len(records))
             moved = await _finished(consumer, pending, ends)
-            if counted or moved:
+            if records or moved:
                 last_progress = loop.time()
             elif loop.time() - last_progress > STALL_LIMIT_S:
                 raise EventLogError(
                     f"reading {topic} made no progress for {STALL_LIMIT_S:.0f}s "
                     f"({len(pending)} partitions short of their end)"
                 )
-        return dict(ends), read, undecodable
+        return dict(ends), read
     finally:
         await consumer.close()
+
+
+async def read_events(
+    event_log: EventLog,
+    serde: Serde,
+    topic: str,
+    partitions: int,
+    on_batch: Callable[[list[Applied]], Awaitable[None]],
+    *,
+    start: Mapping[TopicPartition, int] | None = None,
+    until: Mapping[TopicPartition, int] | None = None,
+    kinds: frozenset[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[TopicPartition, int], int, int]:
+    """:func:`read_records` of the events topic, decoded: ``on_batch`` gets the events.
+
+    With ``kinds``, records whose kind header names another kind are skipped undecoded.
+
+    Returns:
+        the end offsets read up to, the records read, and the records that could not be
+        decoded (left out).
+    """
+    undecodable = 0
+
+    async def decode(records: list[Record]) -> None:
+        nonlocal undecodable
+        batch: list[Applied] = []
+        for rec in records:
+            if rec.value is None:
+                continue
+            if kinds is not None:
+                kind = event_kind(rec.headers)
+                if kind is not None and kind not in kinds:
+                    continue
+            try:
+                event = TaskEvent.from_avro(serde.decode(topic, rec.value))
+            except (SerdeError, KeyError, TypeError, ValueError):
+                undecodable += 1
+                continue
+            batch.append(Applied(rec.tp, rec.offset, event))
+        if batch:
+            await on_batch(batch)
+
+    ends, read = await read_records(
+        event_log, topic, partitions, decode, start=start, until=until, progress=progress
+    )
+    return ends, read, undecodable
 
 
 async def _finished(
