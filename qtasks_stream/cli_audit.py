@@ -113,9 +113,7 @@ async def run(command: str, app: QueueTasks, args: argparse.Namespace) -> int:
         await app.close()
 
 
-async def _replay(
-    app: QueueTasks, args: argparse.Namespace, out: TextIO, progress: TextIO
-) -> int:
+async def _replay(app: QueueTasks, args: argparse.Namespace, out: TextIO, progress: TextIO) -> int:
     topology = app.topology
     if args.verify and (args.from_time or args.from_offsets):
         raise ConfigurationError(

@@ -97,7 +97,8 @@ async def seed_view(view: ViewStore, snapshot: Snapshot) -> None:
     if await view.positions():
         raise EventLogError("a snapshot can only seed an empty view")
     # The store's own atomic save of states with positions, as the projector's apply uses.
-    await view._save(snapshot.states, snapshot.covers)
+    # (A view leaves out partitions it has applied nothing of: no position is position 0.)
+    await view._save(snapshot.states, {tp: o for tp, o in snapshot.covers.items() if o > 0})
 
 
 async def write_snapshot(
@@ -123,9 +124,7 @@ async def write_snapshot(
     return snapshot, result
 
 
-async def _write(
-    event_log: EventLog, serde: Serde, topology: Topology, snapshot: Snapshot
-) -> None:
+async def _write(event_log: EventLog, serde: Serde, topology: Topology, snapshot: Snapshot) -> None:
     topic = topology.snapshots
     common = {
         "snapshot_id": snapshot.snapshot_id,
