@@ -140,8 +140,9 @@ class Resubmitted:
     reason: str
     previous_status: str
     mode: str = "resubmit"
-    args: str = "[]"
-    kwargs: str = "{}"
+    #: Empty with ``dlq_replay`` (a registry rejects "{}" as a default: Apicurio 3.3).
+    args: str = ""
+    kwargs: str = ""
     content_type: str = JSON
     priority: int = 0
     max_time: float | None = None
