@@ -180,20 +180,29 @@ async def test_history_and_resubmit_survive_a_restart(build: Callable[..., Queue
     def make() -> QueueTasks:
         app = build("audit-restart", event_log=log, schema_registry=registry)
 
-        @app.task(echo=True, retry=1, retry_on_exc=[OSError], retry_backoff=0.4)
-        async def sync(self: Any, fail_until: int) -> int:
-            attempts.append(self.ctx.attempt)
-            if self.ctx.attempt <= fail_until:
-                raise OSError(f"attempt {self.ctx.attempt}")
-            return int(self.ctx.attempt)
+        async def body(ctx: Any, fail_until: int) -> int:
+            attempts.append(ctx.attempt)
+            if ctx.attempt <= fail_until:
+                raise OSError(f"attempt {ctx.attempt}")
+            return int(ctx.attempt)
+
+        # Its retry comes due after the restart (jitter shortens a backoff by half at most).
+        @app.task(echo=True, retry=1, retry_on_exc=[OSError], retry_backoff=1.0)
+        async def slow_retry(self: Any, fail_until: int) -> int:
+            return await body(self.ctx, fail_until)
+
+        @app.task(echo=True, retry=1, retry_on_exc=[OSError], retry_backoff=0.01)
+        async def quick_retry(self: Any, fail_until: int) -> int:
+            return await body(self.ctx, fail_until)
 
         return app
 
     first = make()
     await first.start()
-    retried = await first.add_task("sync", 1)
-    failed = await first.add_task("sync", 2, timeout=LIMIT)
-    assert retried is not None and failed is not None and failed.status == "error"
+    failed = await first.add_task("quick_retry", 2, timeout=LIMIT)
+    assert failed is not None and failed.status == "error"
+    retried = await first.add_task("slow_retry", 1)
+    assert retried is not None
     await eventually(
         lambda: kinds(log_events(first, retried.uuid)),
         lambda k: "RetryScheduled" in k,
