@@ -143,7 +143,9 @@ class QueueTasks(Router):
         self.serde: Serde = AvroSerde(
             registry, self.topology.topic_schemas(), close_registry=own_registry
         )
-        self.view = view if view is not None else MemoryViewStore()
+        # A view the app was declared with survives a swap of the log (the CLI's configure).
+        kept: ViewStore | None = getattr(self, "view", None)
+        self.view = view if view is not None else kept or MemoryViewStore()
         self._results = ResultListener(
             self.event_log, self.serde, self.topology.events, self.topology.partitions
         )

@@ -67,7 +67,7 @@ class ProgressBar:
         filled = int(min(share, 1.0) * 30)
         self._out.write(
             f"\r[{'#' * filled}{'.' * (30 - filled)}] {share:6.1%} "
-            f"{self.done}/{self._total} records  {self.done / elapsed:,.0f} records/s"
+            f"{self.done}/{self._total} offsets  {self.done / elapsed:,.0f} offsets/s"
         )
         self._out.flush()
 
@@ -145,15 +145,24 @@ async def read_records(
         read = 0
         loop = asyncio.get_running_loop()
         last_progress = loop.time()
+        #: Per partition, the offset after the last record read: progress counts offsets, so
+        #: that transaction markers (never delivered) are counted when a partition ends.
+        covered = dict(starts)
         while pending:
             polled = await consumer.poll(max_records=_BATCH, timeout=0.5)
             records = [r for r in polled if r.tp in pending and r.offset < ends[r.tp]]
             if records:
                 await on_records(records)
                 read += len(records)
-                if progress is not None:
-                    progress(len(records))
+            before = sum(covered.values())
+            for rec in records:
+                covered[rec.tp] = rec.offset + 1
             moved = await _finished(consumer, pending, ends)
+            for tp in tps:
+                if tp not in pending:
+                    covered[tp] = ends[tp]
+            if progress is not None and sum(covered.values()) > before:
+                progress(sum(covered.values()) - before)
             if records or moved:
                 last_progress = loop.time()
             elif loop.time() - last_progress > STALL_LIMIT_S:

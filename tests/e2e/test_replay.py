@@ -110,7 +110,8 @@ async def test_replay_into_a_url_equals_the_live_view_and_verify_finds_a_differe
     assert await cli(tool, "replay", "--into", target, "--verify") == 0
     out, err = capsys.readouterr()
     assert "events/s" in out and "verify: 0 differences" in out, out
-    assert err.count("\n") == 1 and "records/s" in err, "one progress line, redrawn in place"
+    assert err.count("\n") == 1 and "offsets/s" in err, "one progress line, redrawn in place"
+    assert err.rstrip().split("\r")[-1].startswith("[" + "#" * 30 + "] 100.0%"), err
 
     replayed = SqliteViewStore(tmp_path / "replayed.sqlite")
     await replayed.start()
