@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.events import RESUBMIT, Resubmitted, Submitted, TaskEvent
 from qtasks_stream.records import OutRecord
@@ -50,6 +51,12 @@ class ResubmitFilter:
     until_us: int | None = None
     #: Explicit ids (None: any).
     task_ids: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.statuses or not self.statuses <= RESUBMITTABLE:
+            raise ConfigurationError(
+                f"statuses must be among {sorted(RESUBMITTABLE)}, not {sorted(self.statuses)}"
+            )
 
     def matches(self, state: TaskState) -> bool:
         return (

@@ -16,7 +16,8 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from qtasks_stream import QueueTasks
 from qtasks_stream.cli import _parser
 from qtasks_stream.cli_audit import run
-from qtasks_stream.dlq import REPLAYED_FROM, list_dead_letters, replay
+from qtasks_stream.dlq import REPLAYED_FROM, list_dead_letters, replay, replayed_sources
+from qtasks_stream.errors import FencedError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import WorkItem, now_us
 from qtasks_stream.records import OutRecord
@@ -309,3 +310,30 @@ async def test_dead_letters_are_listed_and_replayed_once(
     assert history == ["DeadLettered", "Resubmitted", "Started", "Succeeded"]
     garbage = kinds(log_events(fixed, "broken-task"))
     assert garbage == ["DeadLettered", "Resubmitted"] * 2 + ["DeadLettered"], garbage
+
+
+async def test_a_replayer_that_read_the_markers_before_another_committed_is_fenced(
+    build: Callable[..., QueueTasks],
+) -> None:
+    parts = shared()
+    log: InMemoryEventLog = parts["event_log"]
+    app = build(**parts)
+    register(app)
+    await app.start()
+    await log.producer().send([OutRecord(app.topology.events, b"k", b"\x00\x01garbage")])
+    await eventually(
+        lambda: kinds(log_events(app, "k")), lambda k: k == ["DeadLettered"], what="dead letter"
+    )
+    await settle(app)
+    # A slow replayer: its producer is open, it found no marker, it has not committed yet.
+    slow = log.producer(transactional_id=app.topology.group("dlq-replay"))
+    letters = await list_dead_letters(log, app.topology)
+    assert not await replayed_sources(log, app.serde, app.topology)
+    outcomes = await replay(log, app.serde, app.topology, lambda d: True)
+    assert sorted(o.result for o in outcomes) == ["already replayed", "replayed"]
+    events_before = len(log.records(app.topology.events))
+    copy = OutRecord(app.topology.events, letters[0].key, letters[0].value)
+    reader = log.consumer([app.topology.events], group_id=None)
+    with pytest.raises(FencedError):
+        await slow.commit_transaction([copy], {}, reader)
+    assert len(log.records(app.topology.events)) == events_before, "the fenced copy got out"

@@ -16,6 +16,7 @@ from qtasks_stream.events import (
     DeadLettered,
     Failed,
     Resubmitted,
+    Started,
     Submitted,
     Succeeded,
     TaskEvent,
@@ -24,6 +25,7 @@ from qtasks_stream.serde.compat import check_compatibility
 from qtasks_stream.serde.schemas import load_schema_text
 from qtasks_stream.state import TaskState, fold
 from tests.unit.test_compat import SUBJECT, FakeRegistry, text
+from tests.unit.test_scheduler import TOPOLOGY, Harness, _events, _submit, _work
 
 TASK_EVENT: dict[str, Any] = json.loads(load_schema_text("TaskEvent"))
 
@@ -154,3 +156,60 @@ def test_trace_id_is_the_second_part_of_a_traceparent() -> None:
         "4bf92f3577b34da6a3ce929d0e0e4736"
     )
     assert trace_id(None) is None and trace_id("garbage") is None
+
+
+# -- the scheduler and Resubmitted ------------------------------------------------------------
+
+
+def _worker(task_id: str, attempt: int, payload: Any) -> TaskEvent:
+    return TaskEvent.new(task_id, "job", attempt, "worker:w1", payload)
+
+
+def _resubmitted(task_id: str, attempt: int) -> TaskEvent:
+    payload = Resubmitted("fixed", "error", "resubmit", '["b"]', "{}", priority=2, max_time=3.0)
+    return TaskEvent.new(task_id, "job", attempt, "client", payload)
+
+
+async def _failed_task(h: Harness) -> None:
+    await h.assign()
+    await h.feed(_submit("t1"))
+    await h.feed(_worker("t1", 1, Started("worker:w1")), _worker("t1", 1, FAILED))
+
+
+async def test_the_scheduler_releases_the_resubmitted_attempt_once() -> None:
+    h = Harness()
+    await _failed_task(h)
+    assert await h.feed(_resubmitted("t1", 2)) == []
+    _, outputs = await h.tick()
+    assert [(e.kind, e.attempt) for e in _events(outputs)] == [("Released", 2)]
+    [(topic, item)] = _work(outputs)
+    assert topic == TOPOLOGY.lane(2)
+    assert (item.attempt, item.args, item.priority, item.max_time) == (2, '["b"]', 2, 3.0)
+    # A racing resubmit of the same attempt, and one while the task runs: nothing happens.
+    assert await h.feed(_resubmitted("t1", 2)) == []
+    assert (await h.tick())[1] == []
+
+
+async def test_a_restore_releases_a_resubmit_that_had_not_been_released() -> None:
+    before = Harness()
+    await _failed_task(before)
+    before.log.append(_resubmitted("t1", 2))
+    after = Harness(before.log)
+    await after.assign()
+    assert await after.replay() == []
+    _, outputs = await after.tick()
+    assert [(e.kind, e.attempt) for e in _events(outputs)] == [("Released", 2)]
+    assert [item.attempt for _, item in _work(outputs)] == [2]
+    again = Harness(after.log)  # Released is in the log now: a restore does nothing
+    await again.assign()
+    assert await again.replay() == []
+    assert (await again.tick())[1] == []
+
+
+def test_cancelled_tasks_cannot_be_chosen_for_a_resubmit() -> None:
+    from qtasks_stream.rerun import ResubmitFilter
+
+    with pytest.raises(ConfigurationError, match="statuses must be among"):
+        ResubmitFilter(statuses=frozenset({"error", "cancel"}))
+    with pytest.raises(ConfigurationError, match="statuses must be among"):
+        ResubmitFilter(statuses=frozenset())
