@@ -90,6 +90,9 @@ async def history(app: QueueTasks, task_id: str, as_json: bool, as_of: str | Non
     if not events:
         print(f"no events for task {task_id} in {app.topology.events}", file=sys.stderr)
         return 1
+    if at is not None and all(e.at_us > at for e in events):
+        print(f"task {task_id} had no events yet at {as_of}", file=sys.stderr)
+        return 1
     document = audit.history_document(task_id, app.topology.events, events, at)
     if as_json:
         print(json.dumps(document, indent=2))

@@ -4,6 +4,7 @@ of a task at a past moment, and resubmits of ended tasks (also across a restart)
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -238,3 +239,48 @@ async def test_history_and_resubmit_survive_a_restart(build: Callable[..., Queue
     assert [e.attempt for e in history if e.kind == "Started"] == [1, 2, 3]
     assert kinds(history).count("Released") == 2 and kinds(history)[-1] == "Succeeded"
     assert sorted(attempts) == [1, 1, 2, 2, 3]
+
+
+async def test_history_command_prints_attempts_and_the_past(
+    build: Callable[..., QueueTasks], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qtasks_stream.cli_audit import history as history_command
+
+    log = InMemoryEventLog()
+    registry = SchemaRegistryClient.new_client({"url": f"mock://hist-{uuid.uuid4().hex}"})
+    app = build("hist", event_log=log, schema_registry=registry)
+
+    @app.task(retry=1, retry_on_exc=[OSError], retry_backoff=0.01)
+    async def down() -> None:
+        raise OSError("still down")
+
+    await app.start()
+    task = await app.add_task("down", timeout=LIMIT)
+    assert task is not None and task.status == "error"
+    events = await app.history(task.uuid)
+
+    def tool() -> QueueTasks:
+        return build("hist", event_log=log, schema_registry=registry)
+
+    assert await history_command(tool(), task.uuid, False, None) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0] == f"task {task.uuid} (down): error, attempt 2"
+    assert [line.split("  ")[0] for line in text if line.startswith("attempt")] == [
+        "attempt 0 (before the first attempt, client requests)",
+        "attempt 1",
+        "attempt 2",
+    ]
+    assert "→ RetryScheduled" in text[3] and "OSError: still down" in text[3]
+    assert "→ Failed" in next(line for line in text if line.startswith("attempt 2"))
+
+    at = str(between(events, "RetryScheduled"))
+    assert await history_command(tool(), task.uuid, True, at) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert (document["status"], document["attempt"]) == ("retry", 1)
+    assert [a["attempt"] for a in document["attempts"]] == [0, 1]
+    assert document["as_of"] is not None
+
+    early = str(events[0].at_us / 1_000_000 - 60)
+    assert await history_command(tool(), task.uuid, False, early) == 1
+    assert "had no events yet" in capsys.readouterr().err
+    assert await history_command(tool(), str(uuid.uuid4()), False, None) == 1
