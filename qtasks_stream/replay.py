@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import TextIO
 
-from qtasks_stream.errors import EventLogError, SerdeError
+from qtasks_stream.errors import ConfigurationError, EventLogError, SerdeError
 from qtasks_stream.eventlog.base import Consumer, EventLog
 from qtasks_stream.events import TaskEvent, event_kind
 from qtasks_stream.records import Record, TopicPartition
@@ -100,8 +100,6 @@ class ReplayResult:
 
 def parse_offsets(text: str, topic: str, partitions: int) -> dict[TopicPartition, int]:
     """``"0:10,3:7"`` → start offsets per partition (partitions not named start at 0)."""
-    from qtasks_stream.errors import ConfigurationError
-
     out: dict[TopicPartition, int] = {}
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -280,8 +278,9 @@ async def replay_into(
         if wanted:
             applied += await view.apply(wanted)
 
+    # Up to the ends measured here, which the progress bar's total counts.
     reached, read, undecodable = await read_events(
-        event_log, serde, topic, partitions, apply, start=begin, until=until, progress=bar.advance
+        event_log, serde, topic, partitions, apply, start=begin, until=ends, progress=bar.advance
     )
     # Past records with nothing to apply (undecodable, or before from_us): the view's
     # positions then say how far it was built, like the projector's.
