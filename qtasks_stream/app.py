@@ -21,6 +21,7 @@ from typing import Any
 
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
+from qtasks_stream import audit
 from qtasks_stream.errors import (
     ConfigurationError,
     EventLogError,
@@ -35,6 +36,7 @@ from qtasks_stream.executors.base import Executor
 from qtasks_stream.executors.pool import LocalExecutor
 from qtasks_stream.interceptors import EmitInput, Interceptor, chain_emit, wants
 from qtasks_stream.records import OutRecord, TopicPartition
+from qtasks_stream.rerun import Resubmission, ResubmitFilter, find_resubmissions, records_of
 from qtasks_stream.results import ResultListener
 from qtasks_stream.serde.avro import AvroSerde
 from qtasks_stream.serde.base import Serde
@@ -148,7 +150,9 @@ class QueueTasks(Router):
             registry, self.topology.topic_schemas(), close_registry=own_registry
         )
         self.payloads = TaskPayloads(registry, self.topology.events, self.definitions)
-        self.view = view if view is not None else MemoryViewStore()
+        # A view the app was declared with survives a swap of the log (the CLI's configure).
+        kept: ViewStore | None = getattr(self, "view", None)
+        self.view = view if view is not None else kept or MemoryViewStore()
         self._results = ResultListener(
             self.event_log, self.serde, self.topology.events, self.topology.partitions
         )
@@ -374,10 +378,42 @@ class QueueTasks(Router):
         await self._ensure_view()
         return await self.view.state(uuid)
 
-    async def get(self, uuid: str) -> Task | None:
-        """The task as the view knows it, or ``None`` when unknown."""
-        state = await self._view_state(uuid)
+    async def get(self, uuid: str, as_of: datetime | float | str | None = None) -> Task | None:
+        """The task as the view knows it, or ``None`` when unknown.
+
+        With ``as_of`` (an aware datetime, epoch seconds, or ISO 8601 text), the task as it
+        stood then: folded from its events in the log that happened at or before that moment
+        (not from the view); ``None`` if it had no events yet.
+        """
+        if as_of is None:
+            state = await self._view_state(uuid)
+        else:
+            state = audit.state_as_of(await self.history(uuid), audit.as_of_us(as_of))
         return state.to_task(self.payloads) if state is not None else None
+
+    async def connect(self) -> None:
+        """Create the topics and register the schemas: what a client of the log needs."""
+        await self._ensure_client()
+
+    async def resubmit(
+        self,
+        what: ResubmitFilter | None = None,
+        *,
+        reason: str = "",
+        dry_run: bool = False,
+    ) -> list[Resubmission]:
+        """New attempts of ended tasks (error, timeout, dead letter) that ``what`` selects,
+        chosen from the log; see :mod:`qtasks_stream.rerun`. Returns every task selected
+        (``event`` set) and every explicit id refused (``refused`` says why); with
+        ``dry_run`` nothing is written."""
+        await self._ensure_client()
+        found = await find_resubmissions(
+            self.event_log, self.serde, self.topology, what or ResubmitFilter(), reason
+        )
+        records = records_of(self.serde, self.topology, found)
+        if records and not dry_run:
+            await self._producer.send(records)
+        return found
 
     async def query(self, query: TaskQuery | None = None, **filters: Any) -> list[Task]:
         await self._ensure_view()

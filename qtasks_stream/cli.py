@@ -1,6 +1,7 @@
 """``qtasks-stream``: the command line, and the only place that reads the environment.
 
 Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app``,
+``replay``, ``resubmit``, ``snapshot``, ``dlq list|replay`` (see :mod:`.cli_audit`),
 ``schemas check|register -A module:app`` and ``dev up|down|status``. With
 ``QTASKS_BOOTSTRAP_SERVERS`` set, apps run on that Kafka
 (``QTASKS_EVENT_LOG`` = aiokafka or confluent, ``QTASKS_SCHEMA_REGISTRY_URL``,
@@ -25,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qtasks_stream import cli_audit
 from qtasks_stream.app import STAGES, QueueTasks
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 from qtasks_stream.eventlog.base import EventLog
@@ -149,7 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     history = sub.add_parser("history", help="every event of one task, read from the log")
     history.add_argument("task_id")
     history.add_argument("-A", "--app", required=True, help="module:app")
-    history.add_argument("--json", action="store_true", help="one JSON object per event")
+    history.add_argument("--json", action="store_true", help="one JSON document, by attempt")
+    cli_audit.add_history_options(history)
+    cli_audit.add_parsers(sub)
 
     schemas = sub.add_parser(
         "schemas", help="check or register an app's Avro schemas (a gate for CI pipelines)"
@@ -184,41 +188,6 @@ async def _run_worker(app: QueueTasks, stages: Sequence[str]) -> None:
         await stop.wait()
     finally:
         await app.close()
-
-
-async def _history(app: QueueTasks, task_id: str, as_json: bool) -> int:
-    try:
-        events = await app.history(task_id)
-        # Decoded while the registry client is open: typed payloads need their schemas.
-        payloads = [_payload(app, event) for event in events] if as_json else []
-    finally:
-        await app.close()
-    if not events:
-        print(f"no events for task {task_id} in {app.topology.events}", file=sys.stderr)
-        return 1
-    from qtasks_stream.demo import _format_event
-    from qtasks_stream.telemetry.propagation import trace_id_of
-
-    trace_id = next((t for e in events if (t := trace_id_of(e.traceparent))), None)
-    if trace_id is not None and not as_json:
-        print(f"task {task_id}  trace {trace_id}")
-    for index, event in enumerate(events):
-        if as_json:
-            document = {**event.to_avro(), "payload": [event.kind, payloads[index]]}
-            print(json.dumps(document, default=str))
-        else:
-            print(_format_event(event, events[0].at_us))
-    return 0
-
-
-def _payload(app: QueueTasks, event: Any) -> dict[str, Any]:
-    """The payload's fields; typed Avro arguments and results decoded with the writer's
-    schema to plain values (records as objects), like any Avro consumer would see them."""
-    fields = {name: getattr(event.payload, name) for name in event.payload.__slots__}
-    for name, value in fields.items():
-        if isinstance(value, bytes):
-            fields[name] = app.payloads.decode_plain(value, f"{name} of {event.task_id}")
-    return fields
 
 
 def _dev(action: str, home: str | None, wipe: bool, registry: bool, env: Mapping[str, str]) -> int:
@@ -316,7 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "history":
             app = configure(load_app(args.app), env)
-            return asyncio.run(_history(app, args.task_id, args.json))
+            return asyncio.run(cli_audit.history(app, args.task_id, args.json, args.as_of))
+        if args.command in cli_audit.COMMANDS:
+            app = configure(load_app(args.app), env)
+            return asyncio.run(cli_audit.run(args.command, app, args))
         if args.command == "schemas":
             app = configure(load_app(args.app), env)
             return _schemas(args.action, app, args.level, env)

@@ -12,8 +12,10 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 __all__ = [
+    "DLQ_REPLAY",
     "JSON",
     "KIND_HEADER",
+    "RESUBMIT",
     "TERMINAL_KINDS",
     "TRACEPARENT_HEADER",
     "CancelRequested",
@@ -24,6 +26,7 @@ __all__ = [
     "Payload",
     "Progress",
     "Released",
+    "Resubmitted",
     "RetryScheduled",
     "Scheduled",
     "Started",
@@ -135,6 +138,27 @@ class DeadLettered:
     source_offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class Resubmitted:
+    """An operator re-opened an ended task (see ``schemas/avro/TaskEvent.avsc``)."""
+
+    reason: str
+    previous_status: str
+    mode: str = "resubmit"
+    #: Empty with ``dlq_replay`` (a registry rejects "{}" as a default: Apicurio 3.3).
+    args: str = ""
+    kwargs: str = ""
+    content_type: str = JSON
+    priority: int = 0
+    max_time: float | None = None
+    dlq_source: str | None = None
+    arguments_avro: bytes | None = None
+
+
+#: ``Resubmitted.mode`` values.
+RESUBMIT = "resubmit"
+DLQ_REPLAY = "dlq_replay"
+
 Payload = (
     Submitted
     | Scheduled
@@ -148,6 +172,7 @@ Payload = (
     | Cancelled
     | TimedOut
     | DeadLettered
+    | Resubmitted
 )
 
 _PAYLOAD_TYPES: dict[str, type[Any]] = {
@@ -165,6 +190,7 @@ _PAYLOAD_TYPES: dict[str, type[Any]] = {
         Cancelled,
         TimedOut,
         DeadLettered,
+        Resubmitted,
     )
 }
 _PAYLOAD_FIELDS: dict[type[Any], tuple[str, ...]] = {

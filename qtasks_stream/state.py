@@ -13,12 +13,14 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from qtasks_stream.events import (
+    DLQ_REPLAY,
     Cancelled,
     CancelRequested,
     DeadLettered,
     Failed,
     Progress,
     Released,
+    Resubmitted,
     RetryScheduled,
     Scheduled,
     Started,
@@ -28,7 +30,7 @@ from qtasks_stream.events import (
     TimedOut,
 )
 
-__all__ = ["FINAL_STATUSES", "PayloadDecoder", "Task", "TaskState", "fold"]
+__all__ = ["FINAL_STATUSES", "PayloadDecoder", "Task", "TaskState", "fold", "reopens"]
 
 JSON = "application/json"
 _BYTES_FIELDS = ("arguments_avro", "result_avro")
@@ -173,8 +175,9 @@ def fold(state: TaskState | None, event: TaskEvent) -> TaskState:
     """``state`` after ``event``: updated in place (a new one when ``state`` is None) and
     returned. Callers that must keep the old state (a view mid-transaction) fold a copy.
 
-    A final task ignores later events (a stale duplicate cannot resurrect it), and a repeated
-    ``Submitted`` is ignored (idempotent submit: the first one wins).
+    A final task ignores later events (a stale duplicate cannot resurrect it), except a
+    ``Resubmitted`` that re-opens it (see :func:`reopens`); a repeated ``Submitted`` is ignored
+    (idempotent submit: the first one wins).
     """
     payload = event.payload
     if state is None:
@@ -182,6 +185,9 @@ def fold(state: TaskState | None, event: TaskEvent) -> TaskState:
         if not isinstance(payload, Submitted):
             # The log was read from the middle (retention, a replay window): keep what we see.
             state.status = "scheduled"
+    elif isinstance(payload, Resubmitted):
+        if not reopens(state, event):
+            return state
     elif state.final or isinstance(payload, Submitted):
         return state
     state.events += 1
@@ -231,4 +237,34 @@ def fold(state: TaskState | None, event: TaskEvent) -> TaskState:
         state.error_message = f"attempt exceeded max_time={payload.max_time}s"
     elif isinstance(payload, DeadLettered):
         state.status, state.error_message = "dead_letter", payload.reason
+    elif isinstance(payload, Resubmitted):
+        _reopen(state, event, payload)
     return state
+
+
+def reopens(state: TaskState, event: TaskEvent) -> bool:
+    """Whether ``event`` (a ``Resubmitted``) re-opens ``state``: only an ended task, and only
+    once per attempt number (of two concurrent resubmits, the first in the log wins) or per
+    dead-lettered task (a replay continues a task the dead-letter stage ended)."""
+    payload = event.payload
+    if not isinstance(payload, Resubmitted) or not state.final:
+        return False
+    if payload.mode == DLQ_REPLAY:
+        return state.status == "dead_letter"
+    return event.attempt > state.attempt
+
+
+def _reopen(state: TaskState, event: TaskEvent, payload: Resubmitted) -> None:
+    state.cancel_requested, state.result, state.result_avro = False, None, None
+    if payload.mode == DLQ_REPLAY:
+        # The replayed record's stage carries on; the task is in flight again.
+        state.status = "scheduled"
+        return
+    if event.task_name:
+        state.task_name = event.task_name
+    # A retry asked for by an operator: the scheduler releases attempt ``event.attempt`` now,
+    # through the same path as a retry backoff that came due.
+    state.status, state.attempt, state.due_us = "retry", event.attempt - 1, event.at_us
+    state.args, state.kwargs = payload.args, payload.kwargs
+    state.arguments_avro = payload.arguments_avro
+    state.content_type, state.priority = payload.content_type, payload.priority

@@ -6,6 +6,7 @@ For app ``shop`` with the default prefix ``qtasks.``::
     qtasks.shop.lane.0 .. N   WorkItems waiting for a worker; lane 0 is served first
     qtasks.shop.control       ControlCommands every worker instance reads (cancel)
     qtasks.shop.deadletter    records no stage could decode or process, bytes untouched
+    qtasks.shop.snapshots     compacted: TaskSnapshot per task id, plus the '@manifest'
 
 Consumer groups are ``<prefix><app>.<stage>``: scheduler, worker, projector, deadletter.
 """
@@ -68,6 +69,10 @@ class Topology:
     def deadletter(self) -> str:
         return f"{self.base}.deadletter"
 
+    @property
+    def snapshots(self) -> str:
+        return f"{self.base}.snapshots"
+
     def group(self, stage: str) -> str:
         return f"{self.base}.{stage}"
 
@@ -80,7 +85,11 @@ class Topology:
 
     def topic_schemas(self) -> dict[str, str]:
         """Topic → name of the Avro schema of its values."""
-        schemas = {self.events: "TaskEvent", self.control: "ControlCommand"}
+        schemas = {
+            self.events: "TaskEvent",
+            self.control: "ControlCommand",
+            self.snapshots: "TaskSnapshot",
+        }
         schemas.update({lane: "WorkItem" for lane in self.lane_topics})
         return schemas
 
@@ -90,4 +99,7 @@ class Topology:
         specs = [TopicSpec(t, self.partitions, self.replication, dict(retention)) for t in topics]
         # One partition: every worker reads all of it, so there is nothing to spread.
         specs.append(TopicSpec(self.control, 1, self.replication, dict(retention)))
+        # Compacted, never deleted by age: the latest state of every task and the manifest.
+        compacted = {"cleanup.policy": "compact"}
+        specs.append(TopicSpec(self.snapshots, self.partitions, self.replication, compacted))
         return specs

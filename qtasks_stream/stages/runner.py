@@ -259,7 +259,10 @@ class StageRunner:
         self.rejoin_backoff = rejoin_backoff
         self.checkpoint = _RunnerCheckpoint(self, interceptors)
         schemas = topology.topic_schemas()
-        self._decoders = {topic: _FROM_AVRO[name] for topic, name in schemas.items()}
+        # Only what stages consume (no stage reads the snapshot topic).
+        self._decoders = {
+            topic: _FROM_AVRO[name] for topic, name in schemas.items() if name in _FROM_AVRO
+        }
         self._step = chain_step(interceptors, self._decode_and_handle)
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None

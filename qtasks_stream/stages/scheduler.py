@@ -18,12 +18,14 @@ import logging
 from collections.abc import Collection, Mapping, Sequence
 
 from qtasks_stream.events import (
+    DLQ_REPLAY,
     TERMINAL_KINDS,
     Cancelled,
     CancelRequested,
     ControlCommand,
     Payload,
     Released,
+    Resubmitted,
     RetryScheduled,
     Scheduled,
     Submitted,
@@ -34,7 +36,7 @@ from qtasks_stream.events import (
 )
 from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
-from qtasks_stream.state import TaskState, fold
+from qtasks_stream.state import TaskState, fold, reopens
 from qtasks_stream.topology import Topology
 
 __all__ = ["SchedulerStage"]
@@ -42,7 +44,7 @@ __all__ = ["SchedulerStage"]
 log = logging.getLogger("qtasks_stream.scheduler")
 _SOURCE = "scheduler"
 #: Kinds the scheduler decides on once restored; other kinds are not even decoded.
-_ACTIONABLE = frozenset({"Submitted", "RetryScheduled", "CancelRequested"})
+_ACTIONABLE = frozenset({"Submitted", "RetryScheduled", "CancelRequested", "Resubmitted"})
 
 
 class SchedulerStage(Stage):
@@ -59,9 +61,9 @@ class SchedulerStage(Stage):
         #: Events this instance emitted and already folded (id → partition), skipped when
         #: read back live; a restore folds them like any other record.
         self._own: dict[str, TopicPartition] = {}
-        #: Tasks that ended, per partition: only their ids are kept, so a repeated submit
-        #: of a finished task stays ignored.
-        self._finished: dict[TopicPartition, set[str]] = {}
+        #: Tasks that ended, per partition: only their ids and last attempts are kept, so a
+        #: repeated submit of a finished task stays ignored and a resubmit can be judged.
+        self._finished: dict[TopicPartition, dict[str, int]] = {}
 
     @property
     def topics(self) -> Sequence[str]:
@@ -132,20 +134,42 @@ class SchedulerStage(Stage):
                 self._act_on_restored(tp, checkpoint)
 
     def _fold(self, event: TaskEvent, tp: TopicPartition) -> None:
-        if event.task_id in self._finished.get(tp, ()):
-            return
-        state = fold(self._tasks.get(event.task_id), event)
+        previous = self._tasks.get(event.task_id)
+        finished = self._finished.get(tp, {})
+        if event.task_id in finished:
+            if not isinstance(event.payload, Resubmitted):
+                return
+            # Only the id and attempt of an ended task are kept; that is all a re-open needs
+            # (the Resubmitted event carries the arguments; a replay only follows a dead letter).
+            status = "dead_letter" if event.payload.mode == DLQ_REPLAY else "error"
+            previous = TaskState(
+                event.task_id, event.task_name, status=status, attempt=finished[event.task_id]
+            )
+            if not reopens(previous, event):
+                return
+            del finished[event.task_id]
+        payload = event.payload
+        reopened = isinstance(payload, Resubmitted) and (
+            previous is None or reopens(previous, event)
+        )
+        state = fold(previous, event)
         if state.final:
-            self._finish(event.task_id, tp)
+            self._finish(event.task_id, tp, state.attempt)
             return
-        if isinstance(event.payload, Submitted) and event.task_id not in self._max_time:
-            self._max_time[event.task_id] = event.payload.max_time
+        if (isinstance(payload, Submitted) and event.task_id not in self._max_time) or (
+            isinstance(payload, Resubmitted) and reopened
+        ):
+            self._max_time[event.task_id] = payload.max_time
         self._tasks[event.task_id] = state
         self._partition_of[event.task_id] = tp
 
-    def _finish(self, task_id: str, tp: TopicPartition) -> None:
+    def _finish(self, task_id: str, tp: TopicPartition, attempt: int | None = None) -> None:
+        if attempt is None:
+            # Ended live without being decoded: its last attempt is the last one released.
+            known = self._tasks.get(task_id)
+            attempt = known.attempt if known is not None else 0
         self._forget(task_id)
-        self._finished.setdefault(tp, set()).add(task_id)
+        self._finished.setdefault(tp, {})[task_id] = attempt
 
     def _act_on_restored(self, tp: TopicPartition, checkpoint: Checkpoint) -> None:
         for task_id, state in list(self._tasks.items()):
@@ -174,6 +198,8 @@ class SchedulerStage(Stage):
                 self._arm(state)
         elif isinstance(payload, CancelRequested):
             self._cancel(state, checkpoint)
+        elif isinstance(payload, Resubmitted) and state.status == "retry":
+            self._arm(state)
 
     def _emit(self, state: TaskState, attempt: int, payload: Payload, cp: Checkpoint) -> None:
         event = TaskEvent.new(
@@ -189,7 +215,7 @@ class SchedulerStage(Stage):
         new_state = fold(state, event)
         if new_state.final:
             tp = self._partition_of[state.task_id]
-            self._finish(state.task_id, tp)
+            self._finish(state.task_id, tp, new_state.attempt)
         else:
             self._tasks[state.task_id] = new_state
 

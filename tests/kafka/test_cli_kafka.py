@@ -71,12 +71,14 @@ async def test_worker_in_another_process_and_history_from_the_log(
 
     result = _cli(env, "history", done.uuid, "-A", "tests.apps.eos_app:app", "--json")
     assert result.returncode == 0, result.stderr
-    events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [e["payload"][0] for e in events] == ["Submitted", "Scheduled", "Started", "Succeeded"]
-    assert {e["task_id"] for e in events} == {done.uuid}
+    document = json.loads(result.stdout)
+    assert (document["task_id"], document["status"]) == (done.uuid, "success")
+    events = [e for attempt in document["attempts"] for e in attempt["events"]]
+    assert [e["kind"] for e in events] == ["Submitted", "Scheduled", "Started", "Succeeded"]
+    assert [a["outcome"] for a in document["attempts"]] == [None, "Succeeded"]
     # `work(n: int) -> int` is typed: its arguments and result are Avro, shown decoded.
-    assert events[0]["payload"][1]["arguments_avro"] == {"n": 21}
-    assert events[-1]["payload"][1]["result_avro"] == {"value": 42}
+    assert events[0]["payload"]["arguments_avro"] == {"n": 21}
+    assert events[-1]["payload"]["result_avro"] == {"value": 42}
 
     unknown = _cli(env, "history", str(uuid.uuid4()), "-A", "tests.apps.eos_app:app")
     assert unknown.returncode == 1 and "no events for task" in unknown.stderr

@@ -19,6 +19,7 @@ from qtasks_stream.events import (
     Payload,
     Progress,
     Released,
+    Resubmitted,
     RetryScheduled,
     Scheduled,
     Started,
@@ -74,6 +75,8 @@ PAYLOADS: list[Payload] = [
         source_partition=0,
         source_offset=2**40,
     ),
+    Resubmitted("fixed", "error", "resubmit", "[1]", '{"a": 2}', "application/json", 2, 1.5),
+    Resubmitted("fixed", "dead_letter", "dlq_replay", dlq_source="qtasks.serde.lane.0/1/7"),
 ]
 
 
