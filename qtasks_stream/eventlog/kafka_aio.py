@@ -132,6 +132,7 @@ class AioKafkaEventLog(EventLog):
             "session_timeout_ms": config.session_timeout_ms,
             "heartbeat_interval_ms": config.heartbeat_interval_ms,
             "max_poll_interval_ms": config.max_poll_interval_ms,
+            "fetch_max_wait_ms": config.fetch_max_wait_ms,
             # As Java does: a member gets max.poll.interval to finish on_revoked and rejoin.
             "rebalance_timeout_ms": config.max_poll_interval_ms,
         }

@@ -178,6 +178,7 @@ class ConfluentEventLog(EventLog):
             "session.timeout.ms": config.session_timeout_ms,
             "heartbeat.interval.ms": config.heartbeat_interval_ms,
             "max.poll.interval.ms": config.max_poll_interval_ms,
+            "fetch.wait.max.ms": config.fetch_max_wait_ms,
             "topic.metadata.refresh.interval.ms": config.metadata_max_age_ms,
             # librdkafka prefetches up to 64 MiB per client by default; the buffer here
             # already holds a few thousand records per partition.

@@ -101,6 +101,7 @@ class WorkerStage(Stage):
         self._grace = shutdown_grace
         self._rng = rng or random.Random()
         self._lanes: list[deque[Incoming]] = [deque() for _ in range(topology.lanes)]
+        self._lane_paused = [False] * topology.lanes
         self._available = asyncio.Event()
         self._slots: list[asyncio.Task[None]] = []
         self._running: dict[str, tuple[asyncio.Task[Any], TaskContext, Record, str]] = {}
@@ -123,12 +124,16 @@ class WorkerStage(Stage):
 
     def paused_topics(self) -> Collection[str]:
         # A full low-priority lane must not take the poll from the lanes above it: however
-        # the client orders fetched records, a paused lane returns none.
-        return [
-            self._topology.lane(index)
-            for index, lane in enumerate(self._lanes)
-            if len(lane) >= self._lane_limit
-        ]
+        # the client orders fetched records, a paused lane returns none. A lane pauses when
+        # full and resumes only when half empty: resuming at the first free slot would
+        # pause and resume the partition for every item (each toggle drops the client's
+        # fetched data and refetches it), which cut throughput by more than half.
+        for index, lane in enumerate(self._lanes):
+            if len(lane) >= self._lane_limit:
+                self._lane_paused[index] = True
+            elif len(lane) <= self._lane_limit // 2:
+                self._lane_paused[index] = False
+        return [self._topology.lane(i) for i, paused in enumerate(self._lane_paused) if paused]
 
     async def start(self, checkpoint: Checkpoint) -> None:
         if self._checkpoint is not None:
