@@ -49,7 +49,7 @@ class AvroSerde(Serde):
         self._close_registry = close_registry
         self._topic_schemas = dict(topic_schemas)
         self._parsed_by_name: dict[str, Any] = {}
-        self._writer: dict[str, tuple[bytes, Any]] = {}
+        self._writer: dict[str, tuple[bytes, Any, wire.Guard | None]] = {}
         self._reader_id: dict[str, int] = {}
         self._schemas = wire.WriterSchemas(registry)
 
@@ -87,17 +87,17 @@ class AvroSerde(Serde):
         for topic, name in pending.items():
             schema_id = ids[subject_for(topic)]
             parsed = self._parsed(name)
-            self._writer[topic] = (wire.header(schema_id), parsed)
+            self._writer[topic] = (wire.header(schema_id), parsed, wire.int_guard(parsed))
             self._reader_id[topic] = schema_id
             self._schemas.add(schema_id, parsed)
 
     def encode(self, topic: str, value: dict[str, Any]) -> bytes:
         try:
-            prefix, parsed = self._writer[topic]
+            prefix, parsed, guard = self._writer[topic]
         except KeyError:
             raise SerdeError(f"no schema registered for topic {topic!r}; start the serde") from None
         what = f"value does not fit the schema of topic {topic!r}"
-        return wire.write(parsed, prefix, value, what)
+        return wire.write(parsed, prefix, value, what, guard=guard)
 
     def decode(self, topic: str, data: bytes) -> dict[str, Any]:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import fastavro
@@ -18,7 +19,7 @@ from fastavro.validation import ValidationError, validate
 
 from qtasks_stream.errors import QTasksStreamError, SchemaError, SerdeError
 
-__all__ = ["WriterSchemas", "header", "read", "write"]
+__all__ = ["Guard", "WriterSchemas", "header", "int_guard", "read", "write"]
 
 _HEADER = struct.Struct(">bI")
 _MAGIC = 0
@@ -53,14 +54,131 @@ class WriterSchemas:
         return parsed
 
 
+#: Checks what fastavro's writer lets through silently; raises ValueError naming the field.
+Guard = Callable[[Any], None]
+
+_RANGES = {"int": (-(2**31), 2**31 - 1), "long": (-(2**63), 2**63 - 1)}
+
+
+class _NoGuard(Exception):
+    """The schema has a shape the guard does not cover: validate in full instead."""
+
+
+class _OutOfRange(ValueError):
+    """An int or long that the Avro type cannot hold."""
+
+
+def int_guard(parsed: Any) -> Guard | None:
+    """A check of every int and long in values of ``parsed``: the one thing fastavro's
+    writer gets silently wrong (a Python int past 32 bits written as an Avro "int" is read
+    back as another number). Wrong types and missing fields make the writer itself fail.
+
+    Much cheaper than fastavro's ``validate``, which builds an error, JSON text of the datum
+    included, for every union branch it tries before the right one. ``None`` when the
+    schema has a shape this does not cover (unions of several non-null types, say): then
+    :func:`write` validates in full.
+    """
+    named: dict[str, Any] = parsed.get("__named_schemas", {}) if isinstance(parsed, dict) else {}
+    try:
+        return _guard(parsed, named, "", set())
+    except _NoGuard:
+        return None
+
+
+def _guard(schema: Any, named: dict[str, Any], path: str, seen: set[str]) -> Guard | None:
+    if isinstance(schema, str):
+        if schema in _RANGES:
+            low, high = _RANGES[schema]
+
+            def in_range(value: Any) -> None:
+                if type(value) is int and not low <= value <= high:
+                    raise _OutOfRange(f"{path or 'value'} is {value}, outside the Avro {schema}")
+
+            return in_range
+        if schema in named:
+            if schema in seen:
+                raise _NoGuard  # recursive: validate in full
+            return _guard(named[schema], named, path, seen | {schema})
+        return None
+    if isinstance(schema, list):
+        branches = [b for b in schema if b != "null"]
+        records = [b for b in branches if isinstance(b, dict) and b.get("type") == "record"]
+        if len(branches) == 1:
+            inner = _guard(branches[0], named, path, seen)
+            if inner is None:
+                return None
+            check_inner = inner
+
+            def optional(value: Any) -> None:
+                if value is not None:
+                    check_inner(value)
+
+            return optional
+        if len(records) == len(branches):
+            # A union of records, written as (record name, fields) with return_record_name.
+            by_name = {
+                r["name"]: _guard(r, named, f"{path}.{r['name'].rpartition('.')[2]}", seen)
+                for r in records
+            }
+            if not any(by_name.values()):
+                return None
+
+            def branch(value: Any) -> None:
+                if isinstance(value, tuple):
+                    check = by_name.get(value[0])
+                    if check is not None:
+                        check(value[1])
+                else:
+                    raise _NoGuard  # not our tuple form: cannot tell the branch
+
+            return branch
+        raise _NoGuard
+    kind = schema.get("type")
+    if kind == "record":
+        checks = [
+            (f["name"], c)
+            for f in schema["fields"]
+            if (c := _guard(f["type"], named, f"{path}.{f['name']}".lstrip("."), seen))
+        ]
+        if not checks:
+            return None
+
+        def record(value: Any) -> None:
+            for name, check in checks:
+                if name in value:
+                    check(value[name])
+
+        return record
+    if kind in ("array", "map"):
+        inner = _guard(
+            schema["items"] if kind == "array" else schema["values"], named, f"{path}[]", seen
+        )
+        if inner is None:
+            return None
+
+        def each(value: Any) -> None:
+            for item in value if kind == "array" else value.values():
+                inner(item)
+
+        return each
+    if kind in _RANGES and "logicalType" in schema:
+        return _guard(kind, named, path, seen)
+    return None
+
+
 def write(
     parsed: Any,
     prefix: bytes,
     value: Any,
     what: str,
     error: type[QTasksStreamError] = SerdeError,
+    guard: Guard | None = None,
 ) -> bytes:
-    """``prefix`` (a :func:`header`) and ``value`` in Avro, checked against ``parsed`` first.
+    """``prefix`` (a :func:`header`) and ``value`` in Avro.
+
+    With ``guard`` (from :func:`int_guard`) the value is range-checked and written, and
+    validated in full only if the writer fails, for a message that names the field;
+    without, it is validated in full first.
 
     Raises:
         error: ``value`` does not fit: ``what`` (the complaint, say "value does not fit the
@@ -69,14 +187,20 @@ def write(
     buf = io.BytesIO()
     buf.write(prefix)
     try:
-        # fastavro's writer does not range-check: a Python int past 32 bits would be
-        # written as an Avro "int" that Java and other readers misread or reject.
-        validate(value, parsed, raise_errors=True)
+        if guard is None:
+            validate(value, parsed, raise_errors=True)
+        else:
+            guard(value)
         fastavro.schemaless_writer(buf, parsed, value)
     except ValidationError as exc:
         problems = "; ".join(str(e) for e in exc.errors)
         raise error(f"{what}: {problems}") from exc
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except _OutOfRange as exc:
+        raise error(f"{what}: {exc}") from exc
+    except (ValueError, TypeError, KeyError, AttributeError, _NoGuard) as exc:
+        if guard is not None:
+            # The fast path failed: validating says which field, in fastavro's words.
+            return write(parsed, prefix, value, what, error)
         raise error(f"{what}: {exc}") from exc
     return buf.getvalue()
 

@@ -218,3 +218,30 @@ async def test_int_outside_the_avro_int_range_raises(serde: AvroSerde) -> None:
     for priority in (2**31, -(2**31) - 1, 2**40):
         with pytest.raises(SerdeError, match="does not fit the schema"):
             serde.encode(TOPOLOGY.events, _submitted_avro(priority=priority))
+
+
+async def test_the_range_guard_checks_nested_ints_and_leaves_types_to_the_writer(
+    serde: AvroSerde,
+) -> None:
+    # The encoder range-checks ints instead of running fastavro's full validate (which builds
+    # an error per union branch it tries); it must still catch what validate caught.
+    nested = {
+        **_submitted_avro(),
+        "payload": ("qtasks.stream.v1.Scheduled", {"lane": 2**33, "priority": 0, "due_us": None}),
+    }
+    with pytest.raises(SerdeError, match=r"payload\.Scheduled\.lane is 8589934592"):
+        serde.encode(TOPOLOGY.events, nested)
+    too_long = {
+        **_submitted_avro(),
+        "payload": ("qtasks.stream.v1.Scheduled", {"lane": 0, "priority": 0, "due_us": 2**64}),
+    }
+    with pytest.raises(SerdeError, match="due_us"):
+        serde.encode(TOPOLOGY.events, too_long)
+    # A wrong type is the writer's failure; the message still names the field.
+    with pytest.raises(SerdeError, match="attempt"):
+        serde.encode(TOPOLOGY.events, _submitted_avro(attempt="one"))
+    # At the edges of the range, values pass and come back unchanged.
+    for priority in (2**31 - 1, -(2**31)):
+        data = serde.encode(TOPOLOGY.events, _submitted_avro(priority=priority))
+        decoded = serde.decode(TOPOLOGY.events, data)
+        assert decoded["payload"][1]["priority"] == priority
