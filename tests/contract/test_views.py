@@ -1,4 +1,5 @@
-"""One contract, every view store: MemoryViewStore and SqliteViewStore (a file in tmp_path)."""
+"""One contract, every view store: memory, SQLite (a file in tmp_path) and PostgreSQL (a
+schema of its own on the test command's server)."""
 
 from __future__ import annotations
 
@@ -24,24 +25,24 @@ from qtasks_stream.events import (
 )
 from qtasks_stream.records import TopicPartition
 from qtasks_stream.views.base import Applied, TaskQuery, ViewStore
-from qtasks_stream.views.memory import MemoryViewStore
 from qtasks_stream.views.sqlite import SqliteViewStore
+from tests.viewstores import VIEW_KINDS, ViewFactory
 
 TOPIC = "qtasks.contract.events"
 TP0 = TopicPartition(TOPIC, 0)
 TP1 = TopicPartition(TOPIC, 1)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def view(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ViewStore]:
-    store: ViewStore
-    if request.param == "memory":
-        store = MemoryViewStore()
-    else:
-        store = SqliteViewStore(tmp_path / "view.sqlite")
-    await store.start()
-    yield store
-    await store.close()
+@pytest.fixture(params=VIEW_KINDS)
+async def views(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ViewFactory]:
+    factory = ViewFactory(request.param, tmp_path, request)
+    yield factory
+    await factory.close()
+
+
+@pytest.fixture
+async def view(views: ViewFactory) -> ViewStore:
+    return await views.fresh()
 
 
 class _Log:
