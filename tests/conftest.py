@@ -2,8 +2,8 @@
 
 The test command (``scripts/test.sh``) brings the broker, the schema registry and PostgreSQL
 up and exports ``QTASKS_TEST_BOOTSTRAP``, ``QTASKS_TEST_SCHEMA_REGISTRY_URL`` and
-``QTASKS_TEST_POSTGRES_DSN``; without them, the tests needing them skip locally and fail under CI, so a CI run can never pass by silently skipping
-the real services.
+``QTASKS_TEST_POSTGRES_DSN``; without them, the tests needing them skip locally and fail
+under CI, so a CI run can never pass by silently skipping the real services.
 """
 
 from __future__ import annotations

@@ -59,13 +59,15 @@ class ViewFactory:
         return store
 
     async def close(self) -> None:
-        dropped: set[str] = set()
         for store in reversed(self._opened):
-            name = self._where[id(store)]
-            if self.kind == "postgres" and name not in dropped:
-                from qtasks_stream.views.postgres import PostgresViewStore
+            await store.close()  # a second close is a no-op (an app may have closed it)
+        if self.kind == "postgres":
+            from qtasks_stream.views.postgres import PostgresViewStore
 
-                assert isinstance(store, PostgresViewStore)
-                await store.drop()
-                dropped.add(name)
-            await store.close()
+            for name in {self._where[id(store)] for store in self._opened}:
+                dropper = PostgresViewStore(self._dsn, schema=name, pool_size=1)
+                await dropper.start()
+                try:
+                    await dropper.drop()
+                finally:
+                    await dropper.close()
