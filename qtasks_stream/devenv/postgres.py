@@ -9,12 +9,13 @@ succeeds, then creates the database the DSN names.
 PostgreSQL refuses to run as root. Started by root, both programs run as an unprivileged
 account instead: ``QTASKS_POSTGRES_USER`` if set, else ``postgres`` (the account the
 distribution's packages create), else ``nobody``. A small Python trampoline drops the
-privileges and ``exec``\\s the program, so the recorded pid is the server's own pid. The data
-folder is handed to that account; every folder above it must be traversable by it.
+privileges and becomes the program (``exec``), so the recorded pid is the server's own pid. The data
+folder is handed to that account; if it cannot enter ``home`` (a checkout under ``/root``),
+the data folder moves to ``<tmp>/qtasks-devpostgres-<hash of home>/data``.
 
 Layout of ``home``::
 
-    data/            the cluster (owned by the account the server runs as)
+    data/            the cluster (owned by the account the server runs as; see above)
     logs/            postgres.out (the server's stdout and stderr), initdb.log
     postgres.pid     pid of the running server
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import os
 import pwd
 import shutil
@@ -31,6 +33,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -85,6 +88,7 @@ class DevPostgres:
         self._port = port
         self._database = database
         self._log = log
+        self._data_dir = _data_folder(home)
         self._process = ManagedProcess(
             home,
             "postgres",
@@ -165,6 +169,8 @@ class DevPostgres:
             self._process.pid_file.unlink(missing_ok=True)
             if wipe:
                 shutil.rmtree(self._data_dir, ignore_errors=True)
+                if self._data_dir.parent != self._home:  # the temp-dir fallback's folder
+                    shutil.rmtree(self._data_dir.parent, ignore_errors=True)
                 shutil.rmtree(self._logs_dir, ignore_errors=True)
 
     def status(self) -> DevPostgresStatus:
@@ -174,10 +180,6 @@ class DevPostgres:
         return DevPostgresStatus(running=running, pid=pid, dsn=self.dsn, home=self._home)
 
     # -- paths ------------------------------------------------------------------------------
-
-    @property
-    def _data_dir(self) -> Path:
-        return self._home / "data"
 
     @property
     def _logs_dir(self) -> Path:
@@ -196,7 +198,12 @@ class DevPostgres:
         data.mkdir(parents=True)
         data.chmod(0o700)
         if owner is not None:
-            _check_traversable(data.parent, owner[0])
+            blocked = _blocked_folder(data.parent, owner[0])
+            if blocked is not None:
+                raise DevEnvError(
+                    f"PostgreSQL runs as uid {owner[0]}, which cannot enter {blocked}; "
+                    "choose a home under a world-traversable folder"
+                )
             os.chown(data, *owner)
         self._logs_dir.mkdir(parents=True, exist_ok=True)
         log_file = self._logs_dir / "initdb.log"
@@ -360,14 +367,32 @@ def _as(owner: tuple[int, int] | None, argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-c", _TRAMPOLINE, str(owner[0]), str(owner[1]), *argv]
 
 
-def _check_traversable(folder: Path, uid: int) -> None:
-    for part in [folder, *folder.parents]:
-        mode = part.stat()
+def _blocked_folder(folder: Path, uid: int) -> Path | None:
+    """The first folder on the way to ``folder`` that ``uid`` (not root) cannot enter."""
+    for part in [*reversed(folder.parents), folder]:
+        try:
+            mode = part.stat()
+        except FileNotFoundError:
+            return None  # created below by root, with the default (traversable) mode
         if mode.st_uid != uid and not mode.st_mode & stat.S_IXOTH:
-            raise DevEnvError(
-                f"PostgreSQL runs as uid {uid}, which cannot enter {part} (mode "
-                f"{stat.filemode(mode.st_mode)}); choose a home under a world-traversable folder"
-            )
+            return part
+    return None
+
+
+def _data_folder(home: Path) -> Path:
+    """``home/data``; or, when root hands the server to an account that cannot reach into
+    ``home`` (a checkout under /root), a folder of this home's own in the system's temp dir."""
+    data = home / "data"
+    if os.geteuid() != 0:
+        return data
+    try:
+        owner = _server_account()
+    except DevEnvError:
+        return data  # up() reports it
+    if owner is None or _blocked_folder(home.resolve(), owner[0]) is None:
+        return data
+    digest = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"qtasks-devpostgres-{digest}" / "data"
 
 
 def _check_owner(data: Path, owner: tuple[int, int]) -> None:
