@@ -110,7 +110,8 @@ class QueueTasks(Router):
         self._client_ready = False
         self._client_lock = asyncio.Lock()
         self._view_started = False
-        self.use(event_log=event_log, schema_registry=schema_registry, view=view)
+        self.view: ViewStore = view if view is not None else MemoryViewStore()
+        self.use(event_log=event_log, schema_registry=schema_registry)
 
     def use(
         self,
@@ -122,7 +123,9 @@ class QueueTasks(Router):
         instance_id: str | None = None,
         own_registry: bool = False,
     ) -> None:
-        """Swap the event log, registry or view (``None`` keeps the default) before starting.
+        """Swap the event log, registry or view before starting. ``None`` means the embedded
+        default for the event log and registry, and keeps the current view (a store the
+        app's module chose, say SQLite, survives the CLI moving the app onto Kafka).
 
         This is how a composition root (the CLI) moves an app declared with the embedded
         defaults onto Kafka without touching the module that declares its tasks. With
@@ -141,7 +144,8 @@ class QueueTasks(Router):
         self.serde: Serde = AvroSerde(
             registry, self.topology.topic_schemas(), close_registry=own_registry
         )
-        self.view = view if view is not None else MemoryViewStore()
+        if view is not None:
+            self.view = view
         self._results = ResultListener(
             self.event_log, self.serde, self.topology.events, self.topology.partitions
         )

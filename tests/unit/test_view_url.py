@@ -57,3 +57,13 @@ def test_postgres_schema_option_is_taken_out_of_the_dsn() -> None:
 def test_unknown_or_malformed(url: str) -> None:
     with pytest.raises(ConfigurationError):
         open_view(url)
+
+
+def test_the_cli_moving_an_app_keeps_the_view_its_module_chose(tmp_path: Path) -> None:
+    from qtasks_stream import QueueTasks
+    from qtasks_stream.cli import configure
+
+    view = open_view(f"sqlite:///{tmp_path}/shop.db")
+    app = configure(QueueTasks("shop", view=view), {"QTASKS_TOPIC_PREFIX": "team."})
+    assert app.topology.events == "team.shop.events"
+    assert app.view is view
