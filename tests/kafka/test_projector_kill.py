@@ -1,5 +1,6 @@
 """Projector processes SIGKILLed mid-run on the real broker: the shared view store (a SQLite
-file, or a PostgreSQL schema) ends equal to the fold of the whole log, nothing doubled or lost.
+file, or a PostgreSQL schema) ends equal to the fold of the whole log, nothing doubled or lost;
+a rebuild from offset 0 on the broker gives the same.
 
 Two ``qtasks-stream worker --stages projector`` processes split the partitions of one store
 through their consumer group. Each is killed while it applies (its store has moved, the log
@@ -27,7 +28,8 @@ from qtasks_stream.records import OutRecord, TopicPartition
 from qtasks_stream.state import TaskState, fold
 from qtasks_stream.views import open_view
 from qtasks_stream.views.base import TaskQuery, ViewStore
-from qtasks_stream.views.rebuild import decode_events
+from qtasks_stream.views.memory import MemoryViewStore
+from qtasks_stream.views.rebuild import decode_events, rebuild
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
@@ -187,6 +189,12 @@ async def test_killed_projectors_leave_the_fold_of_the_log(
         for task_id, state in states.items():
             # ``events`` counts applied events: a doubled or skipped one shows here.
             assert await view.state(task_id) == state, task_id
+        # A rebuild from offset 0 on the broker gives the same view.
+        rebuilt = MemoryViewStore()
+        assert await rebuild(client.event_log, client.serde, topic, 4, rebuilt) == len(events)
+        assert await rebuilt.positions() == ends
+        for task_id, state in states.items():
+            assert await rebuilt.state(task_id) == state, task_id
     finally:
         await view.close()
         await client.close()
