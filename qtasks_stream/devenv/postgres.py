@@ -161,11 +161,13 @@ class DevPostgres:
                 ends = time.monotonic() + timeout
                 while self._process.alive(pid) and time.monotonic() < ends:
                     time.sleep(0.1)
+                stuck = self._process.alive(pid)
                 self._process.stop_running(timeout)
-                # A SIGKILLed postmaster leaves its backends behind (same session, setsid):
-                # they hold the shared memory the next start needs.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
+                if stuck:
+                    # A SIGKILLed postmaster leaves its backends behind (its session, from
+                    # setsid): they hold the shared memory the next start needs.
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pid, signal.SIGKILL)
             self._process.pid_file.unlink(missing_ok=True)
             if wipe:
                 shutil.rmtree(self._data_dir, ignore_errors=True)

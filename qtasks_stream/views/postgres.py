@@ -169,7 +169,8 @@ class PostgresViewStore(ViewStore):
             async with self._conn().acquire() as conn, conn.transaction():
                 # Positions first: their row locks make a second owner of a partition wait
                 # here, then see the moved position and give up before writing any row.
-                for tp, offset in positions.items():
+                # Sorted: two savers lock rows in one order, never into a deadlock.
+                for tp, offset in sorted(positions.items()):
                     was = expected.get(tp)
                     if was is None:
                         await conn.execute(
