@@ -32,9 +32,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     updated_us INTEGER NOT NULL,
     state TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, created_us);
-CREATE INDEX IF NOT EXISTS tasks_name ON tasks (task_name, created_us);
-CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_us);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, created_us, task_id);
+CREATE INDEX IF NOT EXISTS tasks_name ON tasks (task_name, created_us, task_id);
+CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_us, task_id);
 CREATE TABLE IF NOT EXISTS tags (
     task_id TEXT NOT NULL,
     tag TEXT NOT NULL,
