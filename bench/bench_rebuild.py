@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import sys
 import tempfile
 import time
@@ -53,10 +54,17 @@ READ_LIMIT = 900.0
 
 
 def lifecycles(tasks: int) -> list[TaskEvent]:
-    """``tasks`` successful lifecycles, interleaved in blocks of 100 tasks as in a busy log."""
+    """``tasks`` successful lifecycles, interleaved in blocks of 100 tasks as in a busy log.
+
+    Task ids are random UUIDs, as ``add_task`` makes them: stores index them in no order.
+    """
+    rng = random.Random(5)
     out: list[TaskEvent] = []
     for block in range(0, tasks, 100):
-        ids = [f"bench-{i:08d}" for i in range(block, min(block + 100, tasks))]
+        ids = [
+            str(uuid.UUID(int=rng.getrandbits(128), version=4))
+            for _ in range(block, min(block + 100, tasks))
+        ]
         steps: list[Callable[[str], TaskEvent]] = [
             lambda t: TaskEvent.new(
                 t, "job", 0, "bench", Submitted("[1, 2]", "{}", 0, tags=("bench",))

@@ -7,6 +7,7 @@ scheduler and ``history --as-of`` all use it, so they cannot disagree.
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -67,7 +68,8 @@ class TaskState:
         return self.status in FINAL_STATUSES
 
     def to_json(self) -> str:
-        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)})
+        # Field names looked up once (below the class): views encode a state per task per batch.
+        return json.dumps(dict(zip(_STATE_FIELDS, _state_values(self), strict=True)))
 
     @classmethod
     def from_json(cls, text: str) -> TaskState:
@@ -99,6 +101,10 @@ class TaskState:
             due_at=_dt(self.due_us) if self.due_us is not None else None,
             idempotency_key=self.idempotency_key,
         )
+
+
+_STATE_FIELDS = tuple(f.name for f in fields(TaskState))
+_state_values = operator.attrgetter(*_STATE_FIELDS)
 
 
 def _dt(us: int) -> datetime:

@@ -134,7 +134,8 @@ class ViewStore(ABC):
                 task_id = item.event.task_id
                 states[task_id] = fold(states.get(task_id), item.event)
                 new_positions[item.tp] = item.offset + 1
-            changed = {a.event.task_id for a in fresh}
+            # In key order: a store's B-tree takes sorted inserts far faster than random ones.
+            changed = sorted({a.event.task_id for a in fresh})
             expected = {tp: positions.get(tp, 0) for tp in new_positions}
             try:
                 await self._save([states[t] for t in changed], new_positions, expected)
