@@ -108,6 +108,31 @@ class TaskPage:
     next_cursor: str | None
 
 
+def _unapplied(
+    batch: Sequence[Applied], positions: Mapping[TopicPartition, int]
+) -> tuple[list[Applied], dict[TopicPartition, int]]:
+    """The items of ``batch`` at or past their partition's position, and the positions after
+    them. A batch comes in runs of one partition, so each run looks its partition up once:
+    TopicPartition hashes in Python, which per event costs as much as the fold."""
+    fresh: list[Applied] = []
+    after: dict[TopicPartition, int] = {}
+    run: TopicPartition | None = None
+    floor = 0
+    moved = False
+    for item in batch:
+        tp = item.tp
+        if run is None or tp.partition != run.partition or tp.topic != run.topic:
+            if run is not None and moved:
+                after[run] = floor
+            run, floor, moved = tp, max(positions.get(tp, 0), after.get(tp, 0)), False
+        if item.offset >= floor:
+            fresh.append(item)
+            floor, moved = item.offset + 1, True
+    if run is not None and moved:
+        after[run] = floor
+    return fresh, after
+
+
 class ViewStore(ABC):
     """Applies events idempotently and answers queries about tasks."""
 
@@ -125,15 +150,13 @@ class ViewStore(ABC):
         """
         for _ in range(_MAX_RACES):
             positions = await self.positions()
-            fresh = [a for a in batch if a.offset >= positions.get(a.tp, 0)]
+            fresh, new_positions = _unapplied(batch, positions)
             if not fresh:
                 return 0
             states = await self._load({a.event.task_id for a in fresh})
-            new_positions: dict[TopicPartition, int] = {}
             for item in fresh:
                 task_id = item.event.task_id
                 states[task_id] = fold(states.get(task_id), item.event)
-                new_positions[item.tp] = item.offset + 1
             # In key order: a store's B-tree takes sorted inserts far faster than random ones.
             changed = sorted({a.event.task_id for a in fresh})
             expected = {tp: positions.get(tp, 0) for tp in new_positions}

@@ -73,8 +73,11 @@ async def rebuild(
             # Keyed by partition number, not TopicPartition: cheaper per record (one topic).
             batch = decode_events(serde, [r for r in records if r.offset < end_of[r.partition]])
             applied += await view.apply(batch)
+            last: dict[int, int] = {}
             for item in batch:
-                reached[item.tp] = item.offset + 1
+                last[item.tp.partition] = item.offset + 1
+            for partition, offset in last.items():
+                reached[tps[partition]] = offset
             # Past the last event: undecodable records and transaction markers.
             skipped: dict[TopicPartition, int] = {}
             for tp in {tps[p] for p in {r.partition for r in records}} | todo:

@@ -410,3 +410,16 @@ async def test_a_fold_that_lost_the_race_is_redone_from_the_winner(views: ViewFa
     state = await store.state("t1")
     assert state is not None and state.status == "success" and state.events == 4
     assert (await store.positions())[TP0] == 4
+
+
+async def test_batches_mixing_partitions_and_repeating_records(view: ViewStore) -> None:
+    log = _Log()
+    a0, a1 = log.at(TP0, _submitted("a")), log.at(TP0, _event("a", Scheduled(0, 0), attempt=1))
+    b0 = log.at(TP1, _submitted("b"))
+    # Partitions interleaved, and a record delivered twice within one batch.
+    assert await view.apply([a0, b0, a0, a1, b0]) == 3
+    assert await view.positions() == {TP0: 2, TP1: 1}
+    state = await view.state("a")
+    assert state is not None and state.events == 2 and state.status == "scheduled"
+    state_b = await view.state("b")
+    assert state_b is not None and state_b.events == 1
