@@ -50,7 +50,7 @@ from qtasks_stream.stages.worker import WorkerStage
 from qtasks_stream.state import Task, TaskState, fold
 from qtasks_stream.tasks import Router, TaskDefinition, TaskSelf
 from qtasks_stream.topology import Topology
-from qtasks_stream.views.base import TaskQuery, ViewStore
+from qtasks_stream.views.base import TaskPage, TaskQuery, ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
 
 __all__ = ["STAGES", "QueueTasks"]
@@ -118,7 +118,8 @@ class QueueTasks(Router):
         self._client_ready = False
         self._client_lock = asyncio.Lock()
         self._view_started = False
-        self.use(event_log=event_log, schema_registry=schema_registry, view=view)
+        self.view: ViewStore = view if view is not None else MemoryViewStore()
+        self.use(event_log=event_log, schema_registry=schema_registry)
 
     def use(
         self,
@@ -130,7 +131,9 @@ class QueueTasks(Router):
         instance_id: str | None = None,
         own_registry: bool = False,
     ) -> None:
-        """Swap the event log, registry or view (``None`` keeps the default) before starting.
+        """Swap the event log, registry or view before starting. ``None`` means the embedded
+        default for the event log and registry, and keeps the current view (a store the
+        app's module chose, say SQLite, survives the CLI moving the app onto Kafka).
 
         This is how a composition root (the CLI) moves an app declared with the embedded
         defaults onto Kafka without touching the module that declares its tasks. With
@@ -150,9 +153,10 @@ class QueueTasks(Router):
             registry, self.topology.topic_schemas(), close_registry=own_registry
         )
         self.payloads = TaskPayloads(registry, self.topology.events, self.definitions)
-        # A view the app was declared with survives a swap of the log (the CLI's configure).
-        kept: ViewStore | None = getattr(self, "view", None)
-        self.view = view if view is not None else kept or MemoryViewStore()
+        # Without one, the view the app was declared with stays (the CLI's configure swaps
+        # only the log and the registry).
+        if view is not None:
+            self.view = view
         self._results = ResultListener(
             self.event_log, self.serde, self.topology.events, self.topology.partitions
         )
@@ -418,6 +422,16 @@ class QueueTasks(Router):
     async def query(self, query: TaskQuery | None = None, **filters: Any) -> list[Task]:
         await self._ensure_view()
         return await self.view.query(query or TaskQuery(**filters), payloads=self.payloads)
+
+    async def page(self, query: TaskQuery | None = None, **filters: Any) -> TaskPage:
+        """One page of :meth:`query`; pass its ``next_cursor`` as ``after`` for the next."""
+        await self._ensure_view()
+        return await self.view.page(query or TaskQuery(**filters), payloads=self.payloads)
+
+    async def counts(self) -> dict[str, int]:
+        """Tasks per status, as the view has them."""
+        await self._ensure_view()
+        return await self.view.counts()
 
     async def cancel(self, uuid: str, reason: str = "") -> None:
         """Ask for the task to be cancelled; honoured wherever it is, even after restarts."""

@@ -2,7 +2,7 @@
 
 Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app``,
 ``replay``, ``resubmit``, ``snapshot``, ``dlq list|replay`` (see :mod:`.cli_audit`),
-``schemas check|register -A module:app`` and ``dev up|down|status``. With
+``schemas check|register -A module:app`` and ``dev up|down|status [--postgres]``. With
 ``QTASKS_BOOTSTRAP_SERVERS`` set, apps run on that Kafka
 (``QTASKS_EVENT_LOG`` = aiokafka or confluent, ``QTASKS_SCHEMA_REGISTRY_URL``,
 ``QTASKS_TOPIC_PREFIX``, ``QTASKS_INSTANCE_ID``, ``QTASKS_TRANSACTION_TIMEOUT_MS``, security
@@ -164,12 +164,19 @@ def _parser() -> argparse.ArgumentParser:
         "--level", default=None, help="compatibility level (default BACKWARD_TRANSITIVE)"
     )
 
-    dev = sub.add_parser("dev", help="a local Kafka broker for development and tests")
+    dev = sub.add_parser(
+        "dev", help="a local Kafka broker (and optionally PostgreSQL) for development and tests"
+    )
     dev.add_argument("action", choices=["up", "down", "status"])
     dev.add_argument("--home", default=None, help="folder for jars, data and logs")
     dev.add_argument("--wipe", action="store_true", help="with down: delete data and logs")
     dev.add_argument(
         "--no-registry", action="store_true", help="the broker only, without the schema registry"
+    )
+    dev.add_argument(
+        "--postgres",
+        action="store_true",
+        help="also PostgreSQL (the machine's own, on 127.0.0.1:15432) for the PostgreSQL view",
     )
     return parser
 
@@ -190,20 +197,33 @@ async def _run_worker(app: QueueTasks, stages: Sequence[str]) -> None:
         await app.close()
 
 
-def _dev(action: str, home: str | None, wipe: bool, registry: bool, env: Mapping[str, str]) -> int:
+def _dev(
+    action: str,
+    home: str | None,
+    wipe: bool,
+    registry: bool,
+    postgres: bool,
+    env: Mapping[str, str],
+) -> int:
     from qtasks_stream.devenv.kafka import DevKafka
+    from qtasks_stream.devenv.postgres import DevPostgres
     from qtasks_stream.devenv.registry import DevRegistry
 
     folder = Path(home or env.get("QTASKS_DEV_HOME") or Path.cwd() / ".cache" / "dev")
     broker = DevKafka(home=folder / "kafka")
     schemas = DevRegistry(home=folder / "registry") if registry else None
+    database = DevPostgres(home=folder / "postgres") if postgres else None
     if action == "up":
         bootstrap = broker.up()
         print(f"export QTASKS_BOOTSTRAP_SERVERS={bootstrap}")
         if schemas is not None:
             print(f"export QTASKS_SCHEMA_REGISTRY_URL={schemas.up()}")
+        if database is not None:
+            print(f"export QTASKS_POSTGRES_DSN={database.up()}")
         return 0
     if action == "down":
+        if database is not None:
+            database.down(wipe=wipe)
         if schemas is not None:
             schemas.down(wipe=wipe)
         broker.down(wipe=wipe)
@@ -219,6 +239,12 @@ def _dev(action: str, home: str | None, wipe: bool, registry: bool, env: Mapping
         if registry_status.running:
             print(f"export QTASKS_SCHEMA_REGISTRY_URL={registry_status.url}")
         running = running and registry_status.running
+    if database is not None:
+        postgres_status = database.status()
+        print(f"# postgres: {postgres_status}", file=sys.stderr)
+        if postgres_status.running:
+            print(f"export QTASKS_POSTGRES_DSN={postgres_status.dsn}")
+        running = running and postgres_status.running
     return 0 if running else 1
 
 
@@ -292,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "schemas":
             app = configure(load_app(args.app), env)
             return _schemas(args.action, app, args.level, env)
-        return _dev(args.action, args.home, args.wipe, not args.no_registry, env)
+        return _dev(args.action, args.home, args.wipe, not args.no_registry, args.postgres, env)
     except QTasksStreamError as exc:
         print(f"qtasks-stream: error: {exc}", file=sys.stderr)
         return 2

@@ -96,9 +96,8 @@ async def seed_view(view: ViewStore, snapshot: Snapshot) -> None:
     as the view's positions (so applying the log tail goes on from there)."""
     if await view.positions():
         raise EventLogError("a snapshot can only seed an empty view")
-    # The store's own atomic save of states with positions, as the projector's apply uses.
     # (A view leaves out partitions it has applied nothing of: no position is position 0.)
-    await view._save(snapshot.states, {tp: o for tp, o in snapshot.covers.items() if o > 0})
+    await view.seed(snapshot.states, {tp: o for tp, o in snapshot.covers.items() if o > 0})
 
 
 async def write_snapshot(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, real Kafka included: installs the package with its test tools,
-# starts the dev broker and schema registry (fetched from Maven Central on first use), runs
-# lint, types and pytest, and stops both whatever happens. Extra arguments go to pytest.
+# starts the dev broker and schema registry (fetched from Maven Central on first use) and
+# PostgreSQL (the machine's own server programs), runs lint, types and pytest, and stops them
+# all whatever happens. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,16 +15,19 @@ stop_broker() {
     rm -rf "$PWD/.cache/last-run-logs" && mkdir -p "$PWD/.cache/last-run-logs"
     cp -r "$home/kafka/logs" "$PWD/.cache/last-run-logs/kafka" 2>/dev/null || true
     cp -r "$home/registry/logs" "$PWD/.cache/last-run-logs/registry" 2>/dev/null || true
-    python -m qtasks_stream dev down --home "$home" --wipe || true
+    cp -r "$home/postgres/logs" "$PWD/.cache/last-run-logs/postgres" 2>/dev/null || true
+    python -m qtasks_stream dev down --home "$home" --postgres --wipe || true
 }
 trap stop_broker EXIT
 
-exports="$(python -m qtasks_stream dev up --home "$home")"
+exports="$(python -m qtasks_stream dev up --home "$home" --postgres)"
 eval "$exports"
-# Tests choose their event log and registry explicitly; the addresses reach them this way.
+# Tests choose their event log, registry and view store explicitly; the addresses reach them
+# this way.
 export QTASKS_TEST_BOOTSTRAP="$QTASKS_BOOTSTRAP_SERVERS"
 export QTASKS_TEST_SCHEMA_REGISTRY_URL="$QTASKS_SCHEMA_REGISTRY_URL"
-unset QTASKS_BOOTSTRAP_SERVERS QTASKS_SCHEMA_REGISTRY_URL
+export QTASKS_TEST_POSTGRES_DSN="$QTASKS_POSTGRES_DSN"
+unset QTASKS_BOOTSTRAP_SERVERS QTASKS_SCHEMA_REGISTRY_URL QTASKS_POSTGRES_DSN
 
 python -m ruff check qtasks_stream tests bench
 python -m mypy

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 from qtasks_stream.records import TopicPartition
 from qtasks_stream.state import TaskState
-from qtasks_stream.views.base import TaskQuery, ViewStore
+from qtasks_stream.views.base import PositionsMoved, TaskQuery, ViewStore
 
 __all__ = ["MemoryViewStore"]
 
@@ -29,8 +29,14 @@ class MemoryViewStore(ViewStore):
         return {t: copy.copy(self._states[t]) for t in task_ids if t in self._states}
 
     async def _save(
-        self, states: Sequence[TaskState], positions: Mapping[TopicPartition, int]
+        self,
+        states: Sequence[TaskState],
+        positions: Mapping[TopicPartition, int],
+        expected: Mapping[TopicPartition, int],
     ) -> None:
+        # No await from the check to the last write: atomic within the event loop.
+        if any(self._positions.get(tp, 0) != offset for tp, offset in expected.items()):
+            raise PositionsMoved("positions moved since the fold began")
         for state in states:
             self._states[state.task_id] = state
         self._positions.update(positions)

@@ -1,22 +1,55 @@
-"""A view store from a URL: ``memory://`` or ``sqlite:///relative.db`` /
-``sqlite:////absolute/path.db`` (SQLAlchemy's convention)."""
+"""``open_view(url)``: a view store named by a URL, for composition roots and tools.
+
+- ``memory://``: :class:`MemoryViewStore` (gone with the process);
+- ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (SQLAlchemy's spelling:
+  the path is what follows the third slash), ``sqlite://`` or ``sqlite:///:memory:`` for an
+  in-memory database: :class:`SqliteViewStore`;
+- ``postgresql://user@host:port/database`` (or ``postgres://``), with an optional
+  ``?schema=name`` for the schema that holds the tables: :class:`PostgresViewStore`
+  (needs the ``postgres`` extra, asyncpg).
+
+The store is returned unstarted: ``await store.start()`` (the app does it) opens it.
+"""
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.views.base import ViewStore
+from qtasks_stream.views.memory import MemoryViewStore
+from qtasks_stream.views.sqlite import SqliteViewStore
 
 __all__ = ["open_view"]
 
 
 def open_view(url: str) -> ViewStore:
-    """The (not yet started) view store ``url`` names."""
-    if url == "memory://":
-        from qtasks_stream.views.memory import MemoryViewStore
-
+    """The view store ``url`` names (see the module docstring), not yet started."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "memory":
+        if parts.netloc or parts.path or parts.query:
+            raise ConfigurationError(f"memory:// takes nothing after the scheme: {url!r}")
         return MemoryViewStore()
-    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
-        from qtasks_stream.views.sqlite import SqliteViewStore
-
-        return SqliteViewStore(url[len("sqlite:///") :])
-    raise ConfigurationError(f"view URL must be memory:// or sqlite:///path, not {url!r}")
+    if scheme == "sqlite":
+        if parts.netloc or parts.query:
+            raise ConfigurationError(
+                f"a SQLite view URL is sqlite:///path (no host, no options): {url!r}"
+            )
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        return SqliteViewStore(path or ":memory:")
+    if scheme in ("postgresql", "postgres"):
+        options = parse_qsl(parts.query, keep_blank_values=True)
+        schemas = [value for key, value in options if key == "schema"]
+        rest = [(key, value) for key, value in options if key != "schema"]
+        dsn = urlunsplit(parts._replace(query=urlencode(rest)))
+        try:
+            from qtasks_stream.views.postgres import DEFAULT_SCHEMA, PostgresViewStore
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"a PostgreSQL view needs asyncpg: pip install 'qtasks-stream[postgres]' ({exc})"
+            ) from exc
+        return PostgresViewStore(dsn, schema=schemas[-1] if schemas else DEFAULT_SCHEMA)
+    raise ConfigurationError(
+        f"unknown view URL {url!r}: use memory://, sqlite:///path or postgresql://..."
+    )

@@ -1,4 +1,5 @@
-"""One contract, every view store: MemoryViewStore and SqliteViewStore (a file in tmp_path)."""
+"""One contract, every view store: memory, SQLite (a file in tmp_path) and PostgreSQL (a
+schema of its own on the test command's server)."""
 
 from __future__ import annotations
 
@@ -23,25 +24,26 @@ from qtasks_stream.events import (
     TaskEvent,
 )
 from qtasks_stream.records import TopicPartition
+from qtasks_stream.state import TaskState
 from qtasks_stream.views.base import Applied, TaskQuery, ViewStore
-from qtasks_stream.views.memory import MemoryViewStore
 from qtasks_stream.views.sqlite import SqliteViewStore
+from tests.viewstores import VIEW_KINDS, ViewFactory
 
 TOPIC = "qtasks.contract.events"
 TP0 = TopicPartition(TOPIC, 0)
 TP1 = TopicPartition(TOPIC, 1)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def view(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ViewStore]:
-    store: ViewStore
-    if request.param == "memory":
-        store = MemoryViewStore()
-    else:
-        store = SqliteViewStore(tmp_path / "view.sqlite")
-    await store.start()
-    yield store
-    await store.close()
+@pytest.fixture(params=VIEW_KINDS)
+async def views(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ViewFactory]:
+    factory = ViewFactory(request.param, tmp_path, request)
+    yield factory
+    await factory.close()
+
+
+@pytest.fixture
+async def view(views: ViewFactory) -> ViewStore:
+    return await views.fresh()
 
 
 class _Log:
@@ -335,3 +337,89 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
         assert (await second.positions())[TP1] == 2
     finally:
         await second.close()
+
+
+# -- cursor paging, shared stores ------------------------------------------------------------------
+
+
+async def test_cursor_pages_are_stable_under_inserts(view: ViewStore) -> None:
+    log = _Log()
+    # Equal creation times: the task id breaks the tie, so the order is total.
+    for i in (4, 0, 3, 1, 2):
+        await view.apply([log.at(TP0, _submitted(f"t{i}", at_us=1_000 + i // 2))])
+
+    first = await view.page(TaskQuery(limit=2))
+    assert [t.uuid for t in first.tasks] == ["t0", "t1"]
+    assert first.next_cursor is not None
+    # A task created before the cursor arrives between pages: offsets would shift, the
+    # cursor does not.
+    await view.apply([log.at(TP1, _submitted("early", at_us=1))])
+    second = await view.page(TaskQuery(limit=2, after=first.next_cursor))
+    assert [t.uuid for t in second.tasks] == ["t2", "t3"]
+    assert second.next_cursor is not None
+    last = await view.page(TaskQuery(limit=2, after=second.next_cursor))
+    assert [t.uuid for t in last.tasks] == ["t4"] and last.next_cursor is None
+    # Filters and offsets apply past the cursor too.
+    assert [t.uuid for t in await view.query(TaskQuery(after=first.next_cursor, offset=1))] == [
+        "t3",
+        "t4",
+    ]
+    assert await view.query(TaskQuery(after=first.next_cursor, status="success")) == []
+
+
+def test_query_rejects_a_bad_cursor() -> None:
+    for bad in ("", "12", "x:t1", "12:"):
+        with pytest.raises(ConfigurationError, match="cursor"):
+            TaskQuery(after=bad)
+
+
+async def test_a_second_handle_sees_and_respects_the_first(views: ViewFactory) -> None:
+    first = await views.fresh()
+    second = await views.handle(first)
+    log = _Log()
+    await first.apply(log.many(TP0, [_submitted("a", tags=["t"]), *_run_to_success("a")]))
+    assert await second.positions() == {TP0: 4}
+    assert (await second.get("a")) == (await first.get("a"))
+    assert [t.uuid for t in await second.query(TaskQuery(tag="t"))] == ["a"]
+    # What one handle applied, the other skips.
+    assert await second.apply([Applied(TP0, 3, _submitted("zzz"))]) == 0
+    assert await second.get("zzz") is None
+
+
+async def test_a_fold_that_lost_the_race_is_redone_from_the_winner(views: ViewFactory) -> None:
+    """Two owners of one partition for a moment (a rebalance): the second owner saves while
+    the first is folding the same records; the first must not apply them a second time."""
+    store = await views.fresh()
+    other = await views.handle(store)
+    log = _Log()
+    await store.apply([log.at(TP0, _submitted("t1"))])
+    batch = log.many(TP0, _run_to_success("t1"))
+    load = store._load
+    raced: list[int] = []
+
+    async def load_then_lose(task_ids: set[str]) -> dict[str, TaskState]:
+        loaded = await load(task_ids)
+        if not raced:
+            raced.append(-1)  # once (the in-memory "other" is this very store)
+            raced[0] = await other.apply(batch[:2])  # the other owner saves meanwhile
+        return loaded
+
+    store._load = load_then_lose  # type: ignore[method-assign]
+    assert await store.apply(batch) == 1  # only the record the other did not apply
+    assert raced == [2]
+    state = await store.state("t1")
+    assert state is not None and state.status == "success" and state.events == 4
+    assert (await store.positions())[TP0] == 4
+
+
+async def test_batches_mixing_partitions_and_repeating_records(view: ViewStore) -> None:
+    log = _Log()
+    a0, a1 = log.at(TP0, _submitted("a")), log.at(TP0, _event("a", Scheduled(0, 0), attempt=1))
+    b0 = log.at(TP1, _submitted("b"))
+    # Partitions interleaved, and a record delivered twice within one batch.
+    assert await view.apply([a0, b0, a0, a1, b0]) == 3
+    assert await view.positions() == {TP0: 2, TP1: 1}
+    state = await view.state("a")
+    assert state is not None and state.events == 2 and state.status == "scheduled"
+    state_b = await view.state("b")
+    assert state_b is not None and state_b.events == 1

@@ -127,7 +127,7 @@ async def test_replay_into_a_url_equals_the_live_view_and_verify_finds_a_differe
     wrong = await live.state(ids[0])
     assert wrong is not None
     wrong.status = "error"
-    await live._save([wrong], {})
+    await live._save([wrong], {}, {})  # corrupt one row, positions untouched
     tool = build(**parts, view=live)
     assert await cli(tool, "replay", "--into", "memory://", "--verify") == 1
     out, _ = capsys.readouterr()

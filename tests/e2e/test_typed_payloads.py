@@ -289,3 +289,31 @@ async def test_an_incompatible_task_signature_is_refused_at_start(
     await first.start()
     with pytest.raises(SchemaError, match="loud"):
         await second.start()
+
+
+async def test_pages_and_counts_through_the_app_decode_typed_results(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    app = make_app()
+
+    @app.task
+    async def square(n: int) -> int:
+        return n * n
+
+    await app.start()
+    done = [await app.add_task("square", n, timeout=LIMIT) for n in range(5)]
+    assert all(t is not None and t.status == "success" for t in done)
+    for _ in range(int(LIMIT / 0.01)):
+        if (await app.counts()).get("success") == 5:
+            break
+        await asyncio.sleep(0.01)
+    assert await app.counts() == {"success": 5}
+    seen: list[int] = []
+    cursor: str | None = None
+    for _ in range(5):
+        page = await app.page(task_name="square", limit=2, after=cursor)
+        seen.extend(t.returning for t in page.tasks)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert sorted(seen) == [0, 1, 4, 9, 16], "pages missed or repeated a task"
