@@ -8,7 +8,6 @@ prints; its fields are documented in ``docs/events.md`` ("Auditing a task").
 from __future__ import annotations
 
 import base64
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from qtasks_stream.events import (
     TimedOut,
 )
 from qtasks_stream.state import TaskState, fold
+from qtasks_stream.telemetry.propagation import trace_id_of
 
 __all__ = [
     "HISTORY_FORMAT",
@@ -31,12 +31,10 @@ __all__ = [
     "history_document",
     "parse_time_us",
     "state_as_of",
-    "trace_id",
 ]
 
 #: Version of the ``history --json`` document; bumped only on incompatible changes.
 HISTORY_FORMAT = 1
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 #: Payload fields left out of the text listing (long, and in the JSON document anyway).
 _LONG_FIELDS = frozenset({"traceback", "args", "kwargs"})
 #: Kinds that end an attempt (RetryScheduled ends it and announces the next).
@@ -82,14 +80,6 @@ def state_as_of(events: Sequence[TaskEvent], at_us: int | None = None) -> TaskSt
     return state
 
 
-def trace_id(traceparent: str | None) -> str | None:
-    """The trace id of a W3C ``traceparent`` (None when absent or malformed)."""
-    if not traceparent:
-        return None
-    match = _TRACEPARENT.match(traceparent)
-    return match.group(1) if match else None
-
-
 def _iso(us: int) -> str:
     return datetime.fromtimestamp(us / 1_000_000, tz=UTC).isoformat(timespec="microseconds")
 
@@ -122,7 +112,7 @@ def _event_doc(event: TaskEvent, decode: BytesDecoder | None) -> dict[str, Any]:
         "at": _iso(event.at_us),
         "at_us": event.at_us,
         "source": event.source,
-        "trace_id": trace_id(event.traceparent),
+        "trace_id": trace_id_of(event.traceparent),
         "payload": _payload(event, decode),
     }
 
@@ -155,7 +145,7 @@ def _attempt_doc(
         "starts": len(starts),
         "outcome": end.kind if end is not None else None,
         "error": error,
-        "trace_id": next((t for e in events if (t := trace_id(e.traceparent))), None),
+        "trace_id": next((t for e in events if (t := trace_id_of(e.traceparent))), None),
         "events": [_event_doc(e, decode) for e in events],
     }
 
@@ -185,6 +175,8 @@ def history_document(
         "as_of": _iso(as_of) if as_of is not None else None,
         "status": state.status if state is not None else None,
         "attempt": state.attempt if state is not None else None,
+        # The task's trace: every event of it, retries and restarts included, is in this one.
+        "trace_id": next((t for e in shown if (t := trace_id_of(e.traceparent))), None),
         "state": {f.name: _plain(f.name, getattr(state, f.name), decode) for f in fields(TaskState)}
         if state is not None
         else None,
@@ -197,6 +189,7 @@ def format_history(document: dict[str, Any]) -> list[str]:
     lines = [
         f"task {document['task_id']} ({document['task_name']}): {document['status']}, "
         f"attempt {document['attempt']}"
+        + (f", trace {document['trace_id']}" if document["trace_id"] else "")
         + (f", as of {document['as_of']}" if document["as_of"] else "")
     ]
     first = next((a["events"][0]["at_us"] for a in document["attempts"] if a["events"]), 0)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from qtasks_stream.audit import as_of_us, parse_time_us, state_as_of, trace_id
+from qtasks_stream.audit import as_of_us, parse_time_us, state_as_of
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.events import (
     DLQ_REPLAY,
@@ -24,6 +24,7 @@ from qtasks_stream.events import (
 from qtasks_stream.serde.compat import check_compatibility
 from qtasks_stream.serde.schemas import load_schema_text
 from qtasks_stream.state import TaskState, fold
+from qtasks_stream.telemetry.propagation import trace_id_of as trace_id
 from tests.unit.test_compat import SUBJECT, FakeRegistry, text
 from tests.unit.test_scheduler import TOPOLOGY, Harness, _events, _submit, _work
 
