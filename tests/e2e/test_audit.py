@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,18 +22,13 @@ from tests.e2e.test_lifecycle import LIMIT, eventually, finished, kinds, log_eve
 
 
 @pytest.fixture
-async def build() -> AsyncIterator[Callable[..., QueueTasks]]:
-    apps: list[QueueTasks] = []
+def build(make_app: Callable[..., QueueTasks]) -> Callable[..., QueueTasks]:
+    """``make_app`` (tests/e2e/conftest.py) with this module's default app name."""
 
     def make(name: str = "audit", **options: Any) -> QueueTasks:
-        app = QueueTasks(name, **options)
-        apps.append(app)
-        return app
+        return make_app(name, **options)
 
-    yield make
-    for app in apps:
-        async with asyncio.timeout(LIMIT):
-            await app.close()
+    return make
 
 
 def between(events: list[TaskEvent], kind: str) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +29,13 @@ from tests.e2e.test_lifecycle import LIMIT, ends, eventually, finished, kinds, l
 
 
 @pytest.fixture
-async def build() -> AsyncIterator[Callable[..., QueueTasks]]:
-    apps: list[QueueTasks] = []
+def build(make_app: Callable[..., QueueTasks]) -> Callable[..., QueueTasks]:
+    """``make_app`` (tests/e2e/conftest.py) with this module's default app name."""
 
     def make(name: str = "replay", **options: Any) -> QueueTasks:
-        app = QueueTasks(name, **options)
-        apps.append(app)
-        return app
+        return make_app(name, **options)
 
-    yield make
-    for app in apps:
-        async with asyncio.timeout(LIMIT):
-            await app.close()
+    return make
 
 
 def shared() -> dict[str, Any]:
