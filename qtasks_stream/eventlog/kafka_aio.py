@@ -40,6 +40,7 @@ from qtasks_stream.errors import ConfigurationError, EventLogError, FencedError
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer, RebalanceListener, StartFrom
 from qtasks_stream.eventlog.kafka_admin import ensure_topics, log_end_offsets
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
+from qtasks_stream.eventlog.memory import murmur2_partition
 from qtasks_stream.records import OutRecord, Record, TopicPartition, TopicSpec
 
 __all__ = ["AioKafkaEventLog"]
@@ -215,12 +216,17 @@ class _AioProducer(Producer):
         futures: list[asyncio.Future[Any]] = []
         try:
             for rec in records:
+                partition = rec.partition
+                if partition is None and rec.key is not None:
+                    # What aiokafka's default partitioner picks, from a cache: it would run
+                    # murmur2 in Python for each of a task's events, a twentieth of a run.
+                    partition = murmur2_partition(rec.key, len(self._partitions[rec.topic]))
                 futures.append(
                     await self._producer.send(
                         rec.topic,
                         value=rec.value,
                         key=rec.key,
-                        partition=rec.partition,
+                        partition=partition,
                         headers=list(rec.headers),
                     )
                 )

@@ -66,6 +66,8 @@ class _Plan:
     result: AvroType | None
     result_schema: dict[str, Any] | None
     why_json: str
+    #: What a call binds to (without ``self`` for echo tasks); computed once, not per call.
+    signature: inspect.Signature
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +96,10 @@ def _plan(definition: TaskDefinition) -> _Plan:
     reasons: list[str] = []
     params, arguments = _arguments(definition, namespace, reasons)
     result, result_schema = _result(definition, namespace, reasons)
-    return _Plan(params, arguments, result, result_schema, "; ".join(reasons))
+    signature = inspect.signature(definition.fn)
+    if definition.echo:
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return _Plan(params, arguments, result, result_schema, "; ".join(reasons), signature)
 
 
 def _hints(definition: TaskDefinition, reasons: list[str]) -> dict[str, Any] | None:
@@ -279,7 +284,7 @@ class TaskPayloads:
                 _json(f"keyword arguments of task {definition.name!r}", kwargs),
                 None,
             )
-        bound = _bind(definition, args, kwargs)
+        bound = _bind(plan.signature, definition, args, kwargs)
         record: dict[str, Any] = {}
         for param in plan.params:
             try:
@@ -433,11 +438,11 @@ class TaskPayloads:
 
 
 def _bind(
-    definition: TaskDefinition, args: Sequence[Any], kwargs: dict[str, Any]
+    signature: inspect.Signature,
+    definition: TaskDefinition,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
 ) -> dict[str, Any]:
-    signature = inspect.signature(definition.fn)
-    if definition.echo:
-        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
