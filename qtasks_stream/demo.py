@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from qtasks_stream.app import QueueTasks
@@ -61,13 +62,20 @@ def _line(out: TextIO, text: str = "") -> None:
     out.write(text + "\n")
 
 
-def _format_event(event: TaskEvent, t0: int) -> str:
+def _format_event(
+    event: TaskEvent, t0: int, decode: Callable[[bytes, str], Any] | None = None
+) -> str:
+    """One line of a history; ``decode`` shows typed Avro payloads as plain values."""
     payload = event.payload
-    fields = ", ".join(
-        f"{name}={getattr(payload, name)!r}"
-        for name in payload.__slots__
-        if name not in ("traceback", "args", "kwargs")
-    )
+    shown = []
+    for name in payload.__slots__:
+        value = getattr(payload, name)
+        if name in ("traceback", "args", "kwargs") or (value is None and name.endswith("_avro")):
+            continue
+        if isinstance(value, bytes) and decode is not None:
+            value = decode(value, name)
+        shown.append(f"{name}={value!r}")
+    fields = ", ".join(shown)
     return (
         f"  +{(event.at_us - t0) / 1000:8.1f} ms  attempt {event.attempt}  "
         f"{event.kind:<15} {event.source:<28} {fields}"
@@ -151,5 +159,5 @@ async def run_demo(app: QueueTasks, tasks: int, out: TextIO) -> dict[str, int]:
         _line(out)
         _line(out, f"history of {retried.uuid} (read from the log):")
         for event in history:
-            _line(out, _format_event(event, history[0].at_us))
+            _line(out, _format_event(event, history[0].at_us, app.payloads.decode_plain))
         return counts
