@@ -25,14 +25,17 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import confluent_kafka as ck
 from confluent_kafka.admin import AdminClient
@@ -201,7 +204,13 @@ async def pipeline(
     window: int,
     concurrency: int,
     keep: bool,
+    worker_process: bool = False,
 ) -> PipelineResult:
+    """With ``worker_process`` the stages run in a ``qtasks-stream worker`` subprocess (as
+    a deployment runs them, and as a Celery worker runs apart from its client) and this
+    process only submits and awaits; that needs a real registry, shared by both."""
+    if worker_process and not (registry_url or "").startswith("http"):
+        raise ValueError("a worker process needs a real schema registry (--registry)")
     prefix = f"bench-{uuid.uuid4().hex[:8]}."
     registry = make_registry(registry_url, f"{kind}-{prefix}")
     app = QueueTasks(
@@ -230,9 +239,13 @@ async def pipeline(
                 raise RuntimeError(f"task {i} ended {done.status}: {done}")
             latencies.append(time.perf_counter() - t0)
 
+    worker: subprocess.Popen[bytes] | None = None
     try:
-        async with asyncio.timeout(START_TIMEOUT):
-            await app.start()
+        if worker_process:
+            worker = start_worker(kind, config, registry_url or "", prefix, concurrency)
+        else:
+            async with asyncio.timeout(START_TIMEOUT):
+                await app.start()
         warm = time.perf_counter()
         await warm_up(app, kind)
         print(f"  {kind}: stages up, warm-up task took {time.perf_counter() - warm:.1f}s")
@@ -249,9 +262,41 @@ async def pipeline(
                 await app.close()
         except TimeoutError:
             print(f"  ({kind}: closing the app timed out)", file=sys.stderr)
+        if worker is not None:
+            stop_worker(worker)
         close_registry(registry)
         await cleanup(config, registry_url, app.topology, keep)
     return PipelineResult(kind, tasks, elapsed, latencies)
+
+
+def start_worker(
+    kind: str, config: KafkaConfig, registry_url: str, prefix: str, concurrency: int
+) -> subprocess.Popen[bytes]:
+    """Every stage of ``bench.peer_stream:app`` in a worker process on the bench's topics."""
+    env = {
+        **os.environ,
+        "QTASKS_BOOTSTRAP_SERVERS": config.bootstrap_servers,
+        "QTASKS_EVENT_LOG": kind,
+        "QTASKS_SCHEMA_REGISTRY_URL": registry_url,
+        "QTASKS_TOPIC_PREFIX": prefix,
+        "QTASKS_BENCH_CONCURRENCY": str(concurrency),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "qtasks_stream", "worker", "-A", "bench.peer_stream:app"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=CLOSE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
 
 
 # -- the raw limit ----------------------------------------------------------------------------
@@ -443,7 +488,8 @@ async def run(args: argparse.Namespace) -> bool | None:
     kinds = [k.strip() for k in args.event_logs.split(",") if k.strip()]
     print(
         f"Kafka {args.bootstrap}, registry {args.registry or 'mock://'}, {args.tasks} no-op "
-        f"tasks, {args.window} in flight, worker concurrency {args.concurrency}"
+        f"tasks, {args.window} in flight, worker concurrency {args.concurrency}, stages "
+        + ("in a worker process" if args.worker_process else "in this process")
     )
     raw: RawResult | None = None
     if not args.no_raw:
@@ -463,6 +509,7 @@ async def run(args: argparse.Namespace) -> bool | None:
                     window=args.window,
                     concurrency=args.concurrency,
                     keep=args.keep,
+                    worker_process=args.worker_process,
                 )
             )
         except Exception as exc:  # report it, and still measure the other event log
@@ -522,6 +569,11 @@ def main() -> None:
         help="comma-separated subset of aiokafka,confluent (empty: the raw baseline only)",
     )
     parser.add_argument("--no-raw", action="store_true", help="skip the raw confluent baseline")
+    parser.add_argument(
+        "--worker-process",
+        action="store_true",
+        help="run the stages in a `qtasks-stream worker` process (needs --registry)",
+    )
     parser.add_argument(
         "--raw-rounds", type=int, default=5, help="times the raw records are moved (median)"
     )

@@ -4,9 +4,10 @@ Every system runs the same no-op task (``return i``) ``--tasks`` times after one
 warm-up task, against the same local broker(s), one after the other in this run:
 
 1. qtasks-stream (this project) on Kafka, exactly-once (transactions, always on): the
-   aiokafka pipeline of ``bench.bench_kafka`` (all stages in this process, ``--window``
-   tasks in flight, ``--concurrency`` worker slots). Done = the client has the task's
-   ``Succeeded`` event (``add_task(timeout=)``).
+   aiokafka pipeline of ``bench.bench_kafka`` (all stages in this process, or with
+   ``--stream-worker-process`` in a ``qtasks-stream worker`` subprocess as the peers'
+   workers run; ``--window`` tasks in flight, ``--concurrency`` worker slots). Done = the
+   client has the task's ``Succeeded`` event (``add_task(timeout=)``).
 2. Celery 5 on kombu's Kafka transport (``confluentkafka://``) on the same broker: a worker
    subprocess (``celery -A bench.peer_celery worker``, ``--celery-pool``, default solo: a
    no-op task gains nothing from threads), acks late with prefetch 1, which is at-least-once,
@@ -182,6 +183,7 @@ def measure_stream(args: argparse.Namespace, config: KafkaConfig) -> PeerResult:
                 window=window,
                 concurrency=args.concurrency,
                 keep=False,
+                worker_process=args.stream_worker_process,
             )
         )
 
@@ -197,7 +199,10 @@ def measure_stream(args: argparse.Namespace, config: KafkaConfig) -> PeerResult:
         result.elapsed,
         result.latencies,
         idle,
-        [f"{args.window} in flight, worker concurrency {args.concurrency}"],
+        [
+            f"{args.window} in flight, worker concurrency {args.concurrency}, stages "
+            + ("in a worker process" if args.stream_worker_process else "in the client's process")
+        ],
     )
 
 
@@ -532,6 +537,12 @@ def main() -> None:
         "--window", type=int, default=64, help="tasks in flight (qtasks-stream, QTasks)"
     )
     parser.add_argument("--concurrency", type=int, default=64, help="worker slots")
+    parser.add_argument(
+        "--stream-worker-process",
+        action="store_true",
+        help="qtasks-stream's stages in a worker process apart from the client, as Celery's "
+        "and QTasks's workers run (needs --registry)",
+    )
     parser.add_argument("--celery-pool", choices=("solo", "threads"), default="solo")
     parser.add_argument("--celery-concurrency", type=int, default=1)
     parser.add_argument(
