@@ -153,11 +153,10 @@ async def main_async(args: argparse.Namespace) -> int:
     serde = AvroSerde(registry, topology.topic_schemas())
     event_log: EventLog
     if args.bootstrap:
-        from bench.bench_kafka import kafka_config
-        from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
+        from bench.bench_kafka import kafka_config, make_event_log
 
-        event_log = ConfluentEventLog(kafka_config(args.bootstrap))
-        where = f"Kafka at {args.bootstrap} (confluent-kafka event log)"
+        event_log = make_event_log(args.event_log, kafka_config(args.bootstrap))
+        where = f"Kafka at {args.bootstrap} ({args.event_log} event log)"
     else:
         event_log = InMemoryEventLog()
         where = "the embedded in-memory log"
@@ -248,6 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=200_000, help="events to write and fold")
     parser.add_argument("--batch", type=int, default=5000, help="records per poll and per apply")
     parser.add_argument("--rounds", type=int, default=3, help="measurements of each (best kept)")
+    parser.add_argument(
+        "--event-log",
+        choices=("confluent", "aiokafka"),
+        default="confluent",
+        help="with --bootstrap",
+    )
     parser.add_argument(
         "--bootstrap", default="", help="a Kafka broker (default: the embedded in-memory log)"
     )
