@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -43,22 +44,37 @@ async def test_audit_commands_on_kafka(
     worker = _spawn(env, tmp_path / "worker.log")
     client_env = {k: v for k, v in env.items() if k != "AUDIT_VIEW"}
     client = configure(build(), client_env)
+    started = time.monotonic()
+
+    def step(what: str) -> None:
+        # Shown with the test's output when it fails or times out: which step it was in.
+        print(f"{time.monotonic() - started:6.1f}s {what}", flush=True)
+
     try:
+        step("warm-up through the worker process")
+        warm = await client.add_task("ok", -1, timeout=90)
+        if warm is None or warm.status != "success":
+            log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+            pytest.fail(f"the worker (exit {worker.poll()}) ran no task: {warm}\n{log}")
+        step("submitting")
         done = [await client.add_task("ok", n, timeout=90) for n in range(5)]
         failed = await client.add_task("fails", 7, timeout=90)
         assert all(t is not None and t.status == "success" for t in done)
         assert failed is not None and failed.status == "error"
 
+        step("history")
         history = _cli(env, "history", failed.uuid, "-A", APP, "--json")
         assert history.returncode == 0, history.stderr
         document = json.loads(history.stdout)
         assert [a["outcome"] for a in document["attempts"]] == [None, "Failed"]
         assert document["attempts"][1]["error"]["type"] == "RuntimeError"
 
+        step("snapshot")
         snapshot = _cli(env, "snapshot", "-A", APP)
         assert snapshot.returncode == 0, snapshot.stderr
-        assert " 6 tasks, covers " in snapshot.stdout
+        assert " 7 tasks, covers " in snapshot.stdout  # the warm-up, 5 ok, 1 failing
 
+        step("resubmit")
         (tmp_path / "fixed").touch()
         resubmit = _cli(env, "resubmit", "-A", APP, "--task", "fails", "--reason", "fixed")
         assert resubmit.returncode == 0, resubmit.stderr
@@ -70,6 +86,7 @@ async def test_audit_commands_on_kafka(
             limit=60,
         )
 
+        step("dead letters")
         producer = Producer({"bootstrap.servers": kafka_bootstrap, "partitioner": "murmur2_random"})
         producer.produce(f"{prefix}audit.events", key=b"broken", value=b"\x00\x01garbage")
         producer.flush(10)
@@ -95,6 +112,7 @@ async def test_audit_commands_on_kafka(
 
         # Everything ended (the garbage dead-lettered again): the live view is at rest.
         await eventually(dead_letters, lambda r: len(r) == 4, what="the copy failed again")
+        step("replay --verify")
         verify = _cli(env, "replay", "-A", APP, "--into", "memory://", "--verify")
         assert verify.returncode == 0, verify.stdout + verify.stderr
         assert "verify: 0 differences" in verify.stdout and "events/s" in verify.stdout
@@ -104,6 +122,7 @@ async def test_audit_commands_on_kafka(
         assert from_snapshot.returncode == 0, from_snapshot.stdout + from_snapshot.stderr
         assert "from snapshot " in from_snapshot.stdout
     finally:
+        step("closing")
         await client.close()
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(timeout=60)
