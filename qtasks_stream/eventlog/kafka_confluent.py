@@ -754,26 +754,37 @@ class _ConfluentConsumer(Consumer):
     def _store(self, messages: list[Any], epochs: dict[TopicPartition, int]) -> None:
         errors: list[KafkaError] = []
         with self._lock:
+            # Messages come in runs of one partition: its checks are made once per run (the
+            # lock keeps them true for the whole batch), not once per message.
+            run: tuple[str, int] | None = None
+            #: The run's partition and buffer; None while its records are dropped.
+            target: tuple[TopicPartition, deque[Record]] | None = None
             for msg in messages:
                 err = msg.error()
                 if err is not None:
                     errors.append(err)
                     continue
-                tp = TopicPartition(msg.topic(), msg.partition())
-                # librdkafka drops what a rebalance or seek made stale inside consume();
-                # this drops what a seek asked for meanwhile made stale.
-                if tp not in self._assigned or epochs.get(tp, 0) != self._seek_epochs.get(tp, 0):
+                where = (msg.topic(), msg.partition())
+                if where != run:
+                    run, tp, target = where, TopicPartition(*where), None
+                    # librdkafka drops what a rebalance or seek made stale inside consume();
+                    # this drops what a seek asked for meanwhile made stale. A seek
+                    # librdkafka refused so far (the partition's fetch had not started) is
+                    # retried; until it lands, what arrives is from the old position.
+                    if (
+                        tp in self._assigned
+                        and epochs.get(tp, 0) == self._seek_epochs.get(tp, 0)
+                        and tp not in self._pending_seeks
+                    ):
+                        self._unsettled.discard(tp)
+                        target = (tp, self._buffers.setdefault(tp, deque()))
+                if target is None:
                     continue
-                # A seek librdkafka refused so far (the partition's fetch had not started) is
-                # retried; until it lands, what arrives is from the old position: drop it.
-                if tp in self._pending_seeks:
-                    continue
-                self._unsettled.discard(tp)
-                buffer = self._buffers.setdefault(tp, deque())
+                buffer = target[1]
                 buffer.append(
                     Record(
-                        tp.topic,
-                        tp.partition,
+                        where[0],
+                        where[1],
                         msg.offset(),
                         msg.key(),
                         msg.value(),
@@ -782,7 +793,7 @@ class _ConfluentConsumer(Consumer):
                     )
                 )
                 if len(buffer) >= _BUFFER_HIGH:
-                    self._throttled.add(tp)
+                    self._throttled.add(target[0])
         for err in errors:
             self._report(KafkaException(err))
         self._notify()
