@@ -19,6 +19,9 @@ from qtasks_stream.views.base import Applied, ViewStore
 
 __all__ = ["decode_events", "rebuild"]
 
+#: Extra polls that may top up one batch (each bounded by its timeout).
+_FILL_POLLS = 50
+
 
 def decode_events(serde: Serde, records: Sequence[Record]) -> list[Applied]:
     """The records that decode to a ``TaskEvent``; the others (dead-lettered by the
@@ -70,6 +73,16 @@ async def rebuild(
             if loop.time() > deadline:
                 raise ViewStoreError(f"rebuilding the view from {topic} took over {limit:g}s")
             records = await consumer.poll(max_records=batch_size, timeout=0.5)
+            # Fill the batch while records keep coming: a store pays per transaction, and a
+            # client that hands out what it has buffered (confluent-kafka's) returns small
+            # polls, which made SQLite rebuilds half as fast as through aiokafka.
+            for _ in range(_FILL_POLLS):
+                if not records or len(records) >= batch_size:
+                    break
+                more = await consumer.poll(max_records=batch_size - len(records), timeout=0.05)
+                if not more:
+                    break
+                records += more
             # Keyed by partition number, not TopicPartition: cheaper per record (one topic).
             batch = decode_events(serde, [r for r in records if r.offset < end_of[r.partition]])
             applied += await view.apply(batch)
