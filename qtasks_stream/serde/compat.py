@@ -212,10 +212,7 @@ def register_schemas(
         if configurable:
             # Pinned before registering: the registry then enforces the same level we checked
             # (against versions registered meanwhile too), not whatever its global default is.
-            _call(
-                functools.partial(registry.set_compatibility, subject_name=subject, level=level),
-                f"setting compatibility {level} on subject {subject!r}",
-            )
+            _pin_level(registry, subject, level)
         ids[subject] = _call(
             functools.partial(registry.register_schema, subject, Schema(text, "AVRO")),
             f"registering the schema of subject {subject!r}",
@@ -224,6 +221,32 @@ def register_schemas(
 
 
 # -- registry access ------------------------------------------------------------------------
+
+
+def _pin_level(registry: SchemaRegistryClient, subject: str, level: str) -> None:
+    """Set ``subject``'s compatibility level; a concurrent setter of the same level is fine.
+
+    Two processes starting together (a worker and a client of one app) both pin a new
+    subject's level. Apicurio's Confluent API answers the second with 409 "A rule named
+    'COMPATIBILITY' already exists" instead of updating it: the level is read back then.
+    """
+    what = f"setting compatibility {level} on subject {subject!r}"
+    try:
+        _call(
+            functools.partial(registry.set_compatibility, subject_name=subject, level=level), what
+        )
+        return
+    except SchemaError as error:
+        cause = error.__cause__
+        if not (isinstance(cause, SchemaRegistryError) and cause.http_status_code == 409):
+            raise
+        refused = error
+    current = _call(
+        functools.partial(registry.get_compatibility, subject_name=subject),
+        f"reading the compatibility of subject {subject!r}",
+    )
+    if str(current).upper() != level:
+        raise refused
 
 
 def _call(action: Callable[[], _T], what: str) -> _T:

@@ -76,6 +76,7 @@ class FakeRegistry:
     fail_register: Exception | None = None
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     levels: dict[str, str] = field(default_factory=dict)
+    level_set_by_another: str | None = None
 
     def get_versions(self, subject_name: str) -> list[int]:
         self.calls.append(("get_versions", subject_name))
@@ -91,8 +92,16 @@ class FakeRegistry:
 
     def set_compatibility(self, subject_name: str, level: str) -> dict[str, str]:
         self.calls.append(("set_compatibility", subject_name, level))
+        if self.level_set_by_another is not None:
+            # Apicurio when another process set the level first: 409, level already there.
+            self.levels[subject_name] = self.level_set_by_another
+            raise SchemaRegistryError(409, 0, "A rule named 'COMPATIBILITY' already exists.")
         self.levels[subject_name] = level
         return {"compatibility": level}
+
+    def get_compatibility(self, subject_name: str) -> str:
+        self.calls.append(("get_compatibility", subject_name))
+        return self.levels[subject_name]
 
     def register_schema(self, subject_name: str, schema: Schema) -> int:
         self.calls.append(("register_schema", subject_name))
@@ -356,3 +365,17 @@ def test_subject_schemas_for_covers_every_avro_topic_of_the_app() -> None:
         "qtasks.shop.snapshots-value": load_schema_text("TaskSnapshot"),
     }
     assert set(subjects) == {subject_for(t) for t in topology.topic_schemas()}
+
+
+def test_a_level_pinned_meanwhile_by_another_process_is_accepted_only_if_it_is_ours() -> None:
+    # A worker and a client starting together both pin a new subject's level; Apicurio
+    # answers the second with 409 instead of updating. The same level is fine...
+    same = FakeRegistry(level_set_by_another="BACKWARD_TRANSITIVE")
+    ids = register_schemas(same, {SUBJECT: text(TASK_EVENT)}, "BACKWARD_TRANSITIVE")
+    assert ids == {SUBJECT: 101}
+    assert ("get_compatibility", SUBJECT) in same.calls
+    # ...another level is still refused, before anything is registered.
+    other = FakeRegistry(level_set_by_another="NONE")
+    with pytest.raises(SchemaError, match="already exists"):
+        register_schemas(other, {SUBJECT: text(TASK_EVENT)}, "BACKWARD_TRANSITIVE")
+    assert not any(c[0] == "register_schema" for c in other.calls)
