@@ -16,13 +16,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import TextIO
 
-from qtasks_stream.errors import ConfigurationError, EventLogError, SerdeError
+from qtasks_stream.errors import ConfigurationError, EventLogError
 from qtasks_stream.eventlog.base import Consumer, EventLog
-from qtasks_stream.events import TaskEvent, event_kind
+from qtasks_stream.events import event_kind
 from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.state import TaskState
 from qtasks_stream.views.base import Applied, TaskQuery, ViewStore
+from qtasks_stream.views.rebuild import decode_events
 
 __all__ = [
     "ProgressBar",
@@ -197,20 +198,14 @@ async def read_events(
 
     async def decode(records: list[Record]) -> None:
         nonlocal undecodable
-        batch: list[Applied] = []
-        for rec in records:
-            if rec.value is None:
-                continue
-            if kinds is not None:
-                kind = event_kind(rec.headers)
-                if kind is not None and kind not in kinds:
-                    continue
-            try:
-                event = TaskEvent.from_avro(serde.decode(topic, rec.value))
-            except (SerdeError, KeyError, TypeError, ValueError):
-                undecodable += 1
-                continue
-            batch.append(Applied(rec.tp, rec.offset, event))
+        wanted = [
+            rec
+            for rec in records
+            if rec.value is not None
+            and (kinds is None or (kind := event_kind(rec.headers)) is None or kind in kinds)
+        ]
+        batch = decode_events(serde, wanted)
+        undecodable += len(wanted) - len(batch)
         if batch:
             await on_batch(batch)
 
