@@ -14,7 +14,12 @@ replayers of an application share one transactional id, and the replayer opens i
 (fencing any other replayer still running) *before* it reads the markers: a replayer that
 read the markers before another one committed is fenced, and its transaction fails with
 nothing written. The marker also records the replay in the task's history and re-opens a
-dead-lettered task so that what the stage does next counts.
+dead-lettered task so that what the stage does next counts. A replayed ``Submitted`` makes
+the task new again, and the scheduler schedules it (see ``state.fold``).
+
+**Only after the dead letter is in the task's history.** A letter is replayed once the
+deadletter stage has written its ``DeadLettered`` event: written after the replay, that
+event would end the task the replay had re-opened. Until then the replayer says "not yet".
 
 Records without a key cannot carry a marker in any task's history and are not replayed.
 """
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qtasks_stream.eventlog.base import EventLog
-from qtasks_stream.events import DLQ_REPLAY, Resubmitted, TaskEvent
+from qtasks_stream.events import DLQ_REPLAY, DeadLettered, Resubmitted, TaskEvent
 from qtasks_stream.records import Headers, OutRecord, Record
 from qtasks_stream.replay import read_events, read_records
 from qtasks_stream.serde.base import Serde
@@ -124,13 +129,26 @@ async def list_dead_letters(event_log: EventLog, topology: Topology) -> list[Dea
 
 async def replayed_sources(event_log: EventLog, serde: Serde, topology: Topology) -> set[str]:
     """Original records (``topic/partition/offset``) already replayed, from the markers."""
-    sources: set[str] = set()
+    replayed, _ = await _marks(event_log, serde, topology)
+    return replayed
+
+
+async def _marks(
+    event_log: EventLog, serde: Serde, topology: Topology
+) -> tuple[set[str], set[str]]:
+    """Sources already replayed, and sources whose ``DeadLettered`` event is in the log."""
+    replayed: set[str] = set()
+    recorded: set[str] = set()
 
     async def take(batch: list[Applied]) -> None:
         for item in batch:
             payload = item.event.payload
             if isinstance(payload, Resubmitted) and payload.mode == DLQ_REPLAY:
-                sources.add(payload.dlq_source or "")
+                replayed.add(payload.dlq_source or "")
+            elif isinstance(payload, DeadLettered):
+                recorded.add(
+                    f"{payload.source_topic}/{payload.source_partition}/{payload.source_offset}"
+                )
 
     await read_events(
         event_log,
@@ -138,9 +156,9 @@ async def replayed_sources(event_log: EventLog, serde: Serde, topology: Topology
         topology.events,
         topology.partitions,
         take,
-        kinds=frozenset({"Resubmitted"}),
+        kinds=frozenset({"Resubmitted", "DeadLettered"}),
     )
-    return sources
+    return replayed, recorded
 
 
 async def replay(
@@ -159,13 +177,13 @@ async def replay(
     await producer.start()
     await consumer.start()
     try:
-        done = await replayed_sources(event_log, serde, topology)
+        done, recorded = await _marks(event_log, serde, topology)
         outcomes: list[ReplayOutcome] = []
         records: list[OutRecord] = []
         for letter in await list_dead_letters(event_log, topology):
             if not select(letter):
                 continue
-            outcome = _plan(letter, done, topology, serde, reason, records)
+            outcome = _plan(letter, done, recorded, topology, serde, reason, records)
             outcomes.append(ReplayOutcome(letter, outcome))
         if records and not dry_run:
             await producer.commit_transaction(records, {}, consumer)
@@ -183,6 +201,7 @@ async def replay(
 def _plan(
     letter: DeadLetter,
     done: set[str],
+    recorded: set[str],
     topology: Topology,
     serde: Serde,
     reason: str,
@@ -196,6 +215,9 @@ def _plan(
         return "refused: no (UTF-8) key, so no history to record the replay in"
     if letter.source in done:
         return "already replayed"
+    if letter.source not in recorded:
+        # Its DeadLettered event, once written, would end the task the replay re-opened.
+        return "not yet: no DeadLettered event for it in the log (is the deadletter stage up?)"
     done.add(letter.source)  # two stages' dead letters of one record: replayed once
     marker = TaskEvent.new(
         task_id,

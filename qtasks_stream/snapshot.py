@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from qtasks_stream.errors import EventLogError
@@ -24,7 +24,7 @@ from qtasks_stream.events import now_us
 from qtasks_stream.records import OutRecord, Record, TopicPartition
 from qtasks_stream.replay import ReplayResult, all_states, read_records, replay_into
 from qtasks_stream.serde.base import Serde
-from qtasks_stream.state import TaskState
+from qtasks_stream.state import STATE_FIELDS, TaskState
 from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
@@ -32,7 +32,6 @@ from qtasks_stream.views.memory import MemoryViewStore
 __all__ = ["MANIFEST_KEY", "Snapshot", "read_snapshot", "seed_view", "write_snapshot"]
 
 MANIFEST_KEY = "@manifest"
-_STATE_FIELDS = tuple(f.name for f in fields(TaskState))
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +44,11 @@ class Snapshot:
 
 
 def _state_to_avro(state: TaskState) -> dict[str, Any]:
-    return {name: getattr(state, name) for name in _STATE_FIELDS}
+    return {name: getattr(state, name) for name in STATE_FIELDS}
 
 
 def _state_from_avro(data: Mapping[str, Any]) -> TaskState:
-    return TaskState(**{name: data[name] for name in _STATE_FIELDS})
+    return TaskState(**{name: data[name] for name in STATE_FIELDS})
 
 
 async def read_snapshot(event_log: EventLog, serde: Serde, topology: Topology) -> Snapshot | None:

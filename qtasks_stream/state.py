@@ -33,7 +33,15 @@ from qtasks_stream.events import (
     TimedOut,
 )
 
-__all__ = ["FINAL_STATUSES", "PayloadDecoder", "Task", "TaskState", "fold", "reopens"]
+__all__ = [
+    "FINAL_STATUSES",
+    "STATE_FIELDS",
+    "PayloadDecoder",
+    "Task",
+    "TaskState",
+    "fold",
+    "reopens",
+]
 
 JSON = "application/json"
 _BYTES_FIELDS = ("arguments_avro", "result_avro")
@@ -82,6 +90,10 @@ class TaskState:
     progress_count: int = 0
     traceparent: str | None = None
     events: int = 0
+    #: Whether the task's ``Submitted`` was folded. False for a task known only from later
+    #: events (a log read from the middle, or a submit that was dead-lettered): the copy a
+    #: dead-letter replay writes is then applied instead of ignored as a repeat.
+    submitted: bool = False
 
     @property
     def final(self) -> bool:
@@ -89,7 +101,7 @@ class TaskState:
 
     def to_json(self) -> str:
         # Field names looked up once (below the class): views encode a state per task per batch.
-        data = dict(zip(_STATE_FIELDS, _state_values(self), strict=True))
+        data = dict(zip(STATE_FIELDS, _state_values(self), strict=True))
         for name in _BYTES_FIELDS:
             if data[name] is not None:
                 data[name] = base64.b64encode(data[name]).decode()
@@ -140,8 +152,9 @@ class TaskState:
         )
 
 
-_STATE_FIELDS = tuple(f.name for f in fields(TaskState))
-_state_values = operator.attrgetter(*_STATE_FIELDS)
+#: ``TaskState``'s field names in order: views and snapshots serialize states by them.
+STATE_FIELDS = tuple(f.name for f in fields(TaskState))
+_state_values = operator.attrgetter(*STATE_FIELDS)
 
 
 def _dt(us: int) -> datetime:
@@ -187,7 +200,9 @@ def fold(state: TaskState | None, event: TaskEvent) -> TaskState:
 
     A final task ignores later events (a stale duplicate cannot resurrect it), except a
     ``Resubmitted`` that re-opens it (see :func:`reopens`); a repeated ``Submitted`` is ignored
-    (idempotent submit: the first one wins).
+    (idempotent submit: the first one wins). A ``Submitted`` after other events is applied
+    only if none was folded before: the replayed copy of a dead-lettered submit, which makes
+    the task new again (the scheduler schedules it).
     """
     payload = event.payload
     if state is None:
@@ -198,13 +213,15 @@ def fold(state: TaskState | None, event: TaskEvent) -> TaskState:
     elif isinstance(payload, Resubmitted):
         if not reopens(state, event):
             return state
-    elif state.final or isinstance(payload, Submitted):
+    elif state.final or (isinstance(payload, Submitted) and state.submitted):
         return state
     state.events += 1
     state.updated_us = event.at_us
     if event.traceparent and state.traceparent is None:
         state.traceparent = event.traceparent
     if isinstance(payload, Submitted):
+        state.submitted, state.status = True, "new"
+        state.task_name, state.created_us = event.task_name, event.at_us
         state.priority = payload.priority
         state.args, state.kwargs = payload.args, payload.kwargs
         state.content_type = payload.content_type

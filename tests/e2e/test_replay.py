@@ -17,12 +17,14 @@ from qtasks_stream import QueueTasks
 from qtasks_stream.cli import _parser
 from qtasks_stream.cli_audit import run
 from qtasks_stream.dlq import REPLAYED_FROM, list_dead_letters, replay, replayed_sources
-from qtasks_stream.errors import FencedError
+from qtasks_stream.errors import FencedError, SerdeError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import WorkItem, now_us
 from qtasks_stream.records import OutRecord
 from qtasks_stream.replay import all_states, compare_views, replay_into
+from qtasks_stream.serde.base import Serde
 from qtasks_stream.snapshot import read_snapshot, seed_view, write_snapshot
+from qtasks_stream.stages.runner import DLQ_REASON, DLQ_SOURCE
 from qtasks_stream.views.memory import MemoryViewStore
 from qtasks_stream.views.sqlite import SqliteViewStore
 from tests.e2e.test_lifecycle import LIMIT, ends, eventually, finished, kinds, log_events, settle
@@ -305,6 +307,98 @@ async def test_dead_letters_are_listed_and_replayed_once(
     assert history == ["DeadLettered", "Resubmitted", "Started", "Succeeded"]
     garbage = kinds(log_events(fixed, "broken-task"))
     assert garbage == ["DeadLettered", "Resubmitted"] * 2 + ["DeadLettered"], garbage
+
+
+class _CannotReadSubmitsOf(Serde):
+    """A deployment with a bug: its stages cannot read the submits of one task."""
+
+    def __init__(self, inner: Serde, task_name: str) -> None:
+        self.inner, self.task_name = inner, task_name
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def encode(self, topic: str, value: dict[str, Any]) -> bytes:
+        return self.inner.encode(topic, value)
+
+    def decode(self, topic: str, data: bytes) -> dict[str, Any]:
+        value = self.inner.decode(topic, data)
+        payload = value.get("payload")
+        if (
+            isinstance(payload, tuple)
+            and payload[0].endswith(".Submitted")
+            and value["task_name"] == self.task_name
+        ):
+            raise SerdeError(f"this build cannot read submits of {self.task_name!r}")
+        return value
+
+
+async def test_a_replayed_dead_lettered_submit_runs_the_task(
+    build: Callable[..., QueueTasks],
+) -> None:
+    parts = shared()
+    log: InMemoryEventLog = parts["event_log"]
+    broken = build(**parts)
+    register(broken)
+    broken.serde = _CannotReadSubmitsOf(broken.serde, "later")
+    await broken.start()
+    submitted = await broken.add_task("later")
+    assert submitted is not None
+    task_id = submitted.uuid
+    lost = await finished(broken, task_id)
+    assert lost.status == "dead_letter" and "cannot read submits" in (lost.error_message or "")
+    await settle(broken)
+    async with asyncio.timeout(LIMIT):
+        await broken.close()
+
+    fixed = build(**parts)
+    register(fixed)
+    await fixed.start()
+    outcomes = await replay(log, fixed.serde, fixed.topology, lambda d: d.task_id == task_id)
+    # The scheduler and the projector both gave up on the one record: one replay.
+    assert sorted(o.result for o in outcomes) == ["already replayed", "replayed"]
+    task = await eventually(
+        lambda: fixed.get(task_id),
+        lambda t: t is not None and t.final,
+        what="the replayed submit ran",
+    )
+    assert task is not None and (task.status, task.returning) == ("success", "late")
+    assert task.task_name == "later"
+    await settle(fixed)
+    assert kinds(log_events(fixed, task_id)) == [
+        "Submitted",
+        "DeadLettered",
+        "Resubmitted",
+        "Submitted",
+        "Scheduled",
+        "Started",
+        "Succeeded",
+    ]
+    again = await replay(log, fixed.serde, fixed.topology, lambda d: d.task_id == task_id)
+    assert {o.result for o in again} == {"already replayed"}
+
+
+async def test_a_dead_letter_not_yet_in_the_tasks_history_is_not_replayed(
+    build: Callable[..., QueueTasks],
+) -> None:
+    parts = shared()
+    log: InMemoryEventLog = parts["event_log"]
+    app = build(**parts)
+    await app.start(stages=["projector"])  # no deadletter stage: nothing records the letter
+    # A stage dead-lettered a record, and no deadletter stage has recorded it yet.
+    letter = OutRecord(
+        app.topology.deadletter,
+        b"t1",
+        b"\x00\x01garbage",
+        ((DLQ_SOURCE, f"{app.topology.events}/0/5".encode()), (DLQ_REASON, b"cannot decode")),
+    )
+    await log.producer().send([letter])
+    outcomes = await replay(log, app.serde, app.topology, lambda d: True)
+    assert [o.result.split(":")[0] for o in outcomes] == ["not yet"]
+    assert log.records(app.topology.events) == [], "a refused replay wrote something"
 
 
 async def test_a_replayer_that_read_the_markers_before_another_committed_is_fenced(

@@ -26,7 +26,7 @@ from qtasks_stream.serde.schemas import load_schema_text
 from qtasks_stream.state import TaskState, fold
 from qtasks_stream.telemetry.propagation import trace_id_of as trace_id
 from tests.unit.test_compat import SUBJECT, FakeRegistry, text
-from tests.unit.test_scheduler import TOPOLOGY, Harness, _events, _submit, _work
+from tests.unit.test_scheduler import TOPOLOGY, Harness, _events, _kinds, _submit, _work
 
 TASK_EVENT: dict[str, Any] = json.loads(load_schema_text("TaskEvent"))
 
@@ -122,6 +122,26 @@ def test_a_dlq_replay_reopens_only_a_dead_lettered_task() -> None:
     assert (state.status, state.attempt) == ("scheduled", 0)
 
 
+def test_the_replayed_copy_of_a_dead_lettered_submit_makes_the_task_new() -> None:
+    # The submit itself could not be read: the task is known from its DeadLettered event.
+    lost = DeadLettered("cannot decode", "scheduler", "events", 0, 3)
+    state = fold(None, event(lost, 0, 2, name=""))
+    assert (state.status, state.submitted) == ("dead_letter", False)
+    state = fold(state, resubmit(0, 10, DLQ_REPLAY))
+    state = fold(state, event(Submitted("[7]", "{}", 4), 0, 1, name="job"))
+    assert (state.status, state.task_name, state.args, state.priority) == ("new", "job", "[7]", 4)
+    assert (state.submitted, state.created_us) == (True, 1)
+    # Once one was folded, a repeat is ignored: the first submit wins.
+    assert fold(state, event(Submitted("[8]", "{}", 0), 0, 11)).args == "[7]"
+
+
+def test_a_submit_is_still_ignored_after_a_replayed_work_item() -> None:
+    state = fold(None, event(Submitted("[1]", "{}", 0), 0, 1))
+    state = fold(state, event(DeadLettered("unknown task", "worker", "lane", 0, 3), 0, 2))
+    state = fold(fold(state, resubmit(1, 10, DLQ_REPLAY)), event(Submitted("[2]", "{}", 0), 0, 11))
+    assert (state.status, state.args) == ("scheduled", "[1]")
+
+
 def test_state_as_of_folds_only_what_happened_until_then() -> None:
     events = [event(Submitted("[]", "{}", 0), 0, 100), event(FAILED, 1, 200)]
     assert state_as_of(events, 99) is None
@@ -205,6 +225,20 @@ async def test_a_restore_releases_a_resubmit_that_had_not_been_released() -> Non
     await again.assign()
     assert await again.replay() == []
     assert (await again.tick())[1] == []
+
+
+async def test_the_scheduler_schedules_a_replayed_dead_lettered_submit_once() -> None:
+    harness = Harness()
+    await harness.assign()  # an empty partition: nothing to restore
+    lost = TaskEvent.new("t1", "", 0, "deadletter", DeadLettered("x", "scheduler", "e", 0, 0))
+    assert await harness.feed(lost) == []
+    marker = TaskEvent.new(
+        "t1", "", 0, "dlq-replay", Resubmitted("fixed", "dead_letter", DLQ_REPLAY)
+    )
+    outputs = await harness.feed(marker, _submit("t1"))
+    assert _kinds(outputs) == ["Scheduled"]
+    assert [(item.task_name, item.args) for _, item in _work(outputs)] == [("job", '["a"]')]
+    assert await harness.feed(_submit("t1")) == [], "a repeated submit was scheduled again"
 
 
 def test_cancelled_tasks_cannot_be_chosen_for_a_resubmit() -> None:
