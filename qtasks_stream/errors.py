@@ -10,6 +10,8 @@ The tree::
     │   └── FencedError           this producer or consumer generation was superseded
     ├── SerdeError                encoding or decoding a record
     │   └── SchemaError           a schema is invalid, unknown or incompatible
+    ├── RegistryUnavailableError  the schema registry did not answer (retry later; the
+    │                             record is fine, so it is not dead-lettered)
     ├── ViewStoreError            the materialized view failed
     ├── DevEnvError               the local development services (`qtasks-stream dev`)
     └── TaskError                 raised inside user code to steer the task
@@ -27,6 +29,7 @@ __all__ = [
     "EventLogError",
     "FencedError",
     "QTasksStreamError",
+    "RegistryUnavailableError",
     "SchemaError",
     "SerdeError",
     "TaskCancelled",
@@ -68,6 +71,15 @@ class SerdeError(QTasksStreamError):
 
 class SchemaError(SerdeError):
     """A schema is invalid, unknown to the registry, or incompatible."""
+
+
+class RegistryUnavailableError(QTasksStreamError):
+    """The schema registry could not be reached or failed (not a refusal of the schema).
+
+    Not a :class:`SerdeError` on purpose: stages dead-letter records they cannot decode,
+    and a record whose writer schema cannot be fetched *now* is not a bad record. A stage
+    that meets it fails its session and redoes the batch after a backoff.
+    """
 
 
 class ViewStoreError(QTasksStreamError):

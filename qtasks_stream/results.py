@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from qtasks_stream.errors import EventLogError, SerdeError
+from qtasks_stream.errors import EventLogError, RegistryUnavailableError, SerdeError
 from qtasks_stream.eventlog.base import Consumer, EventLog
 from qtasks_stream.events import TERMINAL_KINDS, Progress, TaskEvent, event_kind
 from qtasks_stream.records import TopicPartition
@@ -27,6 +27,8 @@ _END = object()
 #: Kinds that change what a waiting client gets back; the rest are skipped undecoded.
 #: (The client seeds each watch with the task as submitted, or as the view has it.)
 _NEEDED = TERMINAL_KINDS | {"Started", "Progress"}
+#: Backoff (seconds) between tries to decode while the schema registry is unavailable.
+_REGISTRY_RETRY_FIRST, _REGISTRY_RETRY_MAX = 0.2, 5.0
 
 
 class _Watch:
@@ -160,6 +162,22 @@ class ResultListener:
                 watch.queues.remove(queue)
             self._drop_if_unused(task_id.encode(), watch)
 
+    async def _decode(self, value: bytes) -> TaskEvent | None:
+        """The event in ``value``; None (logged) for a bad record. While the registry is
+        unavailable it waits and tries again: the record is fine, and dropping it would
+        leave its waiters hanging. Ends with the listener (``close`` cancels it)."""
+        delay = _REGISTRY_RETRY_FIRST
+        while True:
+            try:
+                return TaskEvent.from_avro(self._serde.decode(self._topic, value))
+            except RegistryUnavailableError as exc:
+                log.warning("result listener: %s; trying again in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _REGISTRY_RETRY_MAX)
+            except (SerdeError, KeyError, TypeError, ValueError) as exc:
+                log.warning("result listener skipped an undecodable record: %s", exc)
+                return None
+
     async def _run(self, consumer: Consumer) -> None:
 
         while True:
@@ -177,10 +195,8 @@ class ResultListener:
                 kind = event_kind(rec.headers)
                 if kind is not None and kind not in _NEEDED:
                     continue
-                try:
-                    event = TaskEvent.from_avro(self._serde.decode(self._topic, rec.value))
-                except (SerdeError, KeyError, TypeError, ValueError) as exc:
-                    log.warning("result listener skipped an undecodable record: %s", exc)
+                event = await self._decode(rec.value)
+                if event is None:
                     continue
                 watch.state = fold(watch.state, event)
                 if watch.events is not None:

@@ -17,7 +17,12 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from fastavro.validation import ValidationError, validate
 
-from qtasks_stream.errors import QTasksStreamError, SchemaError, SerdeError
+from qtasks_stream.errors import (
+    QTasksStreamError,
+    RegistryUnavailableError,
+    SchemaError,
+    SerdeError,
+)
 
 __all__ = ["Guard", "WriterSchemas", "header", "int_guard", "read", "write"]
 
@@ -47,9 +52,19 @@ class WriterSchemas:
                 text = self._registry.get_schema(schema_id).schema_str
                 parsed = fastavro.parse_schema(json.loads(text or ""))
             except SchemaRegistryError as exc:
-                raise SchemaError(f"unknown schema id {schema_id}: {exc}") from exc
-            except Exception as exc:
-                raise SchemaError(f"schema id {schema_id} could not be fetched: {exc}") from exc
+                if exc.http_status_code == 404:
+                    raise SchemaError(f"unknown schema id {schema_id}: {exc}") from exc
+                raise RegistryUnavailableError(
+                    f"schema id {schema_id} could not be fetched: {exc}"
+                ) from exc
+            except (ValueError, fastavro.schema.SchemaParseException) as exc:
+                raise SchemaError(
+                    f"schema id {schema_id} is not a valid Avro schema: {exc}"
+                ) from exc
+            except Exception as exc:  # the client raises its HTTP library's transport errors
+                raise RegistryUnavailableError(
+                    f"schema id {schema_id} could not be fetched: {exc!r}"
+                ) from exc
             self._by_id[schema_id] = parsed
         return parsed
 

@@ -25,7 +25,12 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from qtasks_stream.errors import EventLogError, FencedError, SerdeError
+from qtasks_stream.errors import (
+    EventLogError,
+    FencedError,
+    RegistryUnavailableError,
+    SerdeError,
+)
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer
 from qtasks_stream.events import ControlCommand, TaskEvent, WorkItem
 from qtasks_stream.interceptors import (
@@ -291,17 +296,27 @@ class StageRunner:
                     log.warning("stage %s fenced, rejoining: %s", self.stage.name, exc)
                     await self._reset()
                     await asyncio.sleep(self.rejoin_backoff)
-                except Exception:
-                    # The log or a store failed (or a bug): nothing uncommitted is lost, since
-                    # the next member redoes it. Back off so a persistent fault is no hot loop.
+                except Exception as exc:
+                    # The log, a store or the registry failed (or a bug): nothing uncommitted
+                    # is lost, since the next member redoes it. Back off so a persistent fault
+                    # is no hot loop.
                     failures += 1
                     delay = min(30.0, self.rejoin_backoff * 2**failures)
-                    log.exception(
-                        "stage %s failed; rejoining in %.1fs (failure %d in a row)",
-                        self.stage.name,
-                        delay,
-                        failures,
-                    )
+                    if isinstance(exc, RegistryUnavailableError):  # needs no traceback
+                        log.warning(
+                            "stage %s: %s; rejoining in %.1fs (failure %d in a row)",
+                            self.stage.name,
+                            exc,
+                            delay,
+                            failures,
+                        )
+                    else:
+                        log.exception(
+                            "stage %s failed; rejoining in %.1fs (failure %d in a row)",
+                            self.stage.name,
+                            delay,
+                            failures,
+                        )
                     await self._reset()
                     try:
                         async with asyncio.timeout(delay):

@@ -5,7 +5,10 @@ of a task's life."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import math
+import struct
 import threading
 import time
 import uuid
@@ -15,8 +18,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import fastavro
 import pytest
-from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
 from qtasks_stream import (
     ConfigurationError,
@@ -29,8 +33,9 @@ from qtasks_stream import (
 )
 from qtasks_stream.errors import SerdeError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
-from qtasks_stream.events import TERMINAL_KINDS, TaskEvent, WorkItem, now_us
+from qtasks_stream.events import TERMINAL_KINDS, Submitted, TaskEvent, WorkItem, now_us
 from qtasks_stream.records import OutRecord, TopicPartition
+from qtasks_stream.serde.schemas import load_schema_text
 from qtasks_stream.stages.runner import DLQ_REASON, DLQ_SOURCE, DLQ_STAGE
 from qtasks_stream.views.memory import MemoryViewStore
 from qtasks_stream.views.sqlite import SqliteViewStore
@@ -609,6 +614,59 @@ async def test_garbage_in_the_events_topic_is_dead_lettered_and_the_pipeline_goe
     await settle(app)
     # Two stages gave up on the record; it is recorded once in the task's history.
     assert kinds(log_events(app, "not-a-task")) == ["DeadLettered"]
+
+
+class _RegistryDown:
+    """Makes ``registry`` fail its next ``failures`` schema fetches as a network would."""
+
+    def __init__(self, registry: SchemaRegistryClient, failures: int) -> None:
+        self.get, self.failures, self.refused = registry.get_schema, failures, 0
+        registry.get_schema = self  # type: ignore[method-assign]
+
+    def __call__(self, schema_id: int, *args: Any, **kwargs: Any) -> Any:
+        if self.refused < self.failures:
+            self.refused += 1
+            raise ConnectionRefusedError(111, "Connection refused")
+        return self.get(schema_id, *args, **kwargs)
+
+
+async def test_a_registry_outage_delays_a_record_and_dead_letters_nothing(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    registry = SchemaRegistryClient.new_client({"url": f"mock://outage-{uuid.uuid4().hex}"})
+    app = make_app(schema_registry=registry)
+
+    @app.task
+    async def ping() -> str:
+        return "pong"
+
+    await app.start()
+    # Another team's client writes with version 2 of the events schema (one more field):
+    # the stages must fetch that writer schema, and the registry is down for a while.
+    v2 = json.loads(load_schema_text("TaskEvent"))
+    v2["fields"].append({"name": "region", "type": ["null", "string"], "default": None})
+    subject = f"{app.topology.events}-value"
+    v2_id = registry.register_schema(subject, Schema(json.dumps(v2), "AVRO"))
+    flaky = _RegistryDown(registry, failures=3)
+    event = TaskEvent.new(str(uuid.uuid4()), "ping", 0, "client", Submitted("[]", "{}", 0))
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(v2), {**event.to_avro(), "region": "eu"})
+    value = struct.pack(">bI", 0, v2_id) + body.getvalue()
+    await app.event_log.producer().send(
+        [OutRecord(app.topology.events, event.task_id.encode(), value, event.record_headers())]
+    )
+
+    task = await finished(app, event.task_id)
+    assert (task.status, task.returning) == ("success", "pong")
+    assert flaky.refused == 3, "the registry was never asked while it was down"
+    await settle(app)
+    assert memlog(app).records(app.topology.deadletter) == [], "a fine record was dead-lettered"
+    assert kinds(log_events(app, event.task_id)) == [
+        "Submitted",
+        "Scheduled",
+        "Started",
+        "Succeeded",
+    ]
 
 
 async def test_history_of_a_dead_lettered_key_skips_the_undecodable_record(

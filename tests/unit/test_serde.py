@@ -9,7 +9,7 @@ import uuid
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from qtasks_stream.errors import SerdeError
+from qtasks_stream.errors import RegistryUnavailableError, SchemaError, SerdeError
 from qtasks_stream.events import (
     Cancelled,
     CancelRequested,
@@ -170,6 +170,23 @@ async def test_unknown_topic_raises(serde: AvroSerde) -> None:
         serde.encode("elsewhere", {})
     with pytest.raises(SerdeError, match="no schema registered for topic 'elsewhere'"):
         serde.decode("elsewhere", _valid(serde))
+
+
+async def test_an_unknown_schema_id_is_a_bad_record_and_an_unreachable_registry_is_not(
+    serde: AvroSerde,
+) -> None:
+    unknown = struct.pack(">bI", 0, 4242) + _valid(serde)[5:]
+    with pytest.raises(SchemaError, match="unknown schema id 4242"):
+        serde.decode(TOPOLOGY.events, unknown)  # the registry answered 404: dead-letter it
+
+    def unreachable(schema_id: int, *args: object, **kwargs: object) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    serde._registry.get_schema = unreachable  # type: ignore[method-assign]
+    with pytest.raises(RegistryUnavailableError, match="4242 could not be fetched") as caught:
+        serde.decode(TOPOLOGY.events, unknown)  # not a SerdeError: stages must not dead-letter
+    assert not isinstance(caught.value, SerdeError)
+    assert isinstance(caught.value.__cause__, ConnectionRefusedError)
 
 
 def _submitted_avro(**changes: object) -> dict[str, object]:
