@@ -58,9 +58,6 @@ class SchedulerStage(Stage):
         #: Partition → offset up to which it is still being restored.
         self._restoring: dict[TopicPartition, int] = {}
         self._timers: list[tuple[int, str, int]] = []
-        #: Events this instance emitted and already folded (id → partition), skipped when
-        #: read back live; a restore folds them like any other record.
-        self._own: dict[str, TopicPartition] = {}
         #: Tasks that ended, per partition: only their ids and last attempts are kept, so a
         #: repeated submit of a finished task stays ignored and a resubmit can be judged.
         self._finished: dict[TopicPartition, dict[str, int]] = {}
@@ -87,7 +84,6 @@ class SchedulerStage(Stage):
         for tp in gone:
             self._restoring.pop(tp, None)
             self._finished.pop(tp, None)
-        self._own = {e: tp for e, tp in self._own.items() if tp not in gone}
         self._timers = [t for t in self._timers if t[1] in self._tasks]
         heapq.heapify(self._timers)
 
@@ -112,10 +108,11 @@ class SchedulerStage(Stage):
                     self._finish(rec.key.decode(errors="replace"), rec.tp)
                 continue
             if rec.tp in self._restoring:
-                self._own.pop(event.event_id, None)
                 self._fold(event, rec.tp)
                 continue
-            if self._own.pop(event.event_id, None) is not None:
+            if event.source == _SOURCE:
+                # Live, an event of ours: folded when emitted. (Partitions are owned by one
+                # instance, and a fenced predecessor's events are before the restore's end.)
                 continue
             self._fold(event, rec.tp)
             self._act(event, checkpoint)
@@ -210,7 +207,6 @@ class SchedulerStage(Stage):
             payload,
             traceparent=state.traceparent,
         )
-        self._own[event.event_id] = self._partition_of[state.task_id]
         cp.emit(self._topology.events, state.task_id, event)
         new_state = fold(state, event)
         if new_state.final:
