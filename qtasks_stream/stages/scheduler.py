@@ -45,6 +45,9 @@ log = logging.getLogger("qtasks_stream.scheduler")
 _SOURCE = "scheduler"
 #: Kinds the scheduler decides on once restored; other kinds are not even decoded.
 _ACTIONABLE = frozenset({"Submitted", "RetryScheduled", "CancelRequested", "Resubmitted"})
+#: Kinds a restore decodes: what it needs to know which tasks wait, and until when. An end
+#: needs only its kind header (as live); Started and Progress change nothing it decides.
+_RESTORED = _ACTIONABLE | {"Scheduled", "Released"}
 
 
 class SchedulerStage(Stage):
@@ -93,10 +96,10 @@ class SchedulerStage(Stage):
         self._partition_of.pop(task_id, None)
 
     def wants_value(self, record: Record) -> bool:
-        if record.tp in self._restoring:
-            return True
         kind = event_kind(record.headers)
-        return kind is None or kind in _ACTIONABLE
+        if kind is None:
+            return True
+        return kind in (_RESTORED if record.tp in self._restoring else _ACTIONABLE)
 
     async def handle(self, batch: Sequence[Incoming], checkpoint: Checkpoint) -> None:
         for item in batch:

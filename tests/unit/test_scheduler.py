@@ -77,7 +77,7 @@ class EventsPartition:
         return len(self.records)
 
     def append(self, event: TaskEvent) -> Incoming:
-        rec = Record(TP.topic, 0, self.end, event.task_id.encode(), b"", ())
+        rec = Record(TP.topic, 0, self.end, event.task_id.encode(), b"", event.record_headers())
         item = Incoming(rec, event)
         self.records.append(item)
         return item
@@ -99,6 +99,9 @@ class Harness:
     async def handle(self, items: list[Incoming], through: int | None = None) -> None:
         """What the runner does with a polled batch: handle it, then report the position
         reached (``through`` counts records dead-lettered before the stage saw them)."""
+        # As the runner does: a record the stage does not want decoded comes without value.
+        wants = self.stage.wants_value
+        items = [i if wants(i.record) else Incoming(i.record, None) for i in items]
         await self.stage.handle(items, self.cp)
         reached = through if through is not None else max(i.record.offset for i in items) + 1
         await self.stage.advanced({TP: reached}, self.cp)
