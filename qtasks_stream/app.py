@@ -31,7 +31,14 @@ from qtasks_stream.errors import (
 )
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.memory import InMemoryEventLog, murmur2_partition
-from qtasks_stream.events import CancelRequested, Submitted, TaskEvent, now_us
+from qtasks_stream.events import (
+    CancelRequested,
+    Submitted,
+    TaskEvent,
+    new_task_id,
+    now_us,
+    task_id_ms,
+)
 from qtasks_stream.executors.base import Executor
 from qtasks_stream.executors.pool import LocalExecutor
 from qtasks_stream.interceptors import EmitInput, Interceptor, chain_emit, wants
@@ -60,6 +67,9 @@ log = logging.getLogger("qtasks_stream")
 #: Every stage, in start order.
 STAGES = ("projector", "deadletter", "scheduler", "worker")
 _IDEMPOTENCY_NS = uuid.UUID("5b0a4f0e-7c51-4d8a-9a55-6f1c1c2b8e11")
+#: A task's history is read from this long before its id's time: the ``Submitted`` record's
+#: timestamp is its client's clock (CreateTime), or the broker's on a LogAppendTime topic.
+_HISTORY_CLOCK_MARGIN_MS = 60_000
 
 
 class QueueTasks(Router):
@@ -319,7 +329,7 @@ class QueueTasks(Router):
         task_id = (
             str(uuid.uuid5(_IDEMPOTENCY_NS, f"{self.name}:{idempotency_key}"))
             if idempotency_key is not None
-            else str(uuid.uuid4())
+            else new_task_id()
         )
         event = TaskEvent.new(task_id, task_name, 0, "client", submitted)
         event = self._intercept(self.topology.events, task_id, event)
@@ -480,10 +490,15 @@ class QueueTasks(Router):
             ]
             consumer.pause(others, True)
             end = (await consumer.end_offsets([tp]))[tp]
-            consumer.seek(tp, 0)
+            # A time-ordered id says when the task was submitted: start there, not at 0.
+            born_ms = task_id_ms(uuid)
+            position = 0
+            if born_ms is not None:
+                since = born_ms - _HISTORY_CLOCK_MARGIN_MS
+                position = (await consumer.offsets_for_time([tp], since))[tp]
+            consumer.seek(tp, position)
             events: list[TaskEvent] = []
             key = uuid.encode()
-            position = 0
             deadline = asyncio.get_running_loop().time() + limit
             while position < end:
                 if asyncio.get_running_loop().time() > deadline:

@@ -67,6 +67,14 @@ class Consumer(ABC):
         """The offset the next appended record of each partition will get."""
 
     @abstractmethod
+    async def offsets_for_time(
+        self, tps: Sequence[TopicPartition], timestamp_ms: int
+    ) -> dict[TopicPartition, int]:
+        """Per partition, the first offset whose record timestamp is at or after
+        ``timestamp_ms`` (Kafka's offsetsForTimes), or the end offset where there is none:
+        where to start reading to see everything from then on."""
+
+    @abstractmethod
     def pause(self, tps: Sequence[TopicPartition], paused: bool) -> None:
         """Stop (or resume) fetching ``tps`` without losing the assignment: backpressure."""
 

@@ -282,11 +282,31 @@ async def log_end_offsets(
     return await asyncio.to_thread(_log_end_offsets, config, list(tps), timeout)
 
 
+async def log_offsets_for_time(
+    config: KafkaConfig, tps: Sequence[TopicPartition], timestamp_ms: int, timeout: float
+) -> dict[TopicPartition, int]:
+    """Per partition, the first offset whose timestamp is at or after ``timestamp_ms``, or
+    the high watermark where there is none (see :func:`log_end_offsets`)."""
+    if not tps:
+        return {}
+    spec = OffsetSpec.for_timestamp(timestamp_ms)
+    found = await asyncio.to_thread(_log_offsets, config, list(tps), spec, timeout)
+    missing = [tp for tp, offset in found.items() if offset < 0]  # -1: no such record
+    if missing:
+        found.update(await log_end_offsets(config, missing, timeout))
+    return found
+
+
 def _log_end_offsets(
     config: KafkaConfig, tps: list[TopicPartition], timeout: float
 ) -> dict[TopicPartition, int]:
-    latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
-    request = {CkTopicPartition(tp.topic, tp.partition): latest for tp in tps}
+    return _log_offsets(config, tps, OffsetSpec.latest(), timeout)  # type: ignore[no-untyped-call]
+
+
+def _log_offsets(
+    config: KafkaConfig, tps: list[TopicPartition], spec: OffsetSpec, timeout: float
+) -> dict[TopicPartition, int]:
+    request = {CkTopicPartition(tp.topic, tp.partition): spec for tp in tps}
     with _admin_client(config) as admin:
 
         def attempt(seconds: float) -> dict[TopicPartition, int]:
@@ -303,6 +323,6 @@ def _log_end_offsets(
             }
 
         try:
-            return retry_retriable(attempt, timeout, "reading end offsets")
+            return retry_retriable(attempt, timeout, "listing offsets")
         except KafkaException as exc:
-            raise EventLogError(f"cannot read end offsets: {describe_kafka_error(exc)}") from exc
+            raise EventLogError(f"cannot list offsets: {describe_kafka_error(exc)}") from exc

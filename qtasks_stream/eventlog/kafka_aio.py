@@ -38,7 +38,11 @@ from aiokafka.producer.transaction_manager import TransactionState
 
 from qtasks_stream.errors import ConfigurationError, EventLogError, FencedError
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer, RebalanceListener, StartFrom
-from qtasks_stream.eventlog.kafka_admin import ensure_topics, log_end_offsets
+from qtasks_stream.eventlog.kafka_admin import (
+    ensure_topics,
+    log_end_offsets,
+    log_offsets_for_time,
+)
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
 from qtasks_stream.eventlog.memory import murmur2_partition
 from qtasks_stream.records import OutRecord, Record, TopicPartition, TopicSpec
@@ -564,6 +568,13 @@ class _AioConsumer(Consumer):
         assert self.admin_config is not None, "built by AioKafkaEventLog.consumer"
         timeout = self.admin_config.request_timeout_ms / 1000
         return await log_end_offsets(self.admin_config, tps, timeout)
+
+    async def offsets_for_time(
+        self, tps: Sequence[TopicPartition], timestamp_ms: int
+    ) -> dict[TopicPartition, int]:
+        assert self.admin_config is not None, "built by AioKafkaEventLog.consumer"
+        timeout = self.admin_config.request_timeout_ms / 1000
+        return await log_offsets_for_time(self.admin_config, tps, timestamp_ms, timeout)
 
     # -- committing -----------------------------------------------------------------------
 

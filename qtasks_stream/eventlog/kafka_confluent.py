@@ -50,6 +50,7 @@ from qtasks_stream.eventlog.kafka_admin import (
     ensure_topics,
     kafka_error_of,
     log_end_offsets,
+    log_offsets_for_time,
     retry_retriable,
     with_rdkafka_logger,
 )
@@ -1008,6 +1009,12 @@ class _ConfluentConsumer(Consumer):
     async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         assert self.admin_config is not None, "built by ConfluentEventLog.consumer"
         return await log_end_offsets(self.admin_config, tps, self._timeout)
+
+    async def offsets_for_time(
+        self, tps: Sequence[TopicPartition], timestamp_ms: int
+    ) -> dict[TopicPartition, int]:
+        assert self.admin_config is not None, "built by ConfluentEventLog.consumer"
+        return await log_offsets_for_time(self.admin_config, tps, timestamp_ms, self._timeout)
 
     async def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         if self._group_id is None or not tps:

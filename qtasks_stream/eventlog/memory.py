@@ -426,6 +426,16 @@ class _MemoryConsumer(Consumer):
     async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: len(self._log._topics[tp.topic][tp.partition]) for tp in tps}
 
+    async def offsets_for_time(
+        self, tps: Sequence[TopicPartition], timestamp_ms: int
+    ) -> dict[TopicPartition, int]:
+        found: dict[TopicPartition, int] = {}
+        for tp in tps:
+            part = self._log._topics[tp.topic][tp.partition]
+            # The first at or after, not a bisection: a clock may step back between appends.
+            found[tp] = next((r.offset for r in part if r.timestamp_ms >= timestamp_ms), len(part))
+        return found
+
     def pause(self, tps: Sequence[TopicPartition], paused: bool) -> None:
         if paused:
             self._paused.update(tp for tp in tps if tp in self._assigned)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -227,6 +228,33 @@ async def test_end_offsets_seek_and_pause(log: EventLog) -> None:
     assert await consumer.poll(max_records=10, timeout=0.5) == []
     consumer.pause([tp], False)
     assert [r.value for r in await _drain(consumer, 1)] == [b"later"]
+    await consumer.close()
+    await producer.close()
+
+
+async def test_offsets_for_time_find_the_first_record_at_or_after_a_moment(
+    log: EventLog,
+) -> None:
+    topic = _topic()
+    await log.create_topics([TopicSpec(topic, partitions=2)])
+    producer = log.producer()
+    await producer.start()
+    tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    await producer.send([OutRecord(topic, b"k", b"before", partition=0) for _ in range(2)])
+    await asyncio.sleep(0.05)
+    moment = time.time_ns() // 1_000_000
+    await asyncio.sleep(0.01)
+    await producer.send([OutRecord(topic, b"k", b"after", partition=0) for _ in range(3)])
+    consumer = log.consumer([topic], group_id=None)
+    await consumer.start()
+    assert await consumer.offsets_for_time([tp0, tp1], 0) == {tp0: 0, tp1: 0}
+    assert (await consumer.offsets_for_time([tp0], moment))[tp0] == 2
+    # Nothing at or after: the end offset, where a reader would wait for what comes next.
+    later = moment + 3_600_000
+    assert await consumer.offsets_for_time([tp0, tp1], later) == {tp0: 5, tp1: 0}
+    consumer.seek(tp0, (await consumer.offsets_for_time([tp0], moment))[tp0])
+    consumer.pause([tp1], True)
+    assert [r.value for r in await _drain(consumer, 3)] == [b"after"] * 3
     await consumer.close()
     await producer.close()
 

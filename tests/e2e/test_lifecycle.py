@@ -33,7 +33,15 @@ from qtasks_stream import (
 )
 from qtasks_stream.errors import SerdeError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
-from qtasks_stream.events import TERMINAL_KINDS, Submitted, TaskEvent, WorkItem, now_us
+from qtasks_stream.events import (
+    TERMINAL_KINDS,
+    Started,
+    Submitted,
+    TaskEvent,
+    WorkItem,
+    now_us,
+    task_id_ms,
+)
 from qtasks_stream.records import OutRecord, TopicPartition
 from qtasks_stream.serde.schemas import load_schema_text
 from qtasks_stream.stages.runner import DLQ_REASON, DLQ_SOURCE, DLQ_STAGE
@@ -736,6 +744,40 @@ async def test_history_returns_the_events_in_order(make_app: Callable[..., Queue
     assert len({e.event_id for e in history}) == len(history)
     assert history == log_events(app, task.uuid)
     assert await app.history(str(uuid.uuid4())) == []
+
+
+async def test_task_ids_carry_their_time_and_a_history_read_starts_there(
+    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app()
+
+    @app.task
+    async def noop() -> None:
+        return None
+
+    await app.start()
+    task = await app.add_task("noop", timeout=LIMIT)
+    assert task is not None and uuid.UUID(task.uuid).version == 7
+    assert abs(task_id_ms(task.uuid) - task.created_at.timestamp() * 1000) < 1000  # type: ignore[operator]
+    # A record under the id's key from before the id's time is before where the read starts
+    # (without the clock margin); with the margin it is read too.
+    key_ms = time.time_ns() // 1_000_000 + 30
+    text = f"{key_ms << 80 | 0x7000_8000_0000_0000_0000:032x}"
+    task_id = f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    assert task_id_ms(task_id) == key_ms
+    early = TaskEvent.new(task_id, "noop", 1, "test", Started("early"))
+    submitted = TaskEvent.new(task_id, "noop", 0, "test", Submitted("[]", "{}", 0))
+    producer = app.event_log.producer()
+    for event in (early, submitted):
+        value = app.serde.encode(app.topology.events, event.to_avro())
+        await producer.send([OutRecord(app.topology.events, task_id.encode(), value)])
+        await asyncio.sleep(0.06)  # the early one is appended before key_ms, the other after
+    await finished(app, task_id)
+    monkeypatch.setattr("qtasks_stream.app._HISTORY_CLOCK_MARGIN_MS", 0)
+    ids = [e.event_id for e in await app.history(task_id)]
+    assert ids[0] == submitted.event_id and early.event_id not in ids
+    monkeypatch.setattr("qtasks_stream.app._HISTORY_CLOCK_MARGIN_MS", 60_000)
+    assert [e.event_id for e in await app.history(task_id)][:2] == [early.event_id, ids[0]]
 
 
 async def test_close_returns_promptly_after_results_were_awaited(
