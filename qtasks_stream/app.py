@@ -83,6 +83,10 @@ class QueueTasks(Router):
         executor: where task functions run; defaults to :class:`LocalExecutor`.
         topic_prefix, partitions, lanes, retention_ms: see :class:`Topology`.
         concurrency: attempts one worker runs at once.
+        lane_weights: one positive weight per lane, e.g. ``(8, 2, 1)``: a worker with work
+            in several lanes serves them in these proportions (smooth weighted round robin),
+            so a busy high-priority lane cannot starve the others. ``None`` (the default):
+            strict priority, the lowest lane with work always first.
         interceptors: wrap task execution and stage steps, outermost first.
         instance_id: this process's identity in transactional ids; a restarted process
             with the same id fences its predecessor. Random by default.
@@ -101,6 +105,7 @@ class QueueTasks(Router):
         lanes: int = 3,
         retention_ms: int | None = None,
         concurrency: int = 16,
+        lane_weights: Sequence[int] | None = None,
         interceptors: Sequence[Interceptor] = (),
         instance_id: str | None = None,
         batch_size: int = 500,
@@ -116,6 +121,16 @@ class QueueTasks(Router):
             raise ConfigurationError(f"concurrency must be >= 1, not {concurrency}")
         self.executor = executor if executor is not None else LocalExecutor()
         self.concurrency = concurrency
+        if lane_weights is not None and (
+            len(lane_weights) != lanes
+            or not all(
+                isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in lane_weights
+            )
+        ):
+            raise ConfigurationError(
+                f"lane_weights must be {lanes} positive ints (one per lane), not {lane_weights!r}"
+            )
+        self.lane_weights = tuple(lane_weights) if lane_weights is not None else None
         self.interceptors = list(interceptors)
         self.instance_id = (
             instance_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -250,6 +265,7 @@ class QueueTasks(Router):
             control=lambda: self.event_log.consumer([self.topology.control], group_id=None),
             worker_id=f"worker:{self.instance_id}",
             concurrency=self.concurrency,
+            lane_weights=self.lane_weights,
             interceptors=self.interceptors,
             echo_self=lambda ctx: TaskSelf(ctx, self),
             shutdown_grace=self.shutdown_grace,

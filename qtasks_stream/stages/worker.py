@@ -1,10 +1,11 @@
 """The worker: runs attempts from the priority lanes with bounded concurrency.
 
-A fixed number of slot coroutines take work items from a small in-memory buffer, always
-from the lowest lane first, so high-priority work overtakes a low-priority backlog; the
-buffer is bounded and the runner stops polling while it is full (backpressure). Every
-attempt ends in exactly one outcome event committed together with the lane offset:
-Succeeded, Failed, RetryScheduled, TimedOut, Cancelled, or a dead letter.
+A fixed number of slot coroutines take work items from a small in-memory buffer, from the
+lowest lane first, so high-priority work overtakes a low-priority backlog (or, with lane
+weights, in weighted proportions, so that no lane starves). The buffer is bounded and the
+runner stops polling while it is full (backpressure). Every attempt ends in exactly one
+outcome event committed together with the lane offset: Succeeded, Failed, RetryScheduled,
+TimedOut, Cancelled, or a dead letter.
 
 Cancel requests reach every worker instance through the control topic, which each instance
 reads in full without a consumer group.
@@ -79,6 +80,7 @@ class WorkerStage(Stage):
         control: Callable[[], Consumer],
         worker_id: str,
         concurrency: int = 16,
+        lane_weights: Sequence[int] | None = None,
         buffer: int | None = None,
         interceptors: Sequence[Interceptor] = (),
         echo_self: Callable[[TaskContext], Any] | None = None,
@@ -101,6 +103,9 @@ class WorkerStage(Stage):
         self._grace = shutdown_grace
         self._rng = rng or random.Random()
         self._lanes: list[deque[Incoming]] = [deque() for _ in range(topology.lanes)]
+        self._weights = tuple(lane_weights) if lane_weights is not None else None
+        #: Smooth weighted round robin: what each lane is owed (see :meth:`_next_lane`).
+        self._credit = [0] * topology.lanes
         self._lane_paused = [False] * topology.lanes
         self._available = asyncio.Event()
         self._slots: list[asyncio.Task[None]] = []
@@ -197,12 +202,35 @@ class WorkerStage(Stage):
 
     async def _take(self) -> Incoming | None:
         while not self._stopping:
-            for lane in self._lanes:
-                if lane:
-                    return lane.popleft()
+            lane = self._next_lane()
+            if lane is not None:
+                return lane.popleft()
             self._available.clear()
             await self._available.wait()
         return None
+
+    def _next_lane(self) -> deque[Incoming] | None:
+        """The lane to serve next: the lowest with work, or with weights the one owed most."""
+        weights = self._weights
+        if weights is None:
+            for lane in self._lanes:
+                if lane:
+                    return lane
+            return None
+        # nginx's smooth weighted round robin over the lanes with work: each gains its
+        # weight, the one owed most is served and pays what all of them gained. Lanes
+        # without work gain nothing, so a lane cannot save up a burst while idle.
+        credit, best, total = self._credit, -1, 0
+        for index, lane in enumerate(self._lanes):
+            if lane:
+                credit[index] += weights[index]
+                total += weights[index]
+                if best < 0 or credit[index] > credit[best]:
+                    best = index
+        if best < 0:
+            return None
+        credit[best] -= total
+        return self._lanes[best]
 
     async def _slot(self) -> None:
         while (item := await self._take()) is not None:

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
+from qtasks_stream import QueueTasks
+from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import (
     Cancelled,
@@ -138,7 +141,13 @@ class Harness:
 async def make() -> AsyncIterator[Callable[..., Any]]:
     stages: list[WorkerStage] = []
 
-    async def build(router: Router, *, concurrency: int = 4, buffer: int | None = None) -> Harness:
+    async def build(
+        router: Router,
+        *,
+        concurrency: int = 4,
+        buffer: int | None = None,
+        lane_weights: tuple[int, ...] | None = None,
+    ) -> Harness:
         log = InMemoryEventLog()
         await log.create_topics(TOPOLOGY.specs())
         registry = SchemaRegistryClient.new_client({"url": f"mock://worker-{uuid.uuid4().hex}"})
@@ -154,6 +163,7 @@ async def make() -> AsyncIterator[Callable[..., Any]]:
             worker_id="worker:test",
             concurrency=concurrency,
             buffer=buffer,
+            lane_weights=lane_weights,
             shutdown_grace=1.0,
         )
         cp = FakeCheckpoint()
@@ -271,6 +281,40 @@ async def test_lane_zero_is_served_before_lane_two_already_buffered(
     gate.set()
     await h.all_done(blocker, *low, mid, *high)
     assert order == ["blocker", "high-0", "high-1", "mid", "low-0", "low-1", "low-2"]
+
+
+async def test_lane_weights_serve_every_lane_in_proportion(make: Callable[..., Any]) -> None:
+    router = Router()
+    gate = asyncio.Event()
+    order: list[str] = []
+
+    @router.task
+    async def job(label: str) -> None:
+        order.append(label)
+        if label == "blocker":
+            await gate.wait()
+
+    h = await make(router, concurrency=1, buffer=16, lane_weights=(4, 2, 1))
+    blocker = h.item("job", "blocker", lane=0)
+    await h.give(blocker)
+    await h.cp.until(lambda: order == ["blocker"], "the blocker runs")
+    items = [h.item("job", f"{lane}-{i}", lane=lane) for lane in (2, 1, 0) for i in range(8)]
+    await h.give(*items)
+    gate.set()
+    await h.all_done(blocker, *items)
+    lanes = [label[0] for label in order[1:]]
+    # Every lane has work for the first 7 takes: 4:2:1, the lowest lane first on a tie.
+    assert lanes[:7] == ["0", "1", "0", "2", "0", "1", "0"]
+    assert Counter(lanes[:14]) == {"0": 8, "1": 4, "2": 2}
+    # Lane 0 is empty from then on: the others share the slot 2:1, nothing starves.
+    assert Counter(lanes[14:20]) == {"1": 4, "2": 2}
+
+
+async def test_lane_weights_are_checked_at_the_call() -> None:
+    with pytest.raises(ConfigurationError, match="lane_weights must be 3 positive ints"):
+        QueueTasks("w", lane_weights=(1, 0, 1))
+    with pytest.raises(ConfigurationError, match="lane_weights must be 3 positive ints"):
+        QueueTasks("w", lane_weights=(2, 1))
 
 
 async def test_max_time_ends_with_timed_out(make: Callable[..., Any]) -> None:
