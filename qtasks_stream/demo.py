@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any, TextIO
 
+from qtasks_stream import audit
 from qtasks_stream.app import QueueTasks
 from qtasks_stream.context import TaskContext
-from qtasks_stream.events import TaskEvent
 from qtasks_stream.state import Task
 
 __all__ = ["build_demo_app", "run_demo"]
@@ -60,26 +59,6 @@ def build_demo_app(app: QueueTasks) -> QueueTasks:
 
 def _line(out: TextIO, text: str = "") -> None:
     out.write(text + "\n")
-
-
-def _format_event(
-    event: TaskEvent, t0: int, decode: Callable[[bytes, str], Any] | None = None
-) -> str:
-    """One line of a history; ``decode`` shows typed Avro payloads as plain values."""
-    payload = event.payload
-    shown = []
-    for name in payload.__slots__:
-        value = getattr(payload, name)
-        if name in ("traceback", "args", "kwargs") or (value is None and name.endswith("_avro")):
-            continue
-        if isinstance(value, bytes) and decode is not None:
-            value = decode(value, name)
-        shown.append(f"{name}={value!r}")
-    fields = ", ".join(shown)
-    return (
-        f"  +{(event.at_us - t0) / 1000:8.1f} ms  attempt {event.attempt}  "
-        f"{event.kind:<15} {event.source:<28} {fields}"
-    )
 
 
 async def run_demo(app: QueueTasks, tasks: int, out: TextIO) -> dict[str, int]:
@@ -157,7 +136,10 @@ async def run_demo(app: QueueTasks, tasks: int, out: TextIO) -> dict[str, int]:
         _line(out, f"  bulk tasks not successful: {unfinished}")
         history = await app.history(retried.uuid)
         _line(out)
-        _line(out, f"history of {retried.uuid} (read from the log):")
-        for event in history:
-            _line(out, _format_event(event, history[0].at_us, app.payloads.decode_plain))
+        _line(out, f"history of {retried.uuid} (read from the log, as `history` prints it):")
+        document = audit.history_document(
+            retried.uuid, app.topology.events, history, decode=app.payloads.decode_plain
+        )
+        for line in audit.format_history(document):
+            _line(out, line)
         return counts

@@ -34,10 +34,12 @@ def test_demo_runs_every_path_and_prints_a_summary_and_a_history() -> None:
     assert "status=success  attempt=2" in text  # the retried one
     assert "status=error" in text and "status=cancel" in text
     assert "bulk tasks not successful: 0" in text
-    history = text.split("(read from the log):")[1]
+    history = text.split("as `history` prints it):")[1]
+    assert "attempt 2  on worker:" in history and "→ Succeeded" in history
     kinds = [
-        re.search(r"attempt \d+\s+(\w+)", line).group(1)  # type: ignore[union-attr]
+        re.search(r"ms\s+\S+\s+(\w+)", line).group(1)  # type: ignore[union-attr]
         for line in history.strip().splitlines()
+        if line.startswith("  +")
     ]
     assert kinds == [
         "Submitted",
