@@ -147,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}"
     )
+    worker.add_argument(
+        "--snapshot-every",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="also write a snapshot of every task's state this often (see `snapshot`)",
+    )
 
     history = sub.add_parser("history", help="every event of one task, read from the log")
     history.add_argument("task_id")
@@ -181,18 +188,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run_worker(app: QueueTasks, stages: Sequence[str]) -> None:
+async def _run_worker(
+    app: QueueTasks, stages: Sequence[str], snapshot_every: float | None = None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await app.start(stages)
     print(
-        f"worker {app.instance_id}: running {', '.join(stages)} of app {app.name!r}",
+        f"worker {app.instance_id}: running {', '.join(stages)} of app {app.name!r}"
+        + (f", a snapshot every {snapshot_every:g}s" if snapshot_every else ""),
         file=sys.stderr,
     )
+    snapshots: asyncio.Task[int] | None = None
+    if snapshot_every:
+        from qtasks_stream.snapshot import snapshot_every as every
+
+        snapshots = asyncio.create_task(
+            every(snapshot_every, app.event_log, app.serde, app.topology, stop)
+        )
     try:
         await stop.wait()
+        if snapshots is not None:
+            await snapshots  # ends at the stop (a snapshot being written finishes first)
     finally:
         await app.close()
 
@@ -304,7 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             telemetry = telemetry_from(app, env)
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]
             try:
-                asyncio.run(_run_worker(app, stages))
+                if args.snapshot_every is not None and not args.snapshot_every > 0:
+                    raise ConfigurationError(
+                        f"--snapshot-every must be > 0 seconds, not {args.snapshot_every:g}"
+                    )
+                asyncio.run(_run_worker(app, stages, args.snapshot_every))
             finally:
                 if telemetry is not None:
                     telemetry.shutdown()

@@ -13,12 +13,14 @@ events topic's retention be shorter than the life of the tasks the views must kn
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from qtasks_stream.errors import EventLogError
+from qtasks_stream.errors import EventLogError, QTasksStreamError
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.events import now_us
 from qtasks_stream.records import OutRecord, Record, TopicPartition
@@ -29,7 +31,16 @@ from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
 
-__all__ = ["MANIFEST_KEY", "Snapshot", "read_snapshot", "seed_view", "write_snapshot"]
+__all__ = [
+    "MANIFEST_KEY",
+    "Snapshot",
+    "read_snapshot",
+    "seed_view",
+    "snapshot_every",
+    "write_snapshot",
+]
+
+log = logging.getLogger("qtasks_stream.snapshot")
 
 MANIFEST_KEY = "@manifest"
 
@@ -120,6 +131,38 @@ async def write_snapshot(
     snapshot = Snapshot(f"{random.getrandbits(128):032x}", now_us(), covers, states)
     await _write(event_log, serde, topology, snapshot)
     return snapshot, result
+
+
+async def snapshot_every(
+    seconds: float, event_log: EventLog, serde: Serde, topology: Topology, stop: asyncio.Event
+) -> int:
+    """Write a snapshot every ``seconds`` until ``stop`` is set; returns how many were written.
+
+    A failed snapshot (the log, or another writer that fenced this one) is logged and tried
+    again at the next turn: the previous snapshot stays the latest, nothing is half written.
+    """
+    written = 0
+    while not stop.is_set():
+        try:
+            async with asyncio.timeout(seconds):
+                await stop.wait()
+            break
+        except TimeoutError:
+            pass
+        try:
+            snapshot, result = await write_snapshot(event_log, serde, topology)
+        except QTasksStreamError as exc:
+            log.warning("snapshot of %s failed, next try in %.0fs: %s", topology.app, seconds, exc)
+            continue
+        written += 1
+        log.info(
+            "snapshot %s: %d tasks, %d events folded in %.1fs",
+            snapshot.snapshot_id,
+            len(snapshot.states),
+            result.records,
+            result.seconds,
+        )
+    return written
 
 
 async def _write(event_log: EventLog, serde: Serde, topology: Topology, snapshot: Snapshot) -> None:

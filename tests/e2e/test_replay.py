@@ -23,7 +23,7 @@ from qtasks_stream.events import WorkItem, now_us
 from qtasks_stream.records import OutRecord
 from qtasks_stream.replay import all_states, compare_views, replay_into
 from qtasks_stream.serde.base import Serde
-from qtasks_stream.snapshot import read_snapshot, seed_view, write_snapshot
+from qtasks_stream.snapshot import read_snapshot, seed_view, snapshot_every, write_snapshot
 from qtasks_stream.stages.runner import DLQ_REASON, DLQ_SOURCE
 from qtasks_stream.views.memory import MemoryViewStore
 from qtasks_stream.views.sqlite import SqliteViewStore
@@ -219,6 +219,38 @@ async def test_snapshot_plus_tail_equals_a_full_replay(
     out, _ = capsys.readouterr()
     assert f"from snapshot {second.snapshot_id}" in out and "verify: 0 differences" in out
     assert "replayed 0 records" in out
+
+
+async def test_snapshots_are_written_on_a_period_until_stopped(
+    build: Callable[..., QueueTasks],
+) -> None:
+    parts = shared()
+    app = build(**parts)
+    register(app)
+    await app.start()
+    await some_work(app, "a")
+    await settle(app)
+    stop = asyncio.Event()
+    every = asyncio.create_task(snapshot_every(0.05, app.event_log, app.serde, app.topology, stop))
+    first = await eventually(
+        lambda: read_snapshot(app.event_log, app.serde, app.topology),
+        lambda s: s is not None and len(s.states) == 3,
+        what="a first periodic snapshot",
+    )
+    assert first is not None
+    more = await some_work(app, "b")
+    await settle(app)
+    latest = await eventually(
+        lambda: read_snapshot(app.event_log, app.serde, app.topology),
+        lambda s: s is not None and set(more) <= {t.task_id for t in s.states},
+        what="a later snapshot with the new tasks",
+    )
+    assert latest is not None and latest.snapshot_id != first.snapshot_id
+    assert {t.task_id for t in latest.states} >= {t.task_id for t in first.states}
+    stop.set()
+    async with asyncio.timeout(LIMIT):
+        written = await every
+    assert written >= 2
 
 
 async def test_dead_letters_are_listed_and_replayed_once(

@@ -57,6 +57,13 @@ def test_demo_refuses_too_few_tasks() -> None:
         main(["demo", "--tasks", "2"])
 
 
+def test_worker_refuses_a_snapshot_period_that_is_not_positive(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["worker", "-A", "tests.apps.view_app:app", "--snapshot-every", "0"]) == 2
+    assert "--snapshot-every must be > 0 seconds, not 0" in capsys.readouterr().err
+
+
 def test_configure_without_kafka_keeps_the_embedded_default() -> None:
     app = configure(QueueTasks("envless"), {})
     assert isinstance(app.event_log, InMemoryEventLog)
