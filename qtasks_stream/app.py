@@ -31,7 +31,7 @@ from qtasks_stream.errors import (
 )
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.memory import InMemoryEventLog, murmur2_partition
-from qtasks_stream.events import CancelRequested, Submitted, TaskEvent, now_us
+from qtasks_stream.events import CancelRequested, Submitted, TaskEvent, event_kind, now_us
 from qtasks_stream.executors.base import Executor
 from qtasks_stream.executors.pool import LocalExecutor
 from qtasks_stream.interceptors import EmitInput, Interceptor, chain_emit, wants
@@ -492,7 +492,9 @@ class QueueTasks(Router):
                     if rec.partition != tp.partition or rec.key != key or rec.value is None:
                         continue
                     try:
-                        events.append(TaskEvent.from_avro(self.serde.decode(topic, rec.value)))
+                        kind = event_kind(rec.headers)
+                        value = self.serde.decode(topic, rec.value, branch=kind)
+                        events.append(TaskEvent.from_avro(value))
                     except (SerdeError, KeyError, TypeError, ValueError):
                         if not skip_undecodable:
                             raise

@@ -178,7 +178,8 @@ class ResultListener:
                 if kind is not None and kind not in _NEEDED:
                     continue
                 try:
-                    event = TaskEvent.from_avro(self._serde.decode(self._topic, rec.value))
+                    value = self._serde.decode(self._topic, rec.value, branch=kind)
+                    event = TaskEvent.from_avro(value)
                 except (SerdeError, KeyError, TypeError, ValueError) as exc:
                     log.warning("result listener skipped an undecodable record: %s", exc)
                     continue
