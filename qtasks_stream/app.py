@@ -35,6 +35,7 @@ from qtasks_stream.events import (
     CancelRequested,
     Submitted,
     TaskEvent,
+    event_kind,
     new_task_id,
     now_us,
     task_id_ms,
@@ -523,7 +524,9 @@ class QueueTasks(Router):
                     if rec.partition != tp.partition or rec.key != key or rec.value is None:
                         continue
                     try:
-                        events.append(TaskEvent.from_avro(self.serde.decode(topic, rec.value)))
+                        kind = event_kind(rec.headers)
+                        value = self.serde.decode(topic, rec.value, branch=kind)
+                        events.append(TaskEvent.from_avro(value))
                     except (SerdeError, KeyError, TypeError, ValueError):
                         if not skip_undecodable:
                             raise

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from qtasks_stream.records import slot_setters
+
 __all__ = [
     "DLQ_REPLAY",
     "JSON",
@@ -219,6 +221,7 @@ _PAYLOAD_TYPES: dict[str, type[Any]] = {
         Resubmitted,
     )
 }
+_PAYLOAD_BY_FULL_NAME = {_NAMESPACE + name: cls for name, cls in _PAYLOAD_TYPES.items()}
 _PAYLOAD_FIELDS: dict[type[Any], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls)) for cls in _PAYLOAD_TYPES.values()
 }
@@ -260,7 +263,9 @@ class TaskEvent:
         # Unique, not secret: the random module's generator (reseeded after fork) avoids an
         # os.urandom call per event, which stalls behind the Kafka clients' threads on the GIL.
         event_id = f"{random.getrandbits(128):032x}"
-        return cls(task_id, task_name, attempt, source, payload, now_us(), event_id, traceparent)
+        return _build(
+            cls, task_id, task_name, attempt, source, payload, now_us(), event_id, traceparent
+        )
 
     @property
     def kind(self) -> str:
@@ -297,10 +302,11 @@ class TaskEvent:
     @classmethod
     def from_avro(cls, data: dict[str, Any]) -> TaskEvent:
         name, body = data["payload"]
-        payload_type = _PAYLOAD_TYPES[name.rpartition(".")[2]]
+        payload_type = _PAYLOAD_BY_FULL_NAME.get(name) or _PAYLOAD_TYPES[name.rpartition(".")[2]]
         if payload_type is Submitted:
             body = {**body, "tags": tuple(body["tags"])}
-        return cls(
+        return _build(
+            cls,
             data["task_id"],
             data["task_name"],
             data["attempt"],
@@ -310,6 +316,45 @@ class TaskEvent:
             data["event_id"],
             data.get("traceparent"),
         )
+
+
+_new = object.__new__
+(
+    _set_task_id,
+    _set_task_name,
+    _set_attempt,
+    _set_source,
+    _set_payload,
+    _set_at_us,
+    _set_event_id,
+    _set_traceparent,
+) = slot_setters(TaskEvent)
+
+
+def _build(
+    cls: type[TaskEvent],
+    task_id: str,
+    task_name: str,
+    attempt: int,
+    source: str,
+    payload: Payload,
+    at_us: int,
+    event_id: str,
+    traceparent: str | None,
+) -> TaskEvent:
+    """``cls(...)`` for the two constructors every event goes through (one to write it,
+    one per reader): the generated ``__init__`` of a frozen dataclass pays an
+    ``object.__setattr__`` per field, twice what these slot setters cost."""
+    event: TaskEvent = _new(cls)
+    _set_task_id(event, task_id)
+    _set_task_name(event, task_name)
+    _set_attempt(event, attempt)
+    _set_source(event, source)
+    _set_payload(event, payload)
+    _set_at_us(event, at_us)
+    _set_event_id(event, event_id)
+    _set_traceparent(event, traceparent)
+    return event
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,9 +413,13 @@ class ControlCommand:
         return cls(data["task_id"], data["reason"], data["at_us"], data["command"])
 
 
+_KIND_NAMES = {kind: cls.__name__ for cls, kind in _KIND_BYTES.items()}
+
+
 def event_kind(headers: tuple[tuple[str, bytes], ...]) -> str | None:
     """The kind a record's headers declare, if any (records of other producers may not)."""
     for name, value in headers:
         if name == KIND_HEADER:
-            return value.decode(errors="replace")
+            # Ours from a table: readers ask this of every event record.
+            return _KIND_NAMES.get(value) or value.decode(errors="replace")
     return None

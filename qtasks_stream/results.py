@@ -162,14 +162,14 @@ class ResultListener:
                 watch.queues.remove(queue)
             self._drop_if_unused(task_id.encode(), watch)
 
-    async def _decode(self, value: bytes) -> TaskEvent | None:
+    async def _decode(self, value: bytes, kind: str | None) -> TaskEvent | None:
         """The event in ``value``; None (logged) for a bad record. While the registry is
         unavailable it waits and tries again: the record is fine, and dropping it would
         leave its waiters hanging. Ends with the listener (``close`` cancels it)."""
         delay = _REGISTRY_RETRY_FIRST
         while True:
             try:
-                return TaskEvent.from_avro(self._serde.decode(self._topic, value))
+                return TaskEvent.from_avro(self._serde.decode(self._topic, value, branch=kind))
             except RegistryUnavailableError as exc:
                 log.warning("result listener: %s; trying again in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -195,7 +195,7 @@ class ResultListener:
                 kind = event_kind(rec.headers)
                 if kind is not None and kind not in _NEEDED:
                     continue
-                event = await self._decode(rec.value)
+                event = await self._decode(rec.value, kind)
                 if event is None:
                     continue
                 watch.state = fold(watch.state, event)

@@ -45,7 +45,14 @@ from qtasks_stream.eventlog.kafka_admin import (
 )
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
 from qtasks_stream.eventlog.memory import murmur2_partition
-from qtasks_stream.records import OutRecord, Record, TopicPartition, TopicSpec
+from qtasks_stream.records import (
+    Headers,
+    OutRecord,
+    Record,
+    TopicPartition,
+    TopicSpec,
+    record_at,
+)
 
 __all__ = ["AioKafkaEventLog"]
 
@@ -86,6 +93,17 @@ def _aio_tp(tp: TopicPartition) -> AioTopicPartition:
 
 def _our_tp(tp: Any) -> TopicPartition:
     return TopicPartition(tp.topic, tp.partition)
+
+
+def _headers(raw: Any) -> Headers:
+    """aiokafka's headers (a tuple of (str, bytes | None) pairs) as ours: its own tuple when
+    every value is bytes, as ours always are, without a copy per record."""
+    if not raw:
+        return ()
+    for _, value in raw:
+        if type(value) is not bytes:
+            return tuple((k, bytes(v)) for k, v in raw)
+    return raw if type(raw) is tuple else tuple(raw)
 
 
 class AioKafkaEventLog(EventLog):
@@ -517,19 +535,16 @@ class _AioConsumer(Consumer):
             batches = fetch.result()
         except KafkaError as exc:
             raise _map_error(exc, "poll failed") from exc
-        return [
-            Record(
-                m.topic,
-                m.partition,
-                m.offset,
-                m.key,
-                m.value,
-                tuple((k, bytes(v)) for k, v in (m.headers or ())),
-                m.timestamp,
+        records: list[Record] = []
+        for atp, messages in batches.items():
+            tp = TopicPartition(atp.topic, atp.partition)
+            records.extend(
+                [
+                    record_at(tp, m.offset, m.key, m.value, _headers(m.headers), m.timestamp)
+                    for m in messages
+                ]
             )
-            for messages in batches.values()
-            for m in messages
-        ]
+        return records
 
     def _require_started(self) -> Any:
         if self._consumer is None or self._closed:

@@ -55,7 +55,14 @@ from qtasks_stream.eventlog.kafka_admin import (
     with_rdkafka_logger,
 )
 from qtasks_stream.eventlog.kafka_config import ConfValue, KafkaConfig
-from qtasks_stream.records import Headers, OutRecord, Record, TopicPartition, TopicSpec
+from qtasks_stream.records import (
+    Headers,
+    OutRecord,
+    Record,
+    TopicPartition,
+    TopicSpec,
+    record_at,
+)
 
 __all__ = ["ConfluentEventLog"]
 
@@ -783,9 +790,8 @@ class _ConfluentConsumer(Consumer):
                     continue
                 buffer = target[1]
                 buffer.append(
-                    Record(
-                        where[0],
-                        where[1],
+                    record_at(
+                        target[0],
                         msg.offset(),
                         msg.key(),
                         msg.value(),
@@ -1130,4 +1136,8 @@ def _headers(msg: Any) -> Headers:
     if not raw:
         return ()
     items = raw.items() if isinstance(raw, dict) else raw
-    return tuple((key, _header_bytes(value)) for key, value in items)
+    for _, value in items:
+        if type(value) is not bytes:
+            return tuple((key, _header_bytes(value)) for key, value in items)
+    # Every value is bytes (ours always are): the client's (str, bytes) pairs as they are.
+    return tuple(items)

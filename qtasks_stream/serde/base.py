@@ -26,8 +26,13 @@ class Serde(ABC):
         """
 
     @abstractmethod
-    def decode(self, topic: str, data: bytes) -> dict[str, Any]:
+    def decode(self, topic: str, data: bytes, *, branch: str | None = None) -> dict[str, Any]:
         """The value of a record of ``topic``.
+
+        ``branch`` is what the record's headers say the value holds: the name, without
+        namespace, of the record in its union of records (the ``qtasks.kind`` header of an
+        event). A serde may use it to read faster, never trust it: a value of another
+        branch decodes exactly as without the hint.
 
         Raises:
             SerdeError: the bytes are not a valid record of the topic.

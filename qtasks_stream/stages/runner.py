@@ -32,7 +32,7 @@ from qtasks_stream.errors import (
     SerdeError,
 )
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer
-from qtasks_stream.events import ControlCommand, TaskEvent, WorkItem
+from qtasks_stream.events import ControlCommand, TaskEvent, WorkItem, event_kind
 from qtasks_stream.interceptors import (
     EmitInput,
     Interceptor,
@@ -477,7 +477,9 @@ class StageRunner:
                 try:
                     if rec.value is None:
                         raise SerdeError("record has no value (a tombstone)")
-                    value = decoders[rec.topic](decode(rec.topic, rec.value))
+                    # The kind header lets the serde skip reading union branch names.
+                    data = decode(rec.topic, rec.value, branch=event_kind(rec.headers))
+                    value = decoders[rec.topic](data)
                 except (SerdeError, KeyError, TypeError, ValueError) as exc:
                     if rec.offset >= self._replay_below.get(rec.tp, 0):
                         checkpoint.dead_letter(rec, f"cannot decode: {exc}", exc)

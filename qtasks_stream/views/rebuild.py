@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from qtasks_stream.errors import SerdeError, ViewStoreError
 from qtasks_stream.eventlog.base import EventLog
-from qtasks_stream.events import TaskEvent
+from qtasks_stream.events import TaskEvent, event_kind
 from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.views.base import Applied, ViewStore
@@ -31,7 +31,8 @@ def decode_events(serde: Serde, records: Sequence[Record]) -> list[Applied]:
         if rec.value is None:
             continue
         try:
-            event = TaskEvent.from_avro(serde.decode(rec.topic, rec.value))
+            value = serde.decode(rec.topic, rec.value, branch=event_kind(rec.headers))
+            event = TaskEvent.from_avro(value)
         except (SerdeError, KeyError, TypeError, ValueError):
             continue
         out.append(Applied(rec.tp, rec.offset, event))

@@ -356,8 +356,8 @@ class _CannotReadSubmitsOf(Serde):
     def encode(self, topic: str, value: dict[str, Any]) -> bytes:
         return self.inner.encode(topic, value)
 
-    def decode(self, topic: str, data: bytes) -> dict[str, Any]:
-        value = self.inner.decode(topic, data)
+    def decode(self, topic: str, data: bytes, *, branch: str | None = None) -> dict[str, Any]:
+        value = self.inner.decode(topic, data, branch=branch)
         payload = value.get("payload")
         if (
             isinstance(payload, tuple)

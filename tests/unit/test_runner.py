@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream.eventlog.memory import InMemoryEventLog
-from qtasks_stream.events import ControlCommand, Progress, TaskEvent, now_us
+from qtasks_stream.events import KIND_HEADER, ControlCommand, Progress, TaskEvent, now_us
 from qtasks_stream.records import Headers, OutRecord, Record, TopicPartition
 from qtasks_stream.serde.avro import AvroSerde
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
@@ -146,6 +146,21 @@ async def test_undecodable_records_go_to_the_dead_letter_topic(make: Callable[..
     await h.until(lambda: len(h.stage.seen) == 3 and h.committed() == 5, "a later record")
     assert h.stage.seen[-1].value.task_id == "third"
     assert len(h.log.records(TOPOLOGY.deadletter)) == 2
+
+
+async def test_the_kind_header_is_a_hint_the_payload_overrules(make: Callable[..., Any]) -> None:
+    h = await make(RecordingStage())
+    await h.send(
+        h.event("told", 0, ((KIND_HEADER, b"Progress"),)),
+        h.event("untold", 1),
+        # A producer whose header lies: the stage still gets the event the bytes hold.
+        h.event("lied", 2, ((KIND_HEADER, b"Started"),)),
+        h.event("nonsense", 3, ((KIND_HEADER, b"\xff"),)),
+    )
+    await h.until(lambda: h.committed() == 4, "4 records handled")
+    assert [i.value.task_id for i in h.stage.seen] == ["told", "untold", "lied", "nonsense"]
+    assert [i.value.payload for i in h.stage.seen] == [Progress(seq, str(seq)) for seq in range(4)]
+    assert h.log.records(TOPOLOGY.deadletter) == []
 
 
 async def test_a_batch_of_only_garbage_is_committed(make: Callable[..., Any]) -> None:

@@ -28,7 +28,9 @@ from qtasks_stream.events import (
     TaskEvent,
     TimedOut,
     WorkItem,
+    event_kind,
 )
+from qtasks_stream.serde import wire
 from qtasks_stream.serde.avro import AvroSerde, subject_for
 from qtasks_stream.topology import Topology
 
@@ -104,6 +106,80 @@ async def test_task_event_round_trip(
     back = TaskEvent.from_avro(serde.decode(TOPOLOGY.events, data))
     assert back == event
     assert back.kind == type(payload).__name__
+    # With the kind header our producers write, the same event.
+    kind = event_kind(event.record_headers())
+    assert kind == type(payload).__name__
+    hinted = serde.decode(TOPOLOGY.events, data, branch=kind)
+    assert hinted == serde.decode(TOPOLOGY.events, data)
+    assert TaskEvent.from_avro(hinted) == event
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records, for every Avro read from now on, whether it asked for record names."""
+    reads: list[bool] = []
+    real = wire.read
+
+    def counting(*args: typing.Any, **options: typing.Any) -> typing.Any:
+        reads.append(bool(options.get("return_record_name")))
+        return real(*args, **options)
+
+    monkeypatch.setattr(wire, "read", counting)
+    return reads
+
+
+async def test_a_kind_header_saves_reading_branch_names(
+    serde: AvroSerde, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    event = TaskEvent.new("t", "n", 1, "scheduler", Scheduled(lane=1, priority=2))
+    data = serde.encode(TOPOLOGY.events, event.to_avro())
+    reads = _count_reads(monkeypatch)
+    # The full name of the branch works as well as the short one a header carries.
+    for branch in ("Scheduled", "qtasks.stream.v1.Scheduled"):
+        assert TaskEvent.from_avro(serde.decode(TOPOLOGY.events, data, branch=branch)) == event
+    assert reads == [False, False]
+    # Without a header (a foreign producer): one read, with names, as before.
+    assert TaskEvent.from_avro(serde.decode(TOPOLOGY.events, data)) == event
+    assert reads == [False, False, True]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=lambda p: type(p).__name__)
+async def test_a_lying_kind_header_decodes_what_the_bytes_say(
+    serde: AvroSerde, payload: Payload, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    event = TaskEvent.new("t", "n", 1, "client", payload)
+    data = serde.encode(TOPOLOGY.events, event.to_avro())
+    truth = serde.decode(TOPOLOGY.events, data)
+    reads = _count_reads(monkeypatch)
+    others = [k.__name__ for k in typing.get_args(Payload) if k is not type(payload)]
+    for branch in [*others, "NoSuchKind", ""]:
+        decoded = serde.decode(TOPOLOGY.events, data, branch=branch)
+        assert decoded == truth, branch
+        assert TaskEvent.from_avro(decoded) == event
+    # Every lie ends in a read with names: never a value named after the header.
+    assert reads.count(True) == len(others) + 2
+
+
+async def test_branches_with_the_same_fields_are_always_read_with_names(
+    serde: AvroSerde, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cancelled and CancelRequested both hold just a reason: the fields read cannot tell a
+    # lying header, so their header is not trusted at all.
+    reads = _count_reads(monkeypatch)
+    for payload, lie in ((Cancelled("r"), "CancelRequested"), (CancelRequested("r"), "Cancelled")):
+        event = TaskEvent.new("t", "n", 1, "client", payload)
+        data = serde.encode(TOPOLOGY.events, event.to_avro())
+        for branch in (lie, type(payload).__name__):
+            back = TaskEvent.from_avro(serde.decode(TOPOLOGY.events, data, branch=branch))
+            assert back == event
+            assert type(back.payload) is type(payload)
+    assert reads == [True] * 4
+
+
+async def test_schemas_without_a_union_of_records_ignore_the_hint(serde: AvroSerde) -> None:
+    item = WorkItem("t", "n", 1, "[]", "{}", 0, 5)
+    lane = TOPOLOGY.lane(0)
+    data = serde.encode(lane, item.to_avro())
+    assert WorkItem.from_avro(serde.decode(lane, data, branch="Scheduled")) == item
 
 
 async def test_work_item_and_control_command_round_trip(serde: AvroSerde) -> None:
