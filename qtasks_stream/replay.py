@@ -1,5 +1,5 @@
-"""Reading the events topic outside the stages: replaying it into a new view, and comparing
-two views.
+"""Reading the events topic outside the stages: replaying it into a new view (or rebuilding
+one), and comparing two views.
 
 A replay reads every partition of the events topic on its own (no consumer group, so the
 application's stages are not disturbed) from a start position up to the partitions' end
@@ -12,34 +12,32 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TextIO
 
-from qtasks_stream.errors import ConfigurationError, EventLogError
-from qtasks_stream.eventlog.base import Consumer, EventLog
-from qtasks_stream.events import event_kind
+from qtasks_stream.errors import ConfigurationError, SerdeError
+from qtasks_stream.eventlog.base import EventLog
+from qtasks_stream.eventlog.reading import read_records
+from qtasks_stream.events import TaskEvent, event_kind
 from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.state import TaskState
 from qtasks_stream.views.base import Applied, TaskQuery, ViewStore
-from qtasks_stream.views.rebuild import decode_events
 
 __all__ = [
     "ProgressBar",
     "ReplayResult",
     "all_states",
     "compare_views",
+    "decode_events",
     "format_positions",
     "parse_offsets",
     "read_events",
-    "read_records",
+    "rebuild",
     "replay_into",
 ]
 
-#: A read that makes no progress for this long has lost the broker.
-STALL_LIMIT_S = 60.0
-_BATCH = 5000
 _PAGE = 10_000
 
 
@@ -116,62 +114,20 @@ def parse_offsets(text: str, topic: str, partitions: int) -> dict[TopicPartition
     return out
 
 
-async def read_records(
-    event_log: EventLog,
-    topic: str,
-    partitions: int,
-    on_records: Callable[[list[Record]], Awaitable[None]],
-    *,
-    start: Mapping[TopicPartition, int] | None = None,
-    until: Mapping[TopicPartition, int] | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[dict[TopicPartition, int], int]:
-    """Read ``topic`` from ``start`` (0 where not given) to its end offsets as of now (or
-    ``until``, where given and earlier), handing the records to ``on_records`` in batches,
-    in log order per partition. Returns the end offsets read up to and the records read."""
-    tps = [TopicPartition(topic, p) for p in range(partitions)]
-    consumer = event_log.consumer([topic], group_id=None, start="earliest")
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets(tps)
-        if until is not None:
-            ends = {tp: min(end, until.get(tp, end)) for tp, end in ends.items()}
-        starts = {tp: min((start or {}).get(tp, 0), ends[tp]) for tp in tps}
-        pending = {tp for tp in tps if starts[tp] < ends[tp]}
-        for tp in tps:
-            consumer.seek(tp, starts[tp])
-        consumer.pause([tp for tp in tps if tp not in pending], True)
-        read = 0
-        loop = asyncio.get_running_loop()
-        last_progress = loop.time()
-        #: Per partition, the offset after the last record read: progress counts offsets, so
-        #: that transaction markers (never delivered) are counted when a partition ends.
-        covered = dict(starts)
-        while pending:
-            polled = await consumer.poll(max_records=_BATCH, timeout=0.5)
-            records = [r for r in polled if r.tp in pending and r.offset < ends[r.tp]]
-            if records:
-                await on_records(records)
-                read += len(records)
-            before = sum(covered.values())
-            for rec in records:
-                covered[rec.tp] = rec.offset + 1
-            moved = await _finished(consumer, pending, ends)
-            for tp in tps:
-                if tp not in pending:
-                    covered[tp] = ends[tp]
-            if progress is not None and sum(covered.values()) > before:
-                progress(sum(covered.values()) - before)
-            if records or moved:
-                last_progress = loop.time()
-            elif loop.time() - last_progress > STALL_LIMIT_S:
-                raise EventLogError(
-                    f"reading {topic} made no progress for {STALL_LIMIT_S:.0f}s "
-                    f"({len(pending)} partitions short of their end)"
-                )
-        return dict(ends), read
-    finally:
-        await consumer.close()
+def decode_events(serde: Serde, records: Sequence[Record]) -> list[Applied]:
+    """The records that decode to a ``TaskEvent``; the others (dead-lettered by the
+    pipeline, which records a ``DeadLettered`` event for them) are left out."""
+    out: list[Applied] = []
+    for rec in records:
+        if rec.value is None:
+            continue
+        try:
+            value = serde.decode(rec.topic, rec.value, branch=event_kind(rec.headers))
+            event = TaskEvent.from_avro(value)
+        except (SerdeError, KeyError, TypeError, ValueError):
+            continue
+        out.append(Applied(rec.tp, rec.offset, event))
+    return out
 
 
 async def read_events(
@@ -185,8 +141,10 @@ async def read_events(
     until: Mapping[TopicPartition, int] | None = None,
     kinds: frozenset[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    batch_size: int = 5000,
 ) -> tuple[dict[TopicPartition, int], int, int]:
-    """:func:`read_records` of the events topic, decoded: ``on_batch`` gets the events.
+    """:func:`~qtasks_stream.eventlog.reading.read_records` of the events topic, decoded:
+    ``on_batch`` gets the events.
 
     With ``kinds``, records whose kind header names another kind are skipped undecoded.
 
@@ -210,25 +168,16 @@ async def read_events(
             await on_batch(batch)
 
     ends, read = await read_records(
-        event_log, topic, partitions, decode, start=start, until=until, progress=progress
+        event_log,
+        topic,
+        partitions,
+        decode,
+        start=start,
+        until=until,
+        progress=progress,
+        batch_size=batch_size,
     )
     return ends, read, undecodable
-
-
-async def _finished(
-    consumer: Consumer, pending: set[TopicPartition], ends: Mapping[TopicPartition, int]
-) -> bool:
-    # "Reached the end" is the consumer's position, never the last record's offset + 1: a
-    # transactional partition ends with a commit marker that is never delivered.
-    done = []
-    for tp in pending:
-        position = await consumer.position(tp)
-        if position is not None and position >= ends[tp]:
-            done.append(tp)
-    if done:
-        pending.difference_update(done)
-        consumer.pause(done, True)
-    return bool(done)
 
 
 async def replay_into(
@@ -242,10 +191,15 @@ async def replay_into(
     until: Mapping[TopicPartition, int] | None = None,
     from_us: int | None = None,
     out: TextIO | None = None,
+    batch_size: int = 5000,
 ) -> ReplayResult:
     """Fold ``topic`` into ``view`` (started by the caller) from ``start`` or the view's own
     positions, whichever is further, up to the current end (or ``until``); with ``from_us``,
     events that happened before it are read but not applied. Progress goes to ``out``.
+
+    A store's apply of one batch overlaps the reading and decoding of the next (one apply
+    in flight at a time, so batches apply in order): SQLite and PostgreSQL write in a
+    thread or on the server meanwhile.
     """
     stored = await view.positions()
     begin = {
@@ -265,23 +219,58 @@ async def replay_into(
         ends = {tp: min(end, until.get(tp, end)) for tp, end in ends.items()}
     bar = ProgressBar(out, sum(max(ends[tp] - begin[tp], 0) for tp in begin))
     applied = skipped = 0
+    in_flight: asyncio.Task[int] | None = None
 
     async def apply(batch: list[Applied]) -> None:
-        nonlocal applied, skipped
+        nonlocal applied, skipped, in_flight
         wanted = batch if from_us is None else [a for a in batch if a.event.at_us >= from_us]
         skipped += len(batch) - len(wanted)
+        if in_flight is not None:
+            applied += await in_flight
+            in_flight = None
         if wanted:
-            applied += await view.apply(wanted)
+            in_flight = asyncio.create_task(view.apply(wanted))
 
-    # Up to the ends measured here, which the progress bar's total counts.
-    reached, read, undecodable = await read_events(
-        event_log, serde, topic, partitions, apply, start=begin, until=ends, progress=bar.advance
-    )
+    try:
+        # Up to the ends measured here, which the progress bar's total counts.
+        reached, read, undecodable = await read_events(
+            event_log,
+            serde,
+            topic,
+            partitions,
+            apply,
+            start=begin,
+            until=ends,
+            progress=bar.advance,
+            batch_size=batch_size,
+        )
+        if in_flight is not None:
+            applied += await in_flight
+    finally:
+        if in_flight is not None and not in_flight.done():
+            in_flight.cancel()
+            await asyncio.gather(in_flight, return_exceptions=True)
     # Past records with nothing to apply (undecodable, or before from_us): the view's
     # positions then say how far it was built, like the projector's.
     await view.advance(reached)
     seconds = bar.finish()
     return ReplayResult(read, applied, skipped, undecodable, seconds, reached)
+
+
+async def rebuild(
+    event_log: EventLog,
+    serde: Serde,
+    topic: str,
+    partitions: int,
+    view: ViewStore,
+    *,
+    batch_size: int = 5000,
+) -> int:
+    """Rebuild ``view`` (started) from ``topic``: a fresh store from offset 0, one that holds
+    positions from them (an interrupted rebuild resumes), up to the end offsets seen at the
+    start (events appended meanwhile are the projector's). Returns the events applied."""
+    result = await replay_into(view, event_log, serde, topic, partitions, batch_size=batch_size)
+    return result.applied
 
 
 async def all_states(view: ViewStore) -> dict[str, TaskState]:

@@ -32,13 +32,13 @@ from qtasks_stream.events import (
     TaskEvent,
 )
 from qtasks_stream.records import OutRecord, TopicPartition
+from qtasks_stream.replay import decode_events, rebuild
 from qtasks_stream.serde.avro import AvroSerde
 from qtasks_stream.stages.projector import ProjectorStage
 from qtasks_stream.stages.runner import StageRunner
 from qtasks_stream.state import TaskState, fold
 from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import TaskQuery, ViewStore
-from qtasks_stream.views.rebuild import decode_events, rebuild
 from tests.viewstores import VIEW_KINDS, ViewFactory
 
 LIMIT = 30.0

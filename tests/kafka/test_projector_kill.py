@@ -25,11 +25,11 @@ from qtasks_stream import QueueTasks
 from qtasks_stream.cli import configure
 from qtasks_stream.events import Progress, Scheduled, Started, Submitted, Succeeded, TaskEvent
 from qtasks_stream.records import OutRecord, TopicPartition
+from qtasks_stream.replay import decode_events, rebuild
 from qtasks_stream.state import TaskState, fold
 from qtasks_stream.views import open_view
 from qtasks_stream.views.base import TaskQuery, ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
-from qtasks_stream.views.rebuild import decode_events, rebuild
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
