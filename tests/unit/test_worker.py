@@ -255,9 +255,9 @@ async def test_a_full_lane_is_paused_and_a_full_buffer_stops_polling(
     assert h.stage.capacity() == 4 and list(h.stage.paused_topics()) == []
 
 
-async def test_lane_zero_is_served_before_lane_two_already_buffered(
-    make: Callable[..., Any],
-) -> None:
+def _gated_jobs() -> tuple[Router, asyncio.Event, list[str]]:
+    """A task ``job(label)`` that records the order labels run in; "blocker" holds its slot
+    until the gate opens, so that the items given meanwhile are all buffered."""
     router = Router()
     gate = asyncio.Event()
     order: list[str] = []
@@ -268,6 +268,13 @@ async def test_lane_zero_is_served_before_lane_two_already_buffered(
         if label == "blocker":
             await gate.wait()
 
+    return router, gate, order
+
+
+async def test_lane_zero_is_served_before_lane_two_already_buffered(
+    make: Callable[..., Any],
+) -> None:
+    router, gate, order = _gated_jobs()
     h = await make(router, concurrency=1)
     blocker = h.item("job", "blocker", lane=2)
     await h.give(blocker)
@@ -284,16 +291,7 @@ async def test_lane_zero_is_served_before_lane_two_already_buffered(
 
 
 async def test_lane_weights_serve_every_lane_in_proportion(make: Callable[..., Any]) -> None:
-    router = Router()
-    gate = asyncio.Event()
-    order: list[str] = []
-
-    @router.task
-    async def job(label: str) -> None:
-        order.append(label)
-        if label == "blocker":
-            await gate.wait()
-
+    router, gate, order = _gated_jobs()
     h = await make(router, concurrency=1, buffer=16, lane_weights=(4, 2, 1))
     blocker = h.item("job", "blocker", lane=0)
     await h.give(blocker)
