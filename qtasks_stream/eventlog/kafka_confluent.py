@@ -515,6 +515,8 @@ class _ConfluentConsumer(Consumer):
         #: librdkafka's position per partition after the last consume(): past every record
         #: handed to the buffers and past transaction markers (which are never delivered).
         self._fetch_positions: dict[TopicPartition, int] = {}
+        #: A position moved with no record to hand out: poll() returns (empty) at once.
+        self._position_moved = False
         #: Partitions sought and not yet delivered from: librdkafka's position for them is
         #: still the one before the seek, so it is not taken.
         self._unsettled: set[TopicPartition] = set()
@@ -733,7 +735,19 @@ class _ConfluentConsumer(Consumer):
         """Apply seeks and pause changes asked for since the last consume()."""
         for tp, offset in seeks.items():
             try:
-                consumer.seek(_ck_tp(tp, offset))
+                if self._group_id is None:
+                    # Without a group the partition is assigned again at the offset:
+                    # librdkafka's seek() of a partition already fetching delivered from
+                    # the new offset only about a second later (a history read took 1-2 s).
+                    with contextlib.suppress(KafkaException):
+                        consumer.incremental_unassign([_ck_tp(tp)])
+                    consumer.incremental_assign([_ck_tp(tp, offset)])
+                    # librdkafka keeps a partition's pause across the re-assignment: resume
+                    # it, and let the pause bookkeeping below pause it again if it must be.
+                    consumer.resume([_ck_tp(tp)])
+                    self._rd_paused.discard(tp)
+                else:
+                    consumer.seek(_ck_tp(tp, offset))
                 self._seek_failures.pop(tp, None)
             except KafkaException as exc:
                 # Just assigned, its fetch not started yet: try again on the next round.
@@ -815,6 +829,7 @@ class _ConfluentConsumer(Consumer):
         except KafkaException as exc:
             self._report(exc)
             return
+        moved = False
         with self._lock:
             for item in found:
                 tp = TopicPartition(item.topic, item.partition)
@@ -825,7 +840,14 @@ class _ConfluentConsumer(Consumer):
                     and item.offset >= 0
                     and epochs.get(tp, 0) == self._seek_epochs.get(tp, 0)
                 ):
+                    if self._fetch_positions.get(tp) != item.offset and not self._buffers.get(tp):
+                        # Moved with nothing buffered (past a transaction marker): a reader
+                        # waiting to reach an end learns it now, not at its poll's timeout.
+                        moved = True
                     self._fetch_positions[tp] = item.offset
+        if moved:
+            self._position_moved = True
+            self._notify()
 
     def _report(self, exc: KafkaException) -> None:
         err = kafka_error_of(exc)
@@ -951,6 +973,10 @@ class _ConfluentConsumer(Consumer):
             self._wakeup.clear()
             batch = self._drain(max_records)
             if batch:
+                return batch
+            with self._lock:
+                moved, self._position_moved = self._position_moved, False
+            if moved:
                 return batch
             remaining = deadline - loop.time()
             if remaining <= 0:
