@@ -25,7 +25,13 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from qtasks_stream.context import TaskContext
-from qtasks_stream.errors import EventLogError, SerdeError, TaskCancelled, TaskTimeout
+from qtasks_stream.errors import (
+    EventLogError,
+    RegistryUnavailableError,
+    SerdeError,
+    TaskCancelled,
+    TaskTimeout,
+)
 from qtasks_stream.eventlog.base import Consumer
 from qtasks_stream.events import (
     Cancelled,
@@ -56,6 +62,8 @@ log = logging.getLogger("qtasks_stream.worker")
 
 #: How many cancel requests a worker remembers (oldest forgotten first).
 _CANCEL_MEMORY = 100_000
+#: Backoff (seconds) between tries to decode arguments while the registry is unavailable.
+_REGISTRY_RETRY_FIRST, _REGISTRY_RETRY_MAX = 0.2, 30.0
 
 
 def error_type_name(exc: BaseException) -> str:
@@ -330,9 +338,7 @@ class WorkerStage(Stage):
         max_time = work.max_time or definition.max_time
         timer = asyncio.timeout(max_time)
         try:
-            args, kwargs = self._payloads.decode_call(
-                definition, work.content_type, work.args, work.kwargs, work.arguments_avro
-            )
+            args, kwargs = await self._call_arguments(definition, work)
             if definition.echo and self._echo_self is not None:
                 args = (self._echo_self(ctx), *args)
             token = ctx._bind()
@@ -371,6 +377,29 @@ class WorkerStage(Stage):
         finally:
             self._running.pop(work.task_id, None)
             self._idle.set()
+
+    async def _call_arguments(
+        self, definition: TaskDefinition, work: WorkItem
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's arguments. Typed ones written with a schema this worker has not seen
+        need the registry: while it is unavailable the attempt waits and tries again (the
+        registry failed, not the task). A cancel or a stop ends the wait."""
+        delay = _REGISTRY_RETRY_FIRST
+        while True:
+            try:
+                return self._payloads.decode_call(
+                    definition, work.content_type, work.args, work.kwargs, work.arguments_avro
+                )
+            except RegistryUnavailableError as exc:
+                log.warning(
+                    "worker %s: task %s waits for the schema registry (%s); next try in %.1fs",
+                    self.worker_id,
+                    work.task_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _REGISTRY_RETRY_MAX)
 
     def _failure(
         self, definition: TaskDefinition, work: WorkItem, exc: BaseException, duration: float

@@ -624,7 +624,7 @@ async def test_garbage_in_the_events_topic_is_dead_lettered_and_the_pipeline_goe
     assert kinds(log_events(app, "not-a-task")) == ["DeadLettered"]
 
 
-class _RegistryDown:
+class RegistryDown:
     """Makes ``registry`` fail its next ``failures`` schema fetches as a network would."""
 
     def __init__(self, registry: SchemaRegistryClient, failures: int) -> None:
@@ -655,7 +655,7 @@ async def test_a_registry_outage_delays_a_record_and_dead_letters_nothing(
     v2["fields"].append({"name": "region", "type": ["null", "string"], "default": None})
     subject = f"{app.topology.events}-value"
     v2_id = registry.register_schema(subject, Schema(json.dumps(v2), "AVRO"))
-    flaky = _RegistryDown(registry, failures=3)
+    flaky = RegistryDown(registry, failures=3)
     event = TaskEvent.new(str(uuid.uuid4()), "ping", 0, "client", Submitted("[]", "{}", 0))
     body = io.BytesIO()
     fastavro.schemaless_writer(body, fastavro.parse_schema(v2), {**event.to_avro(), "region": "eu"})

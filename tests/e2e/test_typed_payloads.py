@@ -32,6 +32,7 @@ from qtasks_stream.events import Submitted, Succeeded, TaskEvent
 from qtasks_stream.records import TopicPartition
 from qtasks_stream.serde.payloads import AVRO, JSON, task_subjects
 from qtasks_stream.serde.typed import NoAvroMapping, compile_hint
+from tests.e2e.test_lifecycle import RegistryDown
 
 LIMIT = 5.0
 
@@ -271,6 +272,30 @@ async def test_worker_reads_an_older_clients_arguments_by_schema_resolution(
     assert done.returning == "hello ada!"
     subject = task_subjects(old_client.topology.events, "greet")[0]
     assert len(registry.get_versions(subject)) == 2
+
+
+async def test_a_worker_waits_out_a_registry_outage_instead_of_failing_the_attempt(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    """The worker must fetch an older client's argument schema while the registry refuses."""
+    old_client, new_worker, registry = sharing_log_and_registry(make_app, "outage")
+
+    @old_client.task(name="greet")
+    async def greet_v1(name: str) -> str:
+        raise AssertionError("the old version never runs here")
+
+    @new_worker.task(name="greet")
+    async def greet_v2(name: str, punctuation: str = "!") -> str:
+        return f"hello {name}{punctuation}"
+
+    await new_worker.start()
+    await old_client.connect()  # registers version 1 of the arguments while the registry is up
+    down = RegistryDown(registry, failures=3)
+    done = await old_client.add_task("greet", "ada", timeout=LIMIT)
+    assert done is not None and (done.status, done.returning) == ("success", "hello ada!"), done
+    assert done.attempt == 1 and down.refused == 3
+    kinds = [e.kind for e in await old_client.history(done.uuid)]
+    assert kinds == ["Submitted", "Scheduled", "Started", "Succeeded"]
 
 
 async def test_an_incompatible_task_signature_is_refused_at_start(
