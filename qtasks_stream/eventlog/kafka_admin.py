@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -31,11 +32,11 @@ from qtasks_stream.eventlog.kafka_config import ConfValue, KafkaConfig
 from qtasks_stream.records import TopicPartition, TopicSpec
 
 __all__ = [
+    "OffsetLister",
     "describe_kafka_error",
     "ensure_topics",
     "is_retriable",
     "kafka_error_of",
-    "log_end_offsets",
     "retry_retriable",
     "with_rdkafka_logger",
 ]
@@ -267,47 +268,60 @@ def _wait_visible(admin: AdminClient, specs: list[TopicSpec], timeout: float) ->
         time.sleep(0.05)
 
 
-async def log_end_offsets(
-    config: KafkaConfig, tps: Sequence[TopicPartition], timeout: float
-) -> dict[TopicPartition, int]:
-    """The high watermark of each partition: where its next record will go.
+class OffsetLister:
+    """An event log's one admin client for listing offsets, made at first use and closed
+    with the log. A client per call paid a connection and a teardown every time (15-50 ms
+    idle, and now and then a second or more under load), twice per history read.
 
-    Not the last stable offset a read_committed consumer reports: a reader that stops there
-    misses records committed behind a transaction that is still open (say, one a killed
-    producer left until its timeout). Reading up to the high watermark read_committed waits
-    for such transactions to end, then skips what they aborted.
+    Offsets are the high watermark, not the last stable offset a read_committed consumer
+    reports: a reader that stops there misses records committed behind a transaction that
+    is still open (say, one a killed producer left until its timeout). Reading up to the
+    high watermark read_committed waits for such transactions to end, then skips what they
+    aborted.
     """
-    if not tps:
-        return {}
-    return await asyncio.to_thread(_log_end_offsets, config, list(tps), timeout)
 
+    def __init__(self, config: KafkaConfig) -> None:
+        self._config = config
+        self.timeout = config.request_timeout_ms / 1000
+        self._lock = threading.Lock()  # made and closed from worker threads
+        self._admin: AdminClient | None = None
 
-async def log_offsets_for_time(
-    config: KafkaConfig, tps: Sequence[TopicPartition], timestamp_ms: int, timeout: float
-) -> dict[TopicPartition, int]:
-    """Per partition, the first offset whose timestamp is at or after ``timestamp_ms``, or
-    the high watermark where there is none (see :func:`log_end_offsets`)."""
-    if not tps:
-        return {}
-    spec = OffsetSpec.for_timestamp(timestamp_ms)
-    found = await asyncio.to_thread(_log_offsets, config, list(tps), spec, timeout)
-    missing = [tp for tp, offset in found.items() if offset < 0]  # -1: no such record
-    if missing:
-        found.update(await log_end_offsets(config, missing, timeout))
-    return found
+    def _client(self) -> AdminClient:
+        with self._lock:
+            if self._admin is None:
+                self._admin = AdminClient(with_rdkafka_logger(self._config.to_librdkafka()))
+            return self._admin
 
+    def close(self) -> None:
+        with self._lock:
+            admin, self._admin = self._admin, None
+        if admin is not None:
+            admin.poll(0)  # its queued log lines reach the logger only when polled
 
-def _log_end_offsets(
-    config: KafkaConfig, tps: list[TopicPartition], timeout: float
-) -> dict[TopicPartition, int]:
-    return _log_offsets(config, tps, OffsetSpec.latest(), timeout)  # type: ignore[no-untyped-call]
+    async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The high watermark of each partition: where its next record will go."""
+        if not tps:
+            return {}
+        latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+        return await asyncio.to_thread(self._list, list(tps), latest)
 
+    async def offsets_for_time(
+        self, tps: Sequence[TopicPartition], timestamp_ms: int
+    ) -> dict[TopicPartition, int]:
+        """Per partition, the first offset whose timestamp is at or after ``timestamp_ms``,
+        or the high watermark where there is none."""
+        if not tps:
+            return {}
+        spec = OffsetSpec.for_timestamp(timestamp_ms)
+        found = await asyncio.to_thread(self._list, list(tps), spec)
+        missing = [tp for tp, offset in found.items() if offset < 0]  # -1: no such record
+        if missing:
+            found.update(await self.end_offsets(missing))
+        return found
 
-def _log_offsets(
-    config: KafkaConfig, tps: list[TopicPartition], spec: OffsetSpec, timeout: float
-) -> dict[TopicPartition, int]:
-    request = {CkTopicPartition(tp.topic, tp.partition): spec for tp in tps}
-    with _admin_client(config) as admin:
+    def _list(self, tps: list[TopicPartition], spec: OffsetSpec) -> dict[TopicPartition, int]:
+        request = {CkTopicPartition(tp.topic, tp.partition): spec for tp in tps}
+        admin = self._client()
 
         def attempt(seconds: float) -> dict[TopicPartition, int]:
             futures = admin.list_offsets(
@@ -323,6 +337,6 @@ def _log_offsets(
             }
 
         try:
-            return retry_retriable(attempt, timeout, "listing offsets")
+            return retry_retriable(attempt, self.timeout, "listing offsets")
         except KafkaException as exc:
             raise EventLogError(f"cannot list offsets: {describe_kafka_error(exc)}") from exc

@@ -39,9 +39,8 @@ from aiokafka.producer.transaction_manager import TransactionState
 from qtasks_stream.errors import ConfigurationError, EventLogError, FencedError
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer, RebalanceListener, StartFrom
 from qtasks_stream.eventlog.kafka_admin import (
+    OffsetLister,
     ensure_topics,
-    log_end_offsets,
-    log_offsets_for_time,
 )
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
 from qtasks_stream.eventlog.memory import murmur2_partition
@@ -111,6 +110,7 @@ class AioKafkaEventLog(EventLog):
 
     def __init__(self, config: KafkaConfig) -> None:
         self._config = config
+        self._offsets = OffsetLister(config)
         self._producer_params = _parameters(AIOKafkaProducer)
         self._consumer_params = _parameters(AIOKafkaConsumer)
         unknown = sorted(
@@ -122,6 +122,9 @@ class AioKafkaEventLog(EventLog):
             raise ConfigurationError(
                 f"KafkaConfig.extra keys {unknown} mean nothing to aiokafka's producer or consumer"
             )
+
+    async def close(self) -> None:
+        self._offsets.close()
 
     async def create_topics(self, specs: Sequence[TopicSpec]) -> None:
         await ensure_topics(self._config, specs)
@@ -162,7 +165,7 @@ class AioKafkaEventLog(EventLog):
         kwargs = config.to_aiokafka_kwargs(settings, accepted=self._consumer_params)
         start_timeout = (config.max_poll_interval_ms + config.request_timeout_ms) / 1000
         consumer = _AioConsumer(kwargs, tuple(topics), group_id, listener, start, start_timeout)
-        consumer.admin_config = config
+        consumer.offsets = self._offsets
         return consumer
 
 
@@ -398,8 +401,8 @@ class _AioRebalanceAdapter(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class _AioConsumer(Consumer):
-    #: Set by the event log: end offsets are read with an admin client (see log_end_offsets).
-    admin_config: KafkaConfig | None = None
+    #: Set by the event log: offsets are listed by its one admin client.
+    offsets: OffsetLister | None = None
 
     def __init__(
         self,
@@ -580,16 +583,14 @@ class _AioConsumer(Consumer):
             consumer.resume(*(_aio_tp(tp) for tp in tps if tp in assigned))
 
     async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        assert self.admin_config is not None, "built by AioKafkaEventLog.consumer"
-        timeout = self.admin_config.request_timeout_ms / 1000
-        return await log_end_offsets(self.admin_config, tps, timeout)
+        assert self.offsets is not None, "built by AioKafkaEventLog.consumer"
+        return await self.offsets.end_offsets(tps)
 
     async def offsets_for_time(
         self, tps: Sequence[TopicPartition], timestamp_ms: int
     ) -> dict[TopicPartition, int]:
-        assert self.admin_config is not None, "built by AioKafkaEventLog.consumer"
-        timeout = self.admin_config.request_timeout_ms / 1000
-        return await log_offsets_for_time(self.admin_config, tps, timestamp_ms, timeout)
+        assert self.offsets is not None, "built by AioKafkaEventLog.consumer"
+        return await self.offsets.offsets_for_time(tps, timestamp_ms)
 
     # -- committing -----------------------------------------------------------------------
 

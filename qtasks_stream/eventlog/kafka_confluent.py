@@ -46,11 +46,10 @@ from confluent_kafka import KafkaError, KafkaException
 from qtasks_stream.errors import EventLogError, FencedError
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer, RebalanceListener, StartFrom
 from qtasks_stream.eventlog.kafka_admin import (
+    OffsetLister,
     describe_kafka_error,
     ensure_topics,
     kafka_error_of,
-    log_end_offsets,
-    log_offsets_for_time,
     retry_retriable,
     with_rdkafka_logger,
 )
@@ -133,6 +132,10 @@ class ConfluentEventLog(EventLog):
 
     def __init__(self, config: KafkaConfig) -> None:
         self._config = config
+        self._offsets = OffsetLister(config)
+
+    async def close(self) -> None:
+        self._offsets.close()
 
     async def create_topics(self, specs: Sequence[TopicSpec]) -> None:
         await ensure_topics(self._config, specs)
@@ -201,7 +204,7 @@ class ConfluentEventLog(EventLog):
             timeout=config.request_timeout_ms / 1000,
             start_timeout=(config.max_poll_interval_ms + config.request_timeout_ms) / 1000,
         )
-        consumer.admin_config = config
+        consumer.offsets = self._offsets
         return consumer
 
 
@@ -474,8 +477,8 @@ class _ConfluentProducer(Producer):
 
 
 class _ConfluentConsumer(Consumer):
-    #: Set by the event log: end offsets are read with an admin client (see log_end_offsets).
-    admin_config: KafkaConfig | None = None
+    #: Set by the event log: offsets are listed by its one admin client.
+    offsets: OffsetLister | None = None
 
     def __init__(
         self,
@@ -1039,14 +1042,14 @@ class _ConfluentConsumer(Consumer):
             self._wakeup.set()
 
     async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        assert self.admin_config is not None, "built by ConfluentEventLog.consumer"
-        return await log_end_offsets(self.admin_config, tps, self._timeout)
+        assert self.offsets is not None, "built by ConfluentEventLog.consumer"
+        return await self.offsets.end_offsets(tps)
 
     async def offsets_for_time(
         self, tps: Sequence[TopicPartition], timestamp_ms: int
     ) -> dict[TopicPartition, int]:
-        assert self.admin_config is not None, "built by ConfluentEventLog.consumer"
-        return await log_offsets_for_time(self.admin_config, tps, timestamp_ms, self._timeout)
+        assert self.offsets is not None, "built by ConfluentEventLog.consumer"
+        return await self.offsets.offsets_for_time(tps, timestamp_ms)
 
     async def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         if self._group_id is None or not tps:
