@@ -538,6 +538,9 @@ class _ConfluentConsumer(Consumer):
         #: together with ``_assigned``: a transaction reads both at once (group_metadata_for).
         self._group_metadata: Any = None
         self._next_tp = 0
+        #: A consumer without a group: its assignment (start offsets) until the first poll.
+        self._deferred: dict[TopicPartition, int] | None = None
+        self._polled = threading.Event()
         # Consumer thread only.
         self._rd_paused: set[TopicPartition] = set()
         self._seek_failures: dict[TopicPartition, int] = {}
@@ -622,9 +625,25 @@ class _ConfluentConsumer(Consumer):
                 assignment.append(_ck_tp(tp, high))
             else:
                 assignment.append(_ck_tp(tp, ck.OFFSET_BEGINNING))
-        consumer.assign(assignment)
         with self._lock:
             self._assigned = set(tps)
+            # Assigned by the consumer thread at the first poll, with the seeks and pauses
+            # asked for until then: librdkafka's seek of a partition already fetching
+            # delivered from the new offset only about a second later.
+            self._deferred = {_our_tp(part): part.offset for part in assignment}
+
+    def _assign_deferred(self, consumer: ck.Consumer) -> None:
+        """The first assignment of a consumer without a group, at the offsets seeked to
+        since start() and with the partitions paused meanwhile (consumer thread)."""
+        with self._lock:
+            deferred, self._deferred = self._deferred or {}, None
+            starts = {**deferred, **self._pending_seeks}
+            self._pending_seeks = {}
+            paused = (self._paused | self._throttled) & self._assigned
+        consumer.assign([_ck_tp(tp, offset) for tp, offset in starts.items()])
+        if paused:
+            consumer.pause([_ck_tp(tp) for tp in sorted(paused)])
+        self._rd_paused = paused
 
     async def close(self) -> None:
         """Leave the group without committing; the listener is not called (as aiokafka)."""
@@ -669,6 +688,10 @@ class _ConfluentConsumer(Consumer):
         try:
             while not self._stop.is_set():
                 self._serve_commands(consumer)
+                if self._deferred is not None:
+                    if not self._polled.wait(_CONSUME_SLICE):
+                        continue
+                    self._assign_deferred(consumer)
                 with self._lock:
                     epochs = dict(self._seek_epochs)
                     seeks, self._pending_seeks = self._pending_seeks, {}
@@ -970,6 +993,7 @@ class _ConfluentConsumer(Consumer):
         if self._closed:
             raise EventLogError("poll on a closed consumer")
         await self.start()
+        self._polled.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
