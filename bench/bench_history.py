@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
 import uuid
@@ -24,6 +23,7 @@ import uuid
 from bench.bench_kafka import (
     EVENT_LOGS,
     TASK_TIMEOUT,
+    broker_arguments,
     cleanup,
     close_registry,
     kafka_config,
@@ -147,16 +147,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--bootstrap",
-        default=os.environ.get("QTASKS_BOOTSTRAP_SERVERS") or None,
-        help="Kafka bootstrap servers (default: $QTASKS_BOOTSTRAP_SERVERS)",
-    )
-    parser.add_argument(
-        "--registry",
-        default=os.environ.get("QTASKS_SCHEMA_REGISTRY_URL") or None,
-        help="schema registry URL (default: $QTASKS_SCHEMA_REGISTRY_URL, else mock://)",
-    )
+    broker_arguments(parser)
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--event-logs", default=",".join(EVENT_LOGS))

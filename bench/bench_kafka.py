@@ -566,8 +566,8 @@ async def run(args: argparse.Namespace) -> bool | None:
     return met_all if raw is not None and results else None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def broker_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--bootstrap`` and ``--registry``, defaulting to the variables ``dev up`` prints."""
     parser.add_argument(
         "--bootstrap",
         default=os.environ.get("QTASKS_BOOTSTRAP_SERVERS") or None,
@@ -578,6 +578,11 @@ def main() -> None:
         default=os.environ.get("QTASKS_SCHEMA_REGISTRY_URL") or None,
         help="schema registry URL (default: $QTASKS_SCHEMA_REGISTRY_URL, else mock://)",
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    broker_arguments(parser)
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--window", type=int, default=256, help="tasks in flight")
     parser.add_argument("--concurrency", type=int, default=64, help="worker slots")

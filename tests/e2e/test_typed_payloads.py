@@ -252,11 +252,12 @@ async def test_an_argument_of_the_wrong_type_is_refused_before_anything_is_writt
     assert await records_in(app, app.topology.events) == before
 
 
-async def test_worker_reads_an_older_clients_arguments_by_schema_resolution(
-    make_app: Callable[..., QueueTasks],
-) -> None:
-    """Version 2 of a task adds a parameter with a default; a version-1 client still works."""
-    old_client, new_worker, registry = sharing_log_and_registry(make_app, "evolve")
+def greet_v1_and_v2(
+    make_app: Callable[..., QueueTasks], name: str
+) -> tuple[QueueTasks, QueueTasks, SchemaRegistryClient]:
+    """A client with version 1 of ``greet`` and a worker with version 2, which adds a
+    parameter with a default (see :func:`sharing_log_and_registry`)."""
+    old_client, new_worker, registry = sharing_log_and_registry(make_app, name)
 
     @old_client.task(name="greet")
     async def greet_v1(name: str) -> str:
@@ -266,6 +267,14 @@ async def test_worker_reads_an_older_clients_arguments_by_schema_resolution(
     async def greet_v2(name: str, punctuation: str = "!") -> str:
         return f"hello {name}{punctuation}"
 
+    return old_client, new_worker, registry
+
+
+async def test_worker_reads_an_older_clients_arguments_by_schema_resolution(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    """Version 2 of a task adds a parameter with a default; a version-1 client still works."""
+    old_client, new_worker, registry = greet_v1_and_v2(make_app, "evolve")
     await new_worker.start()
     done = await old_client.add_task("greet", "ada", timeout=LIMIT)
     assert done is not None and done.status == "success", done
@@ -278,16 +287,7 @@ async def test_a_worker_waits_out_a_registry_outage_instead_of_failing_the_attem
     make_app: Callable[..., QueueTasks],
 ) -> None:
     """The worker must fetch an older client's argument schema while the registry refuses."""
-    old_client, new_worker, registry = sharing_log_and_registry(make_app, "outage")
-
-    @old_client.task(name="greet")
-    async def greet_v1(name: str) -> str:
-        raise AssertionError("the old version never runs here")
-
-    @new_worker.task(name="greet")
-    async def greet_v2(name: str, punctuation: str = "!") -> str:
-        return f"hello {name}{punctuation}"
-
+    old_client, new_worker, registry = greet_v1_and_v2(make_app, "outage")
     await new_worker.start()
     await old_client.connect()  # registers version 1 of the arguments while the registry is up
     down = RegistryDown(registry, failures=3)
