@@ -35,6 +35,7 @@ from qtasks_stream.events import (
     CancelRequested,
     Submitted,
     TaskEvent,
+    as_record,
     event_kind,
     new_task_id,
     now_us,
@@ -43,7 +44,7 @@ from qtasks_stream.events import (
 from qtasks_stream.executors.base import Executor
 from qtasks_stream.executors.pool import LocalExecutor
 from qtasks_stream.interceptors import EmitInput, Interceptor, chain_emit, wants
-from qtasks_stream.records import OutRecord, TopicPartition
+from qtasks_stream.records import TopicPartition
 from qtasks_stream.rerun import Resubmission, ResubmitFilter, find_resubmissions, records_of
 from qtasks_stream.results import ResultListener
 from qtasks_stream.serde.avro import AvroSerde
@@ -351,12 +352,11 @@ class QueueTasks(Router):
         event = TaskEvent.new(task_id, task_name, 0, "client", submitted)
         event = self._intercept(self.topology.events, task_id, event)
         # Encoded before anything is sent: a value that does not fit leaves nothing behind.
-        value = self.serde.encode(self.topology.events, event.to_avro())
+        record = as_record(self.serde, self.topology.events, task_id, event)
         waiter = None
         if timeout is not None:
             await self._results.start()
             waiter = self._results.expect(task_id, base=fold(None, event))
-        record = OutRecord(self.topology.events, task_id.encode(), value, event.record_headers())
         try:
             await self._producer.send([record])
         except BaseException:
@@ -467,9 +467,7 @@ class QueueTasks(Router):
         name = known.task_name if known is not None else ""
         event = TaskEvent.new(uuid, name, 0, "client", CancelRequested(reason))
         event = self._intercept(self.topology.events, uuid, event)
-        value = self.serde.encode(self.topology.events, event.to_avro())
-        headers = event.record_headers()
-        await self._producer.send([OutRecord(self.topology.events, uuid.encode(), value, headers)])
+        await self._producer.send([as_record(self.serde, self.topology.events, uuid, event)])
 
     def _intercept(self, topic: str, key: str, event: TaskEvent) -> TaskEvent:
         """``event`` as the client's emit interceptors pass it on (tracing stamps it)."""

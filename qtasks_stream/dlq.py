@@ -32,7 +32,7 @@ from typing import Any
 
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.reading import read_records
-from qtasks_stream.events import DLQ_REPLAY, DeadLettered, Resubmitted, TaskEvent
+from qtasks_stream.events import DLQ_REPLAY, DeadLettered, Resubmitted, TaskEvent, as_record
 from qtasks_stream.records import Headers, OutRecord, Record
 from qtasks_stream.replay import read_events
 from qtasks_stream.serde.base import Serde
@@ -228,14 +228,7 @@ def _plan(
         Resubmitted(reason, "dead_letter", DLQ_REPLAY, dlq_source=letter.source),
     )
     dlq_id = f"{topology.deadletter}/{letter.partition}/{letter.offset}"
-    records.append(
-        OutRecord(
-            topology.events,
-            letter.key,
-            serde.encode(topology.events, marker.to_avro()),
-            marker.record_headers(),
-        )
-    )
+    records.append(as_record(serde, topology.events, task_id, marker))
     records.append(
         OutRecord(
             letter.source_topic,

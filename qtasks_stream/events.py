@@ -9,9 +9,12 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from qtasks_stream.records import slot_setters
+from qtasks_stream.records import Headers, OutRecord, slot_setters
+
+if TYPE_CHECKING:
+    from qtasks_stream.serde.base import Serde
 
 __all__ = [
     "DLQ_REPLAY",
@@ -27,6 +30,7 @@ __all__ = [
     "Failed",
     "Payload",
     "Progress",
+    "Recordable",
     "Released",
     "Resubmitted",
     "RetryScheduled",
@@ -37,6 +41,7 @@ __all__ = [
     "TaskEvent",
     "TimedOut",
     "WorkItem",
+    "as_record",
     "event_kind",
     "new_task_id",
     "now_us",
@@ -411,6 +416,29 @@ class ControlCommand:
     @classmethod
     def from_avro(cls, data: dict[str, Any]) -> ControlCommand:
         return cls(data["task_id"], data["reason"], data["at_us"], data["command"])
+
+    def record_headers(self) -> Headers:
+        return ()
+
+
+class Recordable(Protocol):
+    """What travels as a record: a task event, a work item or a control command."""
+
+    def to_avro(self) -> dict[str, Any]: ...
+
+    def record_headers(self) -> Headers: ...
+
+
+def as_record(serde: Serde, topic: str, key: str, value: Recordable) -> OutRecord:
+    """``value`` encoded for ``topic`` under ``key``, with the headers it carries (its kind,
+    its trace context).
+
+    Raises:
+        SerdeError: ``value`` does not fit the topic's schema (nothing is built).
+    """
+    return OutRecord(
+        topic, key.encode(), serde.encode(topic, value.to_avro()), value.record_headers()
+    )
 
 
 _KIND_NAMES = {kind: cls.__name__ for cls, kind in _KIND_BYTES.items()}

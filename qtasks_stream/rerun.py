@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.eventlog.base import EventLog
-from qtasks_stream.events import RESUBMIT, Resubmitted, Submitted, TaskEvent
+from qtasks_stream.events import RESUBMIT, Resubmitted, Submitted, TaskEvent, as_record
 from qtasks_stream.records import OutRecord
 from qtasks_stream.replay import read_events
 from qtasks_stream.serde.base import Serde
@@ -156,12 +156,5 @@ async def find_resubmissions(
 def records_of(serde: Serde, topology: Topology, chosen: Sequence[Resubmission]) -> list[OutRecord]:
     """The records of the ``Resubmitted`` events of ``chosen`` (refused ones are skipped)."""
     return [
-        OutRecord(
-            topology.events,
-            r.task_id.encode(),
-            serde.encode(topology.events, r.event.to_avro()),
-            r.event.record_headers(),
-        )
-        for r in chosen
-        if r.event is not None
+        as_record(serde, topology.events, r.task_id, r.event) for r in chosen if r.event is not None
     ]

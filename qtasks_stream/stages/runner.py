@@ -32,7 +32,7 @@ from qtasks_stream.errors import (
     SerdeError,
 )
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer
-from qtasks_stream.events import ControlCommand, TaskEvent, WorkItem, event_kind
+from qtasks_stream.events import ControlCommand, TaskEvent, WorkItem, as_record, event_kind
 from qtasks_stream.interceptors import (
     EmitInput,
     Interceptor,
@@ -113,15 +113,11 @@ class _RunnerCheckpoint(Checkpoint):
         if self._emit_chain is not None:
             self._emit_chain(EmitInput(self._stage_name, topic, key, value, origin))
             return
-        encoded = self._serde.encode(topic, value.to_avro())
-        headers = value.record_headers() if isinstance(value, TaskEvent | WorkItem) else ()
-        self.emit_raw(OutRecord(topic, key.encode(), encoded, headers), origin)
+        self.emit_raw(as_record(self._serde, topic, key, value), origin)
 
     def _emit_input(self, input: EmitInput) -> None:
-        value = input.value
-        encoded = self._serde.encode(input.topic, value.to_avro())
-        headers = value.record_headers() if isinstance(value, TaskEvent | WorkItem) else ()
-        self.emit_raw(OutRecord(input.topic, input.key.encode(), encoded, headers), input.origin)
+        record = as_record(self._serde, input.topic, input.key, input.value)
+        self.emit_raw(record, input.origin)
 
     def emit_raw(self, record: OutRecord, origin: Record | None = None) -> None:
         if origin is None:
