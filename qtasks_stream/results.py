@@ -13,11 +13,12 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from qtasks_stream.errors import EventLogError, RegistryUnavailableError, SerdeError
+from qtasks_stream.errors import EventLogError, SerdeError
 from qtasks_stream.eventlog.base import Consumer, EventLog
 from qtasks_stream.events import TERMINAL_KINDS, Progress, TaskEvent, event_kind
 from qtasks_stream.records import TopicPartition
 from qtasks_stream.serde.base import Serde
+from qtasks_stream.serde.wire import until_registry_answers
 from qtasks_stream.state import TaskState, fold
 
 __all__ = ["ResultListener"]
@@ -27,8 +28,9 @@ _END = object()
 #: Kinds that change what a waiting client gets back; the rest are skipped undecoded.
 #: (The client seeds each watch with the task as submitted, or as the view has it.)
 _NEEDED = TERMINAL_KINDS | {"Started", "Progress"}
-#: Backoff (seconds) between tries to decode while the schema registry is unavailable.
-_REGISTRY_RETRY_FIRST, _REGISTRY_RETRY_MAX = 0.2, 5.0
+#: Longest wait (seconds) between tries to decode while the schema registry is unavailable:
+#: clients are waiting.
+_REGISTRY_RETRY_MAX = 5.0
 
 
 class _Watch:
@@ -166,17 +168,16 @@ class ResultListener:
         """The event in ``value``; None (logged) for a bad record. While the registry is
         unavailable it waits and tries again: the record is fine, and dropping it would
         leave its waiters hanging. Ends with the listener (``close`` cancels it)."""
-        delay = _REGISTRY_RETRY_FIRST
-        while True:
-            try:
-                return TaskEvent.from_avro(self._serde.decode(self._topic, value, branch=kind))
-            except RegistryUnavailableError as exc:
-                log.warning("result listener: %s; trying again in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _REGISTRY_RETRY_MAX)
-            except (SerdeError, KeyError, TypeError, ValueError) as exc:
-                log.warning("result listener skipped an undecodable record: %s", exc)
-                return None
+        try:
+            data = await until_registry_answers(
+                lambda: self._serde.decode(self._topic, value, branch=kind),
+                "the result listener",
+                most=_REGISTRY_RETRY_MAX,
+            )
+            return TaskEvent.from_avro(data)
+        except (SerdeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("result listener skipped an undecodable record: %s", exc)
+            return None
 
     async def _run(self, consumer: Consumer) -> None:
 

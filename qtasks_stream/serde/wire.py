@@ -6,11 +6,13 @@ schemas and report corrupt bytes the same way.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import logging
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import fastavro
 from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -24,7 +26,18 @@ from qtasks_stream.errors import (
     SerdeError,
 )
 
-__all__ = ["Guard", "WriterSchemas", "header", "int_guard", "read", "write"]
+__all__ = [
+    "Guard",
+    "WriterSchemas",
+    "header",
+    "int_guard",
+    "read",
+    "until_registry_answers",
+    "write",
+]
+
+log = logging.getLogger("qtasks_stream.serde")
+_T = TypeVar("_T")
 
 _HEADER = struct.Struct(">bI")
 _MAGIC = 0
@@ -67,6 +80,26 @@ class WriterSchemas:
                 ) from exc
             self._by_id[schema_id] = parsed
         return parsed
+
+
+async def until_registry_answers(
+    call: Callable[[], _T], waiter: str, *, first: float = 0.2, most: float = 30.0
+) -> _T:
+    """``call()``, tried again while it raises :class:`RegistryUnavailableError`, after
+    backoffs from ``first`` doubling to ``most`` seconds: the value is fine, the registry
+    that holds its writer schema is not. Ends when it answers, or when the caller is
+    cancelled (a stop, a cancel). ``waiter`` names who waits, in the log lines.
+    """
+    delay = first
+    while True:
+        try:
+            return call()
+        except RegistryUnavailableError as exc:
+            log.warning(
+                "%s waits for the schema registry (%s); next try in %.1fs", waiter, exc, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, most)
 
 
 #: Checks what fastavro's writer lets through silently; raises ValueError naming the field.

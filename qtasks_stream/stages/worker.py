@@ -25,13 +25,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from qtasks_stream.context import TaskContext
-from qtasks_stream.errors import (
-    EventLogError,
-    RegistryUnavailableError,
-    SerdeError,
-    TaskCancelled,
-    TaskTimeout,
-)
+from qtasks_stream.errors import EventLogError, SerdeError, TaskCancelled, TaskTimeout
 from qtasks_stream.eventlog.base import Consumer
 from qtasks_stream.events import (
     Cancelled,
@@ -52,6 +46,7 @@ from qtasks_stream.interceptors import ExecuteInput, Interceptor, chain_execute
 from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.payloads import TaskPayloads
+from qtasks_stream.serde.wire import until_registry_answers
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
 from qtasks_stream.tasks import TaskDefinition
 from qtasks_stream.topology import Topology
@@ -62,8 +57,6 @@ log = logging.getLogger("qtasks_stream.worker")
 
 #: How many cancel requests a worker remembers (oldest forgotten first).
 _CANCEL_MEMORY = 100_000
-#: Backoff (seconds) between tries to decode arguments while the registry is unavailable.
-_REGISTRY_RETRY_FIRST, _REGISTRY_RETRY_MAX = 0.2, 30.0
 
 
 def error_type_name(exc: BaseException) -> str:
@@ -384,22 +377,12 @@ class WorkerStage(Stage):
         """The call's arguments. Typed ones written with a schema this worker has not seen
         need the registry: while it is unavailable the attempt waits and tries again (the
         registry failed, not the task). A cancel or a stop ends the wait."""
-        delay = _REGISTRY_RETRY_FIRST
-        while True:
-            try:
-                return self._payloads.decode_call(
-                    definition, work.content_type, work.args, work.kwargs, work.arguments_avro
-                )
-            except RegistryUnavailableError as exc:
-                log.warning(
-                    "worker %s: task %s waits for the schema registry (%s); next try in %.1fs",
-                    self.worker_id,
-                    work.task_id,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _REGISTRY_RETRY_MAX)
+        return await until_registry_answers(
+            lambda: self._payloads.decode_call(
+                definition, work.content_type, work.args, work.kwargs, work.arguments_avro
+            ),
+            f"worker {self.worker_id}: task {work.task_id}",
+        )
 
     def _failure(
         self, definition: TaskDefinition, work: WorkItem, exc: BaseException, duration: float
