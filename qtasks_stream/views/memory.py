@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -26,7 +25,7 @@ class MemoryViewStore(ViewStore):
 
     async def _load(self, task_ids: set[str]) -> dict[str, TaskState]:
         # Copies, so a fold in progress never shows through before _save.
-        return {t: copy.copy(self._states[t]) for t in task_ids if t in self._states}
+        return {t: self._states[t].copy() for t in task_ids if t in self._states}
 
     async def _save(
         self,
