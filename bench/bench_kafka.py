@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
+import json
 import os
 import signal
 import socket
@@ -33,11 +35,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import confluent_kafka as ck
+import fastavro
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
@@ -56,9 +59,14 @@ from qtasks_stream.events import (
     event_kind,
 )
 from qtasks_stream.serde.avro import AvroSerde, subject_for
+from qtasks_stream.serde.schemas import load_schema_text
 from qtasks_stream.topology import Topology
 
 RECORDS_PER_TASK = 5
+#: Decodes one task needs at the least, whatever the design around fastavro: the projector
+#: reads its 4 events, the result listener Started and Succeeded (the rest it skips by the
+#: kind header), the scheduler the Submitted, a worker the WorkItem.
+DECODES_PER_TASK = 8
 TARGET_RATIO = 1 / 3
 EVENT_LOGS = ("aiokafka", "confluent")
 
@@ -193,6 +201,8 @@ class PipelineResult:
     tasks: int
     elapsed: float
     latencies: list[float]
+    #: CPU seconds this process used over the timed run (every thread: Python, librdkafka).
+    cpu: float
 
     @property
     def tasks_per_s(self) -> float:
@@ -257,13 +267,14 @@ async def pipeline(
         warm = time.perf_counter()
         await warm_up(app, kind)
         print(f"  {kind}: stages up, warm-up task took {time.perf_counter() - warm:.1f}s")
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         # Bounded overall as well (>= 50 tasks/s): a stalled pipeline fails, never hangs;
         # the task group cancels the other submits at the first failure.
         async with asyncio.timeout(TASK_TIMEOUT + tasks / 50), asyncio.TaskGroup() as group:
             for i in range(tasks):
                 group.create_task(one(i))
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
     finally:
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
@@ -274,7 +285,7 @@ async def pipeline(
             stop_worker(worker)
         close_registry(registry)
         await cleanup(config, registry_url, app.topology, keep)
-    return PipelineResult(kind, tasks, elapsed, latencies)
+    return PipelineResult(kind, tasks, elapsed, latencies, cpu)
 
 
 def start_worker(
@@ -319,6 +330,10 @@ class RawResult:
     decode_us: float
     #: Decoding as a stage does: the kind header as the hint, then the typed value.
     stage_decode_us: float
+    #: fastavro alone (schemaless writer and reader on the parsed schemas, no wrapper): the
+    #: least any Python pipeline on fastavro pays per record.
+    bare_encode_us: float
+    bare_decode_us: float
 
     @property
     def rates(self) -> list[float]:
@@ -458,13 +473,33 @@ def transfer(
         consumer.close()
 
 
+def bare_fastavro(
+    serde: AvroSerde, schemas: Mapping[str, str], sample: Sequence[Wire]
+) -> tuple[float, float]:
+    """Microseconds per record for fastavro's schemaless writer and reader alone, on the
+    sample's own values and parsed schemas (``schemas``: topic -> schema name), no wrapper."""
+    parsed = {t: fastavro.parse_schema(json.loads(load_schema_text(n))) for t, n in schemas.items()}
+    values = [(parsed[topic], serde.decode(topic, value)) for topic, _k, value, _h in sample]
+    bodies = [(parsed[topic], value[5:]) for topic, _k, value, _h in sample]  # no wire header
+    t0 = time.perf_counter()
+    for schema, data in values:
+        fastavro.schemaless_writer(io.BytesIO(), schema, data)
+    encode_us = (time.perf_counter() - t0) / len(values) * 1e6
+    t0 = time.perf_counter()
+    for schema, body in bodies:
+        fastavro.schemaless_reader(io.BytesIO(body), schema, None)
+    decode_us = (time.perf_counter() - t0) / len(bodies) * 1e6
+    return encode_us, decode_us
+
+
 async def raw_limit(
     config: KafkaConfig, registry_url: str | None, *, tasks: int, rounds: int, keep: bool
 ) -> RawResult:
     topology = Topology("raw", f"bench-{uuid.uuid4().hex[:8]}.")
     topics = [topology.events, topology.lane(0)]
     registry = make_registry(registry_url, f"raw-{topology.prefix}")
-    serde = AvroSerde(registry, {topology.events: "TaskEvent", topology.lane(0): "WorkItem"})
+    schemas = {topology.events: "TaskEvent", topology.lane(0): "WorkItem"}
+    serde = AvroSerde(registry, schemas)
     try:
         await ensure_topics(config, [s for s in topology.specs() if s.name in topics])
         await serde.start()
@@ -485,11 +520,21 @@ async def raw_limit(
         for topic, value, kind in headed:
             build[topic](serde.decode(topic, value, branch=kind))
         stage_decode_us = (time.perf_counter() - t0) / len(sample) * 1e6
+        bare_encode_us, bare_decode_us = bare_fastavro(serde, schemas, sample)
         elapsed = await asyncio.to_thread(
             transfer, config, topics, topology.partitions, wire, rounds
         )
         value_bytes = sum(len(v) for _t, _k, v, _h in timed) // len(timed)
-        return RawResult(len(timed), elapsed, value_bytes, encode_us, decode_us, stage_decode_us)
+        return RawResult(
+            len(timed),
+            elapsed,
+            value_bytes,
+            encode_us,
+            decode_us,
+            stage_decode_us,
+            bare_encode_us,
+            bare_decode_us,
+        )
     finally:
         await serde.close()
         close_registry(registry)
@@ -544,12 +589,28 @@ async def run(args: argparse.Namespace) -> bool | None:
             f"per record; {raw.stage_decode_us:.1f} us decoding as a stage does (kind header, "
             "typed value); not in the raw figure"
         )
+        # What the target leaves one task, against the least fastavro alone costs one task.
+        budget_us = RECORDS_PER_TASK / (raw.records_per_s * TARGET_RATIO) * 1e6
+        floor_us = RECORDS_PER_TASK * raw.bare_encode_us + DECODES_PER_TASK * raw.bare_decode_us
+        print(
+            f"    budget at the target: {budget_us:.0f} us of wall time per task "
+            f"({RECORDS_PER_TASK} records at a third of raw); fastavro alone (encode "
+            f"{raw.bare_encode_us:.1f} us, decode {raw.bare_decode_us:.1f} us per record) costs "
+            f"{floor_us:.0f} us of one core per task ({RECORDS_PER_TASK} encodes, "
+            f"{DECODES_PER_TASK} decodes) = {floor_us / budget_us:.2f} cores"
+        )
+    worker_process = args.worker_process
     for result in results:
         ordered = sorted(result.latencies)
         p50, p99 = statistics.median(ordered) * 1000, percentile(ordered, 0.99) * 1000
         print(
             f"  {result.kind:9s} pipeline: {result.tasks_per_s:,.0f} tasks/s = "
             f"{result.records_per_s:,.0f} records/s; latency p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+        )
+        print(
+            f"    CPU of this process: {result.cpu / result.tasks * 1e6:.0f} us per task "
+            f"({result.cpu / result.elapsed:.2f} cores"
+            + (", stages elsewhere)" if worker_process else ")")
         )
         if raw is not None:
             ratio = result.records_per_s / raw.records_per_s
