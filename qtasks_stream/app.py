@@ -72,6 +72,8 @@ _IDEMPOTENCY_NS = uuid.UUID("5b0a4f0e-7c51-4d8a-9a55-6f1c1c2b8e11")
 #: A task's history is read from this long before its id's time: the ``Submitted`` record's
 #: timestamp is its client's clock (CreateTime), or the broker's on a LogAppendTime topic.
 _HISTORY_CLOCK_MARGIN_MS = 60_000
+#: How long before the events retention ends a delayed task must start at the latest.
+_RETENTION_MARGIN_MS = 3_600_000
 
 
 class QueueTasks(Router):
@@ -332,7 +334,15 @@ class QueueTasks(Router):
             raise UnknownTaskError(f"no task named {task_name!r} (registered: {known})")
         if timeout is not None and timeout < 0:
             raise ConfigurationError(f"timeout must be >= 0, not {timeout}")
-        options = _options(definition, priority, countdown, eta, idempotency_key, max_time)
+        options = _options(
+            definition,
+            priority,
+            countdown,
+            eta,
+            idempotency_key,
+            max_time,
+            self.topology.retention_ms,
+        )
         await self._ensure_client()
         await self.payloads.start([definition])  # a task added after the client started
         call = self.payloads.encode_call(definition, args, kwargs)
@@ -541,8 +551,14 @@ def _options(
     eta: datetime | None,
     idempotency_key: str | None,
     max_time: float | None,
+    retention_ms: int,
 ) -> dict[str, Any]:
-    """The Submitted fields other than arguments and tags, checked."""
+    """The Submitted fields other than arguments and tags, checked.
+
+    A start further away than the events topic's retention (less a margin for the release
+    itself) is refused: the task's arguments live in its ``Submitted`` event, which would
+    be deleted before the task runs.
+    """
     if priority is None:
         priority = definition.priority
     if not isinstance(priority, int) or isinstance(priority, bool):
@@ -558,6 +574,15 @@ def _options(
         if eta.tzinfo is None:
             raise ConfigurationError("eta must be timezone-aware (e.g. datetime.now(UTC))")
         eta_us = int(eta.timestamp() * 1_000_000)
+    if eta_us is not None:
+        margin_ms = min(_RETENTION_MARGIN_MS, retention_ms // 10)
+        if (eta_us - now_us()) // 1000 > retention_ms - margin_ms:
+            raise ConfigurationError(
+                f"the task would start in {(eta_us - now_us()) / 86_400e6:.2f} days, later "
+                f"than the events retention of {retention_ms / 86_400e3:.2f} days allows "
+                f"(less {margin_ms / 1000:.0f} s): its Submitted event, which holds the "
+                "arguments, would be deleted first; raise retention_ms or submit it later"
+            )
     if max_time is not None and not max_time > 0:
         raise ConfigurationError(f"max_time must be > 0, not {max_time!r}")
     if idempotency_key is not None and not idempotency_key:

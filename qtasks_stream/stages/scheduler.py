@@ -9,6 +9,11 @@ Its state is the fold of the log. On each partition it is given, it reads the pa
 from offset 0 to the end first (restoring, no actions), then acts on what the state says is
 pending. A delay that fired before a restart left a ``Released`` event in the log, so it
 never fires twice; one that had not fired is armed again.
+
+It knows what the log still holds, no more: an ended task is remembered (to ignore a
+repeated submit) for the events retention after its end, as a restore would find it, and a
+task whose ``Submitted`` was already deleted by retention fails loudly instead of running
+without its arguments.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from qtasks_stream.events import (
     Cancelled,
     CancelRequested,
     ControlCommand,
+    Failed,
     Payload,
     Released,
     Resubmitted,
@@ -48,6 +54,10 @@ _ACTIONABLE = frozenset({"Submitted", "RetryScheduled", "CancelRequested", "Resu
 #: Kinds a restore decodes: what it needs to know which tasks wait, and until when. An end
 #: needs only its kind header (as live); Started and Progress change nothing it decides.
 _RESTORED = _ACTIONABLE | {"Scheduled", "Released"}
+#: ``error_type`` of the failure of a task whose arguments the log no longer holds.
+ARGUMENTS_LOST = "qtasks_stream.ArgumentsLost"
+#: How often (seconds) ended tasks past the retention are forgotten.
+_PRUNE_EVERY_S = 60.0
 
 
 class SchedulerStage(Stage):
@@ -61,9 +71,14 @@ class SchedulerStage(Stage):
         #: Partition → offset up to which it is still being restored.
         self._restoring: dict[TopicPartition, int] = {}
         self._timers: list[tuple[int, str, int]] = []
-        #: Tasks that ended, per partition: only their ids and last attempts are kept, so a
-        #: repeated submit of a finished task stays ignored and a resubmit can be judged.
-        self._finished: dict[TopicPartition, dict[str, int]] = {}
+        #: Tasks that ended, per partition, in the order they ended: id → (last attempt,
+        #: end in ms), so a repeated submit of a finished task stays ignored and a resubmit
+        #: can be judged, until the retention has passed since the end.
+        self._finished: dict[TopicPartition, dict[str, tuple[int, int]]] = {}
+        self._next_prune_us = 0
+        #: Open tasks first seen by an event after their ``Submitted`` (deleted by retention):
+        #: their arguments are unknown, so they must never be put in a lane.
+        self._arguments_lost: set[str] = set()
 
     @property
     def topics(self) -> Sequence[str]:
@@ -92,6 +107,7 @@ class SchedulerStage(Stage):
 
     def _forget(self, task_id: str) -> None:
         self._tasks.pop(task_id, None)
+        self._arguments_lost.discard(task_id)
         self._max_time.pop(task_id, None)
         self._partition_of.pop(task_id, None)
 
@@ -108,7 +124,8 @@ class SchedulerStage(Stage):
             if event is None:
                 # Live, and a kind that needs no decision: only an end matters, to let go.
                 if event_kind(rec.headers) in TERMINAL_KINDS and rec.key is not None:
-                    self._finish(rec.key.decode(errors="replace"), rec.tp)
+                    ended_ms = rec.timestamp_ms or now_us() // 1000  # 0: a log without times
+                    self._finish(rec.key.decode(errors="replace"), rec.tp, ended_ms)
                 continue
             if rec.tp in self._restoring:
                 self._fold(event, rec.tp)
@@ -143,7 +160,7 @@ class SchedulerStage(Stage):
             # (the Resubmitted event carries the arguments; a replay only follows a dead letter).
             status = "dead_letter" if event.payload.mode == DLQ_REPLAY else "error"
             previous = TaskState(
-                event.task_id, event.task_name, status=status, attempt=finished[event.task_id]
+                event.task_id, event.task_name, status=status, attempt=finished[event.task_id][0]
             )
             if not reopens(previous, event):
                 return
@@ -154,8 +171,15 @@ class SchedulerStage(Stage):
         )
         state = fold(previous, event)
         if state.final:
-            self._finish(event.task_id, tp, state.attempt)
+            self._finish(event.task_id, tp, event.at_us // 1000, state.attempt)
             return
+        carries_arguments = isinstance(payload, Submitted) or (
+            isinstance(payload, Resubmitted) and payload.mode != DLQ_REPLAY
+        )
+        if carries_arguments:
+            self._arguments_lost.discard(event.task_id)
+        elif previous is None:
+            self._arguments_lost.add(event.task_id)
         if (isinstance(payload, Submitted) and event.task_id not in self._max_time) or (
             isinstance(payload, Resubmitted) and reopened
         ):
@@ -163,13 +187,31 @@ class SchedulerStage(Stage):
         self._tasks[event.task_id] = state
         self._partition_of[event.task_id] = tp
 
-    def _finish(self, task_id: str, tp: TopicPartition, attempt: int | None = None) -> None:
+    def _finish(
+        self, task_id: str, tp: TopicPartition, ended_ms: int, attempt: int | None = None
+    ) -> None:
         if attempt is None:
             # Ended live without being decoded: its last attempt is the last one released.
             known = self._tasks.get(task_id)
             attempt = known.attempt if known is not None else 0
         self._forget(task_id)
-        self._finished.setdefault(tp, {})[task_id] = attempt
+        finished = self._finished.setdefault(tp, {})
+        finished.pop(task_id, None)  # ended again (after a resubmit): to the end of the order
+        finished[task_id] = (attempt, ended_ms)
+
+    def _prune(self, now: int) -> None:
+        """Forget tasks that ended longer than the events retention ago: a restore would no
+        longer find them either. Entries are in end order, so each scan stops at the first
+        one to keep."""
+        horizon_ms = now // 1000 - self._topology.retention_ms
+        for finished in self._finished.values():
+            expired = []
+            for task_id, (_attempt, ended_ms) in finished.items():
+                if ended_ms >= horizon_ms:
+                    break
+                expired.append(task_id)
+            for task_id in expired:
+                del finished[task_id]
 
     def _act_on_restored(self, tp: TopicPartition, checkpoint: Checkpoint) -> None:
         for task_id, state in list(self._tasks.items()):
@@ -214,7 +256,7 @@ class SchedulerStage(Stage):
         new_state = fold(state, event)
         if new_state.final:
             tp = self._partition_of[state.task_id]
-            self._finish(state.task_id, tp, new_state.attempt)
+            self._finish(state.task_id, tp, event.at_us // 1000, new_state.attempt)
         else:
             self._tasks[state.task_id] = new_state
 
@@ -260,8 +302,21 @@ class SchedulerStage(Stage):
             command = ControlCommand(state.task_id, reason, now_us())
             cp.emit(self._topology.control, state.task_id, command)
 
+    def _arguments_lost_failure(self, attempt: int) -> Failed:
+        days = self._topology.retention_ms / 86_400_000
+        return Failed(
+            ARGUMENTS_LOST,
+            f"attempt {attempt} cannot run: the task's Submitted event, which holds its "
+            f"arguments, is no longer in {self._topology.events} (retention {days:g} days)",
+            "",
+            0.0,
+        )
+
     async def tick(self, checkpoint: Checkpoint) -> float | None:
         now = now_us()
+        if now >= self._next_prune_us:
+            self._prune(now)
+            self._next_prune_us = now + int(_PRUNE_EVERY_S * 1_000_000)
         while self._timers and self._timers[0][0] <= now:
             due, task_id, attempt = heapq.heappop(self._timers)
             state = self._tasks.get(task_id)
@@ -273,6 +328,9 @@ class SchedulerStage(Stage):
             elif state.status == "scheduled":
                 attempt = max(1, attempt)
             else:
+                continue
+            if task_id in self._arguments_lost:
+                self._emit(state, attempt, self._arguments_lost_failure(attempt), checkpoint)
                 continue
             lane = self._topology.lane_for(state.priority)
             self._emit(state, attempt, Released(lane), checkpoint)

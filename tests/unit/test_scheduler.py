@@ -15,6 +15,7 @@ from qtasks_stream.events import (
     Cancelled,
     CancelRequested,
     ControlCommand,
+    Failed,
     Payload,
     Released,
     RetryScheduled,
@@ -27,8 +28,9 @@ from qtasks_stream.events import (
     now_us,
 )
 from qtasks_stream.records import OutRecord, Record, TopicPartition
+from qtasks_stream.stages import scheduler
 from qtasks_stream.stages.base import Checkpoint, Incoming
-from qtasks_stream.stages.scheduler import SchedulerStage
+from qtasks_stream.stages.scheduler import ARGUMENTS_LOST, SchedulerStage
 from qtasks_stream.topology import Topology
 
 TOPOLOGY = Topology("sched", partitions=1, lanes=3)
@@ -77,7 +79,15 @@ class EventsPartition:
         return len(self.records)
 
     def append(self, event: TaskEvent) -> Incoming:
-        rec = Record(TP.topic, 0, self.end, event.task_id.encode(), b"", event.record_headers())
+        rec = Record(
+            TP.topic,
+            0,
+            self.end,
+            event.task_id.encode(),
+            b"",
+            event.record_headers(),
+            timestamp_ms=event.at_us // 1000,
+        )
         item = Incoming(rec, event)
         self.records.append(item)
         return item
@@ -407,3 +417,50 @@ async def test_restore_completes_when_the_last_record_was_dead_lettered() -> Non
     await _until(due)
     _, fired = await restored.tick()
     assert _kinds(fired) == ["Released"], "restore never finished: the delay was not re-armed"
+
+
+# -- retention ------------------------------------------------------------------------------------
+
+
+async def test_an_ended_task_is_remembered_for_the_retention_then_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A repeated submit of an ended task is ignored while the log still holds the task, as
+    a restore would find it; past the retention it is a new submit (and memory is freed)."""
+    clock = [now_us()]
+    monkeypatch.setattr(scheduler, "now_us", lambda: clock[0])
+    h = Harness()
+    await h.assign()
+    first = await h.feed(_submit("t1", idempotency_key="k"))
+    assert len(_work(first)) == 1
+    await h.feed(TaskEvent.new("t1", "job", 1, "worker:w", Succeeded("1", 1.0)))
+
+    clock[0] += (TOPOLOGY.retention_ms - 60_000) * 1000  # a minute short of the retention
+    await h.tick()
+    assert await h.feed(_submit("t1", idempotency_key="k")) == []
+
+    clock[0] += 120_000 * 1000  # past it, and past the next prune
+    await h.tick()
+    again = await h.feed(_submit("t1", idempotency_key="k"))
+    assert [item.task_id for _lane, item in _work(again)] == ["t1"]
+
+
+async def test_a_task_whose_submit_is_past_the_retention_fails_instead_of_running() -> None:
+    """The log starts after the task's Submitted (deleted by retention): a restore finds it
+    delayed, and at its due time it fails naming the cause; it never runs without its
+    arguments."""
+    log = EventsPartition()
+    due = now_us() + 50_000
+    log.append(TaskEvent.new("old", "job", 1, "scheduler", Scheduled(0, 0, due)))
+    h = Harness(log)
+    await h.assign()
+    assert await h.replay() == []
+    await _until(due)
+    _next, outputs = await h.tick()
+    assert _work(outputs) == []
+    [failed] = _events(outputs)
+    assert isinstance(failed.payload, Failed)
+    assert failed.payload.error_type == ARGUMENTS_LOST
+    assert "Submitted" in failed.payload.message and "retention" in failed.payload.message
+    # Ended: a late copy of its release changes nothing.
+    assert await h.feed(_submit("old")) == []

@@ -1,0 +1,47 @@
+"""What ``add_task`` refuses before anything is written."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from qtasks_stream import QueueTasks
+from qtasks_stream.errors import ConfigurationError
+from qtasks_stream.eventlog.memory import InMemoryEventLog
+
+DAY_MS = 86_400_000
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[QueueTasks]:
+    app = QueueTasks("opts", event_log=InMemoryEventLog(), retention_ms=DAY_MS)
+
+    @app.task(name="job")
+    async def job() -> None:
+        return None
+
+    yield app
+    await app.close()
+
+
+@pytest.mark.parametrize(
+    "when",
+    [{"countdown": 2 * 86_400.0}, {"eta": datetime.now(UTC) + timedelta(days=1)}],
+    ids=["countdown", "eta"],
+)
+async def test_a_start_beyond_the_events_retention_is_refused(
+    app: QueueTasks, when: dict[str, Any]
+) -> None:
+    """The Submitted event holds the arguments: deleted before the start, the task could
+    not run. Within a day less the margin (a tenth of a short retention) it is accepted."""
+    with pytest.raises(ConfigurationError, match=r"events retention of 1\.00 days"):
+        await app.add_task("job", **when)
+    assert isinstance(app.event_log, InMemoryEventLog)
+    assert app.event_log.records(app.topology.events) == []
+
+    task = await app.add_task("job", countdown=0.85 * 86_400)
+    assert task is not None and task.status == "new"
+    assert len(app.event_log.records(app.topology.events)) == 1
