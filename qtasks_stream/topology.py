@@ -14,7 +14,7 @@ Consumer groups are ``<prefix><app>.<stage>``: scheduler, worker, projector, dea
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.records import TopicSpec
@@ -34,6 +34,10 @@ class Topology:
     lanes: int = 3
     replication: int = 1
     retention_ms: int = _WEEK_MS
+    #: ``<prefix><app>`` and the events topic, built once: stages name the events topic for
+    #: every event they emit.
+    base: str = field(init=False, repr=False, compare=False)
+    events: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.app) or not _NAME.match(self.prefix or "x"):
@@ -45,14 +49,9 @@ class Topology:
             raise ConfigurationError(f"partitions must be 1..1000, not {self.partitions}")
         if not 1 <= self.lanes <= 10:
             raise ConfigurationError(f"lanes must be 1..10, not {self.lanes}")
-
-    @property
-    def base(self) -> str:
-        return f"{self.prefix}{self.app}"
-
-    @property
-    def events(self) -> str:
-        return f"{self.base}.events"
+        base = f"{self.prefix}{self.app}"
+        object.__setattr__(self, "base", base)  # frozen: set once, here
+        object.__setattr__(self, "events", f"{base}.events")
 
     def lane(self, index: int) -> str:
         return f"{self.base}.lane.{index}"
