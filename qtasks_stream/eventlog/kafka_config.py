@@ -103,6 +103,11 @@ class KafkaConfig:
             "bootstrap.servers": self.bootstrap_servers,
             "client.id": self.client_id,
             "security.protocol": self.security_protocol.lower(),
+            # librdkafka drops the bootstrap connection once it knows the brokers, then opens
+            # the next one no sooner than half this after the last (100 ms by default): every
+            # new client waited 50 ms before its first fetch or transaction. Failed
+            # connections still back off exponentially from here.
+            "reconnect.backoff.ms": 20,
         }
         if self.sasl_mechanism is not None:
             conf["sasl.mechanism"] = self.sasl_mechanism

@@ -94,6 +94,9 @@ _CONSUMER_FATAL_CODES = frozenset(
 )
 #: How long one consume() call may block: bounds how long a command waits to run.
 _CONSUME_SLICE = 0.05
+#: The slice of a consumer without a group: such readers (history, wait, replay) are made
+#: and closed per call, and close() waits out the slice in progress.
+_UNMANAGED_CONSUME_SLICE = 0.01
 _CONSUME_BATCH = 500
 #: Past this many buffered records a partition stops fetching until poll() drains it.
 _BUFFER_HIGH = 2_000
@@ -498,6 +501,7 @@ class _ConfluentConsumer(Consumer):
         self._start = start
         self._timeout = timeout
         self._start_timeout = start_timeout
+        self._slice = _CONSUME_SLICE if group_id is not None else _UNMANAGED_CONSUME_SLICE
         self._consumer: ck.Consumer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -600,7 +604,12 @@ class _ConfluentConsumer(Consumer):
                     raise
 
     def _partitions(self, consumer: ck.Consumer) -> list[TopicPartition]:
-        """Every partition of the topics; EventLogError for a missing topic (blocking)."""
+        """Every partition of the topics; EventLogError for a missing topic (blocking).
+
+        Asked of the new consumer itself, not of the event log's connected admin client:
+        it also fills the consumer's metadata cache, without which partitions assigned next
+        have no known leader and their first fetch waits out a 500 ms retry.
+        """
         metadata = consumer.list_topics(timeout=self._timeout)
         tps: list[TopicPartition] = []
         for topic in self._topics:
@@ -689,7 +698,7 @@ class _ConfluentConsumer(Consumer):
             while not self._stop.is_set():
                 self._serve_commands(consumer)
                 if self._deferred is not None:
-                    if not self._polled.wait(_CONSUME_SLICE):
+                    if not self._polled.wait(self._slice):
                         continue
                     self._assign_deferred(consumer)
                 with self._lock:
@@ -720,8 +729,7 @@ class _ConfluentConsumer(Consumer):
                 self._thread_done = True
             self._fail_commands()
 
-    @staticmethod
-    def _consume_ready(consumer: ck.Consumer) -> list[Any]:
+    def _consume_ready(self, consumer: ck.Consumer) -> list[Any]:
         """What is ready, waiting up to one slice for the first message (consumer thread).
 
         ``consume(n, slice)`` would sit out the whole slice unless ``n`` messages arrive,
@@ -729,7 +737,7 @@ class _ConfluentConsumer(Consumer):
         and then taking what else is ready returns at once when something is there, while
         an idle consumer still sleeps inside librdkafka.
         """
-        first = consumer.consume(1, _CONSUME_SLICE)
+        first = consumer.consume(1, self._slice)
         if not first:
             return first
         return first + consumer.consume(_CONSUME_BATCH - 1, 0)
