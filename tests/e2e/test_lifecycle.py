@@ -320,6 +320,42 @@ async def test_close_returns_promptly_after_results_were_awaited(
         await app.close()
 
 
+async def test_wait_keeps_what_was_submitted_when_the_task_ends_during_its_history_read(
+    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app()
+    gate = asyncio.Event()
+
+    @app.task
+    async def multiply(a: int, b: int) -> int:
+        await gate.wait()
+        return a * b
+
+    await app.start()
+    submitted = await app.add_task("multiply", 6, 7, tags=["math"])
+    assert submitted is not None
+    watches, key = app._results._watches, submitted.uuid.encode()
+    read = app._history_events
+
+    async def slow_read(uuid: str, **options: Any) -> list[TaskEvent]:
+        # On Kafka the read takes a while: the task ends, and the listener sees its end
+        # (Started, Succeeded: not the Submitted with the arguments), before it returns.
+        events = await read(uuid, **options)
+        gate.set()
+
+        def seen_ended() -> bool:
+            state = watches[key].state if key in watches else None
+            return key not in watches or (state is not None and state.final)
+
+        await eventually(seen_ended, what="the listener saw the end")
+        return events
+
+    monkeypatch.setattr(app, "_history_events", slow_read)
+    task = await app.wait(submitted.uuid, timeout=LIMIT)
+    assert task is not None and (task.status, task.returning) == ("success", 42)
+    assert (task.args, task.tags, task.created_at) == ([6, 7], ["math"], submitted.created_at)
+
+
 # -- restarts -------------------------------------------------------------------------------------
 
 
