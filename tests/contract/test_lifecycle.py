@@ -153,7 +153,8 @@ class Backend:
         return task
 
     async def read(self, app: QueueTasks, topics: list[str]) -> list[Record]:
-        """Every committed record of ``topics``, read to the end offsets known at the call.
+        """Every committed record of ``topics`` (of ``app.topology.partitions`` partitions:
+        not the control topic), read to the end offsets known at the call.
 
         The end is judged by the consumer's position, not by the last offset delivered: a
         transactional partition ends with a commit marker that is never delivered.
@@ -161,7 +162,7 @@ class Backend:
         consumer = app.event_log.consumer(topics, group_id=None, start="earliest")
         await consumer.start()
         try:
-            tps = [TopicPartition(t, p) for t in topics for p in range(_partitions(app, t))]
+            tps = [TopicPartition(t, p) for t in topics for p in range(app.topology.partitions)]
             ends = await consumer.end_offsets(tps)
             records: list[Record] = []
             deadline = time.monotonic() + self.limit
@@ -216,10 +217,6 @@ class Backend:
                 lambda last=last: behind(last), lambda late: not late, what="the stages caught up"
             )
             seen = last
-
-
-def _partitions(app: QueueTasks, topic: str) -> int:
-    return 1 if topic == app.topology.control else app.topology.partitions
 
 
 def _kafka_log(kind: str, bootstrap: str) -> EventLog:
