@@ -401,12 +401,19 @@ class QueueTasks(Router):
         await self._results.start()
         # Listen first, then look: whatever ends after this point reaches the listener.
         waiter = self._results.expect(uuid, record=True)
-        current = await self._view_state(uuid)
-        if current is not None and current.final:
+        try:
+            current = await self._view_state(uuid)
+            if current is not None and current.final:
+                self._results.forget(uuid, waiter)
+                self._results.unseed(uuid)
+                return current.to_task(self.payloads)
+            # The view may lag behind the log (or not know the task yet): the log decides.
+            history = await self._history_events(uuid, skip_undecodable=True)
+        except BaseException:
             self._results.forget(uuid, waiter)
-            return current.to_task(self.payloads)
-        # The view may lag behind the log (or not know the task yet): the log decides.
-        self._results.seed(uuid, await self._history_events(uuid, skip_undecodable=True))
+            self._results.unseed(uuid)
+            raise
+        self._results.seed(uuid, history)
         return await self._await(uuid, waiter, timeout)
 
     async def stream(self, uuid: str) -> AsyncIterator[Any]:

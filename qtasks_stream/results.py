@@ -126,6 +126,17 @@ class ResultListener:
             if state.final:
                 self._finish(task_id.encode(), watch)
 
+    def unseed(self, task_id: str) -> None:
+        """The read meant for :meth:`seed` failed: stop recording, and finish the watch if what
+        the listener saw ended the task (its other waiters would hang otherwise)."""
+        key = task_id.encode()
+        watch = self._watches.get(key)
+        if watch is None:
+            return
+        watch.events = None
+        if watch.state is not None and watch.state.final:
+            self._finish(key, watch)
+
     def _finish(self, key: bytes, watch: _Watch) -> None:
         assert watch.state is not None
         for future in watch.futures:
@@ -206,5 +217,7 @@ class ResultListener:
                     item = json.loads(event.payload.value)
                     for queue in watch.queues:
                         queue.put_nowait(item)
-                if watch.state.final:
+                # While a reader of the log catches up (``seed`` pending), the state lacks what
+                # only the history has (the submitted arguments): ``seed`` finishes the watch.
+                if watch.state.final and watch.events is None:
                     self._finish(rec.key or b"", watch)

@@ -17,8 +17,8 @@ from confluent_kafka import Producer
 
 from qtasks_stream.cli import configure
 from tests.apps.audit_app import build
+from tests.contract.test_lifecycle import eventually
 from tests.kafka.test_cli_kafka import REPO, _cli, _env
-from tests.kafka.test_lifecycle_kafka import eventually
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
 APP = "tests.apps.audit_app:app"

@@ -20,8 +20,9 @@ from qtasks_stream.replay import compare_views, replay_into
 from qtasks_stream.rerun import ResubmitFilter
 from qtasks_stream.snapshot import read_snapshot, seed_view, write_snapshot
 from qtasks_stream.views.memory import MemoryViewStore
+from tests.contract.test_lifecycle import KAFKA_LIMIT as LIMIT
+from tests.contract.test_lifecycle import eventually
 from tests.eventlogs import kafka_test_config
-from tests.kafka.test_lifecycle_kafka import LIMIT, eventually
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
