@@ -4,7 +4,8 @@ Same run, same app shape, alternating rounds so drift hits both: ``off`` install
 interceptor (the zero-cost path), ``tracing`` installs TracingInterceptor with a
 BatchSpanProcessor into an exporter that drops spans (all span work is done, no I/O), and
 ``tracing+metrics`` adds MetricsInterceptor with an in-memory reader. Prints tasks/s per
-round, the median per mode and its ratio to ``off``.
+round, the median per mode and its ratio to ``off``; then what one span costs the SDK,
+recorded and with a sampler.
 
     python -m bench.bench_tracing --tasks 3000 --rounds 3
 """
@@ -21,6 +22,13 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import SpanKind
 
 from qtasks_stream import QueueTasks
 from qtasks_stream.telemetry import MetricsInterceptor, TracingInterceptor
@@ -70,6 +78,21 @@ async def run(mode: str, tasks: int, window: int) -> tuple[float, int]:
     return tasks / elapsed, exporter.spans
 
 
+def span_cost(sampler: Sampler | None, spans: int = 20_000) -> float:
+    """Microseconds for the SDK to start and end one producer span with the 11 attributes
+    an event's span carries, into a batch processor (the recorded case) or ``sampler``."""
+    provider = TracerProvider(sampler=sampler) if sampler is not None else TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(_Counting(), max_queue_size=1 << 18))
+    tracer = provider.get_tracer("bench")
+    attributes = {f"qtasks.bench.attribute{i}": "value" for i in range(11)}
+    started = time.perf_counter()
+    for _ in range(spans):
+        tracer.start_span("Scheduled noop", kind=SpanKind.PRODUCER, attributes=attributes).end()
+    elapsed = time.perf_counter() - started
+    provider.shutdown()
+    return elapsed / spans * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=3000)
@@ -87,6 +110,11 @@ def main() -> None:
     for mode in MODES:
         median = statistics.median(rates[mode])
         print(f"{mode:<16} median {median:8.0f} tasks/s  ratio to off {median / base:5.2f}")
+    print(
+        f"one span in the SDK: {span_cost(None):.1f} us recorded, "
+        f"{span_cost(ParentBased(TraceIdRatioBased(0.1))):.1f} us at a 1-in-10 sampler, "
+        f"{span_cost(ALWAYS_OFF):.1f} us sampled out"
+    )
 
 
 if __name__ == "__main__":
