@@ -4,7 +4,8 @@ Every system runs the same no-op task (``return i``) ``--tasks`` times after one
 warm-up task, against the same local broker(s), one after the other in this run:
 
 1. qtasks-stream (this project) on Kafka, exactly-once (transactions, always on): the
-   aiokafka pipeline of ``bench.bench_kafka`` (all stages in this process, or with
+   pipeline of ``bench.bench_kafka`` on ``--event-log`` (default confluent, as the CLI's;
+   or aiokafka) (all stages in this process, or with
    ``--stream-worker-process`` in a ``qtasks-stream worker`` subprocess as the peers'
    workers run; ``--window`` tasks in flight, ``--concurrency`` worker slots). Done = the
    client has the task's ``Succeeded`` event (``add_task(timeout=)``).
@@ -70,7 +71,14 @@ from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
-from bench.bench_kafka import PipelineResult, delete_topics, kafka_config, percentile, pipeline
+from bench.bench_kafka import (
+    EVENT_LOGS,
+    PipelineResult,
+    delete_topics,
+    kafka_config,
+    percentile,
+    pipeline,
+)
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
 
 #: Deadlines (seconds) on every wait.
@@ -176,7 +184,7 @@ def measure_stream(args: argparse.Namespace, config: KafkaConfig) -> PeerResult:
     def run(tasks: int, window: int) -> PipelineResult:
         return asyncio.run(
             pipeline(
-                "aiokafka",
+                args.event_log,
                 config,
                 args.registry,
                 tasks=tasks,
@@ -192,7 +200,7 @@ def measure_stream(args: argparse.Namespace, config: KafkaConfig) -> PeerResult:
     idle = run(args.idle_tasks, 1).latencies if args.idle_tasks else []
     return PeerResult(
         "qtasks-stream",
-        "Kafka (aiokafka)",
+        f"Kafka ({args.event_log})",
         "exactly-once (transactions)",
         "client, Succeeded event",
         result.tasks,
@@ -542,6 +550,12 @@ def main() -> None:
         action="store_true",
         help="qtasks-stream's stages in a worker process apart from the client, as Celery's "
         "and QTasks's workers run (needs --registry)",
+    )
+    parser.add_argument(
+        "--event-log",
+        choices=EVENT_LOGS,
+        default="confluent",
+        help="qtasks-stream's event log (default: confluent, as the CLI's)",
     )
     parser.add_argument("--celery-pool", choices=("solo", "threads"), default="solo")
     parser.add_argument("--celery-concurrency", type=int, default=1)
