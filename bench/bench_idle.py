@@ -1,0 +1,132 @@
+"""What an idle app costs: CPU of a process running every stage and a client, doing nothing.
+
+For each Kafka event log, an app with every stage in this process runs one task (so the
+client's result listener is up too), settles for two seconds, then the process's CPU time
+(every thread: Python and the Kafka clients' own) is read over ``--seconds`` of idling.
+Beside it, in the same run, the baseline: one plain confluent-kafka consumer, assigned to an
+idle topic, polling it in one-second calls. The ratio says how many such bare clients the
+idle app costs.
+
+    python -m bench.bench_idle --bootstrap 127.0.0.1:19092 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+
+import confluent_kafka as ck
+
+from bench.bench_kafka import (
+    EVENT_LOGS,
+    START_TIMEOUT,
+    TASK_TIMEOUT,
+    broker_arguments,
+    cleanup,
+    close_registry,
+    delete_topics,
+    kafka_config,
+    make_event_log,
+    make_registry,
+)
+from qtasks_stream import QueueTasks
+from qtasks_stream.eventlog.kafka_admin import ensure_topics
+from qtasks_stream.eventlog.kafka_config import KafkaConfig
+from qtasks_stream.records import TopicSpec
+
+SETTLE = 2.0
+
+
+def cores(seconds: float, cpu: float) -> float:
+    return cpu / seconds
+
+
+async def idle_app(
+    kind: str, config: KafkaConfig, registry_url: str | None, seconds: float
+) -> float:
+    """Cores an idle app uses (every stage and a client in this process)."""
+    prefix = f"bench-{uuid.uuid4().hex[:8]}."
+    registry = make_registry(registry_url, f"idle-{prefix}")
+    app = QueueTasks(
+        "idle",
+        event_log=make_event_log(kind, config),
+        schema_registry=registry,
+        topic_prefix=prefix,
+    )
+
+    @app.task
+    async def noop(i: int) -> int:
+        return i
+
+    try:
+        async with asyncio.timeout(START_TIMEOUT):
+            await app.start()
+        done = await app.add_task("noop", 0, timeout=TASK_TIMEOUT)
+        if done is None or done.status != "success":
+            raise RuntimeError(f"{kind}: the first task did not succeed: {done}")
+        await asyncio.sleep(SETTLE)
+        started, cpu = time.perf_counter(), time.process_time()
+        await asyncio.sleep(seconds)
+        return cores(time.perf_counter() - started, time.process_time() - cpu)
+    finally:
+        await app.close()
+        close_registry(registry)
+        await cleanup(config, registry_url, app.topology, keep=False)
+
+
+def idle_client(config: KafkaConfig, topic: str, seconds: float) -> float:
+    """Cores one plain confluent-kafka consumer uses polling an idle topic (blocking)."""
+    consumer = ck.Consumer(
+        config.to_librdkafka(
+            {"group.id": f"bench-idle-{uuid.uuid4().hex}", "enable.auto.commit": False}
+        )
+    )
+    try:
+        consumer.assign([ck.TopicPartition(topic, 0, ck.OFFSET_END)])
+        deadline = time.monotonic() + SETTLE
+        while time.monotonic() < deadline:
+            consumer.consume(1, 0.2)
+        started, cpu = time.perf_counter(), time.process_time()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            consumer.consume(1, 1.0)
+        return cores(time.perf_counter() - started, time.process_time() - cpu)
+    finally:
+        consumer.close()
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    config = kafka_config(args.bootstrap)
+    print(f"Kafka {args.bootstrap}, {args.seconds:.0f} s of idling each")
+    topic = f"bench-idle-{uuid.uuid4().hex[:8]}"
+    await ensure_topics(config, [TopicSpec(topic, 1)])
+    try:
+        bare = await asyncio.to_thread(idle_client, config, topic, args.seconds)
+    finally:
+        await asyncio.to_thread(delete_topics, config, [topic])
+    print(f"  one plain confluent-kafka consumer: {bare * 100:.2f}% of a core")
+    for kind in [k.strip() for k in args.event_logs.split(",") if k.strip()]:
+        used = await idle_app(kind, config, args.registry, args.seconds)
+        print(
+            f"  {kind:9s} idle app (every stage and a client): {used * 100:.1f}% of a core "
+            f"= {used / bare:.0f} plain consumers"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    broker_arguments(parser)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--event-logs", default=",".join(EVENT_LOGS))
+    args = parser.parse_args()
+    if not args.bootstrap:
+        parser.error("give --bootstrap or set QTASKS_BOOTSTRAP_SERVERS")
+    if args.seconds <= 0:
+        parser.error("--seconds must be > 0")
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
