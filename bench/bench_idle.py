@@ -4,8 +4,8 @@ For each Kafka event log, an app with every stage in this process runs one task 
 client's result listener is up too), settles for two seconds, then the process's CPU time
 (every thread: Python and the Kafka clients' own) is read over ``--seconds`` of idling.
 Beside it, in the same run, the baseline: one plain confluent-kafka consumer, assigned to an
-idle topic, polling it in one-second calls. The ratio says how many such bare clients the
-idle app costs.
+idle topic, polling it in one-second calls (and again with the event logs' 50 ms long poll
+and 50 ms calls). The ratio says how many such bare clients the idle app costs.
 
     python -m bench.bench_idle --bootstrap 127.0.0.1:19092 --seconds 10
 """
@@ -76,11 +76,18 @@ async def idle_app(
         await cleanup(config, registry_url, app.topology, keep=False)
 
 
-def idle_client(config: KafkaConfig, topic: str, seconds: float) -> float:
-    """Cores one plain confluent-kafka consumer uses polling an idle topic (blocking)."""
+def idle_client(
+    config: KafkaConfig, topic: str, seconds: float, fetch_wait_ms: int, call_s: float
+) -> float:
+    """Cores one plain confluent-kafka consumer uses polling an idle topic in ``call_s``
+    calls, with ``fetch.wait.max.ms`` at ``fetch_wait_ms`` (blocking)."""
     consumer = ck.Consumer(
         config.to_librdkafka(
-            {"group.id": f"bench-idle-{uuid.uuid4().hex}", "enable.auto.commit": False}
+            {
+                "group.id": f"bench-idle-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": fetch_wait_ms,
+            }
         )
     )
     try:
@@ -91,7 +98,7 @@ def idle_client(config: KafkaConfig, topic: str, seconds: float) -> float:
         started, cpu = time.perf_counter(), time.process_time()
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            consumer.consume(1, 1.0)
+            consumer.consume(1, call_s)
         return cores(time.perf_counter() - started, time.process_time() - cpu)
     finally:
         consumer.close()
@@ -103,10 +110,18 @@ async def main_async(args: argparse.Namespace) -> None:
     topic = f"bench-idle-{uuid.uuid4().hex[:8]}"
     await ensure_topics(config, [TopicSpec(topic, 1)])
     try:
-        bare = await asyncio.to_thread(idle_client, config, topic, args.seconds)
+        bare = await asyncio.to_thread(idle_client, config, topic, args.seconds, 500, 1.0)
+        # What the event logs ask: a 50 ms long poll, a thread waking every 50 ms.
+        eager = await asyncio.to_thread(
+            idle_client, config, topic, args.seconds, config.fetch_max_wait_ms, 0.05
+        )
     finally:
         await asyncio.to_thread(delete_topics, config, [topic])
     print(f"  one plain confluent-kafka consumer: {bare * 100:.2f}% of a core")
+    print(
+        f"  the same, fetch.wait.max.ms={config.fetch_max_wait_ms} and 50 ms calls: "
+        f"{eager * 100:.2f}% of a core"
+    )
     for kind in [k.strip() for k in args.event_logs.split(",") if k.strip()]:
         used = await idle_app(kind, config, args.registry, args.seconds)
         print(
