@@ -581,7 +581,7 @@ def _options(
         if eta.tzinfo is None:
             raise ConfigurationError("eta must be timezone-aware (e.g. datetime.now(UTC))")
         eta_us = int(eta.timestamp() * 1_000_000)
-    if eta_us is not None:
+    if eta_us is not None and retention_ms > 0:
         margin_ms = min(_RETENTION_MARGIN_MS, retention_ms // 10)
         if (eta_us - now_us()) // 1000 > retention_ms - margin_ms:
             raise ConfigurationError(

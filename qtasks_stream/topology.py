@@ -22,7 +22,8 @@ from qtasks_stream.records import TopicSpec
 __all__ = ["Topology"]
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-#: Seven days: long enough to audit a week of tasks; ``Topology(retention_ms=...)`` changes it.
+#: Seven days: long enough to audit a week of tasks; ``Topology(retention_ms=...)`` changes it
+#: (-1: the events are kept forever, as Kafka's ``retention.ms=-1``).
 _WEEK_MS = 7 * 24 * 3600 * 1000
 
 
@@ -49,6 +50,11 @@ class Topology:
             raise ConfigurationError(f"partitions must be 1..1000, not {self.partitions}")
         if not 1 <= self.lanes <= 10:
             raise ConfigurationError(f"lanes must be 1..10, not {self.lanes}")
+        if self.retention_ms <= 0 and self.retention_ms != -1:
+            raise ConfigurationError(
+                f"retention_ms must be > 0, or -1 to keep the events forever, not "
+                f"{self.retention_ms}"
+            )
         base = f"{self.prefix}{self.app}"
         object.__setattr__(self, "base", base)  # frozen: set once, here
         object.__setattr__(self, "events", f"{base}.events")

@@ -203,6 +203,8 @@ class SchedulerStage(Stage):
         """Forget tasks that ended longer than the events retention ago: a restore would no
         longer find them either. Entries are in end order, so each scan stops at the first
         one to keep."""
+        if self._topology.retention_ms < 0:
+            return  # kept forever
         horizon_ms = now // 1000 - self._topology.retention_ms
         for finished in self._finished.values():
             expired = []

@@ -445,6 +445,21 @@ async def test_an_ended_task_is_remembered_for_the_retention_then_forgotten(
     assert [item.task_id for _lane, item in _work(again)] == ["t1"]
 
 
+async def test_events_kept_forever_keep_an_ended_task_forever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [now_us()]
+    monkeypatch.setattr(scheduler, "now_us", lambda: clock[0])
+    h = Harness()
+    h.stage = SchedulerStage(Topology("sched", partitions=1, lanes=3, retention_ms=-1))
+    await h.assign()
+    await h.feed(_submit("t1", idempotency_key="k"))
+    await h.feed(TaskEvent.new("t1", "job", 1, "worker:w", Succeeded("1", 1.0)))
+    clock[0] += 3650 * 86_400 * 1_000_000  # ten years
+    await h.tick()
+    assert await h.feed(_submit("t1", idempotency_key="k")) == []
+
+
 async def test_a_task_whose_submit_is_past_the_retention_fails_instead_of_running() -> None:
     """The log starts after the task's Submitted (deleted by retention): a restore finds it
     delayed, and at its due time it fails naming the cause; it never runs without its

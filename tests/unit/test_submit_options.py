@@ -45,3 +45,23 @@ async def test_a_start_beyond_the_events_retention_is_refused(
     task = await app.add_task("job", countdown=0.85 * 86_400)
     assert task is not None and task.status == "new"
     assert len(app.event_log.records(app.topology.events)) == 1
+
+
+async def test_events_kept_forever_allow_any_start() -> None:
+    app = QueueTasks("opts", event_log=InMemoryEventLog(), retention_ms=-1)
+
+    @app.task(name="job")
+    async def job() -> None:
+        return None
+
+    try:
+        task = await app.add_task("job", countdown=365 * 86_400.0)
+        assert task is not None and task.status == "new"
+    finally:
+        await app.close()
+
+
+@pytest.mark.parametrize("retention_ms", [0, -2])
+def test_a_retention_that_is_neither_positive_nor_forever_is_refused(retention_ms: int) -> None:
+    with pytest.raises(ConfigurationError, match="retention_ms must be > 0, or -1"):
+        QueueTasks("opts", retention_ms=retention_ms)
