@@ -27,11 +27,10 @@ from bench.bench_kafka import (
     cleanup,
     close_registry,
     kafka_config,
-    make_event_log,
     make_registry,
+    noop_app,
     percentile,
 )
-from qtasks_stream import QueueTasks
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
 from qtasks_stream.eventlog.memory import murmur2_partition
@@ -70,16 +69,7 @@ async def one_log(
     """(history seconds, baseline seconds, events, partitions of the topic), one event log."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}."
     registry = make_registry(registry_url, f"history-{prefix}")
-    app = QueueTasks(
-        "history",
-        event_log=make_event_log(kind, config),
-        schema_registry=registry,
-        topic_prefix=prefix,
-    )
-
-    @app.task
-    async def noop(i: int) -> int:
-        return i
+    app = noop_app("history", kind, config, registry, prefix)
 
     try:
         async with app:

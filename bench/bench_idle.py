@@ -28,10 +28,9 @@ from bench.bench_kafka import (
     close_registry,
     delete_topics,
     kafka_config,
-    make_event_log,
     make_registry,
+    noop_app,
 )
-from qtasks_stream import QueueTasks
 from qtasks_stream.eventlog.kafka_admin import ensure_topics
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
 from qtasks_stream.records import TopicSpec
@@ -49,16 +48,7 @@ async def idle_app(
     """Cores an idle app uses (every stage and a client in this process)."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}."
     registry = make_registry(registry_url, f"idle-{prefix}")
-    app = QueueTasks(
-        "idle",
-        event_log=make_event_log(kind, config),
-        schema_registry=registry,
-        topic_prefix=prefix,
-    )
-
-    @app.task
-    async def noop(i: int) -> int:
-        return i
+    app = noop_app("idle", kind, config, registry, prefix)
 
     try:
         async with asyncio.timeout(START_TIMEOUT):

@@ -38,6 +38,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import confluent_kafka as ck
 import fastavro
@@ -101,6 +102,30 @@ def make_event_log(kind: str, config: KafkaConfig) -> EventLog:
     from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
 
     return ConfluentEventLog(config)
+
+
+def noop_app(
+    name: str,
+    kind: str,
+    config: KafkaConfig,
+    registry: SchemaRegistryClient,
+    prefix: str,
+    **options: Any,
+) -> QueueTasks:
+    """An app on ``prefix`` with the benches' one task, ``noop(i) -> i``."""
+    app = QueueTasks(
+        name,
+        event_log=make_event_log(kind, config),
+        schema_registry=registry,
+        topic_prefix=prefix,
+        **options,
+    )
+
+    @app.task(name="noop")
+    async def noop(i: int) -> int:
+        return i
+
+    return app
 
 
 def make_registry(url: str | None, tag: str) -> SchemaRegistryClient:
@@ -231,18 +256,9 @@ async def pipeline(
         raise ValueError("a worker process needs a real schema registry (--registry)")
     prefix = f"bench-{uuid.uuid4().hex[:8]}."
     registry = make_registry(registry_url, f"{kind}-{prefix}")
-    app = QueueTasks(
-        "bench",
-        event_log=make_event_log(kind, config),
-        schema_registry=registry,
-        topic_prefix=prefix,
-        concurrency=concurrency,
-        shutdown_grace=5.0,
+    app = noop_app(
+        "bench", kind, config, registry, prefix, concurrency=concurrency, shutdown_grace=5.0
     )
-
-    @app.task(name="noop")
-    async def noop(i: int) -> int:
-        return i
 
     latencies: list[float] = []
     slots = asyncio.Semaphore(window)

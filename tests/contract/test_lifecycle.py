@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 import uuid
@@ -26,13 +27,14 @@ import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream import QueueTasks, Task, current
-from qtasks_stream.errors import SerdeError
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import TERMINAL_KINDS, TaskEvent
 from qtasks_stream.records import OutRecord, Record, TopicPartition
 from qtasks_stream.stages.runner import DLQ_ERROR, DLQ_REASON, DLQ_SOURCE, DLQ_STAGE
 from qtasks_stream.views.sqlite import SqliteViewStore
+from tests import e2ehelpers
+from tests.e2ehelpers import decodable_events, kinds
 from tests.eventlogs import kafka_test_config
 
 #: Bound of every wait for one outcome: in memory, and on the broker.
@@ -48,29 +50,8 @@ BACKENDS = [
 ]
 
 
-async def eventually(
-    probe: Callable[[], Awaitable[T] | T],
-    ok: Callable[[T], bool] = bool,
-    *,
-    what: str,
-    limit: float = KAFKA_LIMIT,
-    interval: float = 0.02,
-) -> T:
-    """Poll ``probe`` until ``ok`` holds for its value; fail after ``limit`` seconds."""
-    deadline = time.monotonic() + limit
-    while True:
-        value = probe()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if ok(value):  # type: ignore[arg-type]
-            return value  # type: ignore[return-value]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {limit}s: {what} (last: {value!r})")
-        await asyncio.sleep(interval)
-
-
-def kinds(events: list[TaskEvent]) -> list[str]:
-    return [e.kind for e in events]
+#: :func:`tests.e2ehelpers.eventually` with the Kafka suites' limit (``limit=`` overrides it).
+eventually = functools.partial(e2ehelpers.eventually, limit=KAFKA_LIMIT, interval=0.02)
 
 
 async def _bounded(closing: Awaitable[None]) -> None:
@@ -177,16 +158,7 @@ class Backend:
 
     async def events(self, app: QueueTasks, task_id: str | None = None) -> list[TaskEvent]:
         """The decodable events of the events topic (one task's, if given), in log order."""
-        topic = app.topology.events
-        out = []
-        for rec in await self.read(app, [topic]):
-            if rec.value is None or (task_id is not None and rec.key != task_id.encode()):
-                continue
-            try:
-                out.append(TaskEvent.from_avro(app.serde.decode(topic, rec.value)))
-            except SerdeError:
-                continue
-        return out
+        return decodable_events(app, await self.read(app, [app.topology.events]), task_id)
 
     async def settle(self, app: QueueTasks) -> None:
         """Wait until every running stage has committed past every record of its topics and

@@ -6,6 +6,7 @@ every backend, this one included, in ``tests/contract/test_lifecycle.py``."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import math
@@ -13,9 +14,9 @@ import struct
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import fastavro
 import pytest
@@ -29,7 +30,6 @@ from qtasks_stream import (
     TaskQuery,
     UnknownTaskError,
 )
-from qtasks_stream.errors import SerdeError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import (
     Started,
@@ -42,31 +42,16 @@ from qtasks_stream.events import (
 from qtasks_stream.records import OutRecord, TopicPartition
 from qtasks_stream.serde.schemas import load_schema_text
 from qtasks_stream.views.memory import MemoryViewStore
+from tests import e2ehelpers
+from tests.e2ehelpers import decodable_events, kinds
 
 LIMIT = 5.0
-T = TypeVar("T")
 
 # -- helpers ------------------------------------------------------------------------------------
 
 
-async def eventually(
-    probe: Callable[[], Awaitable[T] | T],
-    ok: Callable[[T], bool] = bool,
-    *,
-    what: str,
-    limit: float = LIMIT,
-) -> T:
-    """Poll ``probe`` until ``ok`` holds for its value; fail after ``limit`` seconds."""
-    deadline = time.monotonic() + limit
-    while True:
-        value = probe()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if ok(value):  # type: ignore[arg-type]
-            return value  # type: ignore[return-value]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {limit}s: {what} (last: {value!r})")
-        await asyncio.sleep(0.01)
+#: :func:`tests.e2ehelpers.eventually` with this suite's limit (``limit=`` still overrides it).
+eventually = functools.partial(e2ehelpers.eventually, limit=LIMIT)
 
 
 def memlog(app: QueueTasks) -> InMemoryEventLog:
@@ -76,16 +61,7 @@ def memlog(app: QueueTasks) -> InMemoryEventLog:
 
 def log_events(app: QueueTasks, task_id: str | None = None) -> list[TaskEvent]:
     """The decodable events of the events topic (one task's, in log order, if given)."""
-    topic = app.topology.events
-    out = []
-    for rec in memlog(app).records(topic):
-        if rec.value is None or (task_id is not None and rec.key != task_id.encode()):
-            continue
-        try:
-            out.append(TaskEvent.from_avro(app.serde.decode(topic, rec.value)))
-        except SerdeError:
-            continue
-    return out
+    return decodable_events(app, memlog(app).records(app.topology.events), task_id)
 
 
 def ends(log: InMemoryEventLog, topic: str) -> dict[TopicPartition, int]:
@@ -116,10 +92,6 @@ async def finished(app: QueueTasks, task_id: str) -> Task:
     )
     assert task is not None
     return task
-
-
-def kinds(events: list[TaskEvent]) -> list[str]:
-    return [e.kind for e in events]
 
 
 # -- submission -----------------------------------------------------------------------------------
