@@ -137,6 +137,16 @@ class SchedulerStage(Stage):
             self._fold(event, rec.tp)
             self._act(event, checkpoint)
 
+    def held(self) -> dict[str, int]:
+        """What the scheduler holds in memory: open tasks, and ended tasks it remembers."""
+        return {
+            "open": len(self._tasks),
+            "ended": sum(len(finished) for finished in self._finished.values()),
+        }
+
+    def _ended(self, task_id: str) -> bool:
+        return any(task_id in finished for finished in self._finished.values())
+
     def positions_wanted(self) -> Collection[TopicPartition]:
         return list(self._restoring)
 
@@ -166,6 +176,10 @@ class SchedulerStage(Stage):
                 return
             del finished[event.task_id]
         payload = event.payload
+        if previous is None and isinstance(payload, CancelRequested):
+            # A task this scheduler does not know (it ended longer than the retention ago,
+            # or never was): nothing to hold; _act forwards the cancel to the workers.
+            return
         reopened = isinstance(payload, Resubmitted) and (
             previous is None or reopens(previous, event)
         )
@@ -231,7 +245,13 @@ class SchedulerStage(Stage):
     def _act(self, event: TaskEvent, checkpoint: Checkpoint) -> None:
         state = self._tasks.get(event.task_id)
         payload = event.payload
-        if state is None or state.final:
+        if state is None:
+            if isinstance(payload, CancelRequested) and not self._ended(event.task_id):
+                # Unknown here; should it run anywhere, only a worker can stop it.
+                command = ControlCommand(event.task_id, payload.reason, now_us())
+                checkpoint.emit(self._topology.control, event.task_id, command)
+            return
+        if state.final:
             return
         if isinstance(payload, Submitted) and state.status == "new":
             self._schedule(state, checkpoint)

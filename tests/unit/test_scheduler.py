@@ -439,8 +439,10 @@ async def test_an_ended_task_is_remembered_for_the_retention_then_forgotten(
     await h.tick()
     assert await h.feed(_submit("t1", idempotency_key="k")) == []
 
+    assert h.stage.held() == {"open": 0, "ended": 1}
     clock[0] += 120_000 * 1000  # past it, and past the next prune
     await h.tick()
+    assert h.stage.held() == {"open": 0, "ended": 0}
     again = await h.feed(_submit("t1", idempotency_key="k"))
     assert [item.task_id for _lane, item in _work(again)] == ["t1"]
 
@@ -479,3 +481,15 @@ async def test_a_task_whose_submit_is_past_the_retention_fails_instead_of_runnin
     assert "Submitted" in failed.payload.message and "retention" in failed.payload.message
     # Ended: a late copy of its release changes nothing.
     assert await h.feed(_submit("old")) == []
+
+
+async def test_a_cancel_of_an_unknown_task_is_forwarded_and_nothing_is_held() -> None:
+    """A task that ended longer than the retention ago, or never was: the workers get the
+    cancel (only they could stop it), and the scheduler keeps no state for it."""
+    h = Harness()
+    await h.assign()
+    outputs = await h.feed(_client("ghost", CancelRequested("typo")))
+    assert [(o.topic, o.key) for o in outputs] == [(TOPOLOGY.control, "ghost")]
+    assert isinstance(outputs[0].value, ControlCommand)
+    assert outputs[0].value.reason == "typo"
+    assert h.stage.held() == {"open": 0, "ended": 0}
