@@ -34,7 +34,7 @@ _REGISTRY_RETRY_MAX = 5.0
 
 
 class _Watch:
-    __slots__ = ("events", "futures", "queues", "state")
+    __slots__ = ("events", "futures", "queues", "readers", "state")
 
     def __init__(self) -> None:
         self.state: TaskState | None = None
@@ -42,6 +42,9 @@ class _Watch:
         self.queues: list[asyncio.Queue[Any]] = []
         #: Events seen while a reader of the log catches up (see :meth:`seed`).
         self.events: list[TaskEvent] | None = None
+        #: History reads still to end in :meth:`seed` or :meth:`unseed`: while any is, the
+        #: events are kept and the watch is not finished from them alone.
+        self.readers = 0
 
 
 class ResultListener:
@@ -99,8 +102,10 @@ class ResultListener:
         With ``record``, events seen from now on are also kept for :meth:`seed`.
         """
         watch = self._watch(task_id)
-        if record and watch.events is None:
-            watch.events = []
+        if record:
+            watch.readers += 1
+            if watch.events is None:
+                watch.events = []
         if base is not None and watch.state is None:
             watch.state = base
         future: asyncio.Future[TaskState] = asyncio.get_running_loop().create_future()
@@ -120,22 +125,30 @@ class ResultListener:
         state: TaskState | None = None
         for event in (*history, *(e for e in watch.events or () if e.event_id not in known)):
             state = fold(state, event)
-        watch.events = None
+        self._read_ended(watch)
         if state is not None:
             watch.state = state
             if state.final:
                 self._finish(task_id.encode(), watch)
 
     def unseed(self, task_id: str) -> None:
-        """The read meant for :meth:`seed` failed: stop recording, and finish the watch if what
-        the listener saw ended the task (its other waiters would hang otherwise)."""
+        """The read meant for :meth:`seed` failed: unless another read is pending, stop
+        recording, and finish the watch if what the listener saw ended the task (its other
+        waiters would hang otherwise)."""
         key = task_id.encode()
         watch = self._watches.get(key)
         if watch is None:
             return
-        watch.events = None
-        if watch.state is not None and watch.state.final:
+        self._read_ended(watch)
+        if watch.events is None and watch.state is not None and watch.state.final:
             self._finish(key, watch)
+
+    @staticmethod
+    def _read_ended(watch: _Watch) -> None:
+        """One history read of ``watch`` ended; the last one stops the recording."""
+        watch.readers = max(0, watch.readers - 1)
+        if watch.readers == 0:
+            watch.events = None
 
     def _finish(self, key: bytes, watch: _Watch) -> None:
         assert watch.state is not None

@@ -30,6 +30,7 @@ from qtasks_stream import (
     TaskQuery,
     UnknownTaskError,
 )
+from qtasks_stream.errors import EventLogError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import (
     Started,
@@ -324,6 +325,53 @@ async def test_wait_keeps_what_was_submitted_when_the_task_ends_during_its_histo
 
     monkeypatch.setattr(app, "_history_events", slow_read)
     task = await app.wait(submitted.uuid, timeout=LIMIT)
+    assert task is not None and (task.status, task.returning) == ("success", 42)
+    assert (task.args, task.tags, task.created_at) == ([6, 7], ["math"], submitted.created_at)
+
+
+async def test_a_failed_history_read_of_one_wait_does_not_cut_another_short(
+    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two waits on one task; the first one's history read fails while the second one's is
+    under way, and then the task ends: the second still gets the task as submitted."""
+    app = make_app()
+    gate = asyncio.Event()
+
+    @app.task
+    async def multiply(a: int, b: int) -> int:
+        await gate.wait()
+        return a * b
+
+    await app.start()
+    submitted = await app.add_task("multiply", 6, 7, tags=["math"])
+    assert submitted is not None
+    watches, key = app._results._watches, submitted.uuid.encode()
+    read = app._history_events
+    second_reads = asyncio.Event()
+    first: asyncio.Task[Task | None] | None = None
+
+    async def reads(uuid: str, **options: Any) -> list[TaskEvent]:
+        if asyncio.current_task() is first:
+            await second_reads.wait()
+            raise EventLogError("the broker went away")
+        second_reads.set()
+        events = await read(uuid, **options)
+        await eventually(lambda: first is not None and first.done(), what="the first wait failed")
+        gate.set()
+
+        def seen_ended() -> bool:
+            state = watches[key].state if key in watches else None
+            return key not in watches or (state is not None and state.final)
+
+        await eventually(seen_ended, what="the listener saw the end")
+        return events
+
+    monkeypatch.setattr(app, "_history_events", reads)
+    first = asyncio.create_task(app.wait(submitted.uuid, timeout=LIMIT))
+    await asyncio.sleep(0)  # the first wait registers and starts its read
+    task = await app.wait(submitted.uuid, timeout=LIMIT)
+    with pytest.raises(EventLogError, match="went away"):
+        await first
     assert task is not None and (task.status, task.returning) == ("success", 42)
     assert (task.args, task.tags, task.created_at) == ([6, 7], ["math"], submitted.created_at)
 
