@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -293,9 +294,33 @@ async def test_close_returns_promptly_after_results_were_awaited(
         await app.close()
 
 
-async def test_wait_keeps_what_was_submitted_when_the_task_ends_during_its_history_read(
-    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@dataclass
+class GatedTask:
+    """A started app whose task ``multiply(6, 7)`` (tags ``math``) waits for :meth:`finish`."""
+
+    app: QueueTasks
+    gate: asyncio.Event
+    submitted: Task
+
+    async def finish(self) -> None:
+        """Let the task end, and wait until the result listener has seen it end (Started,
+        Succeeded: not the Submitted with the arguments)."""
+        self.gate.set()
+        watches, key = self.app._results._watches, self.submitted.uuid.encode()
+
+        def seen_ended() -> bool:
+            state = watches[key].state if key in watches else None
+            return key not in watches or (state is not None and state.final)
+
+        await eventually(seen_ended, what="the listener saw the end")
+
+    def assert_as_submitted(self, task: Task | None) -> None:
+        assert task is not None and (task.status, task.returning) == ("success", 42)
+        expected = ([6, 7], ["math"], self.submitted.created_at)
+        assert (task.args, task.tags, task.created_at) == expected
+
+
+async def gated_multiply(make_app: Callable[..., QueueTasks]) -> GatedTask:
     app = make_app()
     gate = asyncio.Event()
 
@@ -307,26 +332,24 @@ async def test_wait_keeps_what_was_submitted_when_the_task_ends_during_its_histo
     await app.start()
     submitted = await app.add_task("multiply", 6, 7, tags=["math"])
     assert submitted is not None
-    watches, key = app._results._watches, submitted.uuid.encode()
-    read = app._history_events
+    return GatedTask(app, gate, submitted)
+
+
+async def test_wait_keeps_what_was_submitted_when_the_task_ends_during_its_history_read(
+    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gated = await gated_multiply(make_app)
+    read = gated.app._history_events
 
     async def slow_read(uuid: str, **options: Any) -> list[TaskEvent]:
         # On Kafka the read takes a while: the task ends, and the listener sees its end
-        # (Started, Succeeded: not the Submitted with the arguments), before it returns.
+        # before it returns.
         events = await read(uuid, **options)
-        gate.set()
-
-        def seen_ended() -> bool:
-            state = watches[key].state if key in watches else None
-            return key not in watches or (state is not None and state.final)
-
-        await eventually(seen_ended, what="the listener saw the end")
+        await gated.finish()
         return events
 
-    monkeypatch.setattr(app, "_history_events", slow_read)
-    task = await app.wait(submitted.uuid, timeout=LIMIT)
-    assert task is not None and (task.status, task.returning) == ("success", 42)
-    assert (task.args, task.tags, task.created_at) == ([6, 7], ["math"], submitted.created_at)
+    monkeypatch.setattr(gated.app, "_history_events", slow_read)
+    gated.assert_as_submitted(await gated.app.wait(gated.submitted.uuid, timeout=LIMIT))
 
 
 async def test_a_failed_history_read_of_one_wait_does_not_cut_another_short(
@@ -334,18 +357,8 @@ async def test_a_failed_history_read_of_one_wait_does_not_cut_another_short(
 ) -> None:
     """Two waits on one task; the first one's history read fails while the second one's is
     under way, and then the task ends: the second still gets the task as submitted."""
-    app = make_app()
-    gate = asyncio.Event()
-
-    @app.task
-    async def multiply(a: int, b: int) -> int:
-        await gate.wait()
-        return a * b
-
-    await app.start()
-    submitted = await app.add_task("multiply", 6, 7, tags=["math"])
-    assert submitted is not None
-    watches, key = app._results._watches, submitted.uuid.encode()
+    gated = await gated_multiply(make_app)
+    app, uuid_ = gated.app, gated.submitted.uuid
     read = app._history_events
     second_reads = asyncio.Event()
     first: asyncio.Task[Task | None] | None = None
@@ -357,23 +370,16 @@ async def test_a_failed_history_read_of_one_wait_does_not_cut_another_short(
         second_reads.set()
         events = await read(uuid, **options)
         await eventually(lambda: first is not None and first.done(), what="the first wait failed")
-        gate.set()
-
-        def seen_ended() -> bool:
-            state = watches[key].state if key in watches else None
-            return key not in watches or (state is not None and state.final)
-
-        await eventually(seen_ended, what="the listener saw the end")
+        await gated.finish()
         return events
 
     monkeypatch.setattr(app, "_history_events", reads)
-    first = asyncio.create_task(app.wait(submitted.uuid, timeout=LIMIT))
+    first = asyncio.create_task(app.wait(uuid_, timeout=LIMIT))
     await asyncio.sleep(0)  # the first wait registers and starts its read
-    task = await app.wait(submitted.uuid, timeout=LIMIT)
+    task = await app.wait(uuid_, timeout=LIMIT)
     with pytest.raises(EventLogError, match="went away"):
         await first
-    assert task is not None and (task.status, task.returning) == ("success", 42)
-    assert (task.args, task.tags, task.created_at) == ([6, 7], ["math"], submitted.created_at)
+    gated.assert_as_submitted(task)
 
 
 # -- restarts -------------------------------------------------------------------------------------
