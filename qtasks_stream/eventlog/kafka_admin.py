@@ -32,6 +32,7 @@ from qtasks_stream.eventlog.kafka_config import ConfValue, KafkaConfig
 from qtasks_stream.records import TopicPartition, TopicSpec
 
 __all__ = [
+    "ListedOffsets",
     "OffsetLister",
     "describe_kafka_error",
     "ensure_topics",
@@ -340,3 +341,21 @@ class OffsetLister:
             return retry_retriable(attempt, self.timeout, "listing offsets")
         except KafkaException as exc:
             raise EventLogError(f"cannot list offsets: {describe_kafka_error(exc)}") from exc
+
+
+class ListedOffsets:
+    """A Kafka consumer's ``end_offsets`` and ``offsets_for_time``, answered by its event
+    log's one :class:`OffsetLister` (both Kafka event logs' consumers mix this in)."""
+
+    #: Set by the event log that builds the consumer.
+    offsets: OffsetLister | None = None
+
+    async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        assert self.offsets is not None, "set by the event log that built the consumer"
+        return await self.offsets.end_offsets(tps)
+
+    async def offsets_for_time(
+        self, tps: Sequence[TopicPartition], timestamp_ms: int
+    ) -> dict[TopicPartition, int]:
+        assert self.offsets is not None, "set by the event log that built the consumer"
+        return await self.offsets.offsets_for_time(tps, timestamp_ms)

@@ -39,6 +39,7 @@ from aiokafka.producer.transaction_manager import TransactionState
 from qtasks_stream.errors import ConfigurationError, EventLogError, FencedError
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer, RebalanceListener, StartFrom
 from qtasks_stream.eventlog.kafka_admin import (
+    ListedOffsets,
     OffsetLister,
     ensure_topics,
 )
@@ -400,10 +401,7 @@ class _AioRebalanceAdapter(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._owner.partitions_assigned({_our_tp(tp) for tp in assigned})
 
 
-class _AioConsumer(Consumer):
-    #: Set by the event log: offsets are listed by its one admin client.
-    offsets: OffsetLister | None = None
-
+class _AioConsumer(ListedOffsets, Consumer):
     def __init__(
         self,
         kwargs: dict[str, Any],
@@ -581,16 +579,6 @@ class _AioConsumer(Consumer):
         else:
             self._paused.difference_update(tps)
             consumer.resume(*(_aio_tp(tp) for tp in tps if tp in assigned))
-
-    async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        assert self.offsets is not None, "built by AioKafkaEventLog.consumer"
-        return await self.offsets.end_offsets(tps)
-
-    async def offsets_for_time(
-        self, tps: Sequence[TopicPartition], timestamp_ms: int
-    ) -> dict[TopicPartition, int]:
-        assert self.offsets is not None, "built by AioKafkaEventLog.consumer"
-        return await self.offsets.offsets_for_time(tps, timestamp_ms)
 
     # -- committing -----------------------------------------------------------------------
 

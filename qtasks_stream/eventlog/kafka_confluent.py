@@ -46,6 +46,7 @@ from confluent_kafka import KafkaError, KafkaException
 from qtasks_stream.errors import EventLogError, FencedError
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer, RebalanceListener, StartFrom
 from qtasks_stream.eventlog.kafka_admin import (
+    ListedOffsets,
     OffsetLister,
     describe_kafka_error,
     ensure_topics,
@@ -486,10 +487,7 @@ class _ConfluentProducer(Producer):
             raise
 
 
-class _ConfluentConsumer(Consumer):
-    #: Set by the event log: offsets are listed by its one admin client.
-    offsets: OffsetLister | None = None
-
+class _ConfluentConsumer(ListedOffsets, Consumer):
     def __init__(
         self,
         conf: dict[str, Any],
@@ -1085,16 +1083,6 @@ class _ConfluentConsumer(Consumer):
             # A poll waiting now may have buffered records of ``tps`` to return: without this
             # it would sleep until new records or its timeout (a drained lane idling).
             self._wakeup.set()
-
-    async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        assert self.offsets is not None, "built by ConfluentEventLog.consumer"
-        return await self.offsets.end_offsets(tps)
-
-    async def offsets_for_time(
-        self, tps: Sequence[TopicPartition], timestamp_ms: int
-    ) -> dict[TopicPartition, int]:
-        assert self.offsets is not None, "built by ConfluentEventLog.consumer"
-        return await self.offsets.offsets_for_time(tps, timestamp_ms)
 
     async def committed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         if self._group_id is None or not tps:
