@@ -49,6 +49,15 @@ def shared() -> dict[str, Any]:
     }
 
 
+async def started(build: Callable[..., QueueTasks]) -> tuple[QueueTasks, dict[str, Any]]:
+    """A started app with this module's tasks, and the log and registry it shares."""
+    parts = shared()
+    app = build(**parts)
+    register(app)
+    await app.start()
+    return app, parts
+
+
 def register(app: QueueTasks, *, ghost: bool = False) -> None:
     @app.task(retry=1, retry_on_exc=[OSError], retry_backoff=0.01, echo=True)
     async def flaky(self: Any, fail: bool) -> int:
@@ -93,10 +102,7 @@ async def cli(app: QueueTasks, *argv: str) -> int:
 async def test_replay_into_a_url_equals_the_live_view_and_verify_finds_a_difference(
     build: Callable[..., QueueTasks], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    parts = shared()
-    app = build(**parts)
-    register(app)
-    await app.start()
+    app, parts = await started(build)
     ids = await some_work(app, "a")
     await settle(app)
     live = app.view
@@ -135,10 +141,7 @@ async def test_replay_into_a_url_equals_the_live_view_and_verify_finds_a_differe
 async def test_replay_from_offsets_or_time_starts_mid_log(
     build: Callable[..., QueueTasks], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    parts = shared()
-    app = build(**parts)
-    register(app)
-    await app.start()
+    app, parts = await started(build)
     first = await some_work(app, "a")
     await settle(app)
     middle = ends(parts["event_log"], app.topology.events)
@@ -170,10 +173,7 @@ async def test_replay_from_offsets_or_time_starts_mid_log(
 async def test_snapshot_plus_tail_equals_a_full_replay(
     build: Callable[..., QueueTasks], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    parts = shared()
-    app = build(**parts)
-    register(app)
-    await app.start()
+    app, parts = await started(build)
     await some_work(app, "a")
     pending = await app.add_task("later", countdown=0.3)
     assert pending is not None
@@ -224,10 +224,7 @@ async def test_snapshot_plus_tail_equals_a_full_replay(
 async def test_snapshots_are_written_on_a_period_until_stopped(
     build: Callable[..., QueueTasks],
 ) -> None:
-    parts = shared()
-    app = build(**parts)
-    register(app)
-    await app.start()
+    app, _ = await started(build)
     await some_work(app, "a")
     await settle(app)
     stop = asyncio.Event()
@@ -256,11 +253,8 @@ async def test_snapshots_are_written_on_a_period_until_stopped(
 async def test_dead_letters_are_listed_and_replayed_once(
     build: Callable[..., QueueTasks], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    parts = shared()
+    app, parts = await started(build)
     log: InMemoryEventLog = parts["event_log"]
-    app = build(**parts)
-    register(app)
-    await app.start()
     task_id = str(uuid.uuid4())
     lane = app.topology.lane(1)
     item = WorkItem(task_id, "ghost_task", 1, "[]", "{}", 1, now_us())
@@ -437,11 +431,8 @@ async def test_a_dead_letter_not_yet_in_the_tasks_history_is_not_replayed(
 async def test_a_replayer_that_read_the_markers_before_another_committed_is_fenced(
     build: Callable[..., QueueTasks],
 ) -> None:
-    parts = shared()
+    app, parts = await started(build)
     log: InMemoryEventLog = parts["event_log"]
-    app = build(**parts)
-    register(app)
-    await app.start()
     await log.producer().send([OutRecord(app.topology.events, b"k", b"\x00\x01garbage")])
     await eventually(
         lambda: kinds(log_events(app, "k")), lambda k: k == ["DeadLettered"], what="dead letter"
