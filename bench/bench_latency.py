@@ -166,8 +166,10 @@ def floor(config: KafkaConfig, round_trips: int, *, transactional_request: bool)
         responder.join(timeout=SETUP_TIMEOUT)
         reader.close()
         delete_topics(config, [request, answer])
-    label = "floor, two transactional hops" if transactional_request else (
-        "floor, one transactional hop (idempotent request)"
+    label = (
+        "floor, two transactional hops"
+        if transactional_request
+        else ("floor, one transactional hop (idempotent request)")
     )
     return Latencies(label, seconds, cpu)
 
