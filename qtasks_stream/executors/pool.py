@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -55,12 +56,16 @@ class LocalExecutor(Executor):
             return items
         await self.start()
         loop = asyncio.get_running_loop()
+        # The thread runs in a copy of the caller's context, so current() works there as in
+        # a coroutine; a generator's steps share one copy, as they share one frame.
+        context = contextvars.copy_context()
         if call.kind == "sync":
-            fn = functools.partial(call.fn, *call.args, **call.kwargs)
+            fn = functools.partial(context.run, call.fn, *call.args, **call.kwargs)
             return await loop.run_in_executor(self._pool, fn)
         iterator = iter(call.fn(*call.args, **call.kwargs))
         items = []
-        while (item := await loop.run_in_executor(self._pool, _next_item, iterator)) is not _DONE:
+        step = functools.partial(context.run, _next_item, iterator)
+        while (item := await loop.run_in_executor(self._pool, step)) is not _DONE:
             on_item(item)
             items.append(item)
         return items
