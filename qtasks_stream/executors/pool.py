@@ -6,7 +6,9 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from qtasks_stream.errors import ConfigurationError
@@ -76,8 +78,9 @@ class ProcessExecutor(Executor):
 
     Functions must be importable by name (module level) and their arguments and results
     picklable. On timeout or cancel the pool is torn down (killing the runaway process) and
-    rebuilt; calls running beside it in that pool fail with ``BrokenProcessPool`` and are
-    handled as failed attempts (retried where the task allows).
+    rebuilt; calls that were running beside it in that pool are run again on the new pool
+    (they did nothing wrong; their own ``max_time`` keeps counting). A call whose own
+    process dies fails with ``BrokenProcessPool``, handled as a failed attempt.
     """
 
     def __init__(self, *, processes: int = 2) -> None:
@@ -85,6 +88,8 @@ class ProcessExecutor(Executor):
             raise ConfigurationError(f"processes must be >= 1, not {processes}")
         self._processes = processes
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        #: Pools this executor killed: a call that breaks with one of them is run again.
+        self._killed: weakref.WeakSet[concurrent.futures.ProcessPoolExecutor] = weakref.WeakSet()
 
     async def start(self) -> None:
         if self._pool is None:
@@ -101,21 +106,37 @@ class ProcessExecutor(Executor):
                 f"ProcessExecutor runs plain sync functions, not {call.kind} ones "
                 f"({getattr(call.fn, '__qualname__', call.fn)})"
             )
-        await self.start()
-        pool = self._pool
-        assert pool is not None
-        future = pool.submit(call.fn, *call.args, **call.kwargs)
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            if not future.done():
-                self._kill(pool)
-            raise
+        while True:
+            await self.start()
+            pool = self._pool
+            assert pool is not None
+            future = pool.submit(call.fn, *call.args, **call.kwargs)
+            try:
+                return await asyncio.wrap_future(future)
+            except BrokenProcessPool:
+                if pool in self._killed:
+                    continue
+                # Its own process died: later calls need a fresh pool, this one is broken.
+                if self._pool is pool:
+                    self._pool = None
+                raise
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if future.cancelled() and pool in self._killed and me and not me.cancelling():
+                    continue  # still queued when another call's timeout killed the pool
+                if not future.done():
+                    self._kill(pool)
+                raise
 
     def _kill(self, pool: concurrent.futures.ProcessPoolExecutor) -> None:
         # The stdlib pool cannot stop one call; terminating its processes is the only hard stop.
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
+        # Two calls of one pool may time out together: the first kills it, the second finds
+        # it killed (its processes gone, ``_processes`` already None) and has nothing to do.
+        if pool in self._killed:
+            return
+        self._killed.add(pool)
         if self._pool is pool:
             self._pool = None
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
