@@ -18,6 +18,11 @@ class Call:
     kind: FunctionKind
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    #: What log lines call it (the task, its id and attempt).
+    label: str = ""
+    #: Called in the event loop when the function starts to run, after any wait for a
+    #: thread or a process: the attempt's ``max_time`` counts from there.
+    on_start: Callable[[], None] | None = None
 
 
 class Executor(ABC):
@@ -32,5 +37,6 @@ class Executor(ABC):
         """Run ``call``; a generator's items go to ``on_item`` and its result is their list.
 
         Cancelling the awaiting coroutine abandons the call (async functions are cancelled;
-        how far a running thread or process is stopped depends on the executor).
+        how far a running thread or process is stopped depends on the executor). A call
+        that never started does not start.
         """
