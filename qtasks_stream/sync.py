@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from qtasks_stream.app import STAGES, QueueTasks
 from qtasks_stream.errors import ConfigurationError
+from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.state import Task
 from qtasks_stream.tasks import TaskHandle
 
@@ -36,9 +37,9 @@ class SyncClient:
 
     Args:
         app: the application.
-        run_stages: ``False`` (the default) for a client of workers that run elsewhere;
-            ``True`` runs all the app's stages in the client's loop (the embedded default
-            needs that: nothing else would run its tasks), or give stage names.
+        run_stages: ``False`` (the default) for a client of workers that run elsewhere
+            (refused on the embedded in-memory log, which no worker elsewhere can read);
+            ``True`` runs all the app's stages in the client's loop, or give stage names.
         close_timeout: how long :meth:`close` waits for the app to close (its running
             attempts get the app's ``shutdown_grace`` within it).
 
@@ -55,6 +56,12 @@ class SyncClient:
         close_timeout: float | None = None,
     ) -> None:
         stages = list(STAGES) if run_stages is True else list(run_stages) if run_stages else []
+        if not stages and isinstance(app.event_log, InMemoryEventLog):
+            raise ConfigurationError(
+                f"app {app.name!r} runs on the embedded in-memory event log, which no other "
+                "process can reach: its tasks would never run. Pass run_stages=True, or "
+                "give the app a Kafka event log its workers share"
+            )
         self.app = app
         timeout = close_timeout if close_timeout is not None else app.shutdown_grace + 5.0
         self._loop = _LoopThread(app, timeout)

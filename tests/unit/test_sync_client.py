@@ -95,6 +95,13 @@ def test_a_closed_client_refuses_calls_and_closing_twice_is_harmless() -> None:
         client.add_task("add", 1, 2)
 
 
+def test_a_client_without_stages_on_the_embedded_log_is_refused() -> None:
+    app = QueueTasks("sync-nostages")
+    declare(app)
+    with pytest.raises(ConfigurationError, match="run_stages=True"):
+        SyncClient(app)
+
+
 def test_a_task_calling_the_client_of_its_own_loop_is_refused_not_deadlocked() -> None:
     app = QueueTasks("sync-self")
     clients: list[SyncClient] = []
