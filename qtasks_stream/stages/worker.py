@@ -331,13 +331,19 @@ class WorkerStage(Stage):
         started = time.perf_counter()
         max_time = work.max_time or definition.max_time
         # Armed when the function starts (see _call): waiting for a free thread or process
-        # is not execution time.
+        # is not execution time, for max_time nor for the reported duration.
         timer = asyncio.timeout(None)
         loop = asyncio.get_running_loop()
+        clock_started = False
 
         def start_clock() -> None:
+            nonlocal started, clock_started
+            if clock_started:
+                return
+            clock_started = True
+            started = time.perf_counter()
             # From a thread this comes a moment later: the attempt may have ended already.
-            if max_time is not None and timer.when() is None and not timer.expired():
+            if max_time is not None and not timer.expired():
                 with contextlib.suppress(RuntimeError):  # its timer has exited
                     timer.reschedule(loop.time() + max_time)
 
