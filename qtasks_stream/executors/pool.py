@@ -187,6 +187,8 @@ class ProcessExecutor(Executor):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        # A semaphore belongs to the loop it first waited in; a restarted app may run in another.
+        self._free = asyncio.Semaphore(self._processes)
 
     async def run(self, call: Call, on_item: Callable[[Any], None]) -> Any:
         if call.kind != "sync":

@@ -177,3 +177,18 @@ async def test_interceptors_cannot_be_added_once_stages_run() -> None:
     async with app:
         with pytest.raises(ConfigurationError, match="before the stages start"):
             app.add_interceptor(Interceptor())
+
+
+def test_a_closed_process_executor_serves_a_second_event_loop() -> None:
+    executor = ProcessExecutor(processes=1)
+
+    async def busy() -> list[Any]:
+        try:  # three calls for one process: two wait for it in this loop
+            return await asyncio.gather(
+                *(executor.run(Call(nap, "sync", (0.05,), {}), lambda _: None) for _ in range(3))
+            )
+        finally:
+            await executor.close()
+
+    assert asyncio.run(busy()) == [0.05] * 3
+    assert asyncio.run(busy()) == [0.05] * 3
