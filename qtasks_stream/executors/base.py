@@ -32,6 +32,12 @@ class Executor(ABC):
     async def close(self) -> None:
         """Stop pools; a no-op by default."""
 
+    @property
+    def abandoned(self) -> int:
+        """Calls still running after their attempt ended (timeout or cancel), each holding
+        a thread or process; 0 where the executor stops such calls (the default)."""
+        return 0
+
     @abstractmethod
     async def run(self, call: Call, on_item: Callable[[Any], None]) -> Any:
         """Run ``call``; a generator's items go to ``on_item`` and its result is their list.

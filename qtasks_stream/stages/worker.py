@@ -357,7 +357,15 @@ class WorkerStage(Stage):
                 async with timer:
                     result = await self._execute(
                         ExecuteInput(
-                            definition, work, ctx, args, kwargs, rec, self._group, self.worker_id
+                            definition,
+                            work,
+                            ctx,
+                            args,
+                            kwargs,
+                            rec,
+                            self._group,
+                            self.worker_id,
+                            self._executor,
                         )
                     )
             finally:
