@@ -12,9 +12,11 @@ from qtasks_stream.errors import (
     UnknownTaskError,
 )
 from qtasks_stream.interceptors import EmitInput, ExecuteInput, Interceptor, StepInput
+from qtasks_stream.settings import Settings
 from qtasks_stream.state import Task
 from qtasks_stream.tasks import RetryPolicy, Router, TaskHandle
 from qtasks_stream.views.base import TaskQuery
+from qtasks_stream.views.url import open_view
 
 __all__ = [
     "STAGES",
@@ -28,6 +30,7 @@ __all__ = [
     "RetryPolicy",
     "Router",
     "SerdeError",
+    "Settings",
     "StepInput",
     "Task",
     "TaskCancelled",
@@ -37,4 +40,5 @@ __all__ = [
     "TaskTimeout",
     "UnknownTaskError",
     "current",
+    "open_view",
 ]

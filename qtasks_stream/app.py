@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -50,6 +50,7 @@ from qtasks_stream.results import ResultListener
 from qtasks_stream.serde.avro import AvroSerde
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.payloads import TaskPayloads
+from qtasks_stream.settings import Settings
 from qtasks_stream.stages.base import Stage
 from qtasks_stream.stages.deadletter import DeadLetterStage
 from qtasks_stream.stages.projector import ProjectorStage
@@ -94,6 +95,9 @@ class QueueTasks(Router):
         interceptors: wrap task execution and stage steps, outermost first.
         instance_id: this process's identity in transactional ids; a restarted process
             with the same id fences its predecessor. Random by default.
+        settings: where the components live (see :class:`~qtasks_stream.settings.Settings`):
+            they build the event log, registry and view that are not passed explicitly, and
+            set the topic prefix and instance id when they name one.
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class QueueTasks(Router):
         batch_size: int = 500,
         poll_timeout: float = 0.2,
         shutdown_grace: float = 10.0,
+        settings: Settings | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -148,7 +153,42 @@ class QueueTasks(Router):
         self._client_lock = asyncio.Lock()
         self._view_started = False
         self.view: ViewStore = view if view is not None else MemoryViewStore()
-        self.use(event_log=event_log, schema_registry=schema_registry)
+        self.settings = settings if settings is not None else Settings()
+        if settings is None:
+            self.use(event_log=event_log, schema_registry=schema_registry)
+        else:
+            registry = schema_registry or settings.build_registry()
+            self.use(
+                event_log=event_log or settings.build_event_log(),
+                schema_registry=registry,
+                view=view or settings.build_view(),
+                topic_prefix=settings.topic_prefix,
+                instance_id=instance_id or settings.instance_id,
+                own_registry=schema_registry is None and registry is not None,
+            )
+
+    @classmethod
+    def from_env(cls, name: str, env: Mapping[str, str] = os.environ, **options: Any) -> QueueTasks:
+        """An app on what the environment configures (see docs/configuration.md);
+        ``options`` are the other arguments of :class:`QueueTasks`."""
+        return cls(name, settings=Settings.from_env(env), **options)
+
+    def configure(self, settings: Settings) -> QueueTasks:
+        """Move this app, declared with its module's components, onto ``settings``: how the
+        CLI applies the environment to the app it loads. The view the module chose stays
+        unless the settings name one. Returns the app."""
+        registry = settings.build_registry()
+        self.use(
+            # Embedded settings keep the log the module chose (it may be its own Kafka log).
+            event_log=settings.build_event_log() if settings.shared_log else self.event_log,
+            schema_registry=registry or self._registry,
+            view=settings.build_view(),
+            topic_prefix=settings.topic_prefix,
+            instance_id=settings.instance_id,
+            own_registry=registry is not None or self._own_registry,
+        )
+        self.settings = settings
+        return self
 
     def use(
         self,
@@ -178,12 +218,12 @@ class QueueTasks(Router):
         registry = schema_registry or SchemaRegistryClient.new_client(
             {"url": f"mock://{self.name}-{uuid.uuid4().hex[:8]}"}
         )
+        self._registry, self._own_registry = registry, own_registry
         self.serde: Serde = AvroSerde(
             registry, self.topology.topic_schemas(), close_registry=own_registry
         )
         self.payloads = TaskPayloads(registry, self.topology.events, self.definitions)
-        # Without one, the view the app was declared with stays (the CLI's configure swaps
-        # only the log and the registry).
+        # Without one, the view the app was declared with stays.
         if view is not None:
             self.view = view
         self._results = ResultListener(
