@@ -364,6 +364,11 @@ class QueueTasks(Router):
         """Submit a task. Returns it with status ``new``; with ``timeout``, waits for its end
         and returns the finished task, or ``None`` if it did not end in time.
 
+        With ``idempotency_key``, the task id derives from the key, and a repeat of a key
+        already submitted is the first task: it returns (with ``timeout``, waits for) that
+        task as its history in the log has it, whatever its state, with the first call's
+        arguments; the repeat's own arguments and options are ignored, even if they differ.
+
         Raises:
             UnknownTaskError: no task is registered under ``task_name``.
             ConfigurationError: an option is invalid or an argument is not JSON-serializable.
@@ -404,7 +409,8 @@ class QueueTasks(Router):
         # Encoded before anything is sent: a value that does not fit leaves nothing behind.
         record = as_record(self.serde, self.topology.events, task_id, event)
         waiter = None
-        if timeout is not None:
+        if timeout is not None and idempotency_key is None:
+            # A new task: its whole history is this event, the listener does the rest.
             await self._results.start()
             waiter = self._results.expect(task_id, base=fold(None, event))
         try:
@@ -414,12 +420,12 @@ class QueueTasks(Router):
                 self._results.forget(task_id, waiter)
             raise
         if idempotency_key is not None:
-            # A repeat of a known key is the first task: answer with it, as the view has it.
-            existing = await self._view_state(task_id)
-            if existing is not None and (waiter is None or existing.final):
-                if waiter is not None:
-                    self._results.forget(task_id, waiter)
-                return existing.to_task(self.payloads)
+            # A repeat of a known key is the first task (the scheduler ignores the repeat, and
+            # so does fold): answer with it, as its history in the log has it.
+            if timeout is not None:
+                return await self._follow(task_id, timeout)
+            first = _folded(await self._history_events(task_id, skip_undecodable=True))
+            return (first or fold(None, event)).to_task(self.payloads)
         if waiter is None:
             return fold(None, event).to_task(self.payloads)
         return await self._await(task_id, waiter, timeout)
@@ -436,18 +442,21 @@ class QueueTasks(Router):
         return state.to_task(self.payloads)
 
     async def wait(self, uuid: str, timeout: float | None = None) -> Task | None:
-        """Wait for a task to end; returns it, or ``None`` if it did not end in time."""
+        """Wait for a task to end; returns it, or ``None`` if it did not end in time.
+
+        The task's history in the log decides, not a view that may lag: right after a
+        ``resubmit()`` this waits for the new attempt, not the old outcome.
+        """
+        return await self._follow(uuid, timeout)
+
+    async def _follow(self, uuid: str, timeout: float | None) -> Task | None:
+        """The one path of every wait on a task submitted earlier: listen first, then read its
+        history, and let the listener fold the history and what it sees after."""
         await self._ensure_client()
         await self._results.start()
         # Listen first, then look: whatever ends after this point reaches the listener.
         waiter = self._results.expect(uuid, record=True)
         try:
-            current = await self._view_state(uuid)
-            if current is not None and current.final:
-                self._results.forget(uuid, waiter)
-                self._results.unseed(uuid)
-                return current.to_task(self.payloads)
-            # The view may lag behind the log (or not know the task yet): the log decides.
             history = await self._history_events(uuid, skip_undecodable=True)
         except BaseException:
             self._results.forget(uuid, waiter)
@@ -456,25 +465,57 @@ class QueueTasks(Router):
         self._results.seed(uuid, history)
         return await self._await(uuid, waiter, timeout)
 
-    async def stream(self, uuid: str) -> AsyncIterator[Any]:
-        """Progress items of a (generator) task as they are produced, until it ends."""
+    async def stream(self, uuid: str, timeout: float | None = None) -> AsyncIterator[Any]:
+        """Progress items of a (generator) task: those already recorded, then the new ones as
+        they are produced, until it ends (at once for a task that has ended).
+
+        Raises:
+            TaskNotFoundError: the log has no event of ``uuid``.
+            TimeoutError: the task did not end within ``timeout`` seconds.
+        """
         await self._ensure_client()
-        async for item in self._results.stream(uuid):
+        async for item in self._results.stream(
+            uuid, lambda: self._history_events(uuid, skip_undecodable=True), timeout
+        ):
             yield item
 
     async def _view_state(self, uuid: str) -> TaskState | None:
         await self._ensure_view()
         return await self.view.state(uuid)
 
+    async def _shared_view(self) -> bool:
+        """Whether the view is fed by a projector: a store other processes share (SQLite,
+        PostgreSQL), or an in-memory one a projector of this process fills."""
+        if not isinstance(self.view, MemoryViewStore) or "projector" in self.runners:
+            return True
+        await self._ensure_view()
+        return bool(await self.view.positions())  # another app's projector fed it
+
+    async def _require_shared_view(self, call: str) -> None:
+        if not await self._shared_view():
+            raise ConfigurationError(
+                f"{call}() needs a shared view, and this process has none (no projector "
+                "feeds its in-memory view): set QTASKS_VIEW_URL (or pass view=) to the "
+                "PostgreSQL or SQLite view a projector fills, or run the projector stage "
+                "here; get(uuid) works without one (it reads the task's history)"
+            )
+
     async def get(self, uuid: str, as_of: datetime | float | str | None = None) -> Task | None:
-        """The task as the view knows it, or ``None`` when unknown.
+        """The task, or ``None`` when the log has no event of it.
+
+        From the view when a projector feeds it (see ``QTASKS_VIEW_URL``), else (or when the
+        view does not know the task yet) folded from the task's history in the log. Never
+        older than what ``wait()`` or ``add_task(timeout=)`` returned in this process.
 
         With ``as_of`` (an aware datetime, epoch seconds, or ISO 8601 text), the task as it
         stood then: folded from its events in the log that happened at or before that moment
         (not from the view); ``None`` if it had no events yet.
         """
         if as_of is None:
-            state = await self._view_state(uuid)
+            state = await self._view_state(uuid) if await self._shared_view() else None
+            if state is None:
+                state = _folded(await self._history_events(uuid, skip_undecodable=True))
+            state = self._results.newest(uuid, state)
         else:
             state = audit.state_as_of(await self.history(uuid), audit.as_of_us(as_of))
         return state.to_task(self.payloads) if state is not None else None
@@ -504,17 +545,22 @@ class QueueTasks(Router):
         return found
 
     async def query(self, query: TaskQuery | None = None, **filters: Any) -> list[Task]:
-        await self._ensure_view()
+        """Tasks the shared view holds that match (see :class:`TaskQuery`).
+
+        Raises:
+            ConfigurationError: no projector feeds this process's view.
+        """
+        await self._require_shared_view("query")
         return await self.view.query(query or TaskQuery(**filters), payloads=self.payloads)
 
     async def page(self, query: TaskQuery | None = None, **filters: Any) -> TaskPage:
         """One page of :meth:`query`; pass its ``next_cursor`` as ``after`` for the next."""
-        await self._ensure_view()
+        await self._require_shared_view("page")
         return await self.view.page(query or TaskQuery(**filters), payloads=self.payloads)
 
     async def counts(self) -> dict[str, int]:
-        """Tasks per status, as the view has them."""
-        await self._ensure_view()
+        """Tasks per status, as the shared view has them."""
+        await self._require_shared_view("counts")
         return await self.view.counts()
 
     async def cancel(self, uuid: str, reason: str = "") -> None:
@@ -589,6 +635,13 @@ class QueueTasks(Router):
             return events
         finally:
             await consumer.close()
+
+
+def _folded(events: Iterable[TaskEvent]) -> TaskState | None:
+    state: TaskState | None = None
+    for event in events:
+        state = fold(state, event)
+    return state
 
 
 def _options(

@@ -90,7 +90,9 @@ async def settle(app: QueueTasks) -> None:
 async def finished(app: QueueTasks, task_id: str) -> Task:
     """The task once the view shows it final."""
     task = await eventually(
-        lambda: app.get(task_id), lambda t: t is not None and t.final, what=f"{task_id} final"
+        lambda: app.view.get(task_id, payloads=app.payloads),
+        lambda t: t is not None and t.final,
+        what=f"{task_id} final",
     )
     assert task is not None
     return task
