@@ -4,6 +4,8 @@ writes, idempotent repeats, ``wait`` after ``resubmit`` and ``stream`` of an end
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -204,3 +206,33 @@ async def test_stream_of_an_ended_task_yields_its_items_then_ends(
         assert items == [7]
         gate.set()
         assert [i async for i in app.stream(running.uuid, timeout=LIMIT)] == [7]
+
+
+CLIENT_ONLY = """
+import asyncio, sys
+from qtasks_stream import QueueTasks
+
+app = QueueTasks("solo")
+
+@app.task
+async def f() -> None:
+    pass
+
+async def main() -> None:
+    submitted = await app.add_task("f")
+    got = await app.get(submitted.uuid)
+    assert got is not None and got.status == "new", got
+    await app.close()
+
+asyncio.run(main())
+stages = ("qtasks_stream.stages", "qtasks_stream.runtime")
+print(sorted(m for m in sys.modules if m.startswith(stages)))
+"""
+
+
+def test_a_client_only_process_builds_no_stage_machinery() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CLIENT_ONLY], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
