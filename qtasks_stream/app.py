@@ -170,9 +170,9 @@ class QueueTasks(TaskClient, Router):
         default for the event log and registry, and keeps the current view (a store the
         app's module chose, say SQLite, survives the CLI moving the app onto Kafka).
 
-        This is how a composition root (the CLI) moves an app declared with the embedded
-        defaults onto Kafka without touching the module that declares its tasks. With
-        ``own_registry`` the app closes the registry client when it closes.
+        :meth:`configure` (what the CLI calls) swaps through here, so an app declared with the
+        embedded defaults moves onto Kafka without touching the module that declares its
+        tasks. With ``own_registry`` the app closes the registry client when it closes.
         """
         if self._client_ready or self.runners:
             raise ConfigurationError("components can only be swapped before the app starts")
