@@ -19,6 +19,7 @@ from qtasks_stream.interceptors import EmitInput, ExecuteInput, Interceptor, Ste
 from qtasks_stream.rerun import ResubmitFilter
 from qtasks_stream.settings import Settings
 from qtasks_stream.state import Task
+from qtasks_stream.sync import SyncClient
 from qtasks_stream.tasks import RetryPolicy, Router, TaskHandle
 from qtasks_stream.views.base import TaskPage, TaskQuery
 from qtasks_stream.views.url import open_view
@@ -39,6 +40,7 @@ __all__ = [
     "SerdeError",
     "Settings",
     "StepInput",
+    "SyncClient",
     "Task",
     "TaskCancelled",
     "TaskContext",

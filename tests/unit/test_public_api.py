@@ -27,6 +27,8 @@ PUBLIC = {
     "TaskQuery",
     "TaskPage",
     "ResubmitFilter",
+    # code that is not async
+    "SyncClient",
     # errors
     "QTasksStreamError",
     "ConfigurationError",
