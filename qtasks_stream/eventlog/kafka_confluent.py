@@ -250,12 +250,17 @@ class _ConfluentProducer(Producer):
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="qtasks-rdkafka-producer"
             )
+            producer = None
             try:
                 producer = await self._run(ck.Producer, self._conf)
                 if self._transactional_id is not None:
                     # Fences older producers with this id and finishes their open transaction.
                     await self._run(producer.init_transactions, self._timeout)
             except KafkaException as exc:
+                if producer is not None:
+                    # Why it failed (FAIL: connection refused...) is in its queued log lines,
+                    # which reach the logger only when polled: dropped unpolled, they were lost.
+                    await self._run(producer.poll, 0)
                 self._executor.shutdown(wait=False)
                 self._executor = None
                 raise _map_error(exc, "cannot start the Kafka producer") from exc
