@@ -30,7 +30,8 @@ from qtasks_stream.errors import (
     UnknownTaskError,
 )
 from qtasks_stream.eventlog.base import EventLog
-from qtasks_stream.eventlog.memory import InMemoryEventLog, murmur2_partition
+from qtasks_stream.eventlog.memory import InMemoryEventLog
+from qtasks_stream.eventlog.partitioning import murmur2_partition
 from qtasks_stream.events import (
     CancelRequested,
     Submitted,

@@ -44,7 +44,7 @@ from qtasks_stream.eventlog.kafka_admin import (
     ensure_topics,
 )
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
-from qtasks_stream.eventlog.memory import murmur2_partition
+from qtasks_stream.eventlog.partitioning import murmur2_partition
 from qtasks_stream.records import (
     Headers,
     OutRecord,
