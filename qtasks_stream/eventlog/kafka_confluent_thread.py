@@ -33,7 +33,6 @@ __all__ = ["BUFFER_LOW", "Command", "ConsumerThread"]
 
 log = logging.getLogger(__name__)
 
-
 #: Consumer errors that poll() raises; anything else librdkafka reports it retries itself.
 _CONSUMER_FATAL_CODES = frozenset(
     {
