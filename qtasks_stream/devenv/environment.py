@@ -146,7 +146,7 @@ class DevEnvironment:
     """The broker, registry and PostgreSQL of one ``home``, started and stopped together.
 
     ``ports`` holds the ports asked for (see ``ports_from``); the others are the recorded ones,
-    else the defaults. Asking for other ports than those of a running environment is an error.
+    else the defaults. Asking for other ports while a service of the home runs is an error.
     """
 
     def __init__(
@@ -163,15 +163,15 @@ class DevEnvironment:
         unknown = set(asked) - set(PORT_ENVS)
         if unknown:
             raise ValueError(f"unknown ports {sorted(unknown)}; known: {sorted(PORT_ENVS)}")
-        if self._services:
-            changed = {
-                field: value for field, value in asked.items() if recorded_ports.get(field) != value
-            }
-            if changed:
-                raise DevEnvError(
-                    f"the dev environment in {self._home} runs on ports {recorded_ports}; "
-                    f"run `qtasks-stream dev down` before choosing others ({changed})"
-                )
+        self._ports = DevPorts(**recorded_ports)
+        changed = {
+            field: value for field, value in asked.items() if recorded_ports.get(field) != value
+        }
+        if changed and self._running():
+            raise DevEnvError(
+                f"the dev environment in {self._home} runs on ports {recorded_ports}; "
+                f"run `qtasks-stream dev down` before choosing others ({changed})"
+            )
         self._ports = DevPorts(**{**recorded_ports, **asked})
 
     @property
@@ -193,8 +193,10 @@ class DevEnvironment:
 
         Raises ``DevEnvError`` if a service fails to start (the ones already up keep running).
         """
-        wanted = {"kafka"} | ({"registry"} if registry else set()) | (
-            {"postgres"} if postgres else set()
+        wanted = (
+            {"kafka"}
+            | ({"registry"} if registry else set())
+            | ({"postgres"} if postgres else set())
         )
         with self._locked():
             # Recorded first: a failed start leaves its service for status to report and for
@@ -236,6 +238,15 @@ class DevEnvironment:
         )
 
     # -- the services -----------------------------------------------------------------------
+
+    def _running(self) -> list[str]:
+        """The recorded services whose process still runs (none after a reboot, say)."""
+        pids = {
+            "kafka": lambda: self._kafka().status().pid,
+            "registry": lambda: self._registry().status().pid,
+            "postgres": lambda: self._postgres().status().pid,
+        }
+        return [name for name in sorted(self._services) if pids[name]() is not None]
 
     def _services_for(self, *, registry: bool, postgres: bool) -> frozenset[str]:
         """What status and down cover: the services up started here, plus PostgreSQL if asked;

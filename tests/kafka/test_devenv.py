@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -180,9 +182,7 @@ def test_each_start_keeps_its_own_log(tmp_path: Path) -> None:
 
 
 def test_the_dev_home_is_in_the_users_cache_not_the_working_folder(tmp_path: Path) -> None:
-    assert default_home({"XDG_CACHE_HOME": "/xdg", "HOME": "/h"}) == Path(
-        "/xdg/qtasks-stream/dev"
-    )
+    assert default_home({"XDG_CACHE_HOME": "/xdg", "HOME": "/h"}) == Path("/xdg/qtasks-stream/dev")
     assert default_home({"HOME": "/h"}) == Path("/h/.cache/qtasks-stream/dev")
     # A relative XDG_CACHE_HOME is invalid by the spec, and ignored.
     assert default_home({"XDG_CACHE_HOME": "rel", "HOME": "/h"}) == Path(
@@ -227,10 +227,26 @@ def test_status_from_another_folder_finds_the_home_and_ports_up_used(
     assert f"bootstrap='127.0.0.1:{port}'" in err
     assert f"home={tmp_path / 'cache' / 'qtasks-stream' / 'dev' / 'kafka'!r}" in err
     assert "DevRegistryStatus" not in err  # up started no registry
-    # Other ports while it is recorded as up: refused, naming the ones it has.
-    assert main(["dev", "status", "--port", "1"]) == 2
-    assert f"runs on ports {{'kafka': {port}" in capsys.readouterr().err
-    assert main(["dev", "down"]) == 0
+    # Nothing runs (up failed): other ports may be chosen, as after a reboot.
+    assert main(["dev", "status", "--port", "1", "--controller-port", "2"]) == 1
+    assert "bootstrap='127.0.0.1:1'" in capsys.readouterr().err
+    # A broker of the home runs (a stand-in carrying its command line): other ports are
+    # refused, naming the ones it has, until down stops it.
+    kafka_home = tmp_path / "cache" / "qtasks-stream" / "dev" / "kafka"
+    props = kafka_home / "config" / "server.properties"
+    stand_in = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "kafka.Kafka", str(props)]
+    )
+    try:
+        (kafka_home / "kafka.pid").write_text(f"{stand_in.pid}\n")
+        assert main(["dev", "status", "--port", "1"]) == 2
+        assert f"runs on ports {{'kafka': {port}" in capsys.readouterr().err
+        assert main(["dev", "down"]) == 0
+        stand_in.wait(timeout=10)  # down stopped it (and reaped it: no status left here)
+        assert not (kafka_home / "kafka.pid").exists()
+    finally:
+        stand_in.kill()
+        stand_in.wait()
     assert main(["dev", "status", "--port", "1", "--controller-port", "2"]) == 1
     assert "bootstrap='127.0.0.1:1'" in capsys.readouterr().err
     assert not list(first.iterdir()) and not list(second.iterdir())
