@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from qtasks_stream import cli_audit
 from qtasks_stream.app import STAGES, QueueTasks
@@ -127,7 +126,12 @@ def _parser() -> argparse.ArgumentParser:
         "dev", help="a local Kafka broker (and optionally PostgreSQL) for development and tests"
     )
     dev.add_argument("action", choices=["up", "down", "status"])
-    dev.add_argument("--home", default=None, help="folder for jars, data and logs")
+    dev.add_argument(
+        "--home",
+        default=None,
+        help="folder for jars, data and logs (default: $QTASKS_DEV_HOME, else "
+        "$XDG_CACHE_HOME/qtasks-stream/dev, else ~/.cache/qtasks-stream/dev)",
+    )
     dev.add_argument("--wipe", action="store_true", help="with down: delete data and logs")
     dev.add_argument(
         "--no-registry", action="store_true", help="the broker only, without the schema registry"
@@ -135,8 +139,18 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--postgres",
         action="store_true",
-        help="also PostgreSQL (the machine's own, on 127.0.0.1:15432) for the PostgreSQL view",
+        help="also PostgreSQL (the machine's own) for the PostgreSQL view",
     )
+    # Chosen ports are recorded in the home: status and down find them without the options.
+    for option, default, variable in (
+        ("--port", 19092, "QTASKS_DEV_PORT"),
+        ("--controller-port", 19093, "QTASKS_DEV_CONTROLLER_PORT"),
+        ("--registry-port", 18081, "QTASKS_DEV_REGISTRY_PORT"),
+        ("--postgres-port", 15432, "QTASKS_DEV_POSTGRES_PORT"),
+    ):
+        dev.add_argument(
+            option, type=int, default=None, help=f"with up (default ${variable}, else {default})"
+        )
     return parser
 
 
@@ -168,55 +182,34 @@ async def _run_worker(
         await app.close()
 
 
-def _dev(
-    action: str,
-    home: str | None,
-    wipe: bool,
-    registry: bool,
-    postgres: bool,
-    env: Mapping[str, str],
-) -> int:
-    from qtasks_stream.devenv.kafka import DevKafka
-    from qtasks_stream.devenv.postgres import DevPostgres
-    from qtasks_stream.devenv.registry import DevRegistry
+def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from qtasks_stream.devenv.environment import DevEnvironment, home_from, ports_from
 
-    folder = Path(home or env.get("QTASKS_DEV_HOME") or Path.cwd() / ".cache" / "dev")
-    broker = DevKafka(home=folder / "kafka")
-    schemas = DevRegistry(home=folder / "registry") if registry else None
-    database = DevPostgres(home=folder / "postgres") if postgres else None
-    if action == "up":
-        bootstrap = broker.up()
-        print(f"export QTASKS_BOOTSTRAP_SERVERS={bootstrap}")
-        if schemas is not None:
-            print(f"export QTASKS_SCHEMA_REGISTRY_URL={schemas.up()}")
-        if database is not None:
-            print(f"export QTASKS_POSTGRES_DSN={database.up()}")
+    ports = ports_from(
+        {
+            "kafka": args.port,
+            "controller": args.controller_port,
+            "registry": args.registry_port,
+            "postgres": args.postgres_port,
+        },
+        env,
+    )
+    dev = DevEnvironment(home_from(args.home, env), ports)
+    registry = not args.no_registry
+    if args.action == "down":
+        dev.down(wipe=args.wipe, registry=registry, postgres=args.postgres)
         return 0
-    if action == "down":
-        if database is not None:
-            database.down(wipe=wipe)
-        if schemas is not None:
-            schemas.down(wipe=wipe)
-        broker.down(wipe=wipe)
-        return 0
-    kafka_status = broker.status()
-    print(f"# kafka: {kafka_status}", file=sys.stderr)
-    running = kafka_status.running
-    if running:
-        print(f"export QTASKS_BOOTSTRAP_SERVERS={kafka_status.bootstrap}")
-    if schemas is not None:
-        registry_status = schemas.status()
-        print(f"# registry: {registry_status}", file=sys.stderr)
-        if registry_status.running:
-            print(f"export QTASKS_SCHEMA_REGISTRY_URL={registry_status.url}")
-        running = running and registry_status.running
-    if database is not None:
-        postgres_status = database.status()
-        print(f"# postgres: {postgres_status}", file=sys.stderr)
-        if postgres_status.running:
-            print(f"export QTASKS_POSTGRES_DSN={postgres_status.dsn}")
-        running = running and postgres_status.running
-    return 0 if running else 1
+    if args.action == "up":
+        exports, code = dev.up(registry=registry, postgres=args.postgres), 0
+    else:
+        status = dev.status(registry=registry, postgres=args.postgres)
+        for service in (status.kafka, status.registry, status.postgres):
+            if service is not None:
+                print(f"# {service}", file=sys.stderr)
+        exports, code = status.exports(), 0 if status.running else 1
+    for name, value in exports.items():
+        print(f"export {name}={value}")
+    return code
 
 
 def _schemas(action: str, app: QueueTasks, level: str | None, settings: Settings) -> int:
@@ -291,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "schemas":
             app = load_app(args.app).configure(settings)
             return _schemas(args.action, app, args.level, settings)
-        return _dev(args.action, args.home, args.wipe, not args.no_registry, args.postgres, env)
+        return _dev(args, env)
     except QTasksStreamError as exc:
         print(f"qtasks-stream: error: {exc}", file=sys.stderr)
         return 2

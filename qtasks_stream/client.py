@@ -23,7 +23,7 @@ from qtasks_stream.errors import (
     UnknownTaskError,
 )
 from qtasks_stream.eventlog.base import EventLog, Producer
-from qtasks_stream.eventlog.memory import murmur2_partition
+from qtasks_stream.eventlog.partitioning import murmur2_partition
 from qtasks_stream.events import (
     CancelRequested,
     Submitted,
