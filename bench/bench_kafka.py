@@ -228,6 +228,8 @@ class PipelineResult:
     latencies: list[float]
     #: CPU seconds this process used over the timed run (every thread: Python, librdkafka).
     cpu: float
+    #: CPU seconds the worker process used over the timed run (None: stages in this process).
+    worker_cpu: float | None = None
 
     @property
     def tasks_per_s(self) -> float:
@@ -283,6 +285,7 @@ async def pipeline(
         warm = time.perf_counter()
         await warm_up(app, kind)
         print(f"  {kind}: stages up, warm-up task took {time.perf_counter() - warm:.1f}s")
+        worker_cpu_started = process_cpu(worker.pid) if worker is not None else 0.0
         started, cpu_started = time.perf_counter(), time.process_time()
         # Bounded overall as well (>= 50 tasks/s): a stalled pipeline fails, never hangs;
         # the task group cancels the other submits at the first failure.
@@ -291,6 +294,7 @@ async def pipeline(
                 group.create_task(one(i))
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
+        worker_cpu = process_cpu(worker.pid) - worker_cpu_started if worker is not None else None
     finally:
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
@@ -301,7 +305,14 @@ async def pipeline(
             stop_worker(worker)
         close_registry(registry)
         await cleanup(config, registry_url, app.topology, keep)
-    return PipelineResult(kind, tasks, elapsed, latencies, cpu)
+    return PipelineResult(kind, tasks, elapsed, latencies, cpu, worker_cpu)
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process ``pid`` has used so far (Linux)."""
+    # Fields after the command name, which is in parentheses and may hold spaces.
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_worker(
@@ -628,6 +639,13 @@ async def run(args: argparse.Namespace) -> bool | None:
             f"({result.cpu / result.elapsed:.2f} cores"
             + (", stages elsewhere)" if worker_process else ")")
         )
+        if result.worker_cpu is not None:
+            worker_us = result.worker_cpu / result.tasks * 1e6
+            print(
+                f"    CPU of the worker process: {worker_us:.0f} us per task "
+                f"({result.worker_cpu / result.elapsed:.2f} cores); client + worker "
+                f"{(result.cpu + result.worker_cpu) / result.tasks * 1e6:.0f} us per task"
+            )
         if raw is not None:
             ratio = result.records_per_s / raw.records_per_s
             met = ratio >= TARGET_RATIO

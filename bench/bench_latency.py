@@ -192,8 +192,11 @@ async def run(args: argparse.Namespace) -> None:
         keep=False,
         worker_process=True,
     )
+    # CPU of the client and the worker process, as the floors count their responder's.
     stream = Latencies(
-        f"qtasks-stream ({args.event_log}), client CPU only", result.latencies, result.cpu
+        f"qtasks-stream ({args.event_log}), client + worker CPU",
+        result.latencies,
+        result.cpu + (result.worker_cpu or 0.0),
     )
     print()
     for line in (two_hops, one_hop, stream):

@@ -59,6 +59,9 @@ log = logging.getLogger("qtasks_stream.worker")
 
 #: How many cancel requests a worker remembers (oldest forgotten first).
 _CANCEL_MEMORY = 100_000
+#: An attempt ending within this many seconds commits its Started with its outcome, in one
+#: transaction instead of two (a transaction is a few ms: one task at a time waited for both).
+_START_HOLD_S = 0.005
 
 
 def error_type_name(exc: BaseException) -> str:
@@ -114,6 +117,8 @@ class WorkerStage(Stage):
         self._slots: list[asyncio.Task[None]] = []
         self._running: dict[str, _Running] = {}
         self._cancelled: OrderedDict[str, str] = OrderedDict()
+        #: Started events not emitted yet, and the timer that emits each (see _attempt).
+        self._held_starts: dict[str, tuple[TaskEvent, asyncio.TimerHandle]] = {}
         self._control_task: asyncio.Task[None] | None = None
         self._checkpoint: Checkpoint | None = None
         self._stopping = False
@@ -254,6 +259,7 @@ class WorkerStage(Stage):
         traceparent: str | None = None,
     ) -> None:
         assert self._checkpoint is not None
+        self._release_start(work.task_id)  # a Progress never precedes its Started
         event = TaskEvent.new(
             work.task_id,
             work.task_name,
@@ -282,11 +288,37 @@ class WorkerStage(Stage):
             )
             return
         # Not tied to the work item: a start is a fact even if the attempt is redone, and it
-        # must be visible while the attempt runs (outcomes wait for the item's offset).
-        self._event(work, Started(self.worker_id), None)
-        outcome, traceparent = await self._run(definition, work, rec)
+        # must be visible while the attempt runs (outcomes wait for the item's offset). It
+        # is built now (its time is the start) and emitted after _START_HOLD_S, or with the
+        # outcome when the attempt ends sooner.
+        started = TaskEvent.new(
+            work.task_id,
+            work.task_name,
+            work.attempt,
+            self.worker_id,
+            Started(self.worker_id),
+            traceparent=work.traceparent,
+        )
+        timer = asyncio.get_running_loop().call_later(
+            _START_HOLD_S, self._release_start, work.task_id
+        )
+        self._held_starts[work.task_id] = (started, timer)
+        try:
+            outcome, traceparent = await self._run(definition, work, rec)
+        finally:
+            self._release_start(work.task_id)
         self._event(work, outcome, rec, traceparent)
         checkpoint.done(rec)
+
+    def _release_start(self, task_id: str) -> None:
+        """Emits the task's held Started event, if it has one."""
+        held = self._held_starts.pop(task_id, None)
+        if held is None:
+            return
+        started, timer = held
+        timer.cancel()
+        assert self._checkpoint is not None
+        self._checkpoint.emit(self._topology.events, task_id, started)
 
     async def _run(
         self, definition: TaskDefinition, work: WorkItem, rec: Record

@@ -199,6 +199,32 @@ async def test_success_emits_started_then_succeeded(make: Callable[..., Any]) ->
     assert succeeded.source == "worker:test"
 
 
+async def test_a_quick_attempt_emits_started_with_its_outcome_a_long_one_while_running(
+    make: Callable[..., Any],
+) -> None:
+    # One transaction for both when the attempt ends within a few ms (the runner commits what
+    # was emitted between two of its turns); a long attempt's Started is visible while it runs.
+    router = Router()
+    seen: dict[str, list[str]] = {}
+
+    @router.task
+    async def quick(name: str) -> None:
+        seen[name] = [e.kind for e in h.cp.events if e.task_id == current().task_id]
+
+    @router.task
+    async def slow(name: str) -> None:
+        await asyncio.sleep(0.2)
+        seen[name] = [e.kind for e in h.cp.events if e.task_id == current().task_id]
+
+    h = await make(router)
+    items = [h.item("quick", "quick"), h.item("slow", "slow")]
+    await h.give(*items)
+    await h.all_done(*items)
+    assert seen == {"quick": [], "slow": ["Started"]}
+    for item in items:
+        assert [e.kind for e in h.cp.of(item.value.task_id)] == ["Started", "Succeeded"]
+
+
 async def test_concurrency_is_bounded(make: Callable[..., Any]) -> None:
     router = Router()
     running = 0
