@@ -23,6 +23,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from qtasks_stream.client import TaskClient
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.eventlog.base import EventLog
+from qtasks_stream.eventlog.coalesce import CoalescedSends
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.executors.base import Executor
 from qtasks_stream.executors.pool import LocalExecutor
@@ -195,7 +196,11 @@ class QueueTasks(TaskClient, Router):
         self._results = ResultListener(
             self.event_log, self.serde, self.topology.events, self.topology.partitions
         )
-        self._producer = self.event_log.producer()
+        # Transactional: a task due now goes to its lane with its Submitted, all or nothing.
+        self._producer = self.event_log.producer(
+            transactional_id=f"{self.topology.group('client')}.{uuid.uuid4().hex}"
+        )
+        self._sends = CoalescedSends(self._producer)
 
     def _app_or_none(self) -> QueueTasks:
         return self

@@ -21,6 +21,7 @@ __all__ = [
     "JSON",
     "KIND_HEADER",
     "RESUBMIT",
+    "ROUTED_HEADER",
     "TERMINAL_KINDS",
     "TRACEPARENT_HEADER",
     "CancelRequested",
@@ -52,6 +53,9 @@ __all__ = [
 JSON = "application/json"
 #: Record header naming the event kind, so a consumer can skip kinds without decoding.
 KIND_HEADER = "qtasks.kind"
+#: Header of a ``Submitted`` whose client put the task in its lane itself, in the transaction
+#: of the event and of its ``Scheduled`` (a task due now): the scheduler folds it as scheduled.
+ROUTED_HEADER = "qtasks.routed"
 #: W3C trace context header (the name OpenTelemetry's Kafka instrumentations use).
 TRACEPARENT_HEADER = "traceparent"
 _NAMESPACE = "qtasks.stream.v1."

@@ -31,6 +31,7 @@ from qtasks_stream.events import (
     Succeeded,
     TaskEvent,
     TimedOut,
+    WorkItem,
 )
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "TaskState",
     "fold",
     "reopens",
+    "work_item",
 ]
 
 JSON = "application/json"
@@ -300,3 +302,21 @@ def _reopen(state: TaskState, event: TaskEvent, payload: Resubmitted) -> None:
     state.args, state.kwargs = payload.args, payload.kwargs
     state.arguments_avro = payload.arguments_avro
     state.content_type, state.priority = payload.content_type, payload.priority
+
+
+def work_item(state: TaskState, attempt: int, max_time: float | None) -> WorkItem:
+    """What a lane holds for ``attempt`` of ``state`` (the scheduler's, and a client's that
+    routes a task due now itself)."""
+    return WorkItem(
+        task_id=state.task_id,
+        task_name=state.task_name,
+        attempt=attempt,
+        args=state.args,
+        kwargs=state.kwargs,
+        priority=state.priority,
+        submitted_at_us=state.created_us,
+        content_type=state.content_type,
+        max_time=max_time,
+        traceparent=state.traceparent,
+        arguments_avro=state.arguments_avro,
+    )

@@ -24,6 +24,7 @@ from collections.abc import Collection, Mapping, Sequence
 
 from qtasks_stream.events import (
     DLQ_REPLAY,
+    ROUTED_HEADER,
     TERMINAL_KINDS,
     Cancelled,
     CancelRequested,
@@ -36,13 +37,12 @@ from qtasks_stream.events import (
     Scheduled,
     Submitted,
     TaskEvent,
-    WorkItem,
     event_kind,
     now_us,
 )
 from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
-from qtasks_stream.state import TaskState, fold, reopens
+from qtasks_stream.state import TaskState, fold, reopens, work_item
 from qtasks_stream.topology import Topology
 
 __all__ = ["SchedulerStage"]
@@ -129,13 +129,30 @@ class SchedulerStage(Stage):
                 continue
             if rec.tp in self._restoring:
                 self._fold(event, rec.tp)
+                self._fold_routed(rec, event)
                 continue
             if event.source == _SOURCE:
                 # Live, an event of ours: folded when emitted. (Partitions are owned by one
                 # instance, and a fenced predecessor's events are before the restore's end.)
                 continue
             self._fold(event, rec.tp)
-            self._act(event, checkpoint)
+            if not self._fold_routed(rec, event):
+                self._act(event, checkpoint)
+
+    def _fold_routed(self, rec: Record, event: TaskEvent) -> bool:
+        """Whether ``event`` is a ``Submitted`` its client put in a lane itself: the task
+        is then folded as scheduled at once, not only when its ``Scheduled`` (written in the
+        same transaction) is read, which a restore may end just before."""
+        if not isinstance(event.payload, Submitted) or not any(
+            name == ROUTED_HEADER for name, _ in rec.headers
+        ):
+            return False
+        state = self._tasks.get(event.task_id)
+        if state is not None and state.status == "new":
+            lane = self._topology.lane_for(state.priority)
+            scheduled = Scheduled(lane, state.priority, None)
+            fold(state, TaskEvent.new(state.task_id, state.task_name, 1, "client", scheduled))
+        return True
 
     def held(self) -> dict[str, int]:
         """What the scheduler holds in memory: open tasks, and ended tasks it remembers."""
@@ -284,19 +301,7 @@ class SchedulerStage(Stage):
 
     def _enqueue(self, state: TaskState, attempt: int, cp: Checkpoint) -> None:
         lane = self._topology.lane_for(state.priority)
-        item = WorkItem(
-            task_id=state.task_id,
-            task_name=state.task_name,
-            attempt=attempt,
-            args=state.args,
-            kwargs=state.kwargs,
-            priority=state.priority,
-            submitted_at_us=state.created_us,
-            content_type=state.content_type,
-            max_time=self._max_time.get(state.task_id),
-            traceparent=state.traceparent,
-            arguments_avro=state.arguments_avro,
-        )
+        item = work_item(state, attempt, self._max_time.get(state.task_id))
         cp.emit(self._topology.lane(lane), state.task_id, item)
 
     def _schedule(self, state: TaskState, cp: Checkpoint) -> None:

@@ -634,6 +634,37 @@ async def test_idempotency_key_submits_once(env: Backend) -> None:
     assert charged.count("o-1") == 1
 
 
+async def test_a_task_due_now_goes_to_its_lane_with_its_submit(env: Backend) -> None:
+    # One transactional hop before a worker: the client writes Submitted, Scheduled and the
+    # work item; the scheduler routes only what may be a repeat (idempotency key) or waits.
+    app = env.app()
+    runs: Counter[int] = Counter()
+
+    @app.task
+    async def once(i: int) -> int:
+        runs[i] += 1
+        return i
+
+    await env.start(app)
+    now = [await app.add_task("once", i, timeout=env.limit) for i in range(5)]
+    delayed = await app.add_task("once", 10, countdown=0, timeout=env.limit)
+    keyed = await app.add_task("once", 11, idempotency_key="k", timeout=env.limit)
+    tasks = [*now, delayed, keyed]
+    assert all(t is not None and t.status == "success" for t in tasks), tasks
+    await env.settle(app)
+    sources = {
+        t.uuid: [e.source for e in await app.history(t.uuid) if e.kind == "Scheduled"]
+        for t in tasks
+        if t is not None
+    }
+    assert [sources[t.uuid] for t in tasks if t is not None] == [["client"]] * 5 + [
+        ["scheduler"]
+    ] * 2
+    items = await env.read(app, app.topology.lane_topics)
+    assert sorted(Counter(r.key for r in items).values()) == [1] * 7
+    assert runs == Counter(dict.fromkeys([0, 1, 2, 3, 4, 10, 11], 1))
+
+
 async def test_history_returns_the_events_in_order(env: Backend) -> None:
     app = env.app()
 
@@ -654,7 +685,8 @@ async def test_history_returns_the_events_in_order(env: Backend) -> None:
         "Succeeded",
     ]
     assert [e.attempt for e in history] == [0, 1, 1, 1, 1, 1]
-    assert history[0].source == "client" and history[1].source == "scheduler"
+    # Due now: its client routed it (see test_a_task_due_now_goes_to_its_lane_with_its_submit).
+    assert history[0].source == "client" and history[1].source == "client"
     assert history[2].source.startswith("worker:")
     times = [e.at_us for e in history]
     assert times == sorted(times)

@@ -221,7 +221,8 @@ async def f() -> None:
 async def main() -> None:
     submitted = await app.add_task("f")
     got = await app.get(submitted.uuid)
-    assert got is not None and got.status == "new", got
+    # Due now: its client wrote it into its lane (Scheduled) with the Submitted.
+    assert got is not None and got.status == "scheduled", got
     await app.close()
 
 asyncio.run(main())

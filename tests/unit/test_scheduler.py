@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from qtasks_stream.events import (
+    ROUTED_HEADER,
     Cancelled,
     CancelRequested,
     ControlCommand,
@@ -78,14 +79,14 @@ class EventsPartition:
     def end(self) -> int:
         return len(self.records)
 
-    def append(self, event: TaskEvent) -> Incoming:
+    def append(self, event: TaskEvent, *headers: tuple[str, bytes]) -> Incoming:
         rec = Record(
             TP.topic,
             0,
             self.end,
             event.task_id.encode(),
             b"",
-            event.record_headers(),
+            (*event.record_headers(), *headers),
             timestamp_ms=event.at_us // 1000,
         )
         item = Incoming(rec, event)
@@ -190,6 +191,36 @@ async def test_priority_routes_to_its_lane(priority: int, lane: int) -> None:
     # The work item goes out after the Scheduled event, keyed by the task id.
     assert [o.topic for o in outputs] == [TOPOLOGY.events, TOPOLOGY.lane(lane)]
     assert all(o.key == "t1" for o in outputs)
+
+
+def _routed(task_id: str, priority: int = 0) -> tuple[TaskEvent, TaskEvent]:
+    """What a client writes for a task it routed itself (and the work item, not here)."""
+    return _submit(task_id, priority=priority), TaskEvent.new(
+        task_id, "job", 1, "client", Scheduled(priority, priority, None)
+    )
+
+
+async def test_a_task_its_client_routed_is_not_routed_again_and_a_cancel_goes_to_workers() -> None:
+    h = Harness()
+    await h.assign()
+    submitted, scheduled = _routed("t1", priority=1)
+    await h.handle([h.log.append(submitted, (ROUTED_HEADER, b"1")), h.log.append(scheduled)])
+    assert h.cp.take() == []
+    outputs = await h.feed(_client("t1", CancelRequested("stop")))
+    assert [(o.topic, type(o.value)) for o in outputs] == [(TOPOLOGY.control, ControlCommand)]
+
+
+async def test_a_restore_ending_between_a_routed_submit_and_its_scheduled_routes_nothing() -> None:
+    # The two are in one transaction, but a restore's end (the high watermark when assigned)
+    # may fall between them: the task is in its lane all the same.
+    h = Harness()
+    submitted, scheduled = _routed("t1")
+    h.log.append(submitted, (ROUTED_HEADER, b"1"))
+    assert await h.assign() == {TP: 0}
+    assert await h.replay() == []
+    await h.handle([h.log.append(scheduled)])
+    assert h.cp.take() == []
+    assert await h.tick() == (None, [])
 
 
 async def test_repeated_submit_is_scheduled_once() -> None:
