@@ -14,7 +14,8 @@ Commit order, enforced in :meth:`_RunnerCheckpoint.commit` and nowhere else:
    If it fails (fenced by a newer generation or instance), nothing is visible, the runner
    drops its partitions and state and rejoins; the new owner redoes the work.
 
-One batch per poll and one transaction per loop turn, never one per record.
+One batch per poll and one transaction per loop turn, never one per record; the next batch
+is polled and handled while a transaction is written.
 """
 
 from __future__ import annotations
@@ -371,9 +372,15 @@ class StageRunner:
         await consumer.start()
         wake = self.checkpoint.wake
         poll: asyncio.Task[list[Record]] | None = None
+        #: The transaction being written: the next batch is polled and handled meanwhile
+        #: (the checkpoint's lock keeps transactions one at a time, in order).
+        committing: asyncio.Task[None] | None = None
         try:
             while True:
                 wake.clear()
+                if committing is not None and committing.done():
+                    done, committing = committing, None
+                    done.result()  # a fence or failure ends the session here
                 if poll is not None and poll.done():
                     records, poll = poll.result(), None
                     if records:
@@ -382,8 +389,9 @@ class StageRunner:
                         )
                     await self._report_positions(consumer, records)
                 next_due = await self.stage.tick(self.checkpoint)
-                if self.checkpoint.dirty:
-                    await self.checkpoint.commit(producer, consumer)
+                if self.checkpoint.dirty and committing is None:
+                    committing = asyncio.create_task(self.checkpoint.commit(producer, consumer))
+                    committing.add_done_callback(lambda _: wake.set())
                 if self._stopping.is_set():
                     break
                 # Every turn, not only before a poll: a lane that drained must be resumed for
@@ -405,8 +413,15 @@ class StageRunner:
                         await wake.wait()
                 except TimeoutError:
                     pass
+            if committing is not None:
+                await committing
             await self._drain(producer, consumer, poll)
         finally:
+            if committing is not None and not committing.done():
+                committing.cancel()
+            if committing is not None:
+                # Retrieved: a failure of it already ended the session, or this one did.
+                await asyncio.gather(committing, return_exceptions=True)
             if poll is not None:
                 poll.cancel()
                 # Retrieve its outcome: a poll cut short by a fence or close is expected here.
