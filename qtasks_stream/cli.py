@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qtasks_stream import cli_audit
+from qtasks_stream.console import command as console_command
 from qtasks_stream.app import STAGES, QueueTasks
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 from qtasks_stream.eventlog.base import EventLog
@@ -161,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("--json", action="store_true", help="one JSON document, by attempt")
     cli_audit.add_history_options(history)
     cli_audit.add_parsers(sub)
+    console_command.add_parser(sub)
 
     schemas = sub.add_parser(
         "schemas", help="check or register an app's Avro schemas (a gate for CI pipelines)"
@@ -338,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in cli_audit.COMMANDS:
             app = configure(load_app(args.app), env)
             return asyncio.run(cli_audit.run(args.command, app, args))
+        if args.command == "console":
+            return console_command.run(configure(load_app(args.app), env), args, env)
         if args.command == "schemas":
             app = configure(load_app(args.app), env)
             return _schemas(args.action, app, args.level, env)
