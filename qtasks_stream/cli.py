@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from qtasks_stream import cli_audit
-from qtasks_stream.console import command as console_command
 from qtasks_stream.app import STAGES, QueueTasks
+from qtasks_stream.console import command as console_command
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.telemetry.config import Telemetry

@@ -50,6 +50,10 @@ STATUSES = (
     "timeout",
     "dead_letter",
 )
+#: ``add_task``'s own keywords: a task argument of one of these names cannot go through it.
+_OPTION_NAMES = frozenset(
+    {"priority", "timeout", "countdown", "eta", "idempotency_key", "max_time", "tags"}
+)
 #: Keys a submission body may have.
 _SUBMIT_KEYS = frozenset({"args", "kwargs", "priority", "countdown", "tags", "max_time"})
 
@@ -132,9 +136,7 @@ def _reason(body: bytes) -> str:
     return value
 
 
-async def submit(
-    app: QueueTasks, task_name: str, body: bytes, idempotency_key: str | None
-) -> Task:
+async def submit(app: QueueTasks, task_name: str, body: bytes, idempotency_key: str | None) -> Task:
     """Submit ``task_name`` with the arguments of a JSON body ``{"args": [...], "kwargs":
     {...}}`` (and optionally priority, countdown, max_time, tags). Everything is checked
     before the app writes: a refused submission leaves nothing in the log."""
@@ -149,6 +151,9 @@ async def submit(
         raise ConsoleError(400, "args must be a JSON array")
     if not isinstance(kwargs, dict):
         raise ConsoleError(400, "kwargs must be a JSON object")
+    clash = sorted(_OPTION_NAMES & set(kwargs))
+    if clash:
+        raise ConsoleError(400, f"kwargs {clash} are submission options, not task arguments")
     tags = data.get("tags")
     if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
         raise ConsoleError(400, "tags must be an array of strings")

@@ -290,9 +290,7 @@ def task_page(
     actions = []
     if detail.as_of_us is None and signed_in:
         if not task.final:
-            actions.append(
-                _action(tid, "cancel", "Cancel", f"Cancel task {tid}?", settings)
-            )
+            actions.append(_action(tid, "cancel", "Cancel", f"Cancel task {tid}?", settings))
         if task.status in RESUBMITTABLE:
             actions.append(
                 _action(tid, "resubmit", "Resubmit", f"Start a new attempt of {tid}?", settings)

@@ -124,9 +124,7 @@ class Console:
         return cookie is not None and hmac.compare_digest(cookie.encode(), self.session.encode())
 
     def _may_read(self, request: Request) -> bool:
-        return (
-            self.settings.public_reads or self._bearer(request) or self._signed_in(request)
-        )
+        return self.settings.public_reads or self._bearer(request) or self._signed_in(request)
 
     def _same_origin(self, request: Request) -> bool:
         origin = request.headers.get("origin")
@@ -279,9 +277,7 @@ class Console:
 
     async def tasks_page(self, request: Request) -> Response:
         params = {k: v for k, v in request.query_params.items() if v}
-        page, counts = await asyncio.gather(
-            ops.list_tasks(self.app, params), self.app.counts()
-        )
+        page, counts = await asyncio.gather(ops.list_tasks(self.app, params), self.app.counts())
         return HTMLResponse(
             pages.tasks_page(
                 page,
