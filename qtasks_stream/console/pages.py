@@ -31,7 +31,9 @@ __all__ = [
 ]
 
 #: Payload fields a timeline row shows apart (long) rather than in its one-line summary.
-_APART = frozenset({"traceback", "args", "kwargs", "value", "result"})
+_APART = frozenset(
+    {"traceback", "args", "kwargs", "value", "result", "arguments_avro", "result_avro"}
+)
 #: Flash messages after an action (a fixed set: nothing from the request is echoed).
 FLASH = {
     "cancel": "Cancel requested: the task stops wherever it is.",
@@ -179,7 +181,13 @@ def _event_summary(payload: Mapping[str, Any]) -> str:
     for key, value in payload.items():
         if key in _APART or value in (None, "", [], ()):
             continue
-        parts.append(f"{esc(key)}=<span class=mono>{esc(value)}</span>")
+        if key.endswith("_us") and isinstance(value, int):
+            shown = _time_us(value)
+        elif isinstance(value, float):
+            shown = esc(f"{value:.3f}")
+        else:
+            shown = esc(value)
+        parts.append(f"{esc(key)}=<span class=mono>{shown}</span>")
     return ", ".join(parts)
 
 
@@ -195,7 +203,9 @@ def _decoded(text: Any) -> Any:
 
 def _event_extra(kind: str, payload: Mapping[str, Any]) -> str:
     out = []
-    if kind in ("Submitted", "Resubmitted") and payload.get("args") is not None:
+    if payload.get("arguments_avro") is not None:  # typed: decoded from its Avro record
+        out.append(f"<div>arguments <pre>{_pretty(payload['arguments_avro'])}</pre></div>")
+    elif kind in ("Submitted", "Resubmitted") and payload.get("args"):
         out.append(
             f"<div>args <pre>{_pretty(_decoded(payload.get('args')))}</pre>"
             f"kwargs <pre>{_pretty(_decoded(payload.get('kwargs')))}</pre></div>"

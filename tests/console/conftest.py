@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,35 @@ def _session(console: Console) -> str:
     from qtasks_stream.console.server import Console as Routes
 
     return Routes(console.app, console.settings).session
+
+
+@asynccontextmanager
+async def serving(console: Console) -> AsyncIterator[str]:
+    """The console served by uvicorn on a free port of 127.0.0.1, in this event loop (the
+    embedded app lives in it); yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            console_app(console.app, console.settings),
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        await eventually(
+            lambda: server.started or serving.done(), what="the server started", limit=LIMIT
+        )
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(LIMIT):
+            await serving
 
 
 MakeConsole = Callable[..., Awaitable[Console]]

@@ -4,7 +4,6 @@ must leave the log as it was."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import httpx
@@ -12,7 +11,7 @@ import pytest
 
 from qtasks_stream.console.server import Console as Routes
 from tests.apps import console_app as tasks
-from tests.console.conftest import BEARER, LIMIT, Console, MakeConsole, log_ends
+from tests.console.conftest import BEARER, LIMIT, Console, MakeConsole, log_ends, serving
 from tests.e2ehelpers import eventually
 
 
@@ -340,38 +339,16 @@ async def test_unknown_paths_and_methods_answer_json(console: Console) -> None:
 
 async def test_live_updates_stream_a_change(console: Console) -> None:
     """Through a real socket: the ASGI transport buffers whole responses."""
-    import uvicorn
-
-    from qtasks_stream.console.server import console_app
-
-    server = uvicorn.Server(
-        uvicorn.Config(
-            console_app(console.app, console.settings),
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            lifespan="off",
-            timeout_graceful_shutdown=1,
-        )
-    )
-    serving = asyncio.create_task(server.serve())
-    try:
-        await eventually(lambda: server.started, what="the server started", limit=LIMIT)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        async with (
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
-            client.stream("GET", "/api/live", headers=BEARER) as response,
-        ):
-            assert response.headers["content-type"].startswith("text/event-stream")
-            lines = response.aiter_lines()
-            assert await anext(lines) == "retry: 2000"
-            submitted_at = time.monotonic()
-            await console.submit("add", 1, 2)
-            async with asyncio.timeout(LIMIT):
-                async for line in lines:
-                    if line == "event: changed":
-                        break
-            assert time.monotonic() >= submitted_at
-    finally:
-        server.should_exit = True
-        await serving
+    async with (
+        serving(console) as url,
+        httpx.AsyncClient(base_url=url) as client,
+        client.stream("GET", "/api/live", headers=BEARER) as response,
+    ):
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = response.aiter_lines()
+        assert await anext(lines) == "retry: 2000"
+        await console.submit("add", 1, 2)
+        async with asyncio.timeout(LIMIT):
+            async for line in lines:
+                if line == "event: changed":
+                    break
