@@ -328,7 +328,12 @@ def task_page(
         error = (
             f'<h2>Error</h2><p class="error" id="error">{esc(task.error_type or "")}: '
             f"{esc(task.error_message or '')}</p>"
-            + (f'<pre class="traceback">{esc(task.traceback)}</pre>' if task.traceback else "")
+            + (
+                '<details class="traceback"><summary>traceback</summary>'
+                f"<pre>{esc(task.traceback)}</pre></details>"
+                if task.traceback
+                else ""
+            )
         )
     as_of_value = "" if detail.as_of_us is None else f"{detail.as_of_us / 1_000_000:.6f}"
     body = f"""<h1>{esc(task.task_name)} <span class="mono small">{esc(tid)}</span></h1>
