@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import hmac
 import secrets
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
@@ -37,7 +38,7 @@ from qtasks_stream.console import operations as ops
 from qtasks_stream.console import pages
 from qtasks_stream.console.openapi import openapi_document
 from qtasks_stream.console.settings import ConsoleSettings
-from qtasks_stream.errors import QTasksStreamError
+from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 
 __all__ = ["SESSION_COOKIE", "console_app", "run_console", "serve_console"]
 
@@ -435,17 +436,22 @@ async def serve_console(
     port: int,
     *,
     stages: Sequence[str] = (),
-    ready: asyncio.Event | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> None:
     """Serve the console until the server stops (SIGINT/SIGTERM), running ``stages`` of the
-    app beside it; closes the app."""
+    app beside it; ``announce`` gets the console's address once it listens. Closes the app.
+
+    Raises:
+        ConfigurationError: the address cannot be bound (in use, not this machine's).
+    """
     import uvicorn
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
-            if ready is not None:
-                ready.set()
+            if announce is not None and self.servers:
+                bound = self.servers[0].sockets[0].getsockname()[1]
+                announce(f"http://{host}:{bound}/")
 
     server = Server(
         uvicorn.Config(
@@ -463,8 +469,20 @@ async def serve_console(
             await app.start(stages)
         else:
             await app.connect()
-        await server.serve()
+        # uvicorn raises the signal that stopped it again once it stopped: with asyncio.run's
+        # own handler that interrupted the app's close (KeyboardInterrupt); this one is quiet.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, setattr, server, "should_exit", True)
+        try:
+            await server.serve()
+        except SystemExit as exc:  # uvicorn's answer to a socket it could not bind
+            raise ConfigurationError(
+                f"the console cannot listen on {host}:{port} (uvicorn's error is above)"
+            ) from exc
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().remove_signal_handler(sig)
         await app.close()
 
 
@@ -484,6 +502,16 @@ def run_console(
         token = secrets.token_urlsafe(24)
         print(f"console token (set QTASKS_CONSOLE_TOKEN to choose one): {token}", file=sys.stderr)
     settings = ConsoleSettings(token, public_reads=public_reads, trace_url=trace_url)
-    print(f"console of app {app.name!r} on http://{host}:{port}/", file=sys.stderr)
-    asyncio.run(serve_console(app, settings, host, port, stages=stages))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: the console listens on {host}, beyond this machine", file=sys.stderr)
+
+    def announce(url: str) -> None:
+        print(
+            f"console of app {app.name!r} on {url}"
+            + (f" (running {', '.join(stages)})" if stages else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    asyncio.run(serve_console(app, settings, host, port, stages=stages, announce=announce))
     return 0
