@@ -130,6 +130,14 @@ async def serving(console: Console) -> AsyncIterator[str]:
 MakeConsole = Callable[..., Awaitable[Console]]
 
 
+def attach(app: QueueTasks, **settings: Any) -> Console:
+    """``app``'s console with the test token, reached through the ASGI transport."""
+    config = ConsoleSettings(TOKEN, **settings)
+    transport = httpx.ASGITransport(app=console_app(app, config))
+    client = httpx.AsyncClient(transport=transport, base_url="http://console.test")
+    return Console(app, config, transport, client)
+
+
 @pytest.fixture
 async def make_console() -> AsyncIterator[MakeConsole]:
     made: list[Console] = []
@@ -142,10 +150,7 @@ async def make_console() -> AsyncIterator[MakeConsole]:
             tasks.with_unreadable_submits(app)
         if start:
             await app.start()
-        config = ConsoleSettings(TOKEN, **settings)
-        transport = httpx.ASGITransport(app=console_app(app, config))
-        client = httpx.AsyncClient(transport=transport, base_url="http://console.test")
-        made.append(Console(app, config, transport, client))
+        made.append(attach(app, **settings))
         return made[-1]
 
     yield make
