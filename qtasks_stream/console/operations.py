@@ -248,9 +248,19 @@ async def detail(app: QueueTasks, task_id: str, as_of: str | None) -> TaskDetail
     return TaskDetail(task or state.to_task(app.payloads), document, at)
 
 
+async def current(app: QueueTasks, task_id: str) -> Task | None:
+    """The task as the view has it, or, while the view does not know it yet (a task just
+    submitted, before the projector applied it), as its events in the log say."""
+    task = await app.get(task_id)
+    if task is None:
+        state = audit.state_as_of(await app.history(task_id))
+        task = state.to_task(app.payloads) if state is not None else None
+    return task
+
+
 async def get(app: QueueTasks, task_id: str, as_of: str | None) -> Task:
     try:
-        task = await app.get(task_id, as_of=as_of or None)
+        task = await app.get(task_id, as_of=as_of) if as_of else await current(app, task_id)
     except ConfigurationError as exc:
         raise ConsoleError(400, f"as_of: {exc}") from exc
     if task is None:
@@ -259,9 +269,9 @@ async def get(app: QueueTasks, task_id: str, as_of: str | None) -> Task:
 
 
 async def cancel(app: QueueTasks, task_id: str, body: bytes) -> Task:
-    """Ask for a cancel; refused for a task the view does not know or that has ended."""
+    """Ask for a cancel; refused for a task with no events or that has ended."""
     reason = _reason(body)
-    task = await app.get(task_id)
+    task = await current(app, task_id)
     if task is None:
         raise ConsoleError(404, f"no task {task_id}")
     if task.final:

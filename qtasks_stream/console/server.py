@@ -28,6 +28,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -128,6 +130,10 @@ class Console:
         return self.settings.public_reads or self._bearer(request) or self._signed_in(request)
 
     def _same_origin(self, request: Request) -> bool:
+        # What a browser says of where the request came from; other clients say nothing.
+        site = request.headers.get("sec-fetch-site")
+        if site is not None and site not in ("same-origin", "none"):
+            return False
         origin = request.headers.get("origin")
         if origin is None or origin == "null":
             return origin is None  # "null": a sandboxed or privacy-stripped origin, refused
@@ -421,9 +427,13 @@ def _local(path: str) -> str:
 def console_app(app: QueueTasks, settings: ConsoleSettings) -> ASGIApp:
     """The console of ``app`` as an ASGI application."""
     console = Console(app, settings)
+    middleware = []
+    if settings.allowed_hosts is not None:
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts))
     return _SecurityHeaders(
         Starlette(
             routes=console.routes(),
+            middleware=middleware,
             exception_handlers={HTTPException: console.not_found},
         )
     )
@@ -501,8 +511,14 @@ def run_console(
     if not token:
         token = secrets.token_urlsafe(24)
         print(f"console token (set QTASKS_CONSOLE_TOKEN to choose one): {token}", file=sys.stderr)
-    settings = ConsoleSettings(token, public_reads=public_reads, trace_url=trace_url)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    loopback = ("127.0.0.1", "localhost")
+    settings = ConsoleSettings(
+        token,
+        public_reads=public_reads,
+        trace_url=trace_url,
+        allowed_hosts=loopback if host in loopback else None,
+    )
+    if host not in loopback:
         print(f"warning: the console listens on {host}, beyond this machine", file=sys.stderr)
 
     def announce(url: str) -> None:

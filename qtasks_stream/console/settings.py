@@ -25,6 +25,9 @@ class ConsoleSettings:
         trace_url: a link to a task's trace, ``{trace_id}`` replaced (e.g. a Jaeger address).
         max_body: the largest request body read, in bytes.
         live_interval: seconds between two looks at the view for live updates.
+        allowed_hosts: the only ``Host`` headers answered (None: any). A console on the
+            loopback answers only its loopback names, so a web page whose name an attacker
+            points at 127.0.0.1 (DNS rebinding) cannot read it.
     """
 
     token: str
@@ -32,6 +35,7 @@ class ConsoleSettings:
     trace_url: str | None = None
     max_body: int = DEFAULT_MAX_BODY
     live_interval: float = 1.0
+    allowed_hosts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.token) < 16:

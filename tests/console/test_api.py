@@ -352,3 +352,25 @@ async def test_live_updates_stream_a_change(console: Console) -> None:
             async for line in lines:
                 if line == "event: changed":
                     break
+
+
+async def test_a_task_the_view_does_not_know_yet_is_read_from_the_log(
+    make_console: MakeConsole,
+) -> None:
+    console = await make_console(start=False)
+    # No projector: the view never learns of the task, as right after a submit.
+    await console.app.start(["scheduler", "worker", "deadletter"])
+    submitted = await console.client.post("/api/tasks/sleepy", json={"args": [60]}, headers=BEARER)
+    task_id = submitted.json()["id"]
+    assert await console.app.get(task_id) is None
+    got = await console.client.get(f"/api/tasks/{task_id}", headers=BEARER)
+    assert got.status_code == 200 and got.json()["name"] == "sleepy", got.text
+    cancel = await console.client.post(f"/api/tasks/{task_id}/cancel", headers=BEARER)
+    assert cancel.status_code == 202, cancel.text
+    events = await eventually(
+        lambda: console.app.history(task_id),
+        lambda evs: any(e.kind == "Cancelled" for e in evs),
+        what="the cancel reached the task",
+        limit=LIMIT,
+    )
+    assert events[0].kind == "Submitted"

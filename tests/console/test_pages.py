@@ -10,7 +10,7 @@ import pytest
 from qtasks_stream.console.server import SESSION_COOKIE
 from qtasks_stream.console.settings import ConsoleSettings
 from qtasks_stream.errors import ConfigurationError
-from tests.console.conftest import TOKEN, Console, MakeConsole, log_ends
+from tests.console.conftest import BEARER, TOKEN, Console, MakeConsole, log_ends
 
 SCRIPT = "<script>alert(1)</script>"
 
@@ -67,6 +67,8 @@ async def test_a_form_needs_the_cookie_the_csrf_field_and_this_origin(console: C
         (signed, {"csrf": "0" * 64}, {}, 403),  # a wrong one
         (signed, {"csrf": csrf}, {"origin": "https://evil.example"}, 403),
         (signed, {"csrf": csrf}, {"origin": "null"}, 403),
+        (signed, {"csrf": csrf}, {"sec-fetch-site": "cross-site"}, 403),
+        (signed, {"csrf": csrf}, {"sec-fetch-site": "same-site"}, 403),
     ]
     for client, form, headers, status in attempts:
         response = await client.post(path, data=form, headers=headers)
@@ -193,3 +195,12 @@ async def test_dead_letters_page_lists_and_replays(make_console: MakeConsole) ->
     )
     assert replayed.status_code == 200 and "replayed" in replayed.text
     assert (await console.status(task_id, "success")).returning == "late"
+
+
+async def test_only_the_allowed_host_names_are_answered(make_console: MakeConsole) -> None:
+    console = await make_console(allowed_hosts=("console.test",))
+    assert (await console.client.get("/api/counts", headers=BEARER)).status_code == 200
+    rebound = await console.client.get(
+        "/api/counts", headers={**BEARER, "host": "attacker.example"}
+    )
+    assert rebound.status_code == 400
