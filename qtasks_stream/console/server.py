@@ -24,7 +24,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -169,7 +169,8 @@ class Console:
                         raise ops.ConsoleError(403, "the form did not come from this console")
                     request.state.form = form
                 elif not self._may_read(request):
-                    return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+                    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                    return RedirectResponse(f"/login?{urlencode({'next': here})}", status_code=303)
                 return await handler(request)
             except ops.ConsoleError as exc:
                 return self._error_page(exc.status, exc.message)

@@ -22,6 +22,10 @@ async def test_pages_need_sign_in_and_the_cookie_is_strict(console: Console) -> 
     wrong = await console.client.post("/login", data={"token": "guess", "next": "/"})
     assert wrong.status_code == 401 and "not the token" in wrong.text
     assert SESSION_COOKIE not in wrong.cookies
+    asked = await console.client.get("/", params={"status": "error"})
+    assert asked.headers["location"] == "/login?next=%2F%3Fstatus%3Derror"
+    form = await console.client.get(asked.headers["location"])
+    assert 'name="next" value="/?status=error"' in form.text
     right = await console.client.post("/login", data={"token": TOKEN, "next": "/dead-letters"})
     assert right.status_code == 303 and right.headers["location"] == "/dead-letters"
     cookie = right.headers["set-cookie"].lower()
