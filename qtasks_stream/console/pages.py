@@ -336,7 +336,8 @@ def task_page(
             )
         )
     as_of_value = "" if detail.as_of_us is None else f"{detail.as_of_us / 1_000_000:.6f}"
-    body = f"""<h1>{esc(task.task_name)} <span class="mono small">{esc(tid)}</span></h1>
+    name = task.task_name or "(name unknown)"  # known only from a dead-lettered submit
+    body = f"""<h1>{esc(name)} <span class="mono small">{esc(tid)}</span></h1>
 {banner}{message}
 <div class="actions" id="actions">{"".join(actions)}</div>
 <form method="get" action="/tasks/{quote(tid)}" class="asof" id="asof">

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from qtasks_stream import QueueTasks
@@ -43,6 +44,14 @@ class UnreadableSubmits(Serde):
         return value
 
 
+@dataclass
+class Order:
+    """A typed argument and result: they travel as Avro records."""
+
+    id: int
+    note: str
+
+
 def build(name: str = "console", **options: Any) -> QueueTasks:
     app = QueueTasks(name, shutdown_grace=1.0, **options)
 
@@ -66,6 +75,10 @@ def build(name: str = "console", **options: Any) -> QueueTasks:
     @app.task
     async def later() -> str:
         return "late"
+
+    @app.task
+    async def receipt(order: Order) -> Order:
+        return Order(order.id + 1, order.note.upper())
 
     return app
 

@@ -77,6 +77,30 @@ async def test_submit_get_and_history(console: Console) -> None:
     assert early.json()["status"] == "new"
 
 
+async def test_typed_arguments_and_results_travel_as_json(console: Console) -> None:
+    response = await console.client.post(
+        "/api/tasks/receipt", json={"args": [{"id": 1, "note": "paid"}]}, headers=BEARER
+    )
+    assert response.status_code == 202, response.text
+    task = await console.ended(response.json()["id"])
+    assert task.status == "success"
+    got = (await console.client.get(f"/api/tasks/{task.uuid}", headers=BEARER)).json()
+    assert got["args"] == [{"id": 1, "note": "paid"}]
+    assert got["result"] == {"id": 2, "note": "PAID"}
+    history = (await console.client.get(f"/api/tasks/{task.uuid}/history", headers=BEARER)).json()
+    submitted = history["attempts"][0]["events"][0]["payload"]
+    assert submitted["arguments_avro"] == {"order": {"id": 1, "note": "paid"}}
+    body = await refused(
+        console,
+        "POST",
+        "/api/tasks/receipt",
+        400,
+        json={"args": [{"id": "one", "note": "x"}]},
+        headers=BEARER,
+    )
+    assert "expected an int" in body["error"]
+
+
 async def test_an_idempotency_key_submits_once(console: Console) -> None:
     headers = {**BEARER, "Idempotency-Key": "order-7"}
     first = await console.client.post("/api/tasks/add", json={"args": [1, 1]}, headers=headers)
