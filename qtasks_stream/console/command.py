@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
 from typing import Any
 
 from qtasks_stream.app import STAGES, QueueTasks
@@ -37,7 +36,9 @@ def add_parser(sub: Any) -> None:
     )
 
 
-def run(app: QueueTasks, args: argparse.Namespace, env: Mapping[str, str]) -> int:
+def run(app: QueueTasks, args: argparse.Namespace, token: str | None, shared_log: bool) -> int:
+    """Serve the console of ``app`` (configured by the CLI); ``token`` is the value of
+    :data:`TOKEN_VARIABLE`, ``shared_log`` whether the app is on Kafka."""
     try:
         from qtasks_stream.console.server import run_console
     except ImportError as exc:
@@ -45,14 +46,14 @@ def run(app: QueueTasks, args: argparse.Namespace, env: Mapping[str, str]) -> in
             f"the console needs its extra: pip install 'qtasks-stream[console]' ({exc})"
         ) from exc
     if args.stages is None:
-        stages: list[str] = [] if env.get("QTASKS_BOOTSTRAP_SERVERS") else list(STAGES)
+        stages: list[str] = [] if shared_log else list(STAGES)
     else:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     return run_console(
         app,
         args.host,
         args.port,
-        env.get(TOKEN_VARIABLE) or None,
+        token,
         public_reads=args.public_reads,
         trace_url=args.trace_url,
         stages=stages,

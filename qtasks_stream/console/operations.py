@@ -27,6 +27,7 @@ __all__ = [
     "LetterRow",
     "TaskDetail",
     "cancel",
+    "counts",
     "dead_letters",
     "detail",
     "dumps",
@@ -213,7 +214,20 @@ def task_query(params: Mapping[str, str], limit: int = 50) -> TaskQuery:
 
 
 async def list_tasks(app: QueueTasks, params: Mapping[str, str]) -> TaskPage:
-    return await app.page(task_query(params))
+    query = task_query(params)
+    try:
+        return await app.page(query)
+    except ConfigurationError as exc:  # no projector feeds this process's view
+        raise ConsoleError(503, str(exc)) from exc
+
+
+async def counts(app: QueueTasks) -> dict[str, int]:
+    """Tasks per status, every status named."""
+    try:
+        known = await app.counts()
+    except ConfigurationError as exc:
+        raise ConsoleError(503, str(exc)) from exc
+    return {s: known.get(s, 0) for s in STATUSES}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -248,19 +262,9 @@ async def detail(app: QueueTasks, task_id: str, as_of: str | None) -> TaskDetail
     return TaskDetail(task or state.to_task(app.payloads), document, at)
 
 
-async def current(app: QueueTasks, task_id: str) -> Task | None:
-    """The task as the view has it, or, while the view does not know it yet (a task just
-    submitted, before the projector applied it), as its events in the log say."""
-    task = await app.get(task_id)
-    if task is None:
-        state = audit.state_as_of(await app.history(task_id))
-        task = state.to_task(app.payloads) if state is not None else None
-    return task
-
-
 async def get(app: QueueTasks, task_id: str, as_of: str | None) -> Task:
     try:
-        task = await app.get(task_id, as_of=as_of) if as_of else await current(app, task_id)
+        task = await app.get(task_id, as_of=as_of or None)
     except ConfigurationError as exc:
         raise ConsoleError(400, f"as_of: {exc}") from exc
     if task is None:
@@ -271,7 +275,7 @@ async def get(app: QueueTasks, task_id: str, as_of: str | None) -> Task:
 async def cancel(app: QueueTasks, task_id: str, body: bytes) -> Task:
     """Ask for a cancel; refused for a task with no events or that has ended."""
     reason = _reason(body)
-    task = await current(app, task_id)
+    task = await app.get(task_id)
     if task is None:
         raise ConsoleError(404, f"no task {task_id}")
     if task.final:

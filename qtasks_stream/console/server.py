@@ -237,8 +237,7 @@ class Console:
         )
 
     async def counts(self, request: Request) -> Response:
-        counts = await self.app.counts()
-        return _json({s: counts.get(s, 0) for s in ops.STATUSES})
+        return _json(await ops.counts(self.app))
 
     async def letters(self, request: Request) -> Response:
         rows = await ops.dead_letters(self.app, request.query_params)
@@ -264,7 +263,7 @@ class Console:
     async def live(self, request: Request) -> Response:
         """Server-sent events: ``changed`` whenever the view applied something."""
         view = self.app.view
-        await self.app.counts()  # starts the view if nothing did yet
+        await ops.counts(self.app)  # starts the view, or answers why there is none
         interval = self.settings.live_interval
 
         async def events() -> AsyncIterator[bytes]:
@@ -285,7 +284,7 @@ class Console:
 
     async def tasks_page(self, request: Request) -> Response:
         params = {k: v for k, v in request.query_params.items() if v}
-        page, counts = await asyncio.gather(ops.list_tasks(self.app, params), self.app.counts())
+        page, counts = await asyncio.gather(ops.list_tasks(self.app, params), ops.counts(self.app))
         return HTMLResponse(
             pages.tasks_page(
                 page,

@@ -386,7 +386,7 @@ async def test_a_task_the_view_does_not_know_yet_is_read_from_the_log(
     await console.app.start(["scheduler", "worker", "deadletter"])
     submitted = await console.client.post("/api/tasks/sleepy", json={"args": [60]}, headers=BEARER)
     task_id = submitted.json()["id"]
-    assert await console.app.get(task_id) is None
+    assert await console.app.view.state(task_id) is None
     got = await console.client.get(f"/api/tasks/{task_id}", headers=BEARER)
     assert got.status_code == 200 and got.json()["name"] == "sleepy", got.text
     cancel = await console.client.post(f"/api/tasks/{task_id}/cancel", headers=BEARER)
@@ -398,3 +398,14 @@ async def test_a_task_the_view_does_not_know_yet_is_read_from_the_log(
         limit=LIMIT,
     )
     assert events[0].kind == "Submitted"
+
+
+async def test_the_list_without_a_view_says_why(make_console: MakeConsole) -> None:
+    console = await make_console(start=False)
+    await console.app.start(["scheduler", "worker"])  # nothing feeds the in-memory view
+    for path in ["/api/counts", "/api/tasks", "/api/live"]:
+        response = await console.client.get(path, headers=BEARER)
+        assert response.status_code == 503, (path, response.text)
+        assert "needs a shared view" in response.json()["error"]
+    page = await console.signed_in().get("/")
+    assert page.status_code == 503 and "QTASKS_VIEW_URL" in page.text
