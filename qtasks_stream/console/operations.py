@@ -232,8 +232,7 @@ async def counts(app: QueueTasks) -> dict[str, int]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TaskDetail:
-    """A task page's content: the task (as of a moment, or as the view has it) and its
-    history document, both from one read of the log."""
+    """A task page's content: the task and its history document, from one read of the log."""
 
     task: Task
     history: dict[str, Any]
@@ -241,8 +240,8 @@ class TaskDetail:
 
 
 async def detail(app: QueueTasks, task_id: str, as_of: str | None) -> TaskDetail:
-    """The task and its history (:func:`qtasks_stream.audit.history_document`) from the log;
-    without ``as_of`` the task is the view's (the fold of the log while the view lags)."""
+    """The task and its history (:func:`qtasks_stream.audit.history_document`), both from
+    one read of the log; with ``as_of``, as they stood then."""
     at = None
     if as_of:
         try:
@@ -258,8 +257,8 @@ async def detail(app: QueueTasks, task_id: str, as_of: str | None) -> TaskDetail
     document = audit.history_document(
         task_id, app.topology.events, events, at, app.payloads.decode_plain
     )
-    task = await app.get(task_id) if at is None else None
-    return TaskDetail(task or state.to_task(app.payloads), document, at)
+    # From the same read as the timeline: the two agree, and the log is read once.
+    return TaskDetail(state.to_task(app.payloads), document, at)
 
 
 async def get(app: QueueTasks, task_id: str, as_of: str | None) -> Task:
