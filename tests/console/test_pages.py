@@ -208,3 +208,38 @@ async def test_only_the_allowed_host_names_are_answered(make_console: MakeConsol
         "/api/counts", headers={**BEARER, "host": "attacker.example"}
     )
     assert rebound.status_code == 400
+
+
+async def test_resubmit_through_the_form(console: Console) -> None:
+    task_id = await console.submit("fails", "once")
+    await console.ended(task_id)
+    signed = console.signed_in()
+    done = await signed.post(
+        f"/tasks/{task_id}/resubmit", data={"csrf": console.settings.csrf_token, "reason": "r"}
+    )
+    assert done.status_code == 303 and done.headers["location"].endswith("?done=resubmit")
+    await eventually_attempt(console, task_id, 4)
+    again = await signed.post(
+        f"/tasks/{task_id}/resubmit", data={"csrf": console.settings.csrf_token}
+    )
+    assert again.status_code == 303  # ended again: a fifth attempt
+    await eventually_attempt(console, task_id, 5)
+    done_ok = await console.submit("add", 1, 2)
+    await console.ended(done_ok)
+    refused = await signed.post(
+        f"/tasks/{done_ok}/resubmit", data={"csrf": console.settings.csrf_token}
+    )
+    assert refused.status_code == 409 and "not resubmitted" in refused.text
+    unknown = await signed.post("/tasks/nope/resubmit", data={"csrf": console.settings.csrf_token})
+    assert unknown.status_code == 404 and "no events in the log" in unknown.text
+
+
+async def eventually_attempt(console: Console, task_id: str, attempt: int) -> None:
+    from tests.e2ehelpers import eventually
+
+    await eventually(
+        lambda: console.app.get(task_id),
+        lambda t: t is not None and t.final and t.attempt == attempt,
+        what=f"attempt {attempt} of {task_id} ended",
+        limit=10.0,
+    )
