@@ -137,7 +137,9 @@ async def test_replay_a_dead_letter_and_the_task_succeeds(
     console = await make_console(unreadable_submits=True)
     tasks.BROKEN.add("later")
     task_id = await console.submit("later")
-    assert (await console.ended(task_id)).status == "dead_letter"
+    other = await console.submit("later")
+    for dead in (task_id, other):
+        assert (await console.ended(dead)).status == "dead_letter"
     await console.settled()
     tasks.BROKEN.clear()  # the cause is fixed
     async with serving(console) as url:
@@ -146,7 +148,10 @@ async def test_replay_a_dead_letter_and_the_task_succeeds(
         await page.goto(url + "/dead-letters")
         assert "cannot read submits" in await page.inner_text("#letters")
         await session.shot("dead-letters")
-        await page.locator("#letters button.replay").first.click()
+        # One letter by its own button.
+        await page.locator(
+            f'#letters tr:has(a[href="/tasks/{task_id}"]) button.replay'
+        ).first.click()
         await page.wait_for_selector("#outcomes")
         assert "replayed" in await page.inner_text("#outcomes")
         assert [kind for kind, _ in session.dialogs] == ["confirm"]
@@ -154,6 +159,21 @@ async def test_replay_a_dead_letter_and_the_task_succeeds(
         await session.reload_until(".facts", "success")
         assert '"late"' in await page.inner_text("#result")
         await session.shot("replayed")
+        # The other task's letters (one per stage that gave up) ticked and replayed together.
+        await page.goto(url + "/dead-letters")
+        boxes = page.locator(f'#letters tr:has(a[href="/tasks/{other}"]) input[type=checkbox]')
+        assert await boxes.count() == 2
+        for i in range(2):
+            await boxes.nth(i).check()
+        await page.fill("#bulk input[name=reason]", "fixed the decoder")
+        await page.click("#bulk button")
+        await page.wait_for_selector("#outcomes")
+        outcomes = await page.locator("#outcomes td.outcome").all_inner_texts()
+        assert sorted(outcomes) == ["already replayed", "replayed"]
+        assert len(session.dialogs) == 2
+    assert (await console.status(other, "success")).returning == "late"
+    reasons = [getattr(e.payload, "reason", None) for e in await console.app.history(other)]
+    assert "fixed the decoder" in reasons
 
 
 async def test_cancel_a_running_task(browser: Any, console: Console) -> None:
