@@ -18,7 +18,7 @@ from qtasks_stream import audit, dlq
 from qtasks_stream.app import QueueTasks
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 from qtasks_stream.rerun import ResubmitFilter
-from qtasks_stream.state import FINAL_STATUSES, Task
+from qtasks_stream.state import Task
 from qtasks_stream.views.base import TaskPage, TaskQuery
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "dumps",
     "list_tasks",
     "parse_positions",
+    "reason_of",
     "replay_letters",
     "resubmit",
     "submit",
@@ -130,8 +131,10 @@ def _json_body(body: bytes) -> dict[str, Any]:
     return value
 
 
-def _reason(body: bytes) -> str:
-    value = _json_body(body).get("reason", "")
+def reason_of(body: bytes | dict[str, Any]) -> str:
+    """The ``reason`` of an action's JSON body (empty when there is none)."""
+    data = _json_body(body) if isinstance(body, bytes) else body
+    value = data.get("reason", "")
     if not isinstance(value, str):
         raise ConsoleError(400, "reason must be a string")
     return value
@@ -271,9 +274,8 @@ async def get(app: QueueTasks, task_id: str, as_of: str | None) -> Task:
     return task
 
 
-async def cancel(app: QueueTasks, task_id: str, body: bytes) -> Task:
+async def cancel(app: QueueTasks, task_id: str, reason: str) -> Task:
     """Ask for a cancel; refused for a task with no events or that has ended."""
-    reason = _reason(body)
     task = await app.get(task_id)
     if task is None:
         raise ConsoleError(404, f"no task {task_id}")
@@ -283,9 +285,8 @@ async def cancel(app: QueueTasks, task_id: str, body: bytes) -> Task:
     return task
 
 
-async def resubmit(app: QueueTasks, task_id: str, body: bytes) -> int:
+async def resubmit(app: QueueTasks, task_id: str, reason: str) -> int:
     """Start a new attempt of an ended task; answers the attempt's number."""
-    reason = _reason(body)
     found = await app.resubmit(ResubmitFilter(task_ids=frozenset({task_id})), reason=reason)
     chosen = next((r for r in found if r.task_id == task_id), None)
     if chosen is None:
@@ -363,11 +364,4 @@ def replay_request(body: bytes) -> tuple[set[tuple[int, int]], str]:
     letters = data.get("letters")
     if not isinstance(letters, list):
         raise ConsoleError(400, 'letters must be an array of "PARTITION:OFFSET"')
-    reason = data.get("reason", "")
-    if not isinstance(reason, str):
-        raise ConsoleError(400, "reason must be a string")
-    return parse_positions(letters), reason
-
-
-def is_final(status: str) -> bool:
-    return status in FINAL_STATUSES
+    return parse_positions(letters), reason_of(data)

@@ -222,12 +222,12 @@ class Console:
 
     async def cancel(self, request: Request) -> Response:
         body = await _body(request, self.settings.max_body)
-        task = await ops.cancel(self.app, request.path_params["id"], body)
+        task = await ops.cancel(self.app, request.path_params["id"], ops.reason_of(body))
         return _json({"id": task.uuid, "cancel_requested": True}, 202)
 
     async def resubmit(self, request: Request) -> Response:
         body = await _body(request, self.settings.max_body)
-        attempt = await ops.resubmit(self.app, request.path_params["id"], body)
+        attempt = await ops.resubmit(self.app, request.path_params["id"], ops.reason_of(body))
         return _json({"id": request.path_params["id"], "attempt": attempt}, 202)
 
     async def list_tasks(self, request: Request) -> Response:
@@ -320,13 +320,13 @@ class Console:
     async def cancel_form(self, request: Request) -> Response:
         task_id = request.path_params["id"]
         reason = str(request.state.form.get("reason", ""))
-        await ops.cancel(self.app, task_id, ops.dumps({"reason": reason}))
+        await ops.cancel(self.app, task_id, reason)
         return RedirectResponse(f"/tasks/{task_id}?done=cancel", status_code=303)
 
     async def resubmit_form(self, request: Request) -> Response:
         task_id = request.path_params["id"]
         reason = str(request.state.form.get("reason", ""))
-        await ops.resubmit(self.app, task_id, ops.dumps({"reason": reason}))
+        await ops.resubmit(self.app, task_id, reason)
         return RedirectResponse(f"/tasks/{task_id}?done=resubmit", status_code=303)
 
     async def replay_form(self, request: Request) -> Response:
