@@ -57,7 +57,7 @@ from qtasks_stream.stages.runner import StageRunner
 from qtasks_stream.stages.scheduler import SchedulerStage
 from qtasks_stream.stages.worker import WorkerStage
 from qtasks_stream.state import Task, TaskState, fold
-from qtasks_stream.tasks import Router, TaskDefinition, TaskSelf
+from qtasks_stream.tasks import Router, TaskDefinition, TaskHandle, TaskSelf
 from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import TaskPage, TaskQuery, ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
@@ -194,6 +194,10 @@ class QueueTasks(Router):
     def _app_or_none(self) -> QueueTasks:
         return self
 
+    def _register(self, definition: TaskDefinition) -> TaskHandle:
+        self.topology.check_priority(definition.priority, definition.name)
+        return super()._register(definition)
+
     # -- registration ---------------------------------------------------------------------
 
     def include_router(self, router: Router) -> None:
@@ -201,6 +205,8 @@ class QueueTasks(Router):
         for definition in router.definitions.values():
             if definition.name in self.definitions:
                 raise ConfigurationError(f"task {definition.name!r} is already registered")
+        for definition in router.definitions.values():
+            self.topology.check_priority(definition.priority, definition.name)
         self.definitions.update(router.definitions)
         for handle in router.handles:
             handle._app = self
@@ -343,6 +349,7 @@ class QueueTasks(Router):
             max_time,
             self.topology.retention_ms,
         )
+        self.topology.check_priority(options["priority"], task_name)
         await self._ensure_client()
         await self.payloads.start([definition])  # a task added after the client started
         call = self.payloads.encode_call(definition, args, kwargs)

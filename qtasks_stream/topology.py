@@ -82,8 +82,26 @@ class Topology:
         return f"{self.base}.{stage}"
 
     def lane_for(self, priority: int) -> int:
-        """Lower priority values run first (the QTasks convention): priority p → lane p."""
+        """Lower priority values run first (the QTasks convention): priority p → lane p.
+
+        Clamped for events written before priorities were checked (or by an app with more
+        lanes): new submissions are refused by :meth:`check_priority` instead.
+        """
         return min(max(priority, 0), self.lanes - 1)
+
+    def check_priority(self, priority: int, task_name: str) -> None:
+        """Refuse a priority no lane serves: mapped silently onto the last lane it would run
+        in arbitrary order with the others there.
+
+        Raises:
+            ConfigurationError: ``priority`` is outside ``0 .. lanes - 1``.
+        """
+        if not 0 <= priority < self.lanes:
+            raise ConfigurationError(
+                f"priority {priority} of task {task_name!r} is outside the lanes of app "
+                f"{self.app!r}: 0..{self.lanes - 1} (lanes={self.lanes}; lower runs first); "
+                "use one of those, or more lanes"
+            )
 
     def lane_index(self, topic: str) -> int:
         return int(topic.rsplit(".", 1)[1])
