@@ -52,7 +52,7 @@ from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.stages.base import Stage
 from qtasks_stream.stages.deadletter import DeadLetterStage
-from qtasks_stream.stages.projector import ProjectorStage
+from qtasks_stream.stages.projector import ProjectorStage, check_view_positions
 from qtasks_stream.stages.runner import StageRunner
 from qtasks_stream.stages.scheduler import SchedulerStage
 from qtasks_stream.stages.worker import WorkerStage
@@ -241,6 +241,8 @@ class QueueTasks(Router):
             raise ConfigurationError(f"unknown stages {unknown}; choose from {list(STAGES)}")
         await self._ensure_client()
         await self._ensure_view()
+        if "projector" in wanted and "projector" not in self.runners:
+            await check_view_positions(self.view, self.event_log, self.topology)
         for stage_name in wanted:
             if stage_name in self.runners:
                 continue
