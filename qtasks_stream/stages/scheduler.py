@@ -338,7 +338,9 @@ class SchedulerStage(Stage):
         now = now_us()
         if now >= self._next_prune_us:
             self._prune(now)
-            self._next_prune_us = now + int(_PRUNE_EVERY_S * 1_000_000)
+            # At least once per retention: what it holds stays within twice the retention.
+            every_s = min(_PRUNE_EVERY_S, max(self._topology.retention_ms, 1000) / 1000)
+            self._next_prune_us = now + int(every_s * 1_000_000)
         while self._timers and self._timers[0][0] <= now:
             due, task_id, attempt = heapq.heappop(self._timers)
             state = self._tasks.get(task_id)

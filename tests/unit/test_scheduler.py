@@ -5,6 +5,7 @@ runner's commit and the next poll would do)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -445,6 +446,25 @@ async def test_an_ended_task_is_remembered_for_the_retention_then_forgotten(
     assert h.stage.held() == {"open": 0, "ended": 0}
     again = await h.feed(_submit("t1", idempotency_key="k"))
     assert [item.task_id for _lane, item in _work(again)] == ["t1"]
+
+
+async def test_a_short_retention_is_pruned_within_the_retention_not_a_minute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long-running embedded app with a retention of seconds keeps ended tasks for about
+    that long, not for the minute between prunes (issue 12.11: memory grew with tasks)."""
+    clock = [now_us()]
+    monkeypatch.setattr(scheduler, "now_us", lambda: clock[0])
+    h = Harness()
+    h.stage = SchedulerStage(dataclasses.replace(TOPOLOGY, retention_ms=5_000))
+    await h.assign()
+    await h.tick()
+    await h.feed(_submit("t1"))
+    await h.feed(TaskEvent.new("t1", "job", 1, "worker:w", Succeeded("1", 1.0)))
+    assert h.stage.held() == {"open": 0, "ended": 1}
+    clock[0] += 12_000_000  # twice the retention: past it, and past the next prune
+    await h.tick()
+    assert h.stage.held() == {"open": 0, "ended": 0}
 
 
 async def test_events_kept_forever_keep_an_ended_task_forever(
