@@ -142,6 +142,11 @@ class QueueTasks(Router):
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
         self.shutdown_grace = shutdown_grace
+        #: The queues this process's worker serves (``start(queues=...)``); None: all.
+        self.worker_queues: tuple[str, ...] | None = None
+        #: Seconds a work item of a task this process does not know is put back in its lane
+        #: (for a worker that knows it: a rolling deploy) before it is dead-lettered.
+        self.unknown_task_deadline = 300.0
         self.runners: dict[str, StageRunner] = {}
         self._runner_tasks: list[asyncio.Task[None]] = []
         self._client_ready = False
@@ -195,8 +200,22 @@ class QueueTasks(Router):
         return self
 
     def _register(self, definition: TaskDefinition) -> TaskHandle:
-        self.topology.check_priority(definition.priority, definition.name)
+        self._check_definition(definition)
         return super()._register(definition)
+
+    def _check_definition(self, definition: TaskDefinition) -> None:
+        """Refuse a priority outside the lanes; give a new queue its lanes."""
+        self.topology.check_priority(definition.priority, definition.name)
+        topology = self.topology.with_queue(definition.queue)
+        if topology is self.topology:
+            return
+        if self._client_ready:
+            raise ConfigurationError(
+                f"task {definition.name!r} names the new queue {definition.queue!r}, but the "
+                "app has started: declare the tasks of a new queue before it starts"
+            )
+        self.topology = topology
+        self.serde.add_topics(topology.topic_schemas())
 
     # -- registration ---------------------------------------------------------------------
 
@@ -206,7 +225,7 @@ class QueueTasks(Router):
             if definition.name in self.definitions:
                 raise ConfigurationError(f"task {definition.name!r} is already registered")
         for definition in router.definitions.values():
-            self.topology.check_priority(definition.priority, definition.name)
+            self._check_definition(definition)
         self.definitions.update(router.definitions)
         for handle in router.handles:
             handle._app = self
@@ -233,9 +252,20 @@ class QueueTasks(Router):
             await self.view.start()
             self._view_started = True
 
-    async def start(self, stages: Iterable[str] = STAGES) -> None:
-        """Start the given stages in this process (all by default)."""
+    async def start(
+        self, stages: Iterable[str] = STAGES, *, queues: Iterable[str] | None = None
+    ) -> None:
+        """Start the given stages in this process (all by default). ``queues``: the named
+        queues this process's worker takes work from (by default every queue its tasks
+        name, and ``"default"``)."""
         wanted = list(dict.fromkeys(stages))
+        served = tuple(dict.fromkeys(queues)) if queues is not None else self.worker_queues
+        if served is not None:
+            for queue in served:
+                self.topology.check_queue(queue)
+            if not served:
+                raise ConfigurationError("a worker serves at least one queue")
+            self.worker_queues = served
         unknown = [s for s in wanted if s not in STAGES]
         if unknown:
             raise ConfigurationError(f"unknown stages {unknown}; choose from {list(STAGES)}")
@@ -281,6 +311,8 @@ class QueueTasks(Router):
             interceptors=self.interceptors,
             echo_self=lambda ctx: TaskSelf(ctx, self),
             shutdown_grace=self.shutdown_grace,
+            queues=self.worker_queues or self.topology.queues,
+            unknown_task_deadline=self.unknown_task_deadline,
         )
 
     async def close(self) -> None:
@@ -321,6 +353,7 @@ class QueueTasks(Router):
         task_name: str,
         *args: Any,
         priority: int | None = None,
+        queue: str | None = None,
         timeout: float | None = None,
         countdown: float | None = None,
         eta: datetime | None = None,
@@ -350,6 +383,8 @@ class QueueTasks(Router):
             idempotency_key,
             max_time,
             self.topology.retention_ms,
+            queue,
+            self.topology.queues,
         )
         self.topology.check_priority(options["priority"], task_name)
         await self._ensure_client()
@@ -568,6 +603,8 @@ def _options(
     idempotency_key: str | None,
     max_time: float | None,
     retention_ms: int,
+    queue: str | None = None,
+    queues: Sequence[str] = ("default",),
 ) -> dict[str, Any]:
     """The Submitted fields other than arguments and tags, checked.
 
@@ -603,7 +640,16 @@ def _options(
         raise ConfigurationError(f"max_time must be > 0, not {max_time!r}")
     if idempotency_key is not None and not idempotency_key:
         raise ConfigurationError("idempotency_key must be a non-empty string")
+    if queue is None:
+        queue = definition.queue
+    if queue not in queues:
+        raise ConfigurationError(
+            f"unknown queue {queue!r}: this app's queues are {', '.join(queues)} (a queue "
+            "exists once one of its tasks names it with @app.task(queue=...))"
+        )
     return {
+        # None for the default queue: its Submitted events stay as before queues existed.
+        "queue": None if queue == "default" else queue,
         "priority": priority,
         "eta_us": eta_us,
         "idempotency_key": idempotency_key,

@@ -154,6 +154,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="also write a snapshot of every task's state this often (see `snapshot`)",
     )
+    worker.add_argument(
+        "--queues",
+        default=None,
+        help="comma-separated named queues whose work this worker takes "
+        "(default: every queue the app's tasks name)",
+    )
 
     history = sub.add_parser("history", help="every event of one task, read from the log")
     history.add_argument("task_id")
@@ -322,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = configure(load_app(args.app), env)
             telemetry = telemetry_from(app, env)
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+            if args.queues is not None:
+                app.worker_queues = tuple(q.strip() for q in args.queues.split(",") if q.strip())
             try:
                 if args.snapshot_every is not None and not args.snapshot_every > 0:
                     raise ConfigurationError(

@@ -96,6 +96,8 @@ class Submitted:
     max_time: float | None = None
     tags: tuple[str, ...] = ()
     arguments_avro: bytes | None = None
+    #: The named queue; ``None``: ``"default"`` (what submits before queues existed wrote).
+    queue: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +379,8 @@ class WorkItem:
     max_time: float | None = None
     traceparent: str | None = None
     arguments_avro: bytes | None = None
+    #: When a worker that did not know ``task_name`` first put the item back (see worker).
+    unknown_since_us: int | None = None
 
     SCHEMA: ClassVar[str] = "WorkItem"
 

@@ -82,6 +82,8 @@ class TaskDefinition:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     tags: tuple[str, ...] = ()
     description: str | None = None
+    #: The named queue whose lanes and workers run it (see :class:`Topology`).
+    queue: str = "default"
 
     @classmethod
     def build(
@@ -99,6 +101,7 @@ class TaskDefinition:
         retry_jitter: float,
         tags: Sequence[str],
         description: str | None,
+        queue: str = "default",
     ) -> TaskDefinition:
         if not callable(fn):
             raise ConfigurationError(f"@task decorates functions, not {fn!r}")
@@ -127,6 +130,7 @@ class TaskDefinition:
             ),
             tags=tuple(tags),
             description=description or inspect.getdoc(fn),
+            queue=queue,
         )
 
 
@@ -181,6 +185,7 @@ class TaskOptions(TypedDict, total=False):
     retry_jitter: float
     tags: Sequence[str]
     description: str | None
+    queue: str
 
 
 class Router:
@@ -209,7 +214,8 @@ class Router:
         Options: ``name``, ``priority`` (lower runs first), ``echo`` (pass ``self`` with
         ``self.ctx``), ``max_time`` (seconds per attempt), ``retry`` (extra attempts),
         ``retry_on_exc`` (exception classes, subclasses match), ``retry_backoff``,
-        ``retry_backoff_max``, ``retry_jitter``, ``tags``, ``description``.
+        ``retry_backoff_max``, ``retry_jitter``, ``tags``, ``description``, ``queue`` (the
+        named queue whose workers run it, ``"default"`` by default).
         """
         unknown = set(options) - set(TaskOptions.__annotations__)
         if unknown:
@@ -230,6 +236,7 @@ class Router:
                 retry_jitter=options.get("retry_jitter", 0.5),
                 tags=options.get("tags", ()),
                 description=options.get("description"),
+                queue=options.get("queue", "default"),
             )
             return self._register(definition)
 
