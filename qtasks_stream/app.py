@@ -363,11 +363,14 @@ class QueueTasks(Router):
         **kwargs: Any,
     ) -> Task | None:
         """Submit a task. Returns it with status ``new``; with ``timeout``, waits for its end
-        and returns the finished task, or ``None`` if it did not end in time.
+        and returns the finished task, or ``None`` if it did not end in time. ``queue``
+        overrides the task's named queue (one of the app's queues); ``priority`` must be a
+        lane, ``0 .. lanes - 1``.
 
         Raises:
             UnknownTaskError: no task is registered under ``task_name``.
-            ConfigurationError: an option is invalid or an argument is not JSON-serializable.
+            ConfigurationError: an option is invalid (a priority outside the lanes, an unknown
+                queue) or an argument is not JSON-serializable.
         """
         definition = self.definitions.get(task_name)
         if definition is None:
