@@ -58,7 +58,7 @@ from qtasks_stream.stages.scheduler import SchedulerStage
 from qtasks_stream.stages.worker import WorkerStage
 from qtasks_stream.state import Task, TaskState, fold
 from qtasks_stream.tasks import Router, TaskDefinition, TaskHandle, TaskSelf
-from qtasks_stream.topology import Topology
+from qtasks_stream.topology import DEFAULT_QUEUE, Topology
 from qtasks_stream.views.base import TaskPage, TaskQuery, ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
 
@@ -387,9 +387,9 @@ class QueueTasks(Router):
             max_time,
             self.topology.retention_ms,
             queue,
-            self.topology.queues,
         )
         self.topology.check_priority(options["priority"], task_name)
+        self.topology.check_queue(options["queue"] or DEFAULT_QUEUE)
         await self._ensure_client()
         await self.payloads.start([definition])  # a task added after the client started
         call = self.payloads.encode_call(definition, args, kwargs)
@@ -607,7 +607,6 @@ def _options(
     max_time: float | None,
     retention_ms: int,
     queue: str | None = None,
-    queues: Sequence[str] = ("default",),
 ) -> dict[str, Any]:
     """The Submitted fields other than arguments and tags, checked.
 
@@ -645,14 +644,9 @@ def _options(
         raise ConfigurationError("idempotency_key must be a non-empty string")
     if queue is None:
         queue = definition.queue
-    if queue not in queues:
-        raise ConfigurationError(
-            f"unknown queue {queue!r}: this app's queues are {', '.join(queues)} (a queue "
-            "exists once one of its tasks names it with @app.task(queue=...))"
-        )
     return {
         # None for the default queue: its Submitted events stay as before queues existed.
-        "queue": None if queue == "default" else queue,
+        "queue": None if queue == DEFAULT_QUEUE else queue,
         "priority": priority,
         "eta_us": eta_us,
         "idempotency_key": idempotency_key,

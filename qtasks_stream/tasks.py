@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack, overload
 
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.executors.base import FunctionKind
+from qtasks_stream.topology import DEFAULT_QUEUE
 
 if TYPE_CHECKING:
     from qtasks_stream.app import QueueTasks
@@ -83,7 +84,7 @@ class TaskDefinition:
     tags: tuple[str, ...] = ()
     description: str | None = None
     #: The named queue whose lanes and workers run it (see :class:`Topology`).
-    queue: str = "default"
+    queue: str = DEFAULT_QUEUE
 
     @classmethod
     def build(
@@ -101,7 +102,7 @@ class TaskDefinition:
         retry_jitter: float,
         tags: Sequence[str],
         description: str | None,
-        queue: str = "default",
+        queue: str = DEFAULT_QUEUE,
     ) -> TaskDefinition:
         if not callable(fn):
             raise ConfigurationError(f"@task decorates functions, not {fn!r}")
@@ -236,7 +237,7 @@ class Router:
                 retry_jitter=options.get("retry_jitter", 0.5),
                 tags=options.get("tags", ()),
                 description=options.get("description"),
-                queue=options.get("queue", "default"),
+                queue=options.get("queue", DEFAULT_QUEUE),
             )
             return self._register(definition)
 
