@@ -200,22 +200,24 @@ class QueueTasks(Router):
         return self
 
     def _register(self, definition: TaskDefinition) -> TaskHandle:
-        self._check_definition(definition)
+        self._take_queues([definition])
         return super()._register(definition)
 
-    def _check_definition(self, definition: TaskDefinition) -> None:
-        """Refuse a priority outside the lanes; give a new queue its lanes."""
-        self.topology.check_priority(definition.priority, definition.name)
-        topology = self.topology.with_queue(definition.queue)
-        if topology is self.topology:
-            return
-        if self._client_ready:
-            raise ConfigurationError(
-                f"task {definition.name!r} names the new queue {definition.queue!r}, but the "
-                "app has started: declare the tasks of a new queue before it starts"
-            )
-        self.topology = topology
-        self.serde.add_topics(topology.topic_schemas())
+    def _take_queues(self, definitions: Iterable[TaskDefinition]) -> None:
+        """Refuse a priority outside the lanes; give new queues their lanes (all or none)."""
+        topology = self.topology
+        for definition in definitions:
+            topology.check_priority(definition.priority, definition.name)
+            wider = topology.with_queue(definition.queue)
+            if wider is not topology and self._client_ready:
+                raise ConfigurationError(
+                    f"task {definition.name!r} names the new queue {definition.queue!r}, but "
+                    "the app has started: declare the tasks of a new queue before it starts"
+                )
+            topology = wider
+        if topology is not self.topology:
+            self.topology = topology
+            self.serde.add_topics(topology.topic_schemas())
 
     # -- registration ---------------------------------------------------------------------
 
@@ -224,8 +226,7 @@ class QueueTasks(Router):
         for definition in router.definitions.values():
             if definition.name in self.definitions:
                 raise ConfigurationError(f"task {definition.name!r} is already registered")
-        for definition in router.definitions.values():
-            self._check_definition(definition)
+        self._take_queues(router.definitions.values())
         self.definitions.update(router.definitions)
         for handle in router.handles:
             handle._app = self
