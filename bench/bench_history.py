@@ -33,7 +33,7 @@ from bench.bench_kafka import (
 )
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
-from qtasks_stream.eventlog.memory import murmur2_partition
+from qtasks_stream.eventlog.partitioning import murmur2_partition
 from qtasks_stream.records import TopicPartition
 
 #: Bound on one timed read (seconds).

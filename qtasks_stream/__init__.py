@@ -6,15 +6,24 @@ from qtasks_stream.errors import (
     ConfigurationError,
     EventLogError,
     QTasksStreamError,
+    RegistryUnavailableError,
     SerdeError,
+    StaleViewError,
     TaskCancelled,
+    TaskError,
+    TaskNotFoundError,
     TaskTimeout,
     UnknownTaskError,
+    ViewStoreError,
 )
 from qtasks_stream.interceptors import EmitInput, ExecuteInput, Interceptor, StepInput
+from qtasks_stream.rerun import ResubmitFilter
+from qtasks_stream.settings import Settings
 from qtasks_stream.state import Task
+from qtasks_stream.sync import SyncClient
 from qtasks_stream.tasks import RetryPolicy, Router, TaskHandle
-from qtasks_stream.views.base import TaskQuery
+from qtasks_stream.views.base import TaskPage, TaskQuery
+from qtasks_stream.views.url import open_view
 
 __all__ = [
     "STAGES",
@@ -25,16 +34,26 @@ __all__ = [
     "Interceptor",
     "QTasksStreamError",
     "QueueTasks",
+    "RegistryUnavailableError",
+    "ResubmitFilter",
     "RetryPolicy",
     "Router",
     "SerdeError",
+    "Settings",
+    "StaleViewError",
     "StepInput",
+    "SyncClient",
     "Task",
     "TaskCancelled",
     "TaskContext",
+    "TaskError",
     "TaskHandle",
+    "TaskNotFoundError",
+    "TaskPage",
     "TaskQuery",
     "TaskTimeout",
     "UnknownTaskError",
+    "ViewStoreError",
     "current",
+    "open_view",
 ]

@@ -1,82 +1,53 @@
-"""``QueueTasks``: the application object and the composition root of its components.
+"""``QueueTasks``: the application object, and the wiring of its components.
 
-It registers tasks, submits and awaits them, and runs the stages of the pipeline. Every
-component is passed in or defaulted here (and only here): the in-memory event log, the
-``mock://`` schema registry and the in-memory view make the embedded default, which needs
-no server.
+Three roles, one home each: this module wires the components (every one passed in, built
+from :class:`~qtasks_stream.settings.Settings`, or defaulted here: the in-memory event log,
+the ``mock://`` schema registry and the in-memory view make the embedded default, which needs
+no server); :class:`~qtasks_stream.client.TaskClient` submits and reads tasks;
+:class:`~qtasks_stream.runtime.StageRuntime` runs stages, built only when the app starts
+some.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
-from datetime import datetime
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from qtasks_stream import audit
-from qtasks_stream.errors import (
-    ConfigurationError,
-    EventLogError,
-    QTasksStreamError,
-    SerdeError,
-    UnknownTaskError,
-)
+from qtasks_stream.client import TaskClient
+from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.eventlog.base import EventLog
-from qtasks_stream.eventlog.memory import InMemoryEventLog, murmur2_partition
-from qtasks_stream.events import (
-    CancelRequested,
-    Submitted,
-    TaskEvent,
-    as_record,
-    event_kind,
-    new_task_id,
-    now_us,
-    task_id_ms,
-)
+from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.executors.base import Executor
 from qtasks_stream.executors.pool import LocalExecutor
-from qtasks_stream.interceptors import EmitInput, Interceptor, chain_emit, wants
-from qtasks_stream.records import TopicPartition
-from qtasks_stream.rerun import Resubmission, ResubmitFilter, find_resubmissions, records_of
+from qtasks_stream.interceptors import Interceptor
 from qtasks_stream.results import ResultListener
 from qtasks_stream.serde.avro import AvroSerde
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.payloads import TaskPayloads
-from qtasks_stream.stages.base import Stage
-from qtasks_stream.stages.deadletter import DeadLetterStage
-from qtasks_stream.stages.projector import ProjectorStage, check_view_positions
-from qtasks_stream.stages.runner import StageRunner
-from qtasks_stream.stages.scheduler import SchedulerStage
-from qtasks_stream.stages.worker import WorkerStage
-from qtasks_stream.state import Task, TaskState, fold
+from qtasks_stream.settings import Settings
 from qtasks_stream.tasks import Router, TaskDefinition, TaskHandle, TaskSelf
-from qtasks_stream.topology import DEFAULT_QUEUE, Topology
-from qtasks_stream.views.base import TaskPage, TaskQuery, ViewStore
+from qtasks_stream.topology import Topology
+from qtasks_stream.views.base import ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
+
+if TYPE_CHECKING:
+    from qtasks_stream.runtime import StageRuntime
+    from qtasks_stream.stages.runner import StageRunner
 
 __all__ = ["STAGES", "QueueTasks"]
 
-log = logging.getLogger("qtasks_stream")
-
 #: Every stage, in start order.
 STAGES = ("projector", "deadletter", "scheduler", "worker")
-_IDEMPOTENCY_NS = uuid.UUID("5b0a4f0e-7c51-4d8a-9a55-6f1c1c2b8e11")
-#: A task's history is read from this long before its id's time: the ``Submitted`` record's
-#: timestamp is its client's clock (CreateTime), or the broker's on a LogAppendTime topic.
-_HISTORY_CLOCK_MARGIN_MS = 60_000
-#: How long before the events retention ends a delayed task must start at the latest.
-_RETENTION_MARGIN_MS = 3_600_000
 
 
-class QueueTasks(Router):
+class QueueTasks(TaskClient, Router):
     """A qtasks-stream application.
 
     Args:
@@ -94,6 +65,9 @@ class QueueTasks(Router):
         interceptors: wrap task execution and stage steps, outermost first.
         instance_id: this process's identity in transactional ids; a restarted process
             with the same id fences its predecessor. Random by default.
+        settings: where the components live (see :class:`~qtasks_stream.settings.Settings`):
+            they build the event log, registry and view that are not passed explicitly, and
+            set the topic prefix and instance id when they name one.
     """
 
     def __init__(
@@ -115,6 +89,7 @@ class QueueTasks(Router):
         batch_size: int = 500,
         poll_timeout: float = 0.2,
         shutdown_grace: float = 10.0,
+        settings: Settings | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -147,13 +122,44 @@ class QueueTasks(Router):
         #: Seconds a work item of a task this process does not know is put back in its lane
         #: (for a worker that knows it: a rolling deploy) before it is dead-lettered.
         self.unknown_task_deadline = 300.0
-        self.runners: dict[str, StageRunner] = {}
-        self._runner_tasks: list[asyncio.Task[None]] = []
-        self._client_ready = False
-        self._client_lock = asyncio.Lock()
-        self._view_started = False
+        self._runtime: StageRuntime | None = None
         self.view: ViewStore = view if view is not None else MemoryViewStore()
-        self.use(event_log=event_log, schema_registry=schema_registry)
+        self.settings = settings if settings is not None else Settings()
+        if settings is None:
+            self.use(event_log=event_log, schema_registry=schema_registry)
+        else:
+            registry = schema_registry or settings.build_registry()
+            self.use(
+                event_log=event_log or settings.build_event_log(),
+                schema_registry=registry,
+                view=view or settings.build_view(),
+                topic_prefix=settings.topic_prefix,
+                instance_id=instance_id or settings.instance_id,
+                own_registry=schema_registry is None and registry is not None,
+            )
+
+    @classmethod
+    def from_env(cls, name: str, env: Mapping[str, str] = os.environ, **options: Any) -> QueueTasks:
+        """An app on what the environment configures (see docs/configuration.md);
+        ``options`` are the other arguments of :class:`QueueTasks`."""
+        return cls(name, settings=Settings.from_env(env), **options)
+
+    def configure(self, settings: Settings) -> QueueTasks:
+        """Move this app, declared with its module's components, onto ``settings``: how the
+        CLI applies the environment to the app it loads. The view the module chose stays
+        unless the settings name one. Returns the app."""
+        registry = settings.build_registry()
+        self.use(
+            # Embedded settings keep the log the module chose (it may be its own Kafka log).
+            event_log=settings.build_event_log() if settings.shared_log else self.event_log,
+            schema_registry=registry or self._registry,
+            view=settings.build_view(),
+            topic_prefix=settings.topic_prefix,
+            instance_id=settings.instance_id,
+            own_registry=registry is not None or self._own_registry,
+        )
+        self.settings = settings
+        return self
 
     def use(
         self,
@@ -169,9 +175,9 @@ class QueueTasks(Router):
         default for the event log and registry, and keeps the current view (a store the
         app's module chose, say SQLite, survives the CLI moving the app onto Kafka).
 
-        This is how a composition root (the CLI) moves an app declared with the embedded
-        defaults onto Kafka without touching the module that declares its tasks. With
-        ``own_registry`` the app closes the registry client when it closes.
+        :meth:`configure` (what the CLI calls) swaps through here, so an app declared with the
+        embedded defaults moves onto Kafka without touching the module that declares its
+        tasks. With ``own_registry`` the app closes the registry client when it closes.
         """
         if self._client_ready or self.runners:
             raise ConfigurationError("components can only be swapped before the app starts")
@@ -183,12 +189,12 @@ class QueueTasks(Router):
         registry = schema_registry or SchemaRegistryClient.new_client(
             {"url": f"mock://{self.name}-{uuid.uuid4().hex[:8]}"}
         )
+        self._registry, self._own_registry = registry, own_registry
         self.serde: Serde = AvroSerde(
             registry, self.topology.topic_schemas(), close_registry=own_registry
         )
         self.payloads = TaskPayloads(registry, self.topology.events, self.definitions)
-        # Without one, the view the app was declared with stays (the CLI's configure swaps
-        # only the log and the registry).
+        # Without one, the view the app was declared with stays.
         if view is not None:
             self.view = view
         self._results = ResultListener(
@@ -198,6 +204,19 @@ class QueueTasks(Router):
 
     def _app_or_none(self) -> QueueTasks:
         return self
+
+    def serve_queues(self, queues: Iterable[str]) -> None:
+        """Let this process's worker take work only from ``queues`` (of the app's queues).
+
+        Raises:
+            ConfigurationError: none given, or one the app has no lanes for.
+        """
+        served = tuple(dict.fromkeys(queues))
+        if not served:
+            raise ConfigurationError("a worker serves at least one queue")
+        for queue in served:
+            self.topology.check_queue(queue)
+        self.worker_queues = served
 
     def _register(self, definition: TaskDefinition) -> TaskHandle:
         self._take_queues([definition])
@@ -238,20 +257,13 @@ class QueueTasks(Router):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def _ensure_client(self) -> None:
-        async with self._client_lock:
-            if self._client_ready:
-                return
-            await self.event_log.create_topics(self.topology.specs())
-            await self.serde.start()
-            await self.payloads.start(self.definitions.values())
-            await self._producer.start()
-            self._client_ready = True
+    @property
+    def runners(self) -> Mapping[str, StageRunner]:
+        """The stages running in this process, by name (none in a client-only process)."""
+        return self._runtime.runners if self._runtime is not None else {}
 
-    async def _ensure_view(self) -> None:
-        if not self._view_started:
-            await self.view.start()
-            self._view_started = True
+    def _feeds_view(self) -> bool:
+        return "projector" in self.runners
 
     async def start(
         self, stages: Iterable[str] = STAGES, *, queues: Iterable[str] | None = None
@@ -260,80 +272,47 @@ class QueueTasks(Router):
         queues this process's worker takes work from (by default every queue its tasks
         name, and ``"default"``)."""
         wanted = list(dict.fromkeys(stages))
-        served = tuple(dict.fromkeys(queues)) if queues is not None else self.worker_queues
-        if served is not None:
-            for queue in served:
-                self.topology.check_queue(queue)
-            if not served:
-                raise ConfigurationError("a worker serves at least one queue")
-            self.worker_queues = served
+        if queues is not None:
+            self.serve_queues(queues)
         unknown = [s for s in wanted if s not in STAGES]
         if unknown:
             raise ConfigurationError(f"unknown stages {unknown}; choose from {list(STAGES)}")
         await self._ensure_client()
         await self._ensure_view()
         if "projector" in wanted and "projector" not in self.runners:
+            from qtasks_stream.stages.projector import check_view_positions
+
             await check_view_positions(self.view, self.event_log, self.topology)
-        for stage_name in wanted:
-            if stage_name in self.runners:
-                continue
-            runner = StageRunner(
-                self._build_stage(stage_name),
+        if self._runtime is None:
+            from qtasks_stream.runtime import StageRuntime
+
+            self._runtime = StageRuntime(
+                topology=self.topology,
                 event_log=self.event_log,
                 serde=self.serde,
-                topology=self.topology,
+                payloads=self.payloads,
+                view=self.view,
+                definitions=self.definitions,
+                executor=self.executor,
+                interceptors=self.interceptors,
                 instance_id=self.instance_id,
                 batch_size=self.batch_size,
                 poll_timeout=self.poll_timeout,
-                interceptors=self.interceptors,
+                concurrency=self.concurrency,
+                lane_weights=self.lane_weights,
+                shutdown_grace=self.shutdown_grace,
+                echo_self=lambda ctx: TaskSelf(ctx, self),
+                queues=self.worker_queues or self.topology.queues,
+                unknown_task_deadline=self.unknown_task_deadline,
             )
-            self.runners[stage_name] = runner
-            self._runner_tasks.append(
-                asyncio.create_task(runner.run(), name=f"qtasks-stage-{stage_name}")
-            )
-
-    def _build_stage(self, name: str) -> Stage:
-        if name == "scheduler":
-            return SchedulerStage(self.topology)
-        if name == "projector":
-            return ProjectorStage(self.topology, self.view)
-        if name == "deadletter":
-            return DeadLetterStage(self.topology)
-        return WorkerStage(
-            self.topology,
-            tasks=self.definitions,
-            executor=self.executor,
-            serde=self.serde,
-            payloads=self.payloads,
-            control=lambda: self.event_log.consumer([self.topology.control], group_id=None),
-            worker_id=f"worker:{self.instance_id}",
-            concurrency=self.concurrency,
-            lane_weights=self.lane_weights,
-            interceptors=self.interceptors,
-            echo_self=lambda ctx: TaskSelf(ctx, self),
-            shutdown_grace=self.shutdown_grace,
-            queues=self.worker_queues or self.topology.queues,
-            unknown_task_deadline=self.unknown_task_deadline,
-        )
+        self._runtime.start(wanted)
 
     async def close(self) -> None:
         """Stop the stages (letting running attempts finish within the grace), then clients."""
-        for runner in self.runners.values():
-            runner.request_stop()
-        results = await asyncio.gather(*self._runner_tasks, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                log.error("a stage ended with an error", exc_info=result)
-        self.runners.clear()
-        self._runner_tasks.clear()
-        await self._results.close()
-        if self._client_ready:
-            await self._producer.close()
-            self._client_ready = False
-        await self.serde.close()
-        if self._view_started:
-            await self.view.close()
-            self._view_started = False
+        if self._runtime is not None:
+            await self._runtime.close()
+            self._runtime = None
+        await self._close_client()
 
     async def __aenter__(self) -> QueueTasks:
         await self.start()
@@ -346,310 +325,3 @@ class QueueTasks(Router):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-    # -- client ---------------------------------------------------------------------------
-
-    async def add_task(
-        self,
-        task_name: str,
-        *args: Any,
-        priority: int | None = None,
-        queue: str | None = None,
-        timeout: float | None = None,
-        countdown: float | None = None,
-        eta: datetime | None = None,
-        idempotency_key: str | None = None,
-        max_time: float | None = None,
-        tags: Sequence[str] | None = None,
-        **kwargs: Any,
-    ) -> Task | None:
-        """Submit a task. Returns it with status ``new``; with ``timeout``, waits for its end
-        and returns the finished task, or ``None`` if it did not end in time. ``queue``
-        overrides the task's named queue (one of the app's queues); ``priority`` must be a
-        lane, ``0 .. lanes - 1``.
-
-        Raises:
-            UnknownTaskError: no task is registered under ``task_name``.
-            ConfigurationError: an option is invalid (a priority outside the lanes, an unknown
-                queue) or an argument is not JSON-serializable.
-        """
-        definition = self.definitions.get(task_name)
-        if definition is None:
-            known = ", ".join(sorted(self.definitions)) or "none"
-            raise UnknownTaskError(f"no task named {task_name!r} (registered: {known})")
-        if timeout is not None and timeout < 0:
-            raise ConfigurationError(f"timeout must be >= 0, not {timeout}")
-        options = _options(
-            definition,
-            priority,
-            countdown,
-            eta,
-            idempotency_key,
-            max_time,
-            self.topology.retention_ms,
-            queue,
-        )
-        self.topology.check_priority(options["priority"], task_name)
-        self.topology.check_queue(options["queue"] or DEFAULT_QUEUE)
-        await self._ensure_client()
-        await self.payloads.start([definition])  # a task added after the client started
-        call = self.payloads.encode_call(definition, args, kwargs)
-        submitted = Submitted(
-            args=call.args,
-            kwargs=call.kwargs,
-            content_type=call.content_type,
-            arguments_avro=call.arguments_avro,
-            tags=tuple(tags) if tags is not None else definition.tags,
-            **options,
-        )
-        task_id = (
-            str(uuid.uuid5(_IDEMPOTENCY_NS, f"{self.name}:{idempotency_key}"))
-            if idempotency_key is not None
-            else new_task_id()
-        )
-        event = TaskEvent.new(task_id, task_name, 0, "client", submitted)
-        event = self._intercept(self.topology.events, task_id, event)
-        # Encoded before anything is sent: a value that does not fit leaves nothing behind.
-        record = as_record(self.serde, self.topology.events, task_id, event)
-        waiter = None
-        if timeout is not None:
-            await self._results.start()
-            waiter = self._results.expect(task_id, base=fold(None, event))
-        try:
-            await self._producer.send([record])
-        except BaseException:
-            if waiter is not None:
-                self._results.forget(task_id, waiter)
-            raise
-        if idempotency_key is not None:
-            # A repeat of a known key is the first task: answer with it, as the view has it.
-            existing = await self._view_state(task_id)
-            if existing is not None and (waiter is None or existing.final):
-                if waiter is not None:
-                    self._results.forget(task_id, waiter)
-                return existing.to_task(self.payloads)
-        if waiter is None:
-            return fold(None, event).to_task(self.payloads)
-        return await self._await(task_id, waiter, timeout)
-
-    async def _await(
-        self, task_id: str, waiter: asyncio.Future[TaskState], timeout: float | None
-    ) -> Task | None:
-        try:
-            async with asyncio.timeout(timeout):
-                state = await waiter
-        except TimeoutError:
-            self._results.forget(task_id, waiter)
-            return None
-        return state.to_task(self.payloads)
-
-    async def wait(self, uuid: str, timeout: float | None = None) -> Task | None:
-        """Wait for a task to end; returns it, or ``None`` if it did not end in time."""
-        await self._ensure_client()
-        await self._results.start()
-        # Listen first, then look: whatever ends after this point reaches the listener.
-        waiter = self._results.expect(uuid, record=True)
-        try:
-            current = await self._view_state(uuid)
-            if current is not None and current.final:
-                self._results.forget(uuid, waiter)
-                self._results.unseed(uuid)
-                return current.to_task(self.payloads)
-            # The view may lag behind the log (or not know the task yet): the log decides.
-            history = await self._history_events(uuid, skip_undecodable=True)
-        except BaseException:
-            self._results.forget(uuid, waiter)
-            self._results.unseed(uuid)
-            raise
-        self._results.seed(uuid, history)
-        return await self._await(uuid, waiter, timeout)
-
-    async def stream(self, uuid: str) -> AsyncIterator[Any]:
-        """Progress items of a (generator) task as they are produced, until it ends."""
-        await self._ensure_client()
-        async for item in self._results.stream(uuid):
-            yield item
-
-    async def _view_state(self, uuid: str) -> TaskState | None:
-        await self._ensure_view()
-        return await self.view.state(uuid)
-
-    async def get(self, uuid: str, as_of: datetime | float | str | None = None) -> Task | None:
-        """The task as the view knows it, or ``None`` when unknown.
-
-        With ``as_of`` (an aware datetime, epoch seconds, or ISO 8601 text), the task as it
-        stood then: folded from its events in the log that happened at or before that moment
-        (not from the view); ``None`` if it had no events yet.
-        """
-        if as_of is None:
-            state = await self._view_state(uuid)
-        else:
-            state = audit.state_as_of(await self.history(uuid), audit.as_of_us(as_of))
-        return state.to_task(self.payloads) if state is not None else None
-
-    async def connect(self) -> None:
-        """Create the topics and register the schemas: what a client of the log needs."""
-        await self._ensure_client()
-
-    async def resubmit(
-        self,
-        what: ResubmitFilter | None = None,
-        *,
-        reason: str = "",
-        dry_run: bool = False,
-    ) -> list[Resubmission]:
-        """New attempts of ended tasks (error, timeout, dead letter) that ``what`` selects,
-        chosen from the log; see :mod:`qtasks_stream.rerun`. Returns every task selected
-        (``event`` set) and every explicit id refused (``refused`` says why); with
-        ``dry_run`` nothing is written."""
-        await self._ensure_client()
-        found = await find_resubmissions(
-            self.event_log, self.serde, self.topology, what or ResubmitFilter(), reason
-        )
-        records = records_of(self.serde, self.topology, found)
-        if records and not dry_run:
-            await self._producer.send(records)
-        return found
-
-    async def query(self, query: TaskQuery | None = None, **filters: Any) -> list[Task]:
-        await self._ensure_view()
-        return await self.view.query(query or TaskQuery(**filters), payloads=self.payloads)
-
-    async def page(self, query: TaskQuery | None = None, **filters: Any) -> TaskPage:
-        """One page of :meth:`query`; pass its ``next_cursor`` as ``after`` for the next."""
-        await self._ensure_view()
-        return await self.view.page(query or TaskQuery(**filters), payloads=self.payloads)
-
-    async def counts(self) -> dict[str, int]:
-        """Tasks per status, as the view has them."""
-        await self._ensure_view()
-        return await self.view.counts()
-
-    async def cancel(self, uuid: str, reason: str = "") -> None:
-        """Ask for the task to be cancelled; honoured wherever it is, even after restarts."""
-        await self._ensure_client()
-        known = await self._view_state(uuid)
-        name = known.task_name if known is not None else ""
-        event = TaskEvent.new(uuid, name, 0, "client", CancelRequested(reason))
-        event = self._intercept(self.topology.events, uuid, event)
-        await self._producer.send([as_record(self.serde, self.topology.events, uuid, event)])
-
-    def _intercept(self, topic: str, key: str, event: TaskEvent) -> TaskEvent:
-        """``event`` as the client's emit interceptors pass it on (tracing stamps it)."""
-        if not wants(self.interceptors, "emit"):
-            return event
-        passed: list[TaskEvent] = []
-        chain_emit(self.interceptors, lambda out: passed.append(out.value))(
-            EmitInput("client", topic, key, event)
-        )
-        if not passed:
-            raise QTasksStreamError(f"an interceptor dropped the {event.kind} event of {key}")
-        return passed[-1]
-
-    async def history(self, uuid: str, *, limit: float = 30.0) -> list[TaskEvent]:
-        """Every event of one task, in order, read from the log (not from a view).
-
-        Records under the task's key that cannot be decoded are left out (they are in the
-        dead-letter topic, and the ``DeadLettered`` event says so).
-        """
-        return await self._history_events(uuid, skip_undecodable=True, limit=limit)
-
-    async def _history_events(
-        self, uuid: str, *, skip_undecodable: bool, limit: float = 30.0
-    ) -> list[TaskEvent]:
-        await self._ensure_client()
-        topic = self.topology.events
-        tp = TopicPartition(topic, murmur2_partition(uuid.encode(), self.topology.partitions))
-        consumer = self.event_log.consumer([topic], group_id=None, start="earliest")
-        await consumer.start()
-        try:
-            others = [
-                TopicPartition(topic, p)
-                for p in range(self.topology.partitions)
-                if p != tp.partition
-            ]
-            consumer.pause(others, True)
-            end = (await consumer.end_offsets([tp]))[tp]
-            # A time-ordered id says when the task was submitted: start there, not at 0.
-            born_ms = task_id_ms(uuid)
-            position = 0
-            if born_ms is not None:
-                since = born_ms - _HISTORY_CLOCK_MARGIN_MS
-                position = (await consumer.offsets_for_time([tp], since))[tp]
-            consumer.seek(tp, position)
-            events: list[TaskEvent] = []
-            key = uuid.encode()
-            deadline = asyncio.get_running_loop().time() + limit
-            while position < end:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise EventLogError(f"reading the history of {uuid} took over {limit}s")
-                for rec in await consumer.poll(max_records=5000, timeout=0.5):
-                    if rec.partition != tp.partition or rec.key != key or rec.value is None:
-                        continue
-                    try:
-                        kind = event_kind(rec.headers)
-                        value = self.serde.decode(topic, rec.value, branch=kind)
-                        events.append(TaskEvent.from_avro(value))
-                    except (SerdeError, KeyError, TypeError, ValueError):
-                        if not skip_undecodable:
-                            raise
-                position = await consumer.position(tp) or 0
-            return events
-        finally:
-            await consumer.close()
-
-
-def _options(
-    definition: TaskDefinition,
-    priority: int | None,
-    countdown: float | None,
-    eta: datetime | None,
-    idempotency_key: str | None,
-    max_time: float | None,
-    retention_ms: int,
-    queue: str | None = None,
-) -> dict[str, Any]:
-    """The Submitted fields other than arguments and tags, checked.
-
-    A start further away than the events topic's retention (less a margin for the release
-    itself) is refused: the task's arguments live in its ``Submitted`` event, which would
-    be deleted before the task runs.
-    """
-    if priority is None:
-        priority = definition.priority
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise ConfigurationError(f"priority must be an int, not {priority!r}")
-    if countdown is not None and eta is not None:
-        raise ConfigurationError("give countdown or eta, not both")
-    eta_us: int | None = None
-    if countdown is not None:
-        if not countdown >= 0:
-            raise ConfigurationError(f"countdown must be >= 0 seconds, not {countdown!r}")
-        eta_us = now_us() + int(countdown * 1_000_000)
-    elif eta is not None:
-        if eta.tzinfo is None:
-            raise ConfigurationError("eta must be timezone-aware (e.g. datetime.now(UTC))")
-        eta_us = int(eta.timestamp() * 1_000_000)
-    if eta_us is not None and retention_ms > 0:
-        margin_ms = min(_RETENTION_MARGIN_MS, retention_ms // 10)
-        if (eta_us - now_us()) // 1000 > retention_ms - margin_ms:
-            raise ConfigurationError(
-                f"the task would start in {(eta_us - now_us()) / 86_400e6:.2f} days, later "
-                f"than the events retention of {retention_ms / 86_400e3:.2f} days allows "
-                f"(less {margin_ms / 1000:.0f} s): its Submitted event, which holds the "
-                "arguments, would be deleted first; raise retention_ms or submit it later"
-            )
-    if max_time is not None and not max_time > 0:
-        raise ConfigurationError(f"max_time must be > 0, not {max_time!r}")
-    if idempotency_key is not None and not idempotency_key:
-        raise ConfigurationError("idempotency_key must be a non-empty string")
-    if queue is None:
-        queue = definition.queue
-    return {
-        # None for the default queue: its Submitted events stay as before queues existed.
-        "queue": None if queue == DEFAULT_QUEUE else queue,
-        "priority": priority,
-        "eta_us": eta_us,
-        "idempotency_key": idempotency_key,
-        "max_time": max_time,
-    }

@@ -1,14 +1,12 @@
-"""``qtasks-stream``: the command line, and the only place that reads the environment.
+"""``qtasks-stream``: the command line.
 
 Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app``,
 ``replay``, ``resubmit``, ``snapshot``, ``dlq list|replay`` (see :mod:`.cli_audit`),
-``schemas check|register -A module:app`` and ``dev up|down|status [--postgres]``. With
-``QTASKS_BOOTSTRAP_SERVERS`` set, apps run on that Kafka
-(``QTASKS_EVENT_LOG`` = aiokafka or confluent, ``QTASKS_SCHEMA_REGISTRY_URL``,
-``QTASKS_TOPIC_PREFIX``, ``QTASKS_INSTANCE_ID``, ``QTASKS_TRANSACTION_TIMEOUT_MS``, security
-settings ``QTASKS_SECURITY_PROTOCOL``/``QTASKS_SASL_*``/``QTASKS_SSL_CAFILE`` and
-``QTASKS_KAFKA_EXTRA`` as a JSON object of client properties); otherwise on the embedded
-default. ``worker`` and ``demo`` trace and measure through OpenTelemetry when the standard
+``schemas check|register -A module:app`` and ``dev up|down|status [--postgres]``. Each
+command builds :class:`~qtasks_stream.settings.Settings` from the environment (the variables
+are in docs/configuration.md) and moves the app it loads onto them. ``worker`` and the
+commands that read a deployment's log refuse the embedded in-memory default; ``demo`` runs on
+it. ``worker`` and ``demo`` trace and measure through OpenTelemetry when the standard
 ``OTEL_*`` settings ask for it (see ``qtasks_stream.telemetry.config``).
 """
 
@@ -17,25 +15,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
 
 from qtasks_stream import cli_audit
 from qtasks_stream.app import STAGES, QueueTasks
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
-from qtasks_stream.eventlog.base import EventLog
+from qtasks_stream.eventlog.memory import InMemoryEventLog
+from qtasks_stream.settings import Settings
 from qtasks_stream.telemetry.config import Telemetry
 
 __all__ = ["main"]
-
-#: Seconds one registry request may take before the client retries it.
-_REGISTRY_TIMEOUT_S = 10
 
 
 def load_app(spec: str) -> QueueTasks:
@@ -61,76 +54,34 @@ def load_app(spec: str) -> QueueTasks:
     return target
 
 
-def event_log_from_env(env: Mapping[str, str]) -> EventLog | None:
-    """The Kafka event log the environment asks for, or None for the embedded default."""
-    bootstrap = env.get("QTASKS_BOOTSTRAP_SERVERS", "")
-    if not bootstrap:
-        return None
-    from qtasks_stream.eventlog.kafka_config import KafkaConfig
-
-    extra = json.loads(env.get("QTASKS_KAFKA_EXTRA", "{}"))
-    config = KafkaConfig(
-        bootstrap_servers=bootstrap,
-        security_protocol=env.get("QTASKS_SECURITY_PROTOCOL", "PLAINTEXT"),
-        sasl_mechanism=env.get("QTASKS_SASL_MECHANISM") or None,
-        sasl_username=env.get("QTASKS_SASL_USERNAME") or None,
-        sasl_password=env.get("QTASKS_SASL_PASSWORD") or None,
-        ssl_cafile=env.get("QTASKS_SSL_CAFILE") or None,
-        transaction_timeout_ms=int(env.get("QTASKS_TRANSACTION_TIMEOUT_MS", "10000")),
-        extra=extra,
-    )
-    kind = env.get("QTASKS_EVENT_LOG", "confluent")
-    if kind == "aiokafka":
-        from qtasks_stream.eventlog.kafka_aio import AioKafkaEventLog
-
-        return AioKafkaEventLog(config)
-    if kind == "confluent":
-        from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
-
-        return ConfluentEventLog(config)
-    raise ConfigurationError(f"QTASKS_EVENT_LOG must be aiokafka or confluent, not {kind!r}")
-
-
-def configure(app: QueueTasks, env: Mapping[str, str]) -> QueueTasks:
-    """Move ``app`` onto what the environment configures (nothing set: embedded default)."""
-    event_log = event_log_from_env(env)
-    registry = None
-    url = env.get("QTASKS_SCHEMA_REGISTRY_URL", "")
-    if url:
-        from confluent_kafka.schema_registry import SchemaRegistryClient
-
-        # Bounded: the client's default is to wait forever; with a timeout it retries instead.
-        conf: dict[str, Any] = {"url": url, "timeout": _REGISTRY_TIMEOUT_S}
-        if env.get("QTASKS_SCHEMA_REGISTRY_AUTH"):
-            conf["basic.auth.user.info"] = env["QTASKS_SCHEMA_REGISTRY_AUTH"]
-        registry = SchemaRegistryClient(conf)
-    prefix = env.get("QTASKS_TOPIC_PREFIX") or None
-    instance = env.get("QTASKS_INSTANCE_ID") or None
-    if event_log is not None or registry is not None or prefix or instance:
-        app.use(
-            event_log=event_log,
-            schema_registry=registry,
-            topic_prefix=prefix,
-            instance_id=instance,
-            own_registry=registry is not None,
-        )
-    return app
-
-
-def telemetry_from(app: QueueTasks, env: Mapping[str, str]) -> Telemetry | None:
+def telemetry_from(app: QueueTasks, settings: Settings) -> Telemetry | None:
     """Install the tracing and metrics the ``OTEL_*`` settings ask for on ``app``; returns
     what to shut down at exit (None when telemetry is off: no interceptor, no cost)."""
     from qtasks_stream.telemetry.config import telemetry_from_env
 
     telemetry = telemetry_from_env(
-        env,
+        settings.telemetry,
         service_name=f"qtasks-stream.{app.name}",
-        messaging_system="kafka" if env.get("QTASKS_BOOTSTRAP_SERVERS") else "qtasks.memory",
+        messaging_system="kafka" if settings.shared_log else "qtasks.memory",
     )
     if telemetry is not None:
         for interceptor in telemetry.interceptors:
             app.add_interceptor(interceptor)
     return telemetry
+
+
+def _shared(command: str, app: QueueTasks) -> QueueTasks:
+    """``app``, if its event log is one other processes can reach: a command that reads or
+    feeds the log of a deployment refuses the private in-memory log (it would read nothing,
+    or run tasks nobody submits)."""
+    if isinstance(app.event_log, InMemoryEventLog):
+        raise ConfigurationError(
+            f"`{command}` needs the deployment's Kafka event log, but none is configured (the "
+            "embedded in-memory log lives in this process only): set QTASKS_BOOTSTRAP_SERVERS "
+            "to host:port, and QTASKS_SCHEMA_REGISTRY_URL to its schema registry "
+            "(see docs/configuration.md)"
+        )
+    return app
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -181,7 +132,12 @@ def _parser() -> argparse.ArgumentParser:
         "dev", help="a local Kafka broker (and optionally PostgreSQL) for development and tests"
     )
     dev.add_argument("action", choices=["up", "down", "status"])
-    dev.add_argument("--home", default=None, help="folder for jars, data and logs")
+    dev.add_argument(
+        "--home",
+        default=None,
+        help="folder for jars, data and logs (default: $QTASKS_DEV_HOME, else "
+        "$XDG_CACHE_HOME/qtasks-stream/dev, else ~/.cache/qtasks-stream/dev)",
+    )
     dev.add_argument("--wipe", action="store_true", help="with down: delete data and logs")
     dev.add_argument(
         "--no-registry", action="store_true", help="the broker only, without the schema registry"
@@ -189,8 +145,18 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--postgres",
         action="store_true",
-        help="also PostgreSQL (the machine's own, on 127.0.0.1:15432) for the PostgreSQL view",
+        help="also PostgreSQL (the machine's own) for the PostgreSQL view",
     )
+    # Chosen ports are recorded in the home: status and down find them without the options.
+    for option, default, variable in (
+        ("--port", 19092, "QTASKS_DEV_PORT"),
+        ("--controller-port", 19093, "QTASKS_DEV_CONTROLLER_PORT"),
+        ("--registry-port", 18081, "QTASKS_DEV_REGISTRY_PORT"),
+        ("--postgres-port", 15432, "QTASKS_DEV_POSTGRES_PORT"),
+    ):
+        dev.add_argument(
+            option, type=int, default=None, help=f"with up (default ${variable}, else {default})"
+        )
     return parser
 
 
@@ -222,58 +188,37 @@ async def _run_worker(
         await app.close()
 
 
-def _dev(
-    action: str,
-    home: str | None,
-    wipe: bool,
-    registry: bool,
-    postgres: bool,
-    env: Mapping[str, str],
-) -> int:
-    from qtasks_stream.devenv.kafka import DevKafka
-    from qtasks_stream.devenv.postgres import DevPostgres
-    from qtasks_stream.devenv.registry import DevRegistry
+def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from qtasks_stream.devenv.environment import DevEnvironment, home_from, ports_from
 
-    folder = Path(home or env.get("QTASKS_DEV_HOME") or Path.cwd() / ".cache" / "dev")
-    broker = DevKafka(home=folder / "kafka")
-    schemas = DevRegistry(home=folder / "registry") if registry else None
-    database = DevPostgres(home=folder / "postgres") if postgres else None
-    if action == "up":
-        bootstrap = broker.up()
-        print(f"export QTASKS_BOOTSTRAP_SERVERS={bootstrap}")
-        if schemas is not None:
-            print(f"export QTASKS_SCHEMA_REGISTRY_URL={schemas.up()}")
-        if database is not None:
-            print(f"export QTASKS_POSTGRES_DSN={database.up()}")
+    ports = ports_from(
+        {
+            "kafka": args.port,
+            "controller": args.controller_port,
+            "registry": args.registry_port,
+            "postgres": args.postgres_port,
+        },
+        env,
+    )
+    dev = DevEnvironment(home_from(args.home, env), ports)
+    registry = not args.no_registry
+    if args.action == "down":
+        dev.down(wipe=args.wipe, registry=registry, postgres=args.postgres)
         return 0
-    if action == "down":
-        if database is not None:
-            database.down(wipe=wipe)
-        if schemas is not None:
-            schemas.down(wipe=wipe)
-        broker.down(wipe=wipe)
-        return 0
-    kafka_status = broker.status()
-    print(f"# kafka: {kafka_status}", file=sys.stderr)
-    running = kafka_status.running
-    if running:
-        print(f"export QTASKS_BOOTSTRAP_SERVERS={kafka_status.bootstrap}")
-    if schemas is not None:
-        registry_status = schemas.status()
-        print(f"# registry: {registry_status}", file=sys.stderr)
-        if registry_status.running:
-            print(f"export QTASKS_SCHEMA_REGISTRY_URL={registry_status.url}")
-        running = running and registry_status.running
-    if database is not None:
-        postgres_status = database.status()
-        print(f"# postgres: {postgres_status}", file=sys.stderr)
-        if postgres_status.running:
-            print(f"export QTASKS_POSTGRES_DSN={postgres_status.dsn}")
-        running = running and postgres_status.running
-    return 0 if running else 1
+    if args.action == "up":
+        exports, code = dev.up(registry=registry, postgres=args.postgres), 0
+    else:
+        status = dev.status(registry=registry, postgres=args.postgres)
+        for service in (status.kafka, status.registry, status.postgres):
+            if service is not None:
+                print(f"# {service}", file=sys.stderr)
+        exports, code = status.exports(), 0 if status.running else 1
+    for name, value in exports.items():
+        print(f"export {name}={value}")
+    return code
 
 
-def _schemas(action: str, app: QueueTasks, level: str | None, env: Mapping[str, str]) -> int:
+def _schemas(action: str, app: QueueTasks, level: str | None, settings: Settings) -> int:
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
     from qtasks_stream.serde.compat import (
@@ -283,12 +228,9 @@ def _schemas(action: str, app: QueueTasks, level: str | None, env: Mapping[str, 
         subject_schemas_for,
     )
 
-    url = env.get("QTASKS_SCHEMA_REGISTRY_URL", "")
-    if not url:
+    conf = settings.registry_conf()
+    if conf is None:
         raise ConfigurationError("set QTASKS_SCHEMA_REGISTRY_URL to the registry to check against")
-    conf: dict[str, Any] = {"url": url, "timeout": _REGISTRY_TIMEOUT_S}
-    if env.get("QTASKS_SCHEMA_REGISTRY_AUTH"):
-        conf["basic.auth.user.info"] = env["QTASKS_SCHEMA_REGISTRY_AUTH"]
     # The topics' subjects and the typed tasks' argument and result subjects.
     subjects = subject_schemas_for(app.topology)
     subjects.update(app.payloads.subject_schemas(app.definitions.values()))
@@ -313,11 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     env = os.environ
     try:
+        settings = Settings.from_env(env)
         if args.command == "demo":
             from qtasks_stream.demo import build_demo_app, run_demo
 
-            app = configure(QueueTasks(args.name), env)
-            telemetry = telemetry_from(app, env)
+            app = QueueTasks(args.name, settings=settings)
+            telemetry = telemetry_from(app, settings)
             try:
                 asyncio.run(run_demo(build_demo_app(app), args.tasks, sys.stdout))
             finally:
@@ -325,31 +268,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                     telemetry.shutdown()  # flushes what the exporters still hold
             return 0
         if args.command == "worker":
-            app = configure(load_app(args.app), env)
-            telemetry = telemetry_from(app, env)
-            stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+            if args.snapshot_every is not None and not args.snapshot_every > 0:
+                raise ConfigurationError(
+                    f"--snapshot-every must be > 0 seconds, not {args.snapshot_every:g}"
+                )
+            loaded = load_app(args.app)
             if args.queues is not None:
-                app.worker_queues = tuple(q.strip() for q in args.queues.split(",") if q.strip())
+                loaded.serve_queues(q.strip() for q in args.queues.split(",") if q.strip())
+            app = _shared("worker", loaded.configure(settings))
+            telemetry = telemetry_from(app, settings)
+            stages = [s.strip() for s in args.stages.split(",") if s.strip()]
             try:
-                if args.snapshot_every is not None and not args.snapshot_every > 0:
-                    raise ConfigurationError(
-                        f"--snapshot-every must be > 0 seconds, not {args.snapshot_every:g}"
-                    )
                 asyncio.run(_run_worker(app, stages, args.snapshot_every))
             finally:
                 if telemetry is not None:
                     telemetry.shutdown()
             return 0
         if args.command == "history":
-            app = configure(load_app(args.app), env)
+            app = _shared("history", load_app(args.app).configure(settings))
             return asyncio.run(cli_audit.history(app, args.task_id, args.json, args.as_of))
         if args.command in cli_audit.COMMANDS:
-            app = configure(load_app(args.app), env)
+            app = _shared(args.command, load_app(args.app).configure(settings))
             return asyncio.run(cli_audit.run(args.command, app, args))
         if args.command == "schemas":
-            app = configure(load_app(args.app), env)
-            return _schemas(args.action, app, args.level, env)
-        return _dev(args.action, args.home, args.wipe, not args.no_registry, args.postgres, env)
+            app = load_app(args.app).configure(settings)
+            return _schemas(args.action, app, args.level, settings)
+        return _dev(args, env)
     except QTasksStreamError as exc:
         print(f"qtasks-stream: error: {exc}", file=sys.stderr)
         return 2

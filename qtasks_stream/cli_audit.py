@@ -3,8 +3,8 @@
 
 Only wiring: each command parses its options and calls the module that does the work
 (:mod:`qtasks_stream.audit`, :mod:`~qtasks_stream.replay`, :mod:`~qtasks_stream.rerun`,
-:mod:`~qtasks_stream.snapshot`, :mod:`~qtasks_stream.dlq`) on an app already configured by
-:mod:`qtasks_stream.cli`, which alone reads the environment.
+:mod:`~qtasks_stream.snapshot`, :mod:`~qtasks_stream.dlq`) on an app :mod:`qtasks_stream.cli`
+already moved onto the deployment's settings.
 """
 
 from __future__ import annotations

@@ -15,10 +15,12 @@ _current: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("qtasks_s
 
 
 def current() -> TaskContext:
-    """The context of the task running in this coroutine or thread.
+    """The context of the task running in this coroutine, or in the thread where
+    :class:`~qtasks_stream.executors.pool.LocalExecutor` runs a sync function or generator.
 
     Raises:
-        LookupError: called outside a task.
+        LookupError: called outside a task, or in a :class:`ProcessExecutor`'s process
+            (the context does not cross processes).
     """
     return _current.get()
 

@@ -54,6 +54,10 @@ class UnknownTaskError(ConfigurationError, LookupError):
     """No task is registered under the given name."""
 
 
+class TaskNotFoundError(QTasksStreamError, LookupError):
+    """The event log has no event of the given task id."""
+
+
 class EventLogError(QTasksStreamError):
     """The event log could not do what was asked."""
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from qtasks_stream.serde.base import Serde
 
 __all__ = [
+    "DEFAULT_QUEUE",
     "DLQ_REPLAY",
     "JSON",
     "KIND_HEADER",
@@ -83,6 +84,11 @@ def task_id_ms(task_id: str) -> int | None:
         return int(task_id[:8] + task_id[9:13], 16)
     except ValueError:
         return None
+
+
+#: The queue of tasks that name none (``Submitted.queue`` null); its lanes keep the topic
+#: names they had before queues existed.
+DEFAULT_QUEUE = "default"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from qtasks_stream.records import Record, TopicPartition
 
 if TYPE_CHECKING:
     from qtasks_stream.context import TaskContext
+    from qtasks_stream.executors.base import Executor
     from qtasks_stream.tasks import TaskDefinition
 
 __all__ = [
@@ -48,6 +49,8 @@ class ExecuteInput:
     #: The worker's consumer group and its id in events (``source``).
     group: str = ""
     worker_id: str = ""
+    #: Where the attempt runs (for metrics such as its count of abandoned calls).
+    executor: Executor | None = None
 
 
 async def _no_lag() -> Mapping[TopicPartition, int]:

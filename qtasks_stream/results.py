@@ -1,8 +1,10 @@
 """Pushes completion and progress events to clients that wait, without polling any store.
 
 One consumer reads the events topic from its end, on its own (no group). Only records whose
-key is a task somebody waits on are decoded; each waited task's state is folded from what
-arrives, so a client needs no view to learn the outcome.
+key is a task somebody waits on are decoded; each waited task's state is folded from its
+history in the log (read by the app once the watch is registered, see :meth:`seed`) and what
+arrives after, so a client needs no view to learn the outcome. The last final states it
+delivered are kept (bounded) for read-your-writes: :meth:`newest`.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from qtasks_stream.errors import EventLogError, SerdeError
+from qtasks_stream.errors import EventLogError, SerdeError, TaskNotFoundError
 from qtasks_stream.eventlog.base import Consumer, EventLog
 from qtasks_stream.events import TERMINAL_KINDS, Progress, TaskEvent, event_kind
 from qtasks_stream.records import TopicPartition
@@ -31,6 +34,8 @@ _NEEDED = TERMINAL_KINDS | {"Started", "Progress"}
 #: Longest wait (seconds) between tries to decode while the schema registry is unavailable:
 #: clients are waiting.
 _REGISTRY_RETRY_MAX = 5.0
+#: Final states remembered for read-your-writes (see :meth:`ResultListener.newest`).
+_ENDED_KEPT = 10_000
 
 
 class _Watch:
@@ -39,6 +44,7 @@ class _Watch:
     def __init__(self) -> None:
         self.state: TaskState | None = None
         self.futures: list[asyncio.Future[TaskState]] = []
+        #: Of streams: every decoded event, then ``_END`` when the listener closes.
         self.queues: list[asyncio.Queue[Any]] = []
         #: Events seen while a reader of the log catches up (see :meth:`seed`).
         self.events: list[TaskEvent] | None = None
@@ -54,6 +60,8 @@ class ResultListener:
         self._topic = topic
         self._partitions = partitions
         self._watches: dict[bytes, _Watch] = {}
+        #: The last final state each recently finished watch reached, newest last.
+        self._ended: OrderedDict[str, TaskState] = OrderedDict()
         self._consumer: Consumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -109,7 +117,9 @@ class ResultListener:
         if base is not None and watch.state is None:
             watch.state = base
         future: asyncio.Future[TaskState] = asyncio.get_running_loop().create_future()
-        if watch.state is not None and watch.state.final:
+        # A recording watch waits for its history (``seed``): an outcome already seen may
+        # be one a resubmission since re-opened.
+        if not record and watch.state is not None and watch.state.final:
             future.set_result(watch.state)
         else:
             watch.futures.append(future)
@@ -156,10 +166,22 @@ class ResultListener:
             if not future.done():
                 future.set_result(watch.state)
         watch.futures.clear()
-        for queue in watch.queues:
-            queue.put_nowait(_END)
-        watch.queues.clear()
-        self._watches.pop(key, None)
+        task_id = key.decode()
+        self._ended[task_id] = watch.state.copy()
+        self._ended.move_to_end(task_id)
+        while len(self._ended) > _ENDED_KEPT:
+            self._ended.popitem(last=False)
+        # Streams end by folding what they receive; they keep the watch until they do.
+        self._drop_if_unused(key, watch)
+
+    def newest(self, task_id: str, state: TaskState | None) -> TaskState | None:
+        """``state`` (from a view or the log), or the final state a wait in this process
+        returned if that one is newer: read-your-writes for ``get``. Newer means a later
+        last event; a later event (a resubmission) re-opening the task wins."""
+        ended = self._ended.get(task_id)
+        if ended is None or (state is not None and state.updated_us >= ended.updated_us):
+            return state
+        return ended.copy()
 
     def forget(self, task_id: str, future: asyncio.Future[TaskState]) -> None:
         key = task_id.encode()
@@ -174,15 +196,48 @@ class ResultListener:
         if not watch.futures and not watch.queues:
             self._watches.pop(key, None)
 
-    async def stream(self, task_id: str) -> AsyncIterator[Any]:
-        """Progress items of the task from now on, until it ends."""
+    async def stream(
+        self,
+        task_id: str,
+        history: Callable[[], Awaitable[Sequence[TaskEvent]]],
+        timeout: float | None = None,
+    ) -> AsyncIterator[Any]:
+        """Progress items of the task: those in its ``history`` (read once the listener
+        watches, so nothing falls between), then new ones, until its state is final."""
         await self.start()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         watch = self._watch(task_id)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         watch.queues.append(queue)
         try:
-            while (item := await queue.get()) is not _END:
-                yield item
+            async with asyncio.timeout_at(deadline):
+                past = await history()
+            if not past and queue.empty():
+                raise TaskNotFoundError(f"no events for task {task_id} in the log")
+            state: TaskState | None = None
+            seen: set[str] = set()
+            for event in past:
+                state = fold(state, event)
+                seen.add(event.event_id)
+                if isinstance(event.payload, Progress):
+                    yield json.loads(event.payload.value)
+            while state is None or not state.final:
+                try:
+                    # Not asyncio.timeout around the yields: it would cancel the caller's code.
+                    event = await asyncio.wait_for(
+                        queue.get(), None if deadline is None else max(0, deadline - loop.time())
+                    )
+                except TimeoutError:
+                    raise TimeoutError(f"task {task_id} did not end within {timeout}s") from None
+                if event is _END:
+                    return  # the listener closed
+                if event.event_id in seen:
+                    continue
+                seen.add(event.event_id)
+                state = fold(state, event)
+                if isinstance(event.payload, Progress):
+                    yield json.loads(event.payload.value)
         finally:
             if queue in watch.queues:
                 watch.queues.remove(queue)
@@ -226,10 +281,8 @@ class ResultListener:
                 watch.state = fold(watch.state, event)
                 if watch.events is not None:
                     watch.events.append(event)
-                if isinstance(event.payload, Progress):
-                    item = json.loads(event.payload.value)
-                    for queue in watch.queues:
-                        queue.put_nowait(item)
+                for queue in watch.queues:
+                    queue.put_nowait(event)
                 # While a reader of the log catches up (``seed`` pending), the state lacks what
                 # only the history has (the submitted arguments): ``seed`` finishes the watch.
                 if watch.state.final and watch.events is None:

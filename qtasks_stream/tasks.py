@@ -9,15 +9,31 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack, overload
 
 from qtasks_stream.errors import ConfigurationError
+from qtasks_stream.events import DEFAULT_QUEUE
 from qtasks_stream.executors.base import FunctionKind
-from qtasks_stream.topology import DEFAULT_QUEUE
 
 if TYPE_CHECKING:
     from qtasks_stream.app import QueueTasks
     from qtasks_stream.context import TaskContext
     from qtasks_stream.state import Task
 
-__all__ = ["RetryPolicy", "Router", "TaskDefinition", "TaskHandle", "TaskSelf"]
+__all__ = ["SUBMIT_OPTIONS", "RetryPolicy", "Router", "TaskDefinition", "TaskHandle", "TaskSelf"]
+
+#: The names ``add_task`` takes for itself (the task name and its keyword options); a task
+#: parameter of one of these names could never be passed by keyword.
+SUBMIT_OPTIONS = frozenset(
+    {
+        "task_name",
+        "priority",
+        "queue",
+        "timeout",
+        "countdown",
+        "eta",
+        "idempotency_key",
+        "max_time",
+        "tags",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +131,7 @@ class TaskDefinition:
             raise ConfigurationError(f"max_time of {task_name!r} must be > 0, not {max_time!r}")
         if echo and not inspect.signature(fn).parameters:
             raise ConfigurationError(f"echo=True task {task_name!r} must accept `self` first")
+        _refuse_shadowed_parameters(task_name, fn)
         return cls(
             name=task_name,
             fn=fn,
@@ -132,6 +149,27 @@ class TaskDefinition:
             tags=tuple(tags),
             description=description or inspect.getdoc(fn),
             queue=queue,
+        )
+
+
+def _refuse_shadowed_parameters(task_name: str, fn: Callable[..., Any]) -> None:
+    """``fetch.add_task(url, timeout=5)`` sets the submit option: a parameter ``timeout``
+    would keep its default and the caller would never know, so such a task is refused."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return
+    shadowed = sorted(
+        p.name
+        for p in parameters
+        if p.name in SUBMIT_OPTIONS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    )
+    if shadowed:
+        raise ConfigurationError(
+            f"task {task_name!r}: parameter(s) {', '.join(shadowed)} have the names of "
+            f"add_task options, so add_task(..., {shadowed[0]}=...) would set the option and "
+            f"never reach the function. Rename them (say {shadowed[0]}_s), or make them "
+            f"positional-only (put `/` after them) and pass them by position"
         )
 
 

@@ -20,12 +20,10 @@ import re
 from dataclasses import dataclass, field
 
 from qtasks_stream.errors import ConfigurationError
+from qtasks_stream.events import DEFAULT_QUEUE
 from qtasks_stream.records import TopicSpec
 
 __all__ = ["DEFAULT_QUEUE", "Topology"]
-
-#: The queue of tasks that name none; its lanes keep the names they had before queues.
-DEFAULT_QUEUE = "default"
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 #: Seven days: long enough to audit a week of tasks; ``Topology(retention_ms=...)`` changes it

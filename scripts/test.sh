@@ -31,4 +31,5 @@ unset QTASKS_BOOTSTRAP_SERVERS QTASKS_SCHEMA_REGISTRY_URL QTASKS_POSTGRES_DSN
 
 python -m ruff check qtasks_stream tests bench
 python -m mypy
+lint-imports  # the layers of docs/architecture.md ([tool.importlinter] in pyproject.toml)
 python -m pytest "$@"

@@ -6,7 +6,8 @@ stop. For a service named ``<name>`` it uses, under ``home``::
 
     <name>.pid           pid of the running process
     .dev<name>.lock      held by up() and down() while they start or stop it
-    logs/<name>.out      the process's stdout and stderr (the previous run's as <name>.out.1)
+    logs/<name>.out      the process's stdout and stderr; earlier starts' as <name>.out.1
+                         (the newest) to <name>.out.9, so a failed start is never overwritten
 
 The module functions are the other steps both services take: finding a program, probing a
 port, reading ``java -version`` and fetching from Maven Central.
@@ -33,6 +34,7 @@ from qtasks_stream.errors import DevEnvError
 __all__ = [
     "HOST",
     "ManagedProcess",
+    "file_lock",
     "java_major",
     "port_in_use",
     "print_to_stderr",
@@ -48,6 +50,11 @@ HOST: Final = "127.0.0.1"
 _FAILED_START_STOP_TIMEOUT: Final = 10.0
 # How long SIGKILL may take to show: past this the process is stuck in the kernel.
 _KILL_WAIT: Final = 5.0
+# How long a live process's command line may read empty (it is in execve or exiting) before
+# the process counts as not ours; the window lasts microseconds, more on a loaded machine.
+_EXEC_WINDOW: Final = 1.0
+# How many earlier runs' output each service keeps (logs/<name>.out.1 is the newest).
+_KEPT_RUNS: Final = 9
 
 
 def print_to_stderr(message: str) -> None:
@@ -160,6 +167,38 @@ def run_maven(
         )
 
 
+@contextlib.contextmanager
+def file_lock(path: Path, deadline: float, busy: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` while the block runs.
+
+    Waits until ``deadline`` at most, then raises ``DevEnvError(busy)``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Python opens files close-on-exec, so a JVM started meanwhile never inherits the lock.
+    with path.open("a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise DevEnvError(busy) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _rotate(path: Path, keep: int) -> None:
+    """Shift ``path`` to ``path.1``, ``path.1`` to ``path.2``, ...; drop what passes ``keep``."""
+    for number in range(keep, 0, -1):
+        older = path.with_name(f"{path.name}.{number}")
+        newer = path if number == 1 else path.with_name(f"{path.name}.{number - 1}")
+        if newer.exists():
+            newer.replace(older)  # replaces (drops) the oldest when number == keep
+
+
 class ManagedProcess:
     """One detached service process of ``home``: its pid file, lock, start, wait and stop.
 
@@ -201,27 +240,14 @@ class ManagedProcess:
         """The process's stdout and stderr."""
         return self._home / "logs" / f"{self._name}.out"
 
-    @contextlib.contextmanager
-    def locked(self, deadline: float) -> Iterator[None]:
+    def locked(self, deadline: float) -> contextlib.AbstractContextManager[None]:
         """Hold this home's lock (waiting until ``deadline`` at most) while the block runs."""
         # Serialises up/down across processes (e.g. pytest workers sharing one home).
-        self._home.mkdir(parents=True, exist_ok=True)
-        # Python opens files close-on-exec, so the JVM never inherits (and holds) this lock.
-        with (self._home / f".dev{self._name}.lock").open("a") as handle:
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise DevEnvError(
-                            f"another process is starting or stopping {self._what} in {self._home}"
-                        ) from None
-                    time.sleep(0.2)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return file_lock(
+            self._home / f".dev{self._name}.lock",
+            deadline,
+            f"another process is starting or stopping {self._what} in {self._home}",
+        )
 
     def read_pid(self, *, cleanup: bool = True) -> int | None:
         """Return the pid of this home's running process; drop a stale pid file if ``cleanup``."""
@@ -251,15 +277,24 @@ class ManagedProcess:
             except PermissionError:
                 return True
             return True
-        try:
-            stat = (proc / str(pid) / "stat").read_text(encoding="ascii", errors="replace")
-            cmdline = (proc / str(pid) / "cmdline").read_bytes()
-        except OSError:
-            return False
-        # The state follows the parenthesised command name, which may itself hold spaces.
-        fields = stat.rpartition(")")[2].split()
-        if not fields or fields[0] in ("Z", "X"):  # a zombie whose parent does not reap it
-            return False
+        # While a process execs (posix_spawn's own exec, the registry's sh exec'ing the JVM)
+        # or exits, the kernel shows an empty command line for a moment: read again rather
+        # than take a starting service for one that died (the "exited during startup" with
+        # an empty log that one `dev up` in a few used to report).
+        deadline = time.monotonic() + _EXEC_WINDOW
+        while True:
+            try:
+                stat = (proc / str(pid) / "stat").read_text(encoding="ascii", errors="replace")
+                cmdline = (proc / str(pid) / "cmdline").read_bytes()
+            except OSError:
+                return False
+            # The state follows the parenthesised command name, which may itself hold spaces.
+            fields = stat.rpartition(")")[2].split()
+            if not fields or fields[0] in ("Z", "X"):  # a zombie whose parent does not reap it
+                return False
+            if cmdline or time.monotonic() >= deadline:
+                break
+            time.sleep(0.005)
         # The pid may have been reused: it must carry every marker of this home's process.
         args = cmdline.split(b"\0")
         return all(marker in args for marker in self._markers)
@@ -268,8 +303,7 @@ class ManagedProcess:
         """Start ``argv`` detached, output to ``out_file``; record and return its pid."""
         out = self.out_file
         out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            out.replace(out.with_name(f"{out.name}.1"))  # keep one run for post-mortems
+        _rotate(out, _KEPT_RUNS)
         truncate = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         file_actions = [
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),

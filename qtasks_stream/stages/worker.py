@@ -21,6 +21,7 @@ only once it has been refused for ``unknown_task_deadline`` seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,6 +31,7 @@ import time
 import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from qtasks_stream.context import TaskContext
@@ -130,7 +132,7 @@ class WorkerStage(Stage):
         self._lane_paused = [False] * topology.lanes
         self._available = asyncio.Event()
         self._slots: list[asyncio.Task[None]] = []
-        self._running: dict[str, tuple[asyncio.Task[Any], TaskContext, Record, str]] = {}
+        self._running: dict[str, _Running] = {}
         self._cancelled: OrderedDict[str, str] = OrderedDict()
         self._control_task: asyncio.Task[None] | None = None
         self._checkpoint: Checkpoint | None = None
@@ -191,7 +193,7 @@ class WorkerStage(Stage):
 
     async def _wait_running(self, which: Callable[[TopicPartition], bool]) -> None:
         deadline = time.monotonic() + self._grace
-        while any(which(rec.tp) for _, _, rec, _ in self._running.values()):
+        while any(which(running.record.tp) for running in self._running.values()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 log.warning(
@@ -391,10 +393,26 @@ class WorkerStage(Stage):
     ) -> Payload:
         me = asyncio.current_task()
         assert me is not None
-        self._running[work.task_id] = (me, ctx, rec, definition.kind)
         started = time.perf_counter()
         max_time = work.max_time or definition.max_time
-        timer = asyncio.timeout(max_time)
+        # Armed when the function starts (see _call): waiting for a free thread or process
+        # is not execution time, for max_time nor for the reported duration.
+        timer = asyncio.timeout(None)
+        loop = asyncio.get_running_loop()
+        clock_started = False
+
+        def start_clock() -> None:
+            nonlocal started, clock_started
+            if clock_started:
+                return
+            clock_started = True
+            started = time.perf_counter()
+            # From a thread this comes a moment later: the attempt may have ended already.
+            if max_time is not None and not timer.expired():
+                with contextlib.suppress(RuntimeError):  # its timer has exited
+                    timer.reschedule(loop.time() + max_time)
+
+        self._running[work.task_id] = _Running(me, ctx, rec, start_clock)
         try:
             args, kwargs = await self._call_arguments(definition, work)
             if definition.echo and self._echo_self is not None:
@@ -404,7 +422,15 @@ class WorkerStage(Stage):
                 async with timer:
                     result = await self._execute(
                         ExecuteInput(
-                            definition, work, ctx, args, kwargs, rec, self._group, self.worker_id
+                            definition,
+                            work,
+                            ctx,
+                            args,
+                            kwargs,
+                            rec,
+                            self._group,
+                            self.worker_id,
+                            self._executor,
                         )
                     )
             finally:
@@ -475,7 +501,16 @@ class WorkerStage(Stage):
 
     async def _call(self, input: ExecuteInput) -> Any:
         definition = input.definition
-        call = Call(definition.fn, definition.kind, input.args, input.kwargs)
+        work = input.item
+        running = self._running.get(work.task_id)
+        call = Call(
+            definition.fn,
+            definition.kind,
+            input.args,
+            input.kwargs,
+            label=f"task {work.task_name} {work.task_id} attempt {work.attempt}",
+            on_start=running.start_clock if running is not None else None,
+        )
         return await self._executor.run(call, input.ctx.progress)
 
     # -- control ----------------------------------------------------------------------------
@@ -512,11 +547,21 @@ class WorkerStage(Stage):
         running = self._running.get(command.task_id)
         if running is None:
             return
-        task, ctx, _, kind = running
-        ctx._request_cancel(command.reason)
-        # Coroutines stop at their next await; code in threads must check ctx.cancelled.
-        if kind in ("async", "asyncgen"):
-            task.cancel()
+        running.ctx._request_cancel(command.reason)
+        # The attempt ends cancelled now, whatever its function does later: a coroutine stops
+        # at its next await, a process is killed, and a function in a thread (which cannot be
+        # stopped) runs on with its result discarded; ctx.cancelled tells it to stop early.
+        running.task.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class _Running:
+    """An attempt in progress: its coroutine, context, lane record and max_time clock."""
+
+    task: asyncio.Task[Any]
+    ctx: TaskContext
+    record: Record
+    start_clock: Callable[[], None]
 
 
 def _format(exc: BaseException) -> str:

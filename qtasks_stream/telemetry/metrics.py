@@ -17,6 +17,7 @@ from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
 from qtasks_stream.errors import QTasksStreamError
 from qtasks_stream.events import TaskEvent, now_us
+from qtasks_stream.executors.base import Executor
 from qtasks_stream.interceptors import (
     EmitInput,
     EmitNext,
@@ -50,7 +51,9 @@ class MetricsInterceptor(Interceptor):
     ``qtasks.tasks.{submitted,succeeded,failed,retried,dead_lettered,cancelled}`` counters;
     ``qtasks.task.duration`` (s, also ``qtasks.task.status``) and ``qtasks.task.queue_wait``
     (s, from the lane record's timestamp, or from the submit where the log keeps none)
-    histograms; ``qtasks.worker.in_flight`` (``qtasks.worker.id``); ``qtasks.consumer.lag``
+    histograms; ``qtasks.worker.in_flight`` and ``qtasks.worker.abandoned`` (calls left
+    running in a thread after their attempt timed out or was cancelled; ``qtasks.worker.id``);
+    ``qtasks.consumer.lag``
     (per stage, topic and partition, measured at most every ``lag_interval`` seconds while
     the stage receives records).
     """
@@ -72,6 +75,14 @@ class MetricsInterceptor(Interceptor):
         self._in_flight = meter.create_up_down_counter(
             "qtasks.worker.in_flight", unit="{task}", description="attempts running"
         )
+        meter.create_observable_gauge(
+            "qtasks.worker.abandoned",
+            callbacks=[self._observe_abandoned],
+            unit="{call}",
+            description="calls still running after their attempt ended (threads held)",
+        )
+        #: The executor of each worker seen running an attempt.
+        self._executors: dict[str, Executor] = {}
         meter.create_observable_gauge(
             "qtasks.consumer.lag",
             callbacks=[self._observe_lag],
@@ -95,6 +106,8 @@ class MetricsInterceptor(Interceptor):
         item = input.item
         name = {"qtasks.task.name": item.task_name}
         worker = {"qtasks.worker.id": input.worker_id}
+        if input.executor is not None:
+            self._executors[input.worker_id] = input.executor
         rec = input.record
         enqueued_us = max(item.submitted_at_us, rec.timestamp_ms * 1000 if rec else 0)
         self._queue_wait.record(max(0, now_us() - enqueued_us) / 1e6, name)
@@ -123,6 +136,10 @@ class MetricsInterceptor(Interceptor):
             log.debug("stage %s: lag not measured: %s", input.stage, exc)
             return
         self._lag[input.stage] = {(tp.topic, tp.partition, input.group): n for tp, n in lag.items()}
+
+    def _observe_abandoned(self, options: CallbackOptions) -> Iterable[Observation]:
+        for worker_id, executor in list(self._executors.items()):
+            yield Observation(executor.abandoned, {"qtasks.worker.id": worker_id})
 
     def _observe_lag(self, options: CallbackOptions) -> Iterable[Observation]:
         for stage, lags in list(self._lag.items()):

@@ -15,3 +15,12 @@ def spin(seconds: float) -> str:
     while time.monotonic() < deadline:
         pass
     return "finished"
+
+
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def die() -> None:
+    os._exit(3)

@@ -82,7 +82,7 @@ async def test_keys_pick_partitions_and_order_holds_per_partition(log: EventLog)
 
 async def test_same_key_same_partition_number_as_kafka_default_partitioner(log: EventLog) -> None:
     # murmur2, like Kafka's Java clients: a key's partition does not depend on the client.
-    from qtasks_stream.eventlog.memory import murmur2_partition
+    from qtasks_stream.eventlog.partitioning import murmur2_partition
 
     topic = _topic()
     await log.create_topics([TopicSpec(topic, partitions=4)])

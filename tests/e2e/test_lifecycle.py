@@ -90,7 +90,9 @@ async def settle(app: QueueTasks) -> None:
 async def finished(app: QueueTasks, task_id: str) -> Task:
     """The task once the view shows it final."""
     task = await eventually(
-        lambda: app.get(task_id), lambda t: t is not None and t.final, what=f"{task_id} final"
+        lambda: app.view.get(task_id, payloads=app.payloads),
+        lambda t: t is not None and t.final,
+        what=f"{task_id} final",
     )
     assert task is not None
     return task
@@ -274,10 +276,10 @@ async def test_task_ids_carry_their_time_and_a_history_read_starts_there(
         await producer.send([OutRecord(app.topology.events, task_id.encode(), value)])
         await asyncio.sleep(0.06)  # the early one is appended before key_ms, the other after
     await finished(app, task_id)
-    monkeypatch.setattr("qtasks_stream.app._HISTORY_CLOCK_MARGIN_MS", 0)
+    monkeypatch.setattr("qtasks_stream.client._HISTORY_CLOCK_MARGIN_MS", 0)
     ids = [e.event_id for e in await app.history(task_id)]
     assert ids[0] == submitted.event_id and early.event_id not in ids
-    monkeypatch.setattr("qtasks_stream.app._HISTORY_CLOCK_MARGIN_MS", 60_000)
+    monkeypatch.setattr("qtasks_stream.client._HISTORY_CLOCK_MARGIN_MS", 60_000)
     assert [e.event_id for e in await app.history(task_id)][:2] == [early.event_id, ids[0]]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from qtasks_stream.cli import configure
+from qtasks_stream.settings import Settings
 from tests.apps.audit_app import build
 from tests.contract.test_lifecycle import eventually
 from tests.kafka.test_cli_kafka import REPO, _cli, _env
@@ -43,7 +43,7 @@ async def test_audit_commands_on_kafka(
     env.update(AUDIT_VIEW=str(tmp_path / "live.sqlite"), AUDIT_FIXED=str(tmp_path / "fixed"))
     worker = _spawn(env, tmp_path / "worker.log")
     client_env = {k: v for k, v in env.items() if k != "AUDIT_VIEW"}
-    client = configure(build(), client_env)
+    client = build().configure(Settings.from_env(client_env))
     started = time.monotonic()
 
     def step(what: str) -> None:

@@ -4,6 +4,8 @@ and a rebalance listener that commits."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -263,3 +265,27 @@ def test_building_clients_does_no_io() -> None:
         event_log.producer(transactional_id="t")
         event_log.consumer(["t"], group_id="g")
         event_log.consumer(["t"], group_id=None, start="latest")
+
+
+async def test_librdkafka_log_lines_reach_python_logging(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A transactional producer on a closed port: librdkafka's connection failures (FAIL),
+    # written to stderr without a logger, must reach logging under the package's logger,
+    # also when start() gives up before the producer ever polled.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    log = ConfluentEventLog(KafkaConfig(f"127.0.0.1:{port}", request_timeout_ms=2000))
+    producer = log.producer(transactional_id=_name("nobroker"))
+    with caplog.at_level(logging.DEBUG, logger="qtasks_stream"):
+        with pytest.raises(EventLogError, match="cannot start the Kafka producer"):
+            await producer.start()
+        await producer.close()
+        await log.close()
+    fails = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "qtasks_stream.rdkafka" and r.getMessage().startswith("FAIL")
+    ]
+    assert any(f"127.0.0.1:{port}" in line for line in fails), caplog.text

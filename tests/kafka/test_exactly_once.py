@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from qtasks_stream.cli import configure
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.events import TERMINAL_KINDS, Succeeded, TaskEvent
 from qtasks_stream.records import TopicPartition
+from qtasks_stream.settings import Settings
 from qtasks_stream.state import TaskState, fold
 from tests.apps.eos_app import build
 
@@ -101,7 +101,7 @@ async def test_killed_workers_leave_exactly_one_outcome_per_task(
     side_effects = tmp_path / "side-effects.txt"
     env = _env(kind, kafka_bootstrap, prefix, side_effects)
     # The test process is a client only: it submits and waits without running any stage.
-    client_app = configure(build(), env)
+    client_app = build().configure(Settings.from_env(env))
 
     workers = [_spawn(env, tmp_path, n) for n in range(2)]
     killed: list[int] = []

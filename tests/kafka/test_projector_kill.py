@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from qtasks_stream import QueueTasks
-from qtasks_stream.cli import configure
 from qtasks_stream.events import Progress, Scheduled, Started, Submitted, Succeeded, TaskEvent
 from qtasks_stream.records import OutRecord, TopicPartition
 from qtasks_stream.replay import decode_events, rebuild
+from qtasks_stream.settings import Settings
 from qtasks_stream.state import TaskState, fold
 from qtasks_stream.views import open_view
 from qtasks_stream.views.base import TaskQuery, ViewStore
@@ -115,7 +115,7 @@ async def test_killed_projectors_leave_the_fold_of_the_log(
         VIEW_APP_URL=view_url,
         VIEW_APP_BATCH="100",
     )
-    client = configure(QueueTasks("projkill", partitions=4), env)
+    client = QueueTasks("projkill", partitions=4, settings=Settings.from_env(env))
     topic = client.topology.events
     await client.event_log.create_topics(client.topology.specs())
     await client.serde.start()

@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from qtasks_stream.cli import configure
+from qtasks_stream.settings import Settings
 from qtasks_stream.telemetry import MetricsInterceptor, TracingInterceptor, trace_id_of
 from qtasks_stream.telemetry.export import metrics_to_dict, span_to_dict
 from qtasks_stream.telemetry.propagation import parse_traceparent
@@ -116,7 +116,7 @@ async def test_a_retried_task_is_one_trace_and_counted_once_across_two_worker_pr
     provider.add_span_processor(SimpleSpanProcessor(client_spans))
     reader = InMemoryMetricReader()
     meters = MeterProvider(metric_readers=[reader])
-    client = configure(build(), env)
+    client = build().configure(Settings.from_env(env))
     client.add_interceptor(TracingInterceptor(provider))
     client.add_interceptor(MetricsInterceptor(meters))
 

@@ -13,6 +13,7 @@ from qtasks_stream import QueueTasks
 from qtasks_stream.cli import telemetry_from
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.events import TRACEPARENT_HEADER, Submitted, TaskEvent, WorkItem
+from qtasks_stream.settings import Settings
 from qtasks_stream.telemetry import MetricsInterceptor, TracingInterceptor
 from qtasks_stream.telemetry.config import telemetry_from_env
 from qtasks_stream.telemetry.propagation import (
@@ -72,7 +73,7 @@ def test_events_and_work_items_put_their_traceparent_in_headers() -> None:
 
 def test_nothing_set_means_no_telemetry() -> None:
     app = QueueTasks("cfg")
-    assert telemetry_from(app, {}) is None
+    assert telemetry_from(app, Settings.from_env({})) is None
     assert app.interceptors == []
     assert (
         telemetry_from_env(
@@ -89,7 +90,9 @@ def test_sdk_disabled_wins() -> None:
 
 def test_a_spans_file_installs_tracing_only(tmp_path: Path) -> None:
     app = QueueTasks("cfg")
-    telemetry = telemetry_from(app, {"QTASKS_OTEL_SPANS_FILE": str(tmp_path / "s-{pid}.jsonl")})
+    telemetry = telemetry_from(
+        app, Settings.from_env({"QTASKS_OTEL_SPANS_FILE": str(tmp_path / "s-{pid}.jsonl")})
+    )
     assert telemetry is not None
     try:
         assert [type(i) for i in app.interceptors] == [TracingInterceptor]
@@ -131,7 +134,7 @@ async def test_files_receive_spans_and_a_final_metrics_export(tmp_path: Path) ->
         "QTASKS_OTEL_METRICS_FILE": str(tmp_path / "metrics-{pid}.jsonl"),
         "OTEL_SERVICE_NAME": "cfg-test",
     }
-    telemetry = telemetry_from(app, env)
+    telemetry = telemetry_from(app, Settings.from_env(env))
     assert telemetry is not None
     assert [type(i) for i in app.interceptors] == [TracingInterceptor, MetricsInterceptor]
     async with app:

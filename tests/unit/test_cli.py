@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
 from contextlib import redirect_stdout
@@ -10,11 +11,12 @@ from contextlib import redirect_stdout
 import pytest
 
 from qtasks_stream import QueueTasks
-from qtasks_stream.cli import configure, load_app, main
+from qtasks_stream.cli import load_app, main
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.eventlog.kafka_aio import AioKafkaEventLog
 from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
 from qtasks_stream.eventlog.memory import InMemoryEventLog
+from qtasks_stream.settings import Settings
 
 
 def test_demo_runs_every_path_and_prints_a_summary_and_a_history() -> None:
@@ -65,7 +67,7 @@ def test_worker_refuses_a_snapshot_period_that_is_not_positive(
 
 
 def test_configure_without_kafka_keeps_the_embedded_default() -> None:
-    app = configure(QueueTasks("envless"), {})
+    app = QueueTasks("envless").configure(Settings.from_env({}))
     assert isinstance(app.event_log, InMemoryEventLog)
     assert app.topology.events == "qtasks.envless.events"
 
@@ -74,26 +76,48 @@ def test_configure_without_kafka_keeps_the_embedded_default() -> None:
     ("kind", "cls"), [("aiokafka", AioKafkaEventLog), ("confluent", ConfluentEventLog)]
 )
 def test_configure_moves_an_app_onto_kafka_from_the_environment(kind: str, cls: type) -> None:
-    app = configure(
-        QueueTasks("shop"),
+    settings = Settings.from_env(
         {
             "QTASKS_BOOTSTRAP_SERVERS": "127.0.0.1:1",
             "QTASKS_EVENT_LOG": kind,
             "QTASKS_TOPIC_PREFIX": "team-a.",
             "QTASKS_INSTANCE_ID": "w7",
-        },
+        }
     )
-    assert isinstance(app.event_log, cls)  # built lazily: nothing connects here
-    assert app.topology.events == "team-a.shop.events"
-    assert app.instance_id == "w7"
+    for app in (QueueTasks("shop").configure(settings), QueueTasks("shop", settings=settings)):
+        assert isinstance(app.event_log, cls)  # built lazily: nothing connects here
+        assert app.topology.events == "team-a.shop.events"
+        assert app.instance_id == "w7"
 
 
 def test_configure_names_a_bad_event_log_choice() -> None:
-    with pytest.raises(ConfigurationError, match=r"aiokafka or confluent.*'kafka-python'"):
-        configure(
-            QueueTasks("shop"),
-            {"QTASKS_BOOTSTRAP_SERVERS": "127.0.0.1:1", "QTASKS_EVENT_LOG": "kafka-python"},
+    with pytest.raises(ConfigurationError, match=r"memory, aiokafka or confluent.*'kafka-python'"):
+        Settings.from_env(
+            {"QTASKS_BOOTSTRAP_SERVERS": "127.0.0.1:1", "QTASKS_EVENT_LOG": "kafka-python"}
         )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["worker", "-A", "tests.apps.eos_app:app"],
+        ["history", "0190f7a0-0000-7000-8000-000000000000", "-A", "tests.apps.eos_app:app"],
+        ["replay", "-A", "tests.apps.eos_app:app", "--into", "memory://"],
+        ["resubmit", "-A", "tests.apps.eos_app:app", "--dry-run"],
+        ["dlq", "list", "-A", "tests.apps.eos_app:app"],
+        ["snapshot", "-A", "tests.apps.eos_app:app"],
+    ],
+)
+def test_commands_of_a_deployment_refuse_the_embedded_log(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("QTASKS_"):
+            monkeypatch.delenv(name)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"`{argv[0]}` needs the deployment's Kafka event log" in err
+    assert "set QTASKS_BOOTSTRAP_SERVERS" in err
 
 
 def test_load_app_explains_what_is_wrong(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,7 @@ import random
 
 from aiokafka.partitioner import DefaultPartitioner
 
-from qtasks_stream.eventlog.memory import _murmur2, murmur2_partition
+from qtasks_stream.eventlog.partitioning import _murmur2, murmur2_partition
 
 
 def test_murmur2_partition_matches_aiokafkas_default_partitioner() -> None:

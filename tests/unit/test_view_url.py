@@ -61,10 +61,12 @@ def test_unknown_or_malformed(url: str) -> None:
 
 def test_the_cli_moving_an_app_keeps_the_view_its_module_chose(tmp_path: Path) -> None:
     from qtasks_stream import QueueTasks
-    from qtasks_stream.cli import configure
+    from qtasks_stream.settings import Settings
 
     view = open_view(f"sqlite:///{tmp_path}/shop.db")
-    app = configure(QueueTasks("shop", view=view), {"QTASKS_TOPIC_PREFIX": "team."})
+    app = QueueTasks("shop", view=view).configure(
+        Settings.from_env({"QTASKS_TOPIC_PREFIX": "team."})
+    )
     assert app.topology.events == "team.shop.events"
     assert app.view is view
 

@@ -18,6 +18,7 @@ import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream import QueueTasks
+from qtasks_stream.context import current
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import (
@@ -534,3 +535,38 @@ async def test_control_command_cancels_a_running_attempt(make: Callable[..., Any
     await h.give(again)
     await h.all_done(again)
     assert [e.kind for e in h.cp.of(task_id)] == ["Started", "Cancelled", "Cancelled"]
+
+
+async def test_current_works_in_sync_tasks_and_sync_generators(make: Callable[..., Any]) -> None:
+    router = Router()
+
+    @router.task
+    def whoami() -> str:
+        ctx = current()
+        ctx.progress("halfway")
+        return ctx.task_id
+
+    @router.task
+    def steps(n: int) -> Any:
+        for i in range(n):
+            current().progress(f"step {i}")
+            yield current().attempt
+
+    h = await make(router)
+    sync, gen = h.item("whoami"), h.item("steps", 2, attempt=3)
+    await h.give(sync, gen)
+    await h.all_done(sync, gen)
+    sync_id, gen_id = sync.value.task_id, gen.value.task_id
+    outcome = h.cp.outcome(sync_id)
+    assert isinstance(outcome, Succeeded) and outcome.result == json.dumps(sync_id)
+    assert [e.payload for e in h.cp.of(sync_id) if e.kind == "Progress"] == [
+        Progress(0, '"halfway"')
+    ]
+    # Progress from current() and the generator's own items, in the order they were made.
+    assert [e.payload.value for e in h.cp.of(gen_id) if e.kind == "Progress"] == [
+        '"step 0"',
+        "3",
+        '"step 1"',
+        "3",
+    ]
+    assert h.cp.outcome(gen_id).result == "[3, 3]"

@@ -1,0 +1,1 @@
+"""The event log: the ``EventLog`` contract (``base``) and its implementations."""
