@@ -1,4 +1,4 @@
-"""Worker pools on the broker (confluent-kafka log): members of one worker group that
+"""Worker pools on the broker (both Kafka event logs): members of one worker group that
 subscribe to different queues' lanes each get the partitions of their own queue."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream import QueueTasks
+from qtasks_stream.eventlog.base import EventLog
+from qtasks_stream.eventlog.kafka_aio import AioKafkaEventLog
 from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
 from tests.contract.test_lifecycle import KAFKA_LIMIT as LIMIT
 from tests.eventlogs import kafka_test_config
@@ -18,15 +20,18 @@ from tests.eventlogs import kafka_test_config
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
 
+@pytest.mark.parametrize(
+    "kind", [ConfluentEventLog, AioKafkaEventLog], ids=["confluent", "aiokafka"]
+)
 async def test_each_worker_pool_runs_the_tasks_of_its_queue(
-    kafka_bootstrap: str, schema_registry_url: str
+    kafka_bootstrap: str, schema_registry_url: str, kind: type[ConfluentEventLog | AioKafkaEventLog]
 ) -> None:
     prefix = f"qu{uuid.uuid4().hex[:8]}."
     apps: list[QueueTasks] = []
-    logs: list[ConfluentEventLog] = []
+    logs: list[EventLog] = []
 
     def build(registry: SchemaRegistryClient) -> QueueTasks:
-        log = ConfluentEventLog(kafka_test_config(kafka_bootstrap))
+        log = kind(kafka_test_config(kafka_bootstrap))
         app = QueueTasks(
             "qu", event_log=log, schema_registry=registry, topic_prefix=prefix, poll_timeout=0.1
         )
