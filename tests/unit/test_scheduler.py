@@ -31,7 +31,7 @@ from qtasks_stream.events import (
 from qtasks_stream.records import OutRecord, Record, TopicPartition
 from qtasks_stream.stages import scheduler
 from qtasks_stream.stages.base import Checkpoint, Incoming
-from qtasks_stream.stages.scheduler import ARGUMENTS_LOST, SchedulerStage
+from qtasks_stream.stages.scheduler import ARGUMENTS_LOST, UNKNOWN_QUEUE, SchedulerStage
 from qtasks_stream.topology import Topology
 
 TOPOLOGY = Topology("sched", partitions=1, lanes=3)
@@ -513,3 +513,29 @@ async def test_a_cancel_of_an_unknown_task_is_forwarded_and_nothing_is_held() ->
     assert isinstance(outputs[0].value, ControlCommand)
     assert outputs[0].value.reason == "typo"
     assert h.stage.held() == {"open": 0, "ended": 0}
+
+
+# -- named queues ---------------------------------------------------------------------------------
+
+
+async def test_a_task_of_a_named_queue_goes_to_that_queue_s_lane() -> None:
+    h = Harness()
+    h.stage = SchedulerStage(TOPOLOGY.with_queue("gpu"))
+    await h.assign()
+    outputs = await h.feed(_submit("t1", priority=1, queue="gpu"))
+    [(topic, item)] = _work(outputs)
+    assert topic == TOPOLOGY.lane(1, "gpu") == "qtasks.sched.queue.gpu.lane.1"
+    assert item.task_id == "t1"
+
+
+async def test_a_queue_the_scheduler_s_app_lacks_fails_the_task_naming_it() -> None:
+    """No lane to put it in: failing it says what to fix, instead of an encode error that
+    would stop the scheduler's partition."""
+    h = Harness()
+    await h.assign()
+    outputs = await h.feed(_submit("t1", queue="gpu"))
+    assert _work(outputs) == [] and _kinds(outputs) == ["Scheduled", "Failed"]
+    failed = _events(outputs)[-1].payload
+    assert isinstance(failed, Failed) and failed.error_type == UNKNOWN_QUEUE
+    assert "has no queue 'gpu' (its queues: default)" in failed.message
+    assert h.stage.held() == {"open": 0, "ended": 1}
