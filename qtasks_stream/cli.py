@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="also write a snapshot of every task's state this often (see `snapshot`)",
     )
+    worker.add_argument(
+        "--queues",
+        default=None,
+        help="comma-separated named queues whose work this worker takes "
+        "(default: every queue the app's tasks name)",
+    )
 
     history = sub.add_parser("history", help="every event of one task, read from the log")
     history.add_argument("task_id")
@@ -268,7 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigurationError(
                     f"--snapshot-every must be > 0 seconds, not {args.snapshot_every:g}"
                 )
-            app = _shared("worker", load_app(args.app).configure(settings))
+            loaded = load_app(args.app)
+            if args.queues is not None:
+                loaded.serve_queues(q.strip() for q in args.queues.split(",") if q.strip())
+            app = _shared("worker", loaded.configure(settings))
             telemetry = telemetry_from(app, settings)
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]
             try:
