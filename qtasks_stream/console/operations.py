@@ -54,10 +54,10 @@ STATUSES = (
 )
 #: ``add_task``'s own keywords: a task argument of one of these names cannot go through it.
 _OPTION_NAMES = frozenset(
-    {"priority", "timeout", "countdown", "eta", "idempotency_key", "max_time", "tags"}
+    {"priority", "queue", "timeout", "countdown", "eta", "idempotency_key", "max_time", "tags"}
 )
 #: Keys a submission body may have.
-_SUBMIT_KEYS = frozenset({"args", "kwargs", "priority", "countdown", "tags", "max_time"})
+_SUBMIT_KEYS = frozenset({"args", "kwargs", "priority", "queue", "countdown", "tags", "max_time"})
 
 
 class ConsoleError(QTasksStreamError):
@@ -100,6 +100,7 @@ def task_json(task: Task) -> dict[str, Any]:
         "name": task.task_name,
         "status": task.status,
         "final": task.final,
+        "queue": task.queue,
         "priority": task.priority,
         "attempt": task.attempt,
         "args": task.args,
@@ -168,6 +169,11 @@ async def submit(app: QueueTasks, task_name: str, body: bytes, idempotency_key: 
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConsoleError(400, f"{name} must be a number")
             options[name] = value
+    queue = data.get("queue")
+    if queue is not None:
+        if not isinstance(queue, str):
+            raise ConsoleError(400, "queue must be a string")
+        options["queue"] = queue
     if idempotency_key is not None and not idempotency_key.strip():
         raise ConsoleError(400, "the Idempotency-Key header is empty")
     try:

@@ -125,7 +125,8 @@ def _short(text: str | None, limit: int = 80) -> str:
 def task_row(task: Task) -> str:
     return (
         f'<tr data-id="{esc(task.uuid)}"><td><a href="/tasks/{quote(task.uuid)}" class="mono">'
-        f"{esc(task.uuid)}</a></td><td>{esc(task.task_name)}</td><td>{_status(task.status)}</td>"
+        f"{esc(task.uuid)}</a></td><td>{esc(task.task_name)}</td><td>{esc(task.queue)}</td>"
+        f"<td>{_status(task.status)}</td>"
         f"<td>{task.attempt}</td><td>{_when(task.created_at)}</td><td>{_when(task.updated_at)}</td>"
         f"<td>{' '.join(f'<span class=tag>{esc(t)}</span>' for t in task.tags)}</td>"
         f"<td>{_short(task.error_message)}</td></tr>"
@@ -142,7 +143,7 @@ def tasks_page(
     signed_in: bool,
 ) -> str:
     rows = "".join(task_row(t) for t in page.tasks) or (
-        '<tr><td colspan="8" class="empty">no tasks match</td></tr>'
+        '<tr><td colspan="9" class="empty">no tasks match</td></tr>'
     )
     paging = []
     if params.get("after"):
@@ -165,7 +166,8 @@ def tasks_page(
 <button type="submit">Filter</button> <a href="/">clear</a>
 </form>
 <p class="live" id="live" data-src="{esc(live)}">live updates: <span id="live-state">off</span></p>
-<table class="tasks" id="tasks"><thead><tr><th>id</th><th>name</th><th>status</th><th>attempt</th>
+<table class="tasks" id="tasks"><thead><tr><th>id</th><th>name</th><th>queue</th>
+<th>status</th><th>attempt</th>
 <th>created</th><th>updated</th><th>tags</th><th>error</th></tr></thead>
 <tbody id="task-rows">{rows}</tbody></table>
 <p class="paging" id="paging">{" ".join(paging)}</p>"""
@@ -309,6 +311,7 @@ def task_page(
         [
             ("status", _status(task.status)),
             ("attempt", esc(task.attempt)),
+            ("queue", esc(task.queue)),
             ("priority", esc(task.priority)),
             ("worker", esc(task.worker_id or "")),
             ("created", _when(task.created_at)),

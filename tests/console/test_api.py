@@ -49,7 +49,9 @@ async def test_openapi_describes_every_api_route(console: Console) -> None:
 
 async def test_submit_get_and_history(console: Console) -> None:
     response = await console.client.post(
-        "/api/tasks/add", json={"args": [2], "kwargs": {"b": 3}, "tags": ["api"]}, headers=BEARER
+        "/api/tasks/add",
+        json={"args": [2], "kwargs": {"b": 3}, "tags": ["api"], "queue": "default"},
+        headers=BEARER,
     )
     assert response.status_code == 202, response.text
     submitted = response.json()
@@ -57,7 +59,7 @@ async def test_submit_get_and_history(console: Console) -> None:
     task = await console.ended(submitted["id"])
     assert task.returning == 5 and task.tags == ["api"]
     got = (await console.client.get(f"/api/tasks/{task.uuid}", headers=BEARER)).json()
-    assert got["status"] == "success" and got["result"] == 5
+    assert got["status"] == "success" and got["result"] == 5 and got["queue"] == "default"
     assert (
         (got["args"], got["kwargs"])
         == (task.args, task.kwargs)
@@ -128,6 +130,8 @@ async def test_an_idempotency_key_submits_once(console: Console) -> None:
         ("/api/tasks/add", b'{"args": [1, 2], "priority": "high"}', 400, "priority"),
         ("/api/tasks/add", b'{"args": [1, 2], "countdown": -1}', 400, "countdown"),
         ("/api/tasks/add", b'{"args": [1], "kwargs": {"timeout": 1}}', 400, "'timeout'"),
+        ("/api/tasks/add", b'{"args": [1, 2], "queue": "gpu"}', 400, "gpu"),
+        ("/api/tasks/add", b'{"args": [1, 2], "queue": 7}', 400, "queue must be a string"),
         ("/api/tasks/add", b'{"args": [1], "kwargs": {"tags": ["a"]}}', 400, "'tags'"),
     ],
 )
