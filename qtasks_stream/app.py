@@ -47,6 +47,9 @@ from qtasks_stream.interceptors import EmitInput, Interceptor, chain_emit, wants
 from qtasks_stream.records import TopicPartition
 from qtasks_stream.rerun import Resubmission, ResubmitFilter, find_resubmissions, records_of
 from qtasks_stream.results import ResultListener
+from qtasks_stream.schedules.api import Schedules
+from qtasks_stream.schedules.records import Schedule
+from qtasks_stream.schedules.stage import ScheduleStage
 from qtasks_stream.serde.avro import AvroSerde
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.payloads import TaskPayloads
@@ -67,7 +70,7 @@ __all__ = ["STAGES", "QueueTasks"]
 log = logging.getLogger("qtasks_stream")
 
 #: Every stage, in start order.
-STAGES = ("projector", "deadletter", "scheduler", "worker")
+STAGES = ("projector", "deadletter", "scheduler", "worker", "schedules")
 _IDEMPOTENCY_NS = uuid.UUID("5b0a4f0e-7c51-4d8a-9a55-6f1c1c2b8e11")
 #: A task's history is read from this long before its id's time: the ``Submitted`` record's
 #: timestamp is its client's clock (CreateTime), or the broker's on a LogAppendTime topic.
@@ -260,6 +263,8 @@ class QueueTasks(Router):
             return ProjectorStage(self.topology, self.view)
         if name == "deadletter":
             return DeadLetterStage(self.topology)
+        if name == "schedules":
+            return ScheduleStage(self.topology, self._run_state)
         return WorkerStage(
             self.topology,
             tasks=self.definitions,
@@ -274,6 +279,26 @@ class QueueTasks(Router):
             echo_self=lambda ctx: TaskSelf(ctx, self),
             shutdown_grace=self.shutdown_grace,
         )
+
+    async def _run_state(self, task_id: str) -> TaskState | None:
+        """A run's state folded from its events in the log (the overlap policy asks)."""
+        state = None
+        for event in await self.history(task_id):
+            state = fold(state, event)
+        return state
+
+    # -- schedules ------------------------------------------------------------------------
+
+    @property
+    def schedules(self) -> Schedules:
+        """Pause, resume, delete and list the app's schedules (see :mod:`.schedules`)."""
+        return Schedules(self, self._producer.send)
+
+    async def schedule(self, name: str, *, task: str, **options: Any) -> Schedule:
+        """Run ``task`` periodically: ``cron="0 2 * * *", tz="Europe/Berlin"`` or
+        ``every=timedelta(...)``, with ``args``/``kwargs`` and the catch-up and overlap
+        policies; see :meth:`.Schedules.add`."""
+        return await self.schedules.add(name, task=task, **options)
 
     async def close(self) -> None:
         """Stop the stages (letting running attempts finish within the grace), then clients."""

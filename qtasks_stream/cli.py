@@ -2,6 +2,7 @@
 
 Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app``,
 ``replay``, ``resubmit``, ``snapshot``, ``dlq list|replay`` (see :mod:`.cli_audit`),
+``schedules add|list|pause|resume|delete -A module:app`` (see :mod:`.schedules.cli`),
 ``schemas check|register -A module:app`` and ``dev up|down|status [--postgres]``. With
 ``QTASKS_BOOTSTRAP_SERVERS`` set, apps run on that Kafka
 (``QTASKS_EVENT_LOG`` = aiokafka or confluent, ``QTASKS_SCHEMA_REGISTRY_URL``,
@@ -30,6 +31,7 @@ from qtasks_stream import cli_audit
 from qtasks_stream.app import STAGES, QueueTasks
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 from qtasks_stream.eventlog.base import EventLog
+from qtasks_stream.schedules import cli as schedules_cli
 from qtasks_stream.telemetry.config import Telemetry
 
 __all__ = ["main"]
@@ -161,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("--json", action="store_true", help="one JSON document, by attempt")
     cli_audit.add_history_options(history)
     cli_audit.add_parsers(sub)
+    schedules_cli.add_parser(sub)
 
     schemas = sub.add_parser(
         "schemas", help="check or register an app's Avro schemas (a gate for CI pipelines)"
@@ -338,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in cli_audit.COMMANDS:
             app = configure(load_app(args.app), env)
             return asyncio.run(cli_audit.run(args.command, app, args))
+        if args.command == "schedules":
+            app = configure(load_app(args.app), env)
+            return asyncio.run(schedules_cli.run(app, args))
         if args.command == "schemas":
             app = configure(load_app(args.app), env)
             return _schemas(args.action, app, args.level, env)

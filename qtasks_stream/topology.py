@@ -7,8 +7,10 @@ For app ``shop`` with the default prefix ``qtasks.``::
     qtasks.shop.control       ControlCommands every worker instance reads (cancel)
     qtasks.shop.deadletter    records no stage could decode or process, bytes untouched
     qtasks.shop.snapshots     compacted: TaskSnapshot per task id, plus the '@manifest'
+    qtasks.shop.schedules     compacted, one partition: ScheduleEvents (see schedules/)
 
-Consumer groups are ``<prefix><app>.<stage>``: scheduler, worker, projector, deadletter.
+Consumer groups are ``<prefix><app>.<stage>``: scheduler, worker, projector, deadletter,
+schedules.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ class Topology:
     def snapshots(self) -> str:
         return f"{self.base}.snapshots"
 
+    @property
+    def schedules(self) -> str:
+        return f"{self.base}.schedules"
+
     def group(self, stage: str) -> str:
         return f"{self.base}.{stage}"
 
@@ -94,6 +100,7 @@ class Topology:
             self.events: "TaskEvent",
             self.control: "ControlCommand",
             self.snapshots: "TaskSnapshot",
+            self.schedules: "ScheduleEvent",
         }
         schemas.update({lane: "WorkItem" for lane in self.lane_topics})
         return schemas
@@ -107,4 +114,7 @@ class Topology:
         # Compacted, never deleted by age: the latest state of every task and the manifest.
         compacted = {"cleanup.policy": "compact"}
         specs.append(TopicSpec(self.snapshots, self.partitions, self.replication, compacted))
+        # One partition: one worker at a time owns every schedule (the rest stand by), and
+        # a schedule's definition and its ticks, under two keys, stay in one order.
+        specs.append(TopicSpec(self.schedules, 1, self.replication, dict(compacted)))
         return specs
