@@ -65,6 +65,9 @@ class ScheduleStage(Stage):
         self._fired_here: set[str] = set()
         #: Runs known to have ended (an end never changes).
         self._ended: set[str] = set()
+        #: Per schedule: the definition and tick its next due time was computed from, and
+        #: that time (the runner asks every loop turn; a cron is not parsed every turn).
+        self._due: dict[str, tuple[ScheduleDefinition, int, int | None]] = {}
         self.fired = 0
 
     @property
@@ -91,6 +94,7 @@ class ScheduleStage(Stage):
         if not self._owned:
             self._schedules.clear()
             self._fired_here.clear()
+            self._due.clear()
 
     def positions_wanted(self) -> Collection[TopicPartition]:
         return list(self._restoring)
@@ -119,17 +123,25 @@ class ScheduleStage(Stage):
             definition = schedule.definition
             if definition is None or definition.paused:
                 continue
-            after = max(definition.since_us, schedule.tick.tick_us if schedule.tick else 0)
-            due = next_tick(definition, after)
+            due = self._next_due(schedule, definition)
             if due is not None and due <= now:
+                after = max(definition.since_us, schedule.tick.tick_us if schedule.tick else 0)
                 await self._decide(schedule, definition, after, now, checkpoint)
-                after = schedule.tick.tick_us if schedule.tick else after
-                due = next_tick(definition, after)
+                due = self._next_due(schedule, definition)
             if due is not None and (soonest is None or due < soonest):
                 soonest = due
         if soonest is None:
             return None
         return min(_MAX_SLEEP_S, max(0.0, (soonest - now) / 1_000_000))
+
+    def _next_due(self, schedule: Schedule, definition: ScheduleDefinition) -> int | None:
+        after = max(definition.since_us, schedule.tick.tick_us if schedule.tick else 0)
+        cached = self._due.get(schedule.name)
+        if cached is not None and cached[0] is definition and cached[1] == after:
+            return cached[2]
+        due = next_tick(definition, after)
+        self._due[schedule.name] = (definition, after, due)
+        return due
 
     async def _decide(
         self,
