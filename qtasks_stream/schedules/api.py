@@ -12,9 +12,9 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from qtasks_stream.errors import ConfigurationError, UnknownTaskError
+from qtasks_stream.errors import ConfigurationError, SerdeError, UnknownTaskError
 from qtasks_stream.eventlog.reading import read_records
-from qtasks_stream.events import as_record, now_us
+from qtasks_stream.events import Submitted, TaskEvent, as_record, event_kind, now_us
 from qtasks_stream.records import OutRecord, Record
 from qtasks_stream.schedules.records import (
     NAME,
@@ -24,11 +24,12 @@ from qtasks_stream.schedules.records import (
     fold_schedule,
 )
 from qtasks_stream.schedules.timing import check_cron, zone
+from qtasks_stream.state import TaskState, fold
 
 if TYPE_CHECKING:
     from qtasks_stream.app import QueueTasks
 
-__all__ = ["Schedules"]
+__all__ = ["Schedules", "run_tick"]
 
 _CATCH_UP = ("skip", "one", "all")
 _OVERLAP = ("skip", "allow")
@@ -164,6 +165,37 @@ class Schedules:
         found = await self._read()
         return [found[n] for n in sorted(found) if found[n].definition is not None]
 
+    async def runs(self, name: str) -> list[TaskState]:
+        """Every run of schedule ``name`` that the events topic still holds, oldest tick
+        first, each as its events in the log fold (read from the log, not from a view: for
+        the view, ``app.query(tag="schedule:<name>")``). Reads the whole events topic."""
+        _check_name(name)
+        app = self._app
+        await app.connect()
+        topic = app.topology.events
+        tag = f"schedule:{name}"
+        found: dict[str, TaskState] = {}
+
+        async def fold_runs(records: list[Record]) -> None:
+            for rec in records:
+                if rec.value is None or rec.key is None:
+                    continue
+                kind = event_kind(rec.headers)
+                task_id = rec.key.decode(errors="replace")
+                if task_id not in found and kind not in (None, "Submitted"):
+                    continue  # not a run of this schedule: not even decoded
+                try:
+                    event = TaskEvent.from_avro(app.serde.decode(topic, rec.value, branch=kind))
+                except (SerdeError, KeyError, TypeError, ValueError):
+                    continue  # in the dead-letter topic, as history leaves it out too
+                if task_id in found:
+                    found[task_id] = fold(found[task_id], event)
+                elif isinstance(event.payload, Submitted) and tag in event.payload.tags:
+                    found[task_id] = fold(None, event)
+
+        await read_records(app.event_log, topic, app.topology.partitions, fold_runs)
+        return sorted(found.values(), key=lambda state: (run_tick(state), state.task_id))
+
     async def _existing(self, name: str) -> tuple[Schedule, ScheduleDefinition]:
         _check_name(name)
         current = await self.get(name)
@@ -193,6 +225,11 @@ class Schedules:
 
         await read_records(app.event_log, topic, 1, fold)
         return found
+
+
+def run_tick(state: TaskState) -> str:
+    """The tick a run was fired for, as its ``tick:`` tag says (UTC ISO 8601 text)."""
+    return next((t[5:] for t in state.tags if t.startswith("tick:")), "")
 
 
 def _check_name(name: str) -> None:

@@ -1,4 +1,4 @@
-"""``qtasks-stream schedules add|list|pause|resume|delete -A module:app``."""
+"""``qtasks-stream schedules add|list|pause|resume|delete|runs -A module:app``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from qtasks_stream.errors import ConfigurationError
+from qtasks_stream.schedules.api import run_tick
 from qtasks_stream.schedules.records import Schedule
 from qtasks_stream.schedules.timing import iso
 
@@ -39,6 +40,9 @@ def add_parser(sub: Any) -> None:
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     for action in ("pause", "resume", "delete"):
         actions.add_parser(action, help=f"{action} a schedule").add_argument("name")
+    runs = actions.add_parser("runs", help="every run of a schedule in the log, by tick")
+    runs.add_argument("name")
+    runs.add_argument("--json", action="store_true", help="one JSON object per line")
     for action in actions.choices.values():
         action.add_argument("-A", "--app", required=True, help="module:app")
 
@@ -68,6 +72,15 @@ async def run(app: QueueTasks, args: argparse.Namespace) -> int:
         elif args.action == "list":
             for schedule in await app.schedules.all():
                 print(json.dumps(_document(schedule)) if args.json else _line(schedule))
+        elif args.action == "runs":
+            for state in await app.schedules.runs(args.name):
+                run = {
+                    "tick": run_tick(state),
+                    "task_id": state.task_id,
+                    "status": state.status,
+                    "attempt": state.attempt,
+                }
+                print(json.dumps(run) if args.json else "\t".join(map(str, run.values())))
         elif args.action == "pause":
             print(_line(await app.schedules.pause(args.name)))
         elif args.action == "resume":

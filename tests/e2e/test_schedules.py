@@ -222,3 +222,42 @@ async def test_a_paused_schedule_fires_nothing_until_resumed(
     after = len(runs(app, log, "beat"))
     await asyncio.sleep(2.5)
     assert len(runs(app, log, "beat")) == after
+    # The runs of a schedule, read from the log (kept after the schedule is deleted).
+    listed = await app.schedules.runs("beat")
+    by_tick = sorted(runs(app, log, "beat"), key=tick_of)
+    assert [r.task_id for r in listed] == [e.task_id for e in by_tick]
+    assert {r.task_name for r in listed} == {"beat"}
+
+
+async def test_overlap_skip_never_starts_a_run_while_the_previous_one_runs(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    log = InMemoryEventLog()
+    app = make_app("overlap", event_log=log, poll_timeout=0.05)
+    running: list[int] = []
+    overlapped: list[int] = []
+
+    @app.task(name="slow")
+    async def slow() -> None:
+        if running:
+            overlapped.append(len(running))
+        running.append(1)
+        try:
+            await asyncio.sleep(1.6)  # longer than the interval
+        finally:
+            running.pop()
+
+    await app.start()
+    await app.schedule("slow", task="slow", every=timedelta(seconds=1))
+    events = await eventually(
+        lambda: schedule_events(app, log),
+        lambda found: sum(e.tick is not None and e.tick.outcome == "overlap" for e in found) >= 2,
+        what="two ticks skipped for overlap",
+        limit=20,
+    )
+    outcomes = [e.tick.outcome for e in events if e.tick is not None]
+    assert outcomes[0] == "fired" and "overlap" in outcomes
+    assert overlapped == []
+    # The previous run is read from the log: a skipped tick names the run it waited for.
+    skipped = next(e.tick for e in events if e.tick is not None and e.tick.outcome == "overlap")
+    assert skipped is not None and skipped.task_id in {e.task_id for e in runs(app, log, "slow")}

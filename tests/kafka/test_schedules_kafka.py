@@ -177,3 +177,9 @@ async def test_a_killed_owner_loses_no_tick_and_fires_none_twice(
     assert all(n == 1 for n in ends.values())
     assert {kind for _, kind in ends} == {Succeeded.__name__}
     assert len(ends) >= len(per_id) - 3
+    # The CLI lists the runs of the schedule from the log: the same tasks, by tick.
+    listed = [
+        json.loads(line) for line in _cli(env, "schedules", "runs", "beat", "--json").splitlines()
+    ]
+    assert [r["task_id"] for r in listed] == [e.task_id for e in sorted(submitted, key=_tick)]
+    assert {r["status"] for r in listed[:-3]} == {"success"}
