@@ -112,7 +112,7 @@ class Schedules:
             kwargs=call.kwargs,
             content_type=call.content_type,
             arguments_avro=call.arguments_avro,
-            since_us=existing.since_us if existing is not None else now_us(),
+            since_us=_since(existing, cron, every_us, tz),
             cron=cron,
             every_us=every_us,
             timezone=tz,
@@ -225,6 +225,21 @@ class Schedules:
 
         await read_records(app.event_log, topic, 1, fold)
         return found
+
+
+def _since(
+    existing: ScheduleDefinition | None, cron: str | None, every_us: int | None, tz: str
+) -> int:
+    """From when ticks count: kept across a change of arguments or policies (a tick missed
+    before it is still caught up), but a new timing starts now (its ticks before the change
+    were never this schedule's)."""
+    if existing is None or (existing.cron, existing.every_us, existing.timezone) != (
+        cron,
+        every_us,
+        tz,
+    ):
+        return now_us()
+    return existing.since_us
 
 
 def run_tick(state: TaskState) -> str:

@@ -129,9 +129,16 @@ async def test_the_schedule_api(make_app: Callable[..., QueueTasks]) -> None:
     assert created.definition is not None and created.definition.timezone == "Europe/Berlin"
     # Declared again unchanged (every process does at start): nothing written.
     await app.schedule("nightly", task="beat", cron="0 2 * * *", tz="Europe/Berlin")
+    changed = await app.schedule(
+        "nightly", task="beat", cron="0 2 * * *", tz="Europe/Berlin", args=[5]
+    )
+    # New arguments: ticks count from the same time (a missed one is still caught up).
+    assert changed.definition is not None and not changed.definition.same_plan(created.definition)
+    assert changed.definition.since_us == created.definition.since_us
+    # A new timing counts from now: its ticks before the change were never this schedule's.
     changed = await app.schedule("nightly", task="beat", cron="0 3 * * *", tz="Europe/Berlin")
     assert changed.definition is not None and changed.definition.cron == "0 3 * * *"
-    assert changed.definition.since_us == created.definition.since_us
+    assert changed.definition.since_us > created.definition.since_us
     paused = await app.schedules.pause("nightly")
     assert paused.definition is not None and paused.definition.paused
     # A change while paused keeps it paused.
@@ -149,6 +156,7 @@ async def test_the_schedule_api(make_app: Callable[..., QueueTasks]) -> None:
     kinds = [(e.name, e.kind) for e in schedule_events(app, log)]
     assert kinds == [
         ("nightly", "Created"),
+        ("nightly", "Changed"),
         ("nightly", "Changed"),
         ("nightly", "Paused"),
         ("nightly", "Changed"),
