@@ -41,24 +41,30 @@ def _to_us(moment: datetime) -> int:
     return int(moment.timestamp()) * 1_000_000
 
 
-def _cron(definition: ScheduleDefinition, start_us: int, reverse: bool) -> Iterator[datetime]:
+#: How far from a moment cron iteration starts. A local time in the hour that repeats when
+#: clocks go back is ambiguous, and cronsim, started there, loses which of the two it was
+#: (it skipped the second 02:00 of an hourly cron); started this far away (more than any
+#: DST shift), it passes through that hour itself and keeps both.
+_DST_MARGIN = timedelta(hours=3)
+
+
+def _cron(definition: ScheduleDefinition, from_us: int, reverse: bool) -> Iterator[int]:
+    """Ticks (µs) strictly after ``from_us``, or at or before it with ``reverse``."""
     assert definition.cron is not None
     tz = zone(definition.timezone)
-    start = datetime.fromtimestamp(start_us // 1_000_000, tz)
-    if reverse:
-        # cronsim goes strictly before its start: one second on, ``start_us`` itself counts.
-        start += timedelta(seconds=1)
-    return CronSim(definition.cron, start, reverse=reverse)
+    start = datetime.fromtimestamp(from_us // 1_000_000, tz)
+    start = start + _DST_MARGIN if reverse else start - _DST_MARGIN
+    for moment in CronSim(definition.cron, start, reverse=reverse):
+        tick = _to_us(moment)
+        if (tick <= from_us) if reverse else (tick > from_us):
+            yield tick
 
 
 def next_tick(definition: ScheduleDefinition, after_us: int) -> int | None:
     """The first tick strictly after ``after_us`` (None: the cron never matches again)."""
     if definition.every_us is not None:
         return (after_us // definition.every_us + 1) * definition.every_us
-    try:
-        return _to_us(next(_cron(definition, after_us, reverse=False)))
-    except StopIteration:
-        return None
+    return next(_cron(definition, after_us, reverse=False), None)
 
 
 def ticks_due(definition: ScheduleDefinition, after_us: int, now_us: int, newest: int) -> list[int]:
@@ -72,8 +78,7 @@ def ticks_due(definition: ScheduleDefinition, after_us: int, now_us: int, newest
             last -= every
         return ticks[::-1]
     ticks = []
-    for moment in _cron(definition, now_us, reverse=True):
-        tick = _to_us(moment)
+    for tick in _cron(definition, now_us, reverse=True):
         if tick <= after_us or len(ticks) >= newest:
             break
         ticks.append(tick)

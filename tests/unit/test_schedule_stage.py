@@ -235,3 +235,20 @@ def test_the_run_id_derives_from_schedule_and_tick_and_names_its_time() -> None:
     assert a != tick_task_id("qtasks.app", "nightly", 1_800_000_060_000_000)
     assert a != tick_task_id("qtasks.app", "hourly", 1_800_000_000_000_000)
     assert task_id_ms(a) == 1_800_000_000_000
+
+
+async def test_when_clocks_go_back_an_hourly_cron_runs_both_two_oclocks_a_daily_one_once() -> None:
+    start = us(2026, 10, 24, 23, 30)
+    hourly, daily = Harness(start), Harness(start)
+    await hourly.start([define(since=start, cron="0 * * * *")])
+    await daily.start([define(since=start, cron="30 2 * * *")])
+    fired: dict[str, list[str]] = {"hourly": [], "daily": []}
+    for minute in range(0, 6 * 60, 5):
+        now = start + minute * MINUTE
+        fired["hourly"] += [tags(e)[1] for e in await hourly.at(now)]
+        fired["daily"] += [tags(e)[1] for e in await daily.at(now)]
+    # 02:00 local happens twice on 25 October in Berlin: at 00:00 and at 01:00 UTC.
+    assert fired["hourly"] == [f"tick:2026-10-24T2{h}:00:00Z" for h in (2, 3)] + [
+        f"tick:2026-10-25T0{h}:00:00Z" for h in range(4)
+    ]
+    assert fired["daily"] == ["tick:2026-10-25T00:30:00Z"]
