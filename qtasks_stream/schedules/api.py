@@ -220,7 +220,10 @@ class Schedules:
             for rec in records:
                 if rec.value is None:
                     continue
-                event = ScheduleEvent.from_avro(app.serde.decode(topic, rec.value))
+                try:
+                    event = ScheduleEvent.from_avro(app.serde.decode(topic, rec.value))
+                except (SerdeError, KeyError, TypeError, ValueError):
+                    continue  # the stage dead-letters it: the dead-letter topic has it
                 found[event.name] = fold_schedule(found.get(event.name), event)
 
         await read_records(app.event_log, topic, 1, fold)

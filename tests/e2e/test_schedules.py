@@ -269,3 +269,70 @@ async def test_overlap_skip_never_starts_a_run_while_the_previous_one_runs(
     # The previous run is read from the log: a skipped tick names the run it waited for.
     skipped = next(e.tick for e in events if e.tick is not None and e.tick.outcome == "overlap")
     assert skipped is not None and skipped.task_id in {e.task_id for e in runs(app, log, "slow")}
+
+
+async def test_a_poison_schedule_record_is_dead_lettered_and_no_task_is_made_of_it(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    from qtasks_stream.records import OutRecord
+
+    log = InMemoryEventLog()
+    app = beat_app(make_app, "poison", event_log=log)
+    await app.start()
+    producer = log.producer()
+    await producer.start()
+    await producer.send([OutRecord(app.topology.schedules, b"nightly", b"\x00\x01garbage")])
+    await producer.close()
+    await eventually(lambda: log.records(app.topology.deadletter), what="the dead letter", limit=10)
+    await app.schedule("after", task="beat", every=timedelta(seconds=1))
+    await eventually(lambda: runs(app, log, "after"), what="a tick after the poison", limit=10)
+    await eventually(lambda: _stage(app).schedules().get("after"), what="folded", limit=5)
+    letters = log.records(app.topology.deadletter)
+    assert [(r.key, r.value) for r in letters] == [(b"nightly", b"\x00\x01garbage")]
+    assert [
+        e for e in decodable_events(app, log.records(app.topology.events)) if e.task_id == "nightly"
+    ] == []
+    assert "nightly" not in _stage(app).schedules()
+
+
+def test_the_cli_adds_lists_and_refuses_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from qtasks_stream.cli import main
+
+    assert (
+        main(
+            [
+                "schedules",
+                "add",
+                "x",
+                "--task",
+                "beat",
+                "--cron",
+                "0 2 * * *",
+                "--tz",
+                "Europe/Berlin",
+                "-A",
+                "tests.apps.schedule_app:app",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("x\tbeat\tcron '0 2 * * *' Europe/Berlin\tactive")
+    assert (
+        main(
+            [
+                "schedules",
+                "add",
+                "x",
+                "--task",
+                "beat",
+                "--cron",
+                "0 2 * *",
+                "-A",
+                "tests.apps.schedule_app:app",
+            ]
+        )
+        == 2
+    )
+    assert "bad cron expression '0 2 * *'" in capsys.readouterr().err
+    assert main(["schedules", "pause", "ghost", "-A", "tests.apps.schedule_app:app"]) == 2
+    assert "no schedule named 'ghost'" in capsys.readouterr().err
