@@ -2,7 +2,7 @@
 
 Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app``,
 ``replay``, ``resubmit``, ``snapshot``, ``dlq list|replay`` (see :mod:`.cli_audit`),
-``schedules add|list|pause|resume|delete -A module:app`` (see :mod:`.schedules.cli`),
+``schedules add|list|pause|resume|delete|runs -A module:app`` (see :mod:`.schedules.cli`),
 ``schemas check|register -A module:app`` and ``dev up|down|status [--postgres]``. With
 ``QTASKS_BOOTSTRAP_SERVERS`` set, apps run on that Kafka
 (``QTASKS_EVENT_LOG`` = aiokafka or confluent, ``QTASKS_SCHEMA_REGISTRY_URL``,
