@@ -82,12 +82,13 @@ def _tick(event: TaskEvent) -> int:
     return int(datetime.fromisoformat(tag[5:].replace("Z", "+00:00")).timestamp()) * SECOND
 
 
+@pytest.mark.parametrize("kind", ["confluent", "aiokafka"])
 async def test_a_killed_owner_loses_no_tick_and_fires_none_twice(
-    kafka_bootstrap: str, tmp_path: Path
+    kind: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     prefix = f"sch{uuid.uuid4().hex[:8]}."
     side_effects = tmp_path / "runs.txt"
-    env = _env("confluent", kafka_bootstrap, prefix, side_effects)
+    env = _env(kind, kafka_bootstrap, prefix, side_effects)
     env["SCHEDULE_SIDE_EFFECTS"] = str(side_effects)
     added = _cli(
         env,
