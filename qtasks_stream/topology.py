@@ -115,6 +115,9 @@ class Topology:
         compacted = {"cleanup.policy": "compact"}
         specs.append(TopicSpec(self.snapshots, self.partitions, self.replication, compacted))
         # One partition: one worker at a time owns every schedule (the rest stand by), and
-        # a schedule's definition and its ticks, under two keys, stay in one order.
-        specs.append(TopicSpec(self.schedules, 1, self.replication, dict(compacted)))
+        # a schedule's definition and its ticks, under two keys, stay in one order. Hourly
+        # segments: compaction skips the open segment, and a restore reads it all (a week
+        # of one-second ticks by Kafka's default segment.ms).
+        schedules = {**compacted, "segment.ms": str(3_600_000)}
+        specs.append(TopicSpec(self.schedules, 1, self.replication, schedules))
         return specs
