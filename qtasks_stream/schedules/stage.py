@@ -163,13 +163,13 @@ class ScheduleStage(Stage):
             to_fire = [latest]
         else:  # "skip", and even the latest tick is late: it was missed too
             to_fire = []
-        if len(to_fire) < len(due) or not to_fire:
-            log.info(
-                "schedule %s: ticks after %s missed, catch-up %r runs %d",
+        if len(to_fire) < len(due) or ticks_due(definition, after, due[0] - 1, 1):
+            log.warning(
+                "schedule %s: ticks passed since %s while no stage ran; catch-up %r runs %s",
                 schedule.name,
                 iso(after),
                 definition.catch_up,
-                len(to_fire),
+                ", ".join(map(iso, to_fire)) or "none of them",
             )
         for tick_us in to_fire:
             if definition.overlap == "skip" and await self._previous_running(schedule):
