@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 from qtasks_stream.events import Submitted, TaskEvent, now_us
-from qtasks_stream.records import TopicPartition
+from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.schedules.records import (
     Schedule,
     ScheduleDefinition,
@@ -44,6 +44,8 @@ _MAX_SLEEP_S = 60.0
 
 class ScheduleStage(Stage):
     name = "schedules"
+    #: The newest record read stays in flight until a tick fires (see :meth:`_hold`).
+    done_on_return = False
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class ScheduleStage(Stage):
         #: Per schedule: the definition and tick its next due time was computed from, and
         #: that time (the runner asks every loop turn; a cron is not parsed every turn).
         self._due: dict[str, tuple[ScheduleDefinition, int, int | None]] = {}
+        self._held: Record | None = None
         self.fired = 0
 
     @property
@@ -89,6 +92,7 @@ class ScheduleStage(Stage):
     async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         # One partition holds every schedule: losing it is losing all of them.
         self._owned.difference_update(partitions)
+        self._held = None  # its partition goes: the runner forgets it too
         for tp in partitions:
             self._restoring.pop(tp, None)
         if not self._owned:
@@ -113,6 +117,19 @@ class ScheduleStage(Stage):
             event: ScheduleEvent = item.value
             schedule = fold_schedule(self._schedules.get(event.name), event)
             self._schedules[event.name] = schedule
+            self._hold(item.record, checkpoint)
+
+    def _hold(self, record: Record | None, checkpoint: Checkpoint) -> None:
+        """Keep ``record`` (the newest read) in flight, releasing the one held before.
+
+        A decided tick releases it, so its transaction commits a consumed offset as well:
+        Kafka accepts offsets only from a member of the group's current generation, so an
+        owner that lost the partition without knowing (a zombie) cannot commit a tick the
+        new owner also fires. Without an offset in it, nothing would fence its transaction.
+        """
+        if self._held is not None:
+            checkpoint.done(self._held)
+        self._held = record
 
     async def tick(self, checkpoint: Checkpoint) -> float | None:
         if self._restoring or not self._owned:
@@ -213,6 +230,7 @@ class ScheduleStage(Stage):
         )
         checkpoint.emit(self._topology.schedules, event.key, event)
         self._schedules[schedule.name] = fold_schedule(schedule, event)
+        self._hold(None, checkpoint)  # this decision's transaction commits an offset too
 
     def _fire(
         self,
