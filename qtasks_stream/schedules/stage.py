@@ -16,6 +16,7 @@ transaction was still open) is one task: the scheduler ignores a repeated submit
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 from qtasks_stream.events import Submitted, TaskEvent, now_us
@@ -38,13 +39,15 @@ log = logging.getLogger("qtasks_stream.schedules")
 SOURCE = "schedules"
 #: The state of a run as its events in the log have it (None: no event of it found).
 RunState = Callable[[str], Awaitable[TaskState | None]]
+#: Records held in flight at most (see ScheduleStage._hold).
+_HOLD = 100
 #: Longest sleep the stage asks of its runner: a definition read meanwhile wakes it anyway.
 _MAX_SLEEP_S = 60.0
 
 
 class ScheduleStage(Stage):
     name = "schedules"
-    #: The newest record read stays in flight until a tick fires (see :meth:`_hold`).
+    #: Records read stay in flight until ticks are decided (see :meth:`_hold`).
     done_on_return = False
 
     def __init__(
@@ -70,7 +73,7 @@ class ScheduleStage(Stage):
         #: Per schedule: the definition and tick its next due time was computed from, and
         #: that time (the runner asks every loop turn; a cron is not parsed every turn).
         self._due: dict[str, tuple[ScheduleDefinition, int, int | None]] = {}
-        self._held: Record | None = None
+        self._held: deque[Record] = deque()
         self.fired = 0
 
     @property
@@ -92,7 +95,7 @@ class ScheduleStage(Stage):
     async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         # One partition holds every schedule: losing it is losing all of them.
         self._owned.difference_update(partitions)
-        self._held = None  # its partition goes: the runner forgets it too
+        self._held.clear()  # its partition goes: the runner forgets them too
         for tp in partitions:
             self._restoring.pop(tp, None)
         if not self._owned:
@@ -120,16 +123,20 @@ class ScheduleStage(Stage):
             self._hold(item.record, checkpoint)
 
     def _hold(self, record: Record | None, checkpoint: Checkpoint) -> None:
-        """Keep ``record`` (the newest read) in flight, releasing the one held before.
+        """Keep ``record`` in flight; with None (a tick was decided), release the oldest held.
 
-        A decided tick releases it, so its transaction commits a consumed offset as well:
-        Kafka accepts offsets only from a member of the group's current generation, so an
-        owner that lost the partition without knowing (a zombie) cannot commit a tick the
-        new owner also fires. Without an offset in it, nothing would fence its transaction.
+        So the transaction of every decided tick commits a consumed offset as well: Kafka
+        accepts offsets only from a member of the group's current generation, so an owner
+        that lost the partition without knowing (a zombie) cannot commit a tick the new
+        owner also fires. A transaction of outputs alone would not be fenced. Each decision
+        writes a Ticked record that the stage reads back, so the supply does not run out.
         """
-        if self._held is not None:
-            checkpoint.done(self._held)
-        self._held = record
+        if record is not None:
+            self._held.append(record)
+            while len(self._held) > _HOLD:
+                checkpoint.done(self._held.popleft())
+        elif self._held:
+            checkpoint.done(self._held.popleft())
 
     async def tick(self, checkpoint: Checkpoint) -> float | None:
         if self._restoring or not self._owned:

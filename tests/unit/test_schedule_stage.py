@@ -258,15 +258,17 @@ async def test_when_clocks_go_back_an_hourly_cron_runs_both_two_oclocks_a_daily_
 async def test_every_decided_tick_releases_a_consumed_record_so_its_transaction_is_fenced() -> None:
     start = us(2026, 1, 1, 1, 0)
     h = Harness(start)
-    created = define(since=start, cron="* * * * *")
-    await h.start([created, define("other", since=start, cron="0 0 1 1 *")])
-    # Read, folded, but the newest record stays in flight: no tick has been decided.
-    assert h.cp.done_offsets == [0]
-    fired = await h.at(start + MINUTE)
-    # The tick's decision released it: the runner commits offset 2 in the tick's transaction,
+    await h.start(
+        [define(since=start, cron="* * * * *"), define("other", since=start, cron="0 0 1 1 *")]
+    )
+    # Read and folded, but held in flight: no tick has been decided.
+    assert h.cp.done_offsets == []
+    assert len(await h.at(start + MINUTE)) == 1
+    # The decision released one: the runner commits offset 1 in the tick's transaction,
     # which Kafka accepts only from a member of the group's current generation.
-    assert len(fired) == 1 and h.cp.done_offsets == [0, 1]
-    await h.feed(h.cp.ticks())  # the stage reads its own Ticked record back
+    assert h.cp.done_offsets == [0]
+    await h.feed(h.cp.ticks())  # the stage reads its own Ticked record back: held too
+    assert len(await h.at(start + 2 * MINUTE)) == 1
     assert h.cp.done_offsets == [0, 1]
-    await h.at(start + 2 * MINUTE)
+    assert len(await h.at(start + 3 * MINUTE)) == 1
     assert h.cp.done_offsets == [0, 1, 2]
