@@ -66,6 +66,16 @@ class Schedules:
         stays paused). Declaring the same definition again writes nothing, so every process
         may declare its schedules at start.
 
+        Args:
+            task: the registered task each tick submits, with ``args``/``kwargs`` (checked
+                against its signature now), ``priority``, ``max_time`` and ``tags``.
+            cron: five-field cron expression read in ``tz`` (an IANA zone), or
+            every: an interval of at least one second (ticks: its multiples since the epoch).
+            catch_up: ticks passed while no stage ran: "skip", "one" (the latest) or "all"
+                (at most ``catch_up_limit`` of the latest). ``grace``: how late a tick may
+                be handled and still count as on time.
+            overlap: "skip" a tick while the previous run has not ended, or "allow" it.
+
         Raises:
             ConfigurationError: a bad name, cron, interval, zone or policy (named).
             UnknownTaskError: no task is registered under ``task``.
