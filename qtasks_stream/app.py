@@ -28,10 +28,13 @@ from qtasks_stream.executors.base import Executor
 from qtasks_stream.executors.pool import LocalExecutor
 from qtasks_stream.interceptors import Interceptor
 from qtasks_stream.results import ResultListener
+from qtasks_stream.schedules.api import Schedules
+from qtasks_stream.schedules.records import Schedule
 from qtasks_stream.serde.avro import AvroSerde
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.settings import Settings
+from qtasks_stream.state import TaskState, fold
 from qtasks_stream.tasks import Router, TaskDefinition, TaskHandle, TaskSelf
 from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import ViewStore
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["STAGES", "QueueTasks"]
 
 #: Every stage, in start order.
-STAGES = ("projector", "deadletter", "scheduler", "worker")
+STAGES = ("projector", "deadletter", "scheduler", "worker", "schedules")
 
 
 class QueueTasks(TaskClient, Router):
@@ -304,8 +307,29 @@ class QueueTasks(TaskClient, Router):
                 echo_self=lambda ctx: TaskSelf(ctx, self),
                 queues=self.worker_queues or self.topology.queues,
                 unknown_task_deadline=self.unknown_task_deadline,
+                run_state=self._run_state,
             )
         self._runtime.start(wanted)
+
+    async def _run_state(self, task_id: str) -> TaskState | None:
+        """A run's state folded from its events in the log (the overlap policy asks)."""
+        state = None
+        for event in await self.history(task_id):
+            state = fold(state, event)
+        return state
+
+    # -- schedules ------------------------------------------------------------------------
+
+    @property
+    def schedules(self) -> Schedules:
+        """Pause, resume, delete and list the app's schedules (see :mod:`.schedules`)."""
+        return Schedules(self, self._producer.send)
+
+    async def schedule(self, name: str, *, task: str, **options: Any) -> Schedule:
+        """Run ``task`` periodically: ``cron="0 2 * * *", tz="Europe/Berlin"`` or
+        ``every=timedelta(...)``, with ``args``/``kwargs`` and the catch-up and overlap
+        policies; see :meth:`.Schedules.add`."""
+        return await self.schedules.add(name, task=task, **options)
 
     async def close(self) -> None:
         """Stop the stages (letting running attempts finish within the grace), then clients."""

@@ -2,6 +2,7 @@
 
 Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app``,
 ``replay``, ``resubmit``, ``snapshot``, ``dlq list|replay`` (see :mod:`.cli_audit`),
+``schedules add|list|pause|resume|delete|runs -A module:app`` (see :mod:`.schedules.cli`),
 ``schemas check|register -A module:app`` and ``dev up|down|status [--postgres]``. Each
 command builds :class:`~qtasks_stream.settings.Settings` from the environment (the variables
 are in docs/configuration.md) and moves the app it loads onto them. ``worker`` and the
@@ -26,6 +27,7 @@ from qtasks_stream.app import STAGES, QueueTasks
 from qtasks_stream.console import command as console_command
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
+from qtasks_stream.schedules import cli as schedules_cli
 from qtasks_stream.settings import Settings
 from qtasks_stream.telemetry.config import Telemetry
 
@@ -120,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_audit.add_history_options(history)
     cli_audit.add_parsers(sub)
     console_command.add_parser(sub)
+    schedules_cli.add_parser(sub)
 
     schemas = sub.add_parser(
         "schemas", help="check or register an app's Avro schemas (a gate for CI pipelines)"
@@ -296,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = load_app(args.app).configure(settings)
             token = env.get(console_command.TOKEN_VARIABLE) or None
             return console_command.run(app, args, token, settings.shared_log)
+        if args.command == "schedules":
+            app = _shared("schedules", load_app(args.app).configure(settings))
+            return asyncio.run(schedules_cli.run(app, args))
         if args.command == "schemas":
             app = load_app(args.app).configure(settings)
             return _schemas(args.action, app, args.level, settings)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.executors.base import Executor
 from qtasks_stream.interceptors import Interceptor
+from qtasks_stream.schedules.stage import ScheduleStage
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.stages.base import Stage
@@ -22,6 +23,7 @@ from qtasks_stream.stages.projector import ProjectorStage
 from qtasks_stream.stages.runner import StageRunner
 from qtasks_stream.stages.scheduler import SchedulerStage
 from qtasks_stream.stages.worker import WorkerStage
+from qtasks_stream.state import TaskState
 from qtasks_stream.tasks import TaskDefinition
 from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import ViewStore
@@ -55,6 +57,7 @@ class StageRuntime:
         echo_self: Callable[[Any], Any],
         queues: Sequence[str],
         unknown_task_deadline: float,
+        run_state: Callable[[str], Awaitable[TaskState | None]],
     ) -> None:
         self.topology = topology
         self.event_log = event_log
@@ -73,6 +76,7 @@ class StageRuntime:
         self.echo_self = echo_self
         self.queues = queues
         self.unknown_task_deadline = unknown_task_deadline
+        self.run_state = run_state
         self.runners: dict[str, StageRunner] = {}
         self._runner_tasks: list[asyncio.Task[None]] = []
 
@@ -103,6 +107,8 @@ class StageRuntime:
             return ProjectorStage(self.topology, self.view)
         if name == "deadletter":
             return DeadLetterStage(self.topology)
+        if name == "schedules":
+            return ScheduleStage(self.topology, self.run_state)
         return WorkerStage(
             self.topology,
             tasks=self.definitions,

@@ -9,8 +9,10 @@ For app ``shop`` with the default prefix ``qtasks.``::
     qtasks.shop.control       ControlCommands every worker instance reads (cancel)
     qtasks.shop.deadletter    records no stage could decode or process, bytes untouched
     qtasks.shop.snapshots     compacted: TaskSnapshot per task id, plus the '@manifest'
+    qtasks.shop.schedules     compacted, one partition: ScheduleEvents (see schedules/)
 
-Consumer groups are ``<prefix><app>.<stage>``: scheduler, worker, projector, deadletter.
+Consumer groups are ``<prefix><app>.<stage>``: scheduler, worker, projector, deadletter,
+schedules.
 """
 
 from __future__ import annotations
@@ -121,6 +123,10 @@ class Topology:
     def snapshots(self) -> str:
         return f"{self.base}.snapshots"
 
+    @property
+    def schedules(self) -> str:
+        return f"{self.base}.schedules"
+
     def group(self, stage: str) -> str:
         return f"{self.base}.{stage}"
 
@@ -155,6 +161,7 @@ class Topology:
             self.events: "TaskEvent",
             self.control: "ControlCommand",
             self.snapshots: "TaskSnapshot",
+            self.schedules: "ScheduleEvent",
         }
         schemas.update({lane: "WorkItem" for lane in self.lane_topics})
         return schemas
@@ -168,4 +175,10 @@ class Topology:
         # Compacted, never deleted by age: the latest state of every task and the manifest.
         compacted = {"cleanup.policy": "compact"}
         specs.append(TopicSpec(self.snapshots, self.partitions, self.replication, compacted))
+        # One partition: one worker at a time owns every schedule (the rest stand by), and
+        # a schedule's definition and its ticks, under two keys, stay in one order. Hourly
+        # segments: compaction skips the open segment, and a restore reads it all (a week
+        # of one-second ticks by Kafka's default segment.ms).
+        schedules = {**compacted, "segment.ms": str(3_600_000)}
+        specs.append(TopicSpec(self.schedules, 1, self.replication, schedules))
         return specs

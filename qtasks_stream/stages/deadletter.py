@@ -2,8 +2,9 @@
 
 Stages put records they cannot decode or process into the dead-letter topic with their
 original key, bytes and headers plus ``qtasks.dlq.*`` headers. This stage reads that topic
-and, where the key is a task id, records the fact in the task's history, once per source
-record (several stages may give up on the same record).
+and, where the key is a task id (not on the schedules topic: schedule names), records the
+fact in the task's history, once per source record (several stages may give up on the same
+record).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class DeadLetterStage(Stage):
             parts = source.rsplit("/", 2)
             if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
                 continue
+            if parts[0] == self._topology.schedules:
+                continue  # keyed by schedule name, not task id: the dead letter is all there is
             event = TaskEvent.new(
                 task_id,
                 "",

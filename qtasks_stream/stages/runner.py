@@ -42,6 +42,7 @@ from qtasks_stream.interceptors import (
     wants,
 )
 from qtasks_stream.records import OutRecord, Record, TopicPartition
+from qtasks_stream.schedules.records import ScheduleEvent
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
 from qtasks_stream.topology import Topology
@@ -54,6 +55,7 @@ _FROM_AVRO: dict[str, Callable[[dict[str, Any]], Any]] = {
     "TaskEvent": TaskEvent.from_avro,
     "WorkItem": WorkItem.from_avro,
     "ControlCommand": ControlCommand.from_avro,
+    "ScheduleEvent": ScheduleEvent.from_avro,
 }
 
 #: Header names of dead letters; the original headers come first, unchanged.

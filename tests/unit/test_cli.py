@@ -35,6 +35,8 @@ def test_demo_runs_every_path_and_prints_a_summary_and_a_history() -> None:
         assert line in text
     assert "status=success  attempt=2" in text  # the retried one
     assert "status=error" in text and "status=cancel" in text
+    beats = re.search(r"schedule 'heartbeat' \(every 1s\): (\d+) runs so far", text)
+    assert beats is not None and int(beats.group(1)) >= 1, text
     assert "bulk tasks not successful: 0" in text
     history = text.split("as `history` prints it):")[1]
     assert "attempt 2  on worker:" in history and "→ Succeeded" in history
