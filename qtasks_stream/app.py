@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["STAGES", "QueueTasks"]
 
 #: Every stage, in start order.
-STAGES = ("projector", "deadletter", "scheduler", "worker")
+STAGES = ("projector", "deadletter", "scheduler", "workflow", "worker")
 
 
 class QueueTasks(TaskClient, Router):

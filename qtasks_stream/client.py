@@ -12,7 +12,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qtasks_stream import audit
 from qtasks_stream.errors import (
@@ -45,6 +45,10 @@ from qtasks_stream.tasks import TaskDefinition
 from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import TaskPage, TaskQuery, ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
+
+if TYPE_CHECKING:
+    from qtasks_stream.workflows.canvas import Node
+    from qtasks_stream.workflows.client import WorkflowHandle
 
 __all__ = ["TaskClient"]
 
@@ -329,6 +333,13 @@ class TaskClient:
         event = TaskEvent.new(uuid, name, 0, "client", CancelRequested(reason))
         event = self._intercept(self.topology.events, uuid, event)
         await self._producer.send([as_record(self.serde, self.topology.events, uuid, event)])
+
+    async def run_workflow(self, canvas: Node) -> WorkflowHandle:
+        """Submit a workflow (a chain, group, chord or signature); see
+        :mod:`qtasks_stream.workflows`."""
+        from qtasks_stream.workflows.client import run_workflow
+
+        return await run_workflow(self, canvas)
 
     def _intercept(self, topic: str, key: str, event: TaskEvent) -> TaskEvent:
         """``event`` as the client's emit interceptors pass it on (tracing stamps it)."""

@@ -96,6 +96,12 @@ class Submitted:
     max_time: float | None = None
     tags: tuple[str, ...] = ()
     arguments_avro: bytes | None = None
+    #: Set on the steps of a workflow (see :mod:`qtasks_stream.workflows`), null otherwise.
+    workflow_id: str | None = None
+    workflow_step: str | None = None
+    workflow_parents: tuple[str, ...] = ()
+    group_id: str | None = None
+    workflow: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +299,7 @@ class TaskEvent:
         body = {name: getattr(payload, name) for name in _PAYLOAD_FIELDS[type(payload)]}
         if isinstance(payload, Submitted):
             body["tags"] = list(payload.tags)
+            body["workflow_parents"] = list(payload.workflow_parents)
         return {
             "event_id": self.event_id,
             "task_id": self.task_id,
@@ -309,7 +316,11 @@ class TaskEvent:
         name, body = data["payload"]
         payload_type = _PAYLOAD_BY_FULL_NAME.get(name) or _PAYLOAD_TYPES[name.rpartition(".")[2]]
         if payload_type is Submitted:
-            body = {**body, "tags": tuple(body["tags"])}
+            body = {
+                **body,
+                "tags": tuple(body["tags"]),
+                "workflow_parents": tuple(body.get("workflow_parents", ())),
+            }
         return _build(
             cls,
             data["task_id"],

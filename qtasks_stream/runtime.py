@@ -99,6 +99,10 @@ class StageRuntime:
             return ProjectorStage(self.topology, self.view)
         if name == "deadletter":
             return DeadLetterStage(self.topology)
+        if name == "workflow":
+            from qtasks_stream.workflows.stage import WorkflowStage
+
+            return WorkflowStage(self.topology, self.payloads, self.definitions)
         return WorkerStage(
             self.topology,
             tasks=self.definitions,

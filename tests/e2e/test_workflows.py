@@ -1,0 +1,202 @@
+"""Workflows (chain, group, chord) on the embedded default: the workflow stage folds the
+steps' ends from the log and submits what follows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from qtasks_stream import QueueTasks
+from qtasks_stream.events import Submitted
+from qtasks_stream.workflows import chain, chord, group
+
+LIMIT = 10.0
+
+
+@dataclass
+class Point:
+    x: int
+    y: int
+
+
+def _tasks(
+    app: QueueTasks, gate: asyncio.Event | None = None, started: asyncio.Event | None = None
+) -> dict[str, object]:
+    running: list[int] = []
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task
+    def double(a: int) -> int:
+        return a * 2
+
+    @app.task
+    def total(values: list[int]) -> int:
+        return sum(values)
+
+    @app.task
+    def boom(a: int) -> int:
+        raise ValueError(f"boom {a}")
+
+    @app.task
+    def describe(values: list) -> list:  # type: ignore[type-arg]
+        return [v if isinstance(v, int) else v["error_type"] for v in values]
+
+    @app.task
+    def move(p: Point, dx: int) -> Point:
+        return Point(p.x + dx, p.y)
+
+    @app.task
+    def norm(p: Point) -> int:
+        assert isinstance(p, Point)  # typed between steps, not a dict
+        return p.x + p.y
+
+    @app.task
+    async def slow(a: int) -> int:
+        assert gate is not None and started is not None
+        running.append(a)
+        if len(running) == 2:
+            started.set()
+        await gate.wait()
+        return a
+
+    return {
+        "add": add,
+        "double": double,
+        "total": total,
+        "boom": boom,
+        "describe": describe,
+        "move": move,
+        "norm": norm,
+        "slow": slow,
+    }
+
+
+async def test_chain_passes_each_result_on(make_app: Callable[..., QueueTasks]) -> None:
+    app = make_app("wf-chain")
+    t = _tasks(app)
+    async with app:
+        handle = await app.run_workflow(chain(t["add"].s(1, 2), t["double"].s(), t["add"].s(10)))  # type: ignore[attr-defined]
+        result = await handle.result(LIMIT)
+        assert result is not None and result.status == "success"
+        assert result.value == (1 + 2) * 2 + 10
+        history = await app.history(handle.step_id("2"))
+        submitted = history[0].payload
+        assert isinstance(submitted, Submitted)
+        assert submitted.workflow_id == handle.workflow_id
+        assert submitted.workflow_step == "2"
+        assert submitted.workflow_parents == (handle.step_id("1"),)
+
+
+async def test_group_and_chord_collect_in_order(make_app: Callable[..., QueueTasks]) -> None:
+    app = make_app("wf-chord")
+    t = _tasks(app)
+    async with app:
+        g = await app.run_workflow(group(*(t["double"].s(i) for i in range(5))))  # type: ignore[attr-defined]
+        c = await app.run_workflow(
+            chord([t["double"].s(i) for i in range(5)], t["total"].s())  # type: ignore[attr-defined]
+        )
+        gr, cr = await g.result(LIMIT), await c.result(LIMIT)
+        assert gr is not None and gr.value == [0, 2, 4, 6, 8]
+        assert cr is not None and cr.value == 20
+        body = (await app.history(c.step_id("body")))[0].payload
+        assert isinstance(body, Submitted)
+        assert set(body.workflow_parents) == {c.step_id(str(i)) for i in range(5)}
+        member = (await app.history(c.step_id("3")))[0].payload
+        assert isinstance(member, Submitted) and member.group_id is not None
+
+
+async def test_nesting(make_app: Callable[..., QueueTasks]) -> None:
+    app = make_app("wf-nest")
+    t = _tasks(app)
+    async with app:
+        canvas = chain(
+            t["add"].s(1, 1),  # type: ignore[attr-defined]
+            chord(group(t["double"].s(), chain(t["add"].s(1), t["double"].s())), t["total"].s()),  # type: ignore[attr-defined]
+            t["add"].s(100),  # type: ignore[attr-defined]
+        )
+        handle = await canvas.apply(app)
+        result = await handle.result(LIMIT)
+        # 2 → [4, (2+1)*2=6] → 10 → 110
+        assert result is not None and result.value == 110
+
+
+async def test_typed_values_between_steps(make_app: Callable[..., QueueTasks]) -> None:
+    app = make_app("wf-typed")
+    t = _tasks(app)
+    async with app:
+        handle = await app.run_workflow(
+            chain(t["move"].s(Point(1, 2), 3), t["move"].s(1), t["norm"].s())
+        )  # type: ignore[attr-defined]
+        result = await handle.result(LIMIT)
+        assert result is not None and result.status == "success" and result.value == 7
+
+
+async def test_chain_stops_at_failure_and_resumes_on_resubmit(
+    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app("wf-resume")
+    t = _tasks(app)
+    fail = {"on": True}
+
+    @app.task
+    def flaky(a: int) -> int:
+        if fail["on"]:
+            raise RuntimeError("not yet")
+        return a + 1
+
+    async with app:
+        handle = await app.run_workflow(chain(t["add"].s(1, 1), flaky.s(), t["double"].s()))  # type: ignore[attr-defined]
+        result = await handle.result(LIMIT)
+        assert result is not None and result.status == "error"
+        assert [f["error_type"] for f in result.failures] == ["RuntimeError"]
+        assert result.failures[0]["task_id"] == handle.step_id("1")
+        assert await app.history(handle.step_id("2")) == []  # the chain stopped
+        fail["on"] = False
+        from qtasks_stream.rerun import ResubmitFilter
+
+        found = await app.resubmit(ResubmitFilter(task_ids=frozenset({handle.step_id("1")})))
+        assert [r.task_id for r in found if r.event is not None] == [handle.step_id("1")]
+        result = await handle.result(LIMIT)
+        assert result is not None and result.status == "success" and result.value == 6
+
+
+async def test_chord_callback_waits_for_success_or_takes_failures(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    app = make_app("wf-onerror")
+    t = _tasks(app)
+    async with app:
+        stop = await app.run_workflow(chord([t["double"].s(1), t["boom"].s(2)], t["describe"].s()))  # type: ignore[attr-defined]
+        passed = await app.run_workflow(
+            chord([t["double"].s(1), t["boom"].s(2)], t["describe"].s(), on_error="pass")  # type: ignore[attr-defined]
+        )
+        stopped, ran = await stop.result(LIMIT), await passed.result(LIMIT)
+        assert stopped is not None and stopped.status == "error"
+        assert await app.history(stop.step_id("body")) == []
+        assert ran is not None and ran.status == "success"
+        assert ran.value == [2, "ValueError"]
+
+
+async def test_cancel_cancels_running_steps_and_starts_no_more(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    gate, started = asyncio.Event(), asyncio.Event()
+    app = make_app("wf-cancel")
+    t = _tasks(app, gate, started)
+    async with app:
+        handle = await app.run_workflow(
+            chain(group(t["slow"].s(1), t["slow"].s(2)), t["total"].s())  # type: ignore[attr-defined]
+        )
+        async with asyncio.timeout(LIMIT):
+            await started.wait()
+        await handle.cancel("enough")
+        result = await handle.result(LIMIT)
+        assert result is not None and result.status == "error"
+        assert {f["status"] for f in result.failures} == {"cancel"}
+        assert await app.history(handle.step_id("1")) == []
