@@ -115,7 +115,11 @@ class WorkflowStage(Stage):
 
     def wants_value(self, record: Record) -> bool:
         kind = event_kind(record.headers)
-        if kind is None or kind == "Submitted":
+        if kind is None:
+            # Not written by this package (every step's event has its kind): the scheduler
+            # and the projector decode it, and dead-letter it if it is garbage; once is enough.
+            return False
+        if kind == "Submitted":
             return True
         if kind not in _KINDS or record.key is None:
             return False
