@@ -75,9 +75,10 @@ def new_task_id() -> str:
 
 
 def task_id_ms(task_id: str) -> int | None:
-    """The Unix milliseconds of a version 7 task id; None for any other id (an idempotency
-    key's version 5 id, a version 4 id of an older client)."""
-    if len(task_id) != 36 or task_id[14] != "7" or task_id[19] not in "89ab":
+    """The Unix milliseconds of a version 7 task id, or of a version 8 one (a workflow step's,
+    which has its workflow's time there); None for any other id (an idempotency key's
+    version 5 id, a version 4 id of an older client)."""
+    if len(task_id) != 36 or task_id[14] not in "78" or task_id[19] not in "89ab":
         return None
     try:
         return int(task_id[:8] + task_id[9:13], 16)

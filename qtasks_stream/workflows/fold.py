@@ -18,7 +18,15 @@ from typing import Any, Literal
 from qtasks_stream.eventlog.partitioning import murmur2_partition
 from qtasks_stream.workflows.canvas import Chain, Group, Node, Signature, child
 
-__all__ = ["Launch", "NodeResult", "StepOutcome", "advance", "group_id", "step_id"]
+__all__ = [
+    "Launch",
+    "NodeResult",
+    "StepOutcome",
+    "advance",
+    "group_id",
+    "is_step_id",
+    "step_id",
+]
 
 Status = Literal["running", "succeeded", "failed"]
 
@@ -131,18 +139,25 @@ def _group(
 def _hex_id(workflow_id: str, what: str, partitions: int) -> str:
     """An id derived from the workflow's, on the workflow's partition of a topic of
     ``partitions``: every step of a workflow is in one partition, so one workflow stage
-    instance sees them all, in order. Shaped as a version 7 id with the workflow id's time,
-    so reading a step's history starts near its submit (:func:`task_id_ms`)."""
+    instance sees them all, in order. A version 8 id (RFC 9562's custom one) with the
+    workflow id's time where a version 7 has it: the version says it is a step's without
+    any state (:func:`is_step_id`), and reading its history starts near its submit
+    (:func:`~qtasks_stream.events.task_id_ms`)."""
     want = murmur2_partition(workflow_id.encode(), partitions)
     stamp = workflow_id.replace("-", "")[:12]
     # About `partitions` tries on average: the salt that lands on the workflow's partition.
     for salt in range(1 << 20):
         digest = hashlib.sha256(f"{workflow_id}/{what}/{salt}".encode()).hexdigest()
-        text = f"{stamp}7{digest[:3]}{'89ab'[int(digest[3], 16) % 4]}{digest[4:19]}"
+        text = f"{stamp}8{digest[:3]}{'89ab'[int(digest[3], 16) % 4]}{digest[4:19]}"
         candidate = str(uuid.UUID(text))
         if murmur2_partition(candidate.encode(), partitions) == want:
             return candidate
     raise AssertionError("no id on the workflow's partition")  # pragma: no cover
+
+
+def is_step_id(key: bytes) -> bool:
+    """Whether a record key is a workflow step's task id (see :func:`step_id`)."""
+    return len(key) == 36 and key[14] == 0x38  # "8"
 
 
 def step_id(workflow_id: str, path: str, partitions: int) -> str:

@@ -36,7 +36,14 @@ from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
 from qtasks_stream.tasks import TaskDefinition
 from qtasks_stream.topology import Topology
 from qtasks_stream.workflows.canvas import Node, parse
-from qtasks_stream.workflows.fold import Launch, StepOutcome, advance, group_id, step_id
+from qtasks_stream.workflows.fold import (
+    Launch,
+    StepOutcome,
+    advance,
+    group_id,
+    is_step_id,
+    step_id,
+)
 
 __all__ = ["INVALID_STEP", "WorkflowStage"]
 
@@ -119,12 +126,12 @@ class WorkflowStage(Stage):
             # Not written by this package (every step's event has its kind): the scheduler
             # and the projector decode it, and dead-letter it if it is garbage; once is enough.
             return False
-        if kind == "Submitted":
+        if kind == "Submitted" or kind == "CancelRequested":
             return True
-        if kind not in _KINDS or record.key is None:
-            return False
-        key = record.key.decode(errors="replace")
-        return key in self._step_of or key in self._workflows
+        # Decided per record before the batch is handled, so not from the state the batch
+        # builds (a restore reads a step's Submitted and its end in one batch): a step's id
+        # says it is one.
+        return kind in _KINDS and record.key is not None and is_step_id(record.key)
 
     def held(self) -> dict[str, int]:
         return {"workflows": len(self._workflows), "steps": len(self._step_of)}

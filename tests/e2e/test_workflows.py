@@ -200,3 +200,23 @@ async def test_cancel_cancels_running_steps_and_starts_no_more(
         assert result is not None and result.status == "error"
         assert {f["status"] for f in result.failures} == {"cancel"}
         assert await app.history(handle.step_id("1")) == []
+
+
+async def test_a_workflow_stage_started_late_restores_and_continues(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    """The stage's restore reads each step's Submitted and its end in one batch (as after a
+    SIGKILL, when another instance takes the partition over) and submits what follows."""
+    app = make_app("wf-late")
+    t = _tasks(app)
+    await app.start(["projector", "scheduler", "worker"])
+    handle = await app.run_workflow(chord([t["double"].s(i) for i in range(4)], t["total"].s()))  # type: ignore[attr-defined]
+    for i in range(4):
+        member = await app.wait(handle.step_id(str(i)), LIMIT)
+        assert member is not None and member.status == "success"
+    assert await app.history(handle.step_id("body")) == []
+    await app.start(["workflow"])
+    result = await handle.result(LIMIT)
+    assert result is not None and result.value == 12
+    submits = [e for e in await app.history(handle.step_id("body")) if e.kind == "Submitted"]
+    assert len(submits) == 1
