@@ -4,12 +4,16 @@ steps' ends from the log and submits what follows."""
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream import QueueTasks
+from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import Submitted
 from qtasks_stream.workflows import chain, chord, group
 
@@ -220,3 +224,43 @@ async def test_a_workflow_stage_started_late_restores_and_continues(
     assert result is not None and result.value == 12
     submits = [e for e in await app.history(handle.step_id("body")) if e.kind == "Submitted"]
     assert len(submits) == 1
+
+
+async def test_history_tree_shows_steps_attempts_and_outcomes(
+    make_app: Callable[..., QueueTasks], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qtasks_stream.cli_audit import history as history_command
+
+    log = InMemoryEventLog()
+    registry = SchemaRegistryClient.new_client({"url": f"mock://tree-{uuid.uuid4().hex}"})
+    app = make_app("wf-tree", event_log=log, schema_registry=registry)
+    t = _tasks(app)
+    async with app:
+        handle = await app.run_workflow(
+            chain(t["add"].s(1, 1), chord([t["double"].s(), t["boom"].s()], t["total"].s()))  # type: ignore[attr-defined]
+        )
+        result = await handle.result(LIMIT)
+        assert result is not None and result.status == "error"
+        tool = make_app("wf-tree", event_log=log, schema_registry=registry)
+        _tasks(tool)
+        # By a step's id as well as by the workflow's.
+        assert await history_command(tool, handle.step_id("1.0"), True, None, tree=True) == 0
+        document = json.loads(capsys.readouterr().out)
+        assert (document["workflow_id"], document["status"]) == (handle.workflow_id, "failed")
+        chord_node = document["tree"]["children"][1]
+        members = [m["step"] for m in chord_node["header"]["children"]]
+        assert [(m["task_name"], m["status"]) for m in members] == [
+            ("double", "success"),
+            ("boom", "error"),
+        ]
+        assert members[1]["attempts"][0]["error"]["type"] == "ValueError"
+        assert members[0]["parents"] == [handle.step_id("0")]
+        assert chord_node["body"]["step"] == {"path": "1.body"}
+
+        tool = make_app("wf-tree", event_log=log, schema_registry=registry)
+        _tasks(tool)
+        assert await history_command(tool, handle.workflow_id, False, None, tree=True) == 0
+        text = capsys.readouterr().out.splitlines()
+        assert text[0] == f"workflow {handle.workflow_id}: failed"
+        assert any(line.strip() == "1.body total: not submitted" for line in text)
+        assert any("→ Failed" in line and "ValueError: boom 2" in line for line in text)
