@@ -69,6 +69,9 @@ class _Workflow:
 
 class WorkflowStage(Stage):
     name = "workflow"
+    #: The scheduler and the projector read the same records and dead-letter what they cannot
+    #: decode; a third copy of each dead letter would be noise (and replayed twice).
+    dead_letters = False
 
     def __init__(
         self,
@@ -123,9 +126,7 @@ class WorkflowStage(Stage):
     def wants_value(self, record: Record) -> bool:
         kind = event_kind(record.headers)
         if kind is None:
-            # Not written by this package (every step's event has its kind): the scheduler
-            # and the projector decode it, and dead-letter it if it is garbage; once is enough.
-            return False
+            return False  # not written by this package: every step's event has its kind
         if kind == "Submitted" or kind == "CancelRequested":
             return True
         # Decided per record before the batch is handled, so not from the state the batch
