@@ -29,6 +29,7 @@ from qtasks_stream.events import (
     TaskEvent,
     TimedOut,
     event_kind,
+    now_us,
 )
 from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.serde.payloads import TaskPayloads
@@ -55,6 +56,7 @@ INVALID_STEP = "qtasks_stream.WorkflowStepInvalid"
 _ENDS = frozenset({"Succeeded", "Failed", "Cancelled", "TimedOut", "DeadLettered"})
 #: Kinds of a known step (or workflow) the stage decodes; a Submitted is always decoded.
 _KINDS = _ENDS | {"Resubmitted", "CancelRequested"}
+_PRUNE_EVERY_US = 60_000_000
 
 
 @dataclass(slots=True)
@@ -65,6 +67,8 @@ class _Workflow:
     tp: TopicPartition
     steps: dict[str, StepOutcome] = field(default_factory=dict)
     cancelled: bool = False
+    #: When the fold last found it ended (ms), None while it runs: pruned past the retention.
+    ended_ms: int | None = None
 
 
 class WorkflowStage(Stage):
@@ -86,6 +90,7 @@ class WorkflowStage(Stage):
         #: Step task id → (workflow id, path).
         self._step_of: dict[str, tuple[str, str]] = {}
         self._restoring: dict[TopicPartition, int] = {}
+        self._next_prune_us = 0
 
     @property
     def topics(self) -> Sequence[str]:
@@ -144,7 +149,11 @@ class WorkflowStage(Stage):
                 continue
             rec = item.record
             wf = self._fold(event, rec.tp)
-            if wf is None or rec.tp in self._restoring:
+            if wf is None:
+                continue
+            if event.kind in _ENDS or isinstance(event.payload, Resubmitted):
+                self._decide(wf, event.at_us // 1000)
+            if rec.tp in self._restoring:
                 continue
             if isinstance(event.payload, CancelRequested) and event.task_id == wf.workflow_id:
                 self._cancel_steps(wf, checkpoint, rec)
@@ -203,12 +212,39 @@ class WorkflowStage(Stage):
 
     # -- actions -----------------------------------------------------------------------------
 
+    def _decide(self, wf: _Workflow, now_ms: int) -> list[Launch]:
+        """The steps that may run now; notes whether the workflow has ended."""
+        launches: list[Launch] = []
+        root = advance(wf.canvas, wf.steps, launches)
+        if root.status == "running" and not wf.cancelled:
+            wf.ended_ms = None
+        elif wf.ended_ms is None:
+            wf.ended_ms = now_ms
+        return launches
+
+    async def tick(self, checkpoint: Checkpoint) -> float | None:
+        now = now_us()
+        if now >= self._next_prune_us:
+            self._next_prune_us = now + _PRUNE_EVERY_US
+            self._prune(now // 1000)
+        return None
+
+    def _prune(self, now_ms: int) -> None:
+        """Forget workflows that ended longer than the events retention ago: a restore would
+        no longer find their steps either (and a resubmit no longer their arguments)."""
+        if self._topology.retention_ms < 0:
+            return  # kept forever
+        horizon_ms = now_ms - self._topology.retention_ms
+        for wf in list(self._workflows.values()):
+            if wf.ended_ms is not None and wf.ended_ms < horizon_ms:
+                del self._workflows[wf.workflow_id]
+                for outcome in wf.steps.values():
+                    self._step_of.pop(outcome.task_id, None)
+
     def _act(self, wf: _Workflow, checkpoint: Checkpoint, origin: Record | None) -> None:
         if wf.cancelled:
             return
-        launches: list[Launch] = []
-        advance(wf.canvas, wf.steps, launches)
-        for launch in launches:
+        for launch in self._decide(wf, now_us() // 1000):
             if launch.has_input and launch.path not in wf.steps:
                 self._submit(wf, launch, checkpoint, origin)
 

@@ -14,7 +14,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream import QueueTasks
 from qtasks_stream.eventlog.memory import InMemoryEventLog
-from qtasks_stream.events import Submitted
+from qtasks_stream.events import Submitted, now_us
 from qtasks_stream.workflows import chain, chord, group
 
 LIMIT = 10.0
@@ -264,3 +264,24 @@ async def test_history_tree_shows_steps_attempts_and_outcomes(
         assert text[0] == f"workflow {handle.workflow_id}: failed"
         assert any(line.strip() == "1.body total: not submitted" for line in text)
         assert any("→ Failed" in line and "ValueError: boom 2" in line for line in text)
+
+
+async def test_ended_workflows_are_forgotten_after_the_retention(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    from qtasks_stream.workflows.stage import WorkflowStage
+
+    app = make_app("wf-prune")
+    t = _tasks(app)
+    async with app:
+        handle = await app.run_workflow(chain(t["add"].s(1, 2), t["double"].s()))  # type: ignore[attr-defined]
+        result = await handle.result(LIMIT)
+        assert result is not None and result.status == "success"
+        stage = app.runners["workflow"].stage
+        assert isinstance(stage, WorkflowStage)
+        assert stage.held() == {"workflows": 1, "steps": 2}
+        now_ms = now_us() // 1000
+        stage._prune(now_ms)  # within the retention: kept (a resubmit could reopen it)
+        assert stage.held() == {"workflows": 1, "steps": 2}
+        stage._prune(now_ms + app.topology.retention_ms + 1)
+        assert stage.held() == {"workflows": 0, "steps": 0}
