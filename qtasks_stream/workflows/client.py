@@ -62,21 +62,28 @@ class WorkflowHandle:
             return None
 
     async def _result(self) -> WorkflowResult:
-        outcomes: dict[str, StepOutcome] = {}
-        while True:
-            launches: list[Launch] = []
-            node = advance(self.canvas, outcomes, launches)
-            if node.status != "running":
-                value = node.value if node.status == "succeeded" else None
-                status = "success" if node.status == "succeeded" else "error"
-                return WorkflowResult(self.workflow_id, status, value, node.failures)
-            # The steps the fold waits for: they run now, or will once the stage submits them.
-            tasks = await asyncio.gather(
-                *(self.client.wait(self.step_id(launch.path)) for launch in launches)
-            )
-            for launch, task in zip(launches, tasks, strict=True):
-                assert task is not None  # no timeout: wait returns the ended task
-                outcomes[launch.path] = _outcome(task)
+        # Every step watched at once, with one read of their histories (they share the
+        # workflow's partition): a step the stage submits later reaches the listener.
+        paths = _step_paths(self.canvas)
+        ids = [self.step_id(path) for path in paths]
+        waiters = dict(zip(paths, await self.client._watch_all(ids), strict=True))
+        try:
+            outcomes: dict[str, StepOutcome] = {}
+            while True:
+                launches: list[Launch] = []
+                node = advance(self.canvas, outcomes, launches)
+                if node.status != "running":
+                    value = node.value if node.status == "succeeded" else None
+                    status = "success" if node.status == "succeeded" else "error"
+                    return WorkflowResult(self.workflow_id, status, value, node.failures)
+                # The steps the fold waits for run now, or will once the stage submits them.
+                for launch in launches:
+                    state = await waiters[launch.path]
+                    outcomes[launch.path] = _outcome(state.to_task(self.client.payloads))
+        finally:
+            for path, waiter in waiters.items():
+                if not waiter.done():
+                    self.client._results.forget(self.step_id(path), waiter)
 
     async def cancel(self, reason: str = "") -> None:
         """Cancel the workflow: its open steps are cancelled, and no further step starts."""
@@ -154,6 +161,20 @@ async def cancel_workflow(client: TaskClient, workflow_id: str, reason: str = ""
     await client._producer.send(
         [as_record(client.serde, client.topology.events, workflow_id, event)]
     )
+
+
+def _step_paths(node: Node, path: str = "") -> list[str]:
+    """The path of every step of ``node`` (as :func:`~qtasks_stream.workflows.fold.advance`
+    names them)."""
+    from qtasks_stream.workflows.canvas import Chain, Group, child
+
+    if isinstance(node, Signature):
+        return [path or "0"]
+    if isinstance(node, Chain):
+        return [p for i, s in enumerate(node.steps) for p in _step_paths(s, child(path, i))]
+    if isinstance(node, Group):
+        return [p for i, m in enumerate(node.members) for p in _step_paths(m, child(path, i))]
+    return _step_paths(node.header, path) + _step_paths(node.body, child(path, "body"))
 
 
 def _signatures(node: Node) -> list[Signature]:

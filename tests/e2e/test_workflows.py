@@ -16,6 +16,7 @@ from qtasks_stream import QueueTasks
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import Submitted, now_us
 from qtasks_stream.workflows import chain, chord, group
+from tests.e2ehelpers import eventually
 
 LIMIT = 10.0
 
@@ -280,6 +281,9 @@ async def test_ended_workflows_are_forgotten_after_the_retention(
         stage = app.runners["workflow"].stage
         assert isinstance(stage, WorkflowStage)
         assert stage.held() == {"workflows": 1, "steps": 2}
+        # The client may see the last end before the stage has folded it.
+        wf = stage._workflows[handle.workflow_id]
+        await eventually(lambda: wf.ended_ms, what="the stage folds the end", limit=LIMIT)
         now_ms = now_us() // 1000
         stage._prune(now_ms)  # within the retention: kept (a resubmit could reopen it)
         assert stage.held() == {"workflows": 1, "steps": 2}
