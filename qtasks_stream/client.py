@@ -361,6 +361,16 @@ class TaskClient:
 
         return await run_workflow(self, canvas)
 
+    async def workflow(self, workflow_id: str) -> WorkflowHandle:
+        """The handle of a workflow submitted earlier, by this process or another.
+
+        Raises:
+            TaskNotFoundError: the log has no workflow of that id.
+        """
+        from qtasks_stream.workflows.client import attach
+
+        return await attach(self, workflow_id)
+
     def _intercept(self, topic: str, key: str, event: TaskEvent) -> TaskEvent:
         """``event`` as the client's emit interceptors pass it on (tracing stamps it)."""
         if not wants(self.interceptors, "emit"):

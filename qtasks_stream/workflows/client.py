@@ -11,16 +11,16 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qtasks_stream.errors import ConfigurationError, UnknownTaskError
+from qtasks_stream.errors import ConfigurationError, TaskNotFoundError, UnknownTaskError
 from qtasks_stream.events import CancelRequested, Submitted, TaskEvent, as_record, new_task_id
-from qtasks_stream.workflows.canvas import Node, Signature, dumps
+from qtasks_stream.workflows.canvas import Node, Signature, dumps, parse
 from qtasks_stream.workflows.fold import Launch, StepOutcome, advance, group_id, step_id
 
 if TYPE_CHECKING:
     from qtasks_stream.client import TaskClient
     from qtasks_stream.state import Task
 
-__all__ = ["WorkflowHandle", "WorkflowResult", "run_workflow"]
+__all__ = ["WorkflowHandle", "WorkflowResult", "attach", "cancel_workflow", "run_workflow"]
 
 #: ``task_name`` of the ``CancelRequested`` event that cancels a whole workflow (keyed by
 #: the workflow id, on the partition of its steps).
@@ -152,6 +152,36 @@ async def run_workflow(client: TaskClient, canvas: Node) -> WorkflowHandle:
     # One send, to one partition: the steps share the workflow's partition.
     await client._producer.send(records)
     return WorkflowHandle(client, workflow_id, canvas)
+
+
+#: How deep the first step of a workflow may be nested for :func:`attach` to find it.
+_ATTACH_DEPTH = 8
+
+
+async def attach(client: TaskClient, workflow_id: str) -> WorkflowHandle:
+    """The handle of a workflow submitted earlier (by any process), from the log.
+
+    The first step in canvas order is always one the client submitted, at path "0", "0.0",
+    "0.0.0"... (the first child at each level): their histories, read in one pass, give the
+    canvas.
+
+    Raises:
+        TaskNotFoundError: the log has no workflow of that id.
+    """
+    partitions = client.topology.partitions
+    paths = [".".join("0" * depth) for depth in range(1, _ATTACH_DEPTH + 1)]
+    ids = [step_id(workflow_id, path, partitions) for path in paths]
+    histories = await client._histories(ids, skip_undecodable=True)
+    for events in histories.values():
+        for event in events:
+            payload = event.payload
+            if (
+                isinstance(payload, Submitted)
+                and payload.workflow_id == workflow_id
+                and payload.workflow is not None
+            ):
+                return WorkflowHandle(client, workflow_id, parse(payload.workflow))
+    raise TaskNotFoundError(f"no workflow {workflow_id} in {client.topology.events}")
 
 
 async def cancel_workflow(client: TaskClient, workflow_id: str, reason: str = "") -> None:

@@ -13,6 +13,7 @@ import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream import QueueTasks
+from qtasks_stream.errors import TaskNotFoundError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import Submitted, now_us
 from qtasks_stream.workflows import chain, chord, group
@@ -289,3 +290,23 @@ async def test_ended_workflows_are_forgotten_after_the_retention(
         assert stage.held() == {"workflows": 1, "steps": 2}
         stage._prune(now_ms + app.topology.retention_ms + 1)
         assert stage.held() == {"workflows": 0, "steps": 0}
+
+
+async def test_another_client_attaches_to_a_workflow_by_its_id(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    log = InMemoryEventLog()
+    registry = SchemaRegistryClient.new_client({"url": f"mock://attach-{uuid.uuid4().hex}"})
+    app = make_app("wf-attach", event_log=log, schema_registry=registry)
+    t = _tasks(app)
+    async with app:
+        canvas = chord([chain(t["add"].s(1, 2), t["double"].s()), t["double"].s(4)], t["total"].s())  # type: ignore[attr-defined]
+        handle = await app.run_workflow(canvas)
+        other = make_app("wf-attach", event_log=log, schema_registry=registry)
+        _tasks(other)
+        attached = await other.workflow(handle.workflow_id)
+        assert attached.step_id("body") == handle.step_id("body")
+        result = await attached.result(LIMIT)
+        assert result is not None and result.value == 6 + 8
+        with pytest.raises(TaskNotFoundError):
+            await other.workflow(str(uuid.uuid4()))
