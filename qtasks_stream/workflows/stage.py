@@ -67,6 +67,8 @@ class _Workflow:
     tp: TopicPartition
     steps: dict[str, StepOutcome] = field(default_factory=dict)
     cancelled: bool = False
+    #: Paths of the steps whose cancel the log holds (asked for by this stage or anyone).
+    cancel_sent: set[str] = field(default_factory=set)
     #: When the fold last found it ended (ms), None while it runs: pruned past the retention.
     ended_ms: int | None = None
 
@@ -126,7 +128,11 @@ class WorkflowStage(Stage):
             if end is not None and position >= end:
                 del self._restoring[tp]
                 for wf in [w for w in self._workflows.values() if w.tp == tp]:
-                    self._act(wf, checkpoint, None)
+                    if wf.cancelled:
+                        # The cancels a predecessor decided but did not commit.
+                        self._cancel_steps(wf, checkpoint, None)
+                    else:
+                        self._act(wf, checkpoint, None)
 
     def wants_value(self, record: Record) -> bool:
         kind = event_kind(record.headers)
@@ -191,6 +197,9 @@ class WorkflowStage(Stage):
             return None
         wf = self._workflows[where[0]]
         outcome = wf.steps[where[1]]
+        if isinstance(payload, CancelRequested):
+            wf.cancel_sent.add(where[1])
+            return None  # its end, if it comes, is what the fold takes
         if isinstance(payload, Resubmitted):
             outcome.status, outcome.value, outcome.failure = "running", None, None
         elif isinstance(payload, Succeeded):
@@ -291,9 +300,10 @@ class WorkflowStage(Stage):
         wf.steps[launch.path] = StepOutcome(task_id)
         self._step_of[task_id] = (wf.workflow_id, launch.path)
 
-    def _cancel_steps(self, wf: _Workflow, checkpoint: Checkpoint, origin: Record) -> None:
+    def _cancel_steps(self, wf: _Workflow, checkpoint: Checkpoint, origin: Record | None) -> None:
         for path, outcome in wf.steps.items():
-            if outcome.status == "running":
+            if outcome.status == "running" and path not in wf.cancel_sent:
+                wf.cancel_sent.add(path)
                 reason = f"workflow {wf.workflow_id} cancelled"
                 event = TaskEvent.new(outcome.task_id, "", 0, SOURCE, CancelRequested(reason))
                 log.debug("workflow %s: cancelling step %s", wf.workflow_id, path)

@@ -310,3 +310,23 @@ async def test_another_client_attaches_to_a_workflow_by_its_id(
         assert result is not None and result.value == 6 + 8
         with pytest.raises(TaskNotFoundError):
             await other.workflow(str(uuid.uuid4()))
+
+
+async def test_a_cancel_the_stage_did_not_act_on_is_carried_out_after_its_restore(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    """The workflow's cancel is in the log, its steps' cancels are not (the stage died before
+    committing them): the partition's next owner sends them once restored."""
+    gate, started = asyncio.Event(), asyncio.Event()
+    app = make_app("wf-cancel-late")
+    t = _tasks(app, gate, started)
+    await app.start(["projector", "scheduler", "worker"])
+    handle = await app.run_workflow(chain(group(t["slow"].s(1), t["slow"].s(2)), t["total"].s()))  # type: ignore[attr-defined]
+    async with asyncio.timeout(LIMIT):
+        await started.wait()
+    await handle.cancel("enough")
+    await app.start(["workflow"])
+    result = await handle.result(LIMIT)
+    assert result is not None and result.status == "error"
+    assert {f["status"] for f in result.failures} == {"cancel"}
+    assert await app.history(handle.step_id("1")) == []
