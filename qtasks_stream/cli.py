@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 from qtasks_stream import cli_audit
 from qtasks_stream.app import STAGES, QueueTasks
+from qtasks_stream.console import command as console_command
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.settings import Settings
@@ -105,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="also write a snapshot of every task's state this often (see `snapshot`)",
     )
+    worker.add_argument(
+        "--queues",
+        default=None,
+        help="comma-separated named queues whose work this worker takes "
+        "(default: every queue the app's tasks name)",
+    )
 
     history = sub.add_parser("history", help="every event of one task, read from the log")
     history.add_argument("task_id")
@@ -112,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("--json", action="store_true", help="one JSON document, by attempt")
     cli_audit.add_history_options(history)
     cli_audit.add_parsers(sub)
+    console_command.add_parser(sub)
 
     schemas = sub.add_parser(
         "schemas", help="check or register an app's Avro schemas (a gate for CI pipelines)"
@@ -266,7 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigurationError(
                     f"--snapshot-every must be > 0 seconds, not {args.snapshot_every:g}"
                 )
-            app = _shared("worker", load_app(args.app).configure(settings))
+            loaded = load_app(args.app)
+            if args.queues is not None:
+                loaded.serve_queues(q.strip() for q in args.queues.split(",") if q.strip())
+            app = _shared("worker", loaded.configure(settings))
             telemetry = telemetry_from(app, settings)
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]
             try:
@@ -283,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in cli_audit.COMMANDS:
             app = _shared(args.command, load_app(args.app).configure(settings))
             return asyncio.run(cli_audit.run(args.command, app, args))
+        if args.command == "console":
+            app = load_app(args.app).configure(settings)
+            token = env.get(console_command.TOKEN_VARIABLE) or None
+            return console_command.run(app, args, token, settings.shared_log)
         if args.command == "schemas":
             app = load_app(args.app).configure(settings)
             return _schemas(args.action, app, args.level, settings)

@@ -42,7 +42,7 @@ from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.state import Task, TaskState, fold
 from qtasks_stream.tasks import TaskDefinition
-from qtasks_stream.topology import Topology
+from qtasks_stream.topology import DEFAULT_QUEUE, Topology
 from qtasks_stream.views.base import TaskPage, TaskQuery, ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
 
@@ -115,6 +115,7 @@ class TaskClient:
         task_name: str,
         *args: Any,
         priority: int | None = None,
+        queue: str | None = None,
         timeout: float | None = None,
         countdown: float | None = None,
         eta: datetime | None = None,
@@ -131,9 +132,13 @@ class TaskClient:
         task as its history in the log has it, whatever its state, with the first call's
         arguments; the repeat's own arguments and options are ignored, even if they differ.
 
+        ``queue`` overrides the task's named queue (one of the app's queues); ``priority``
+        must be a lane, ``0 .. lanes - 1``.
+
         Raises:
             UnknownTaskError: no task is registered under ``task_name``.
-            ConfigurationError: an option is invalid or an argument is not JSON-serializable.
+            ConfigurationError: an option is invalid (a priority outside the lanes, an unknown
+                queue) or an argument is not JSON-serializable.
         """
         definition = self.definitions.get(task_name)
         if definition is None:
@@ -149,7 +154,10 @@ class TaskClient:
             idempotency_key,
             max_time,
             self.topology.retention_ms,
+            queue,
         )
+        self.topology.check_priority(options["priority"], task_name)
+        self.topology.check_queue(options["queue"] or DEFAULT_QUEUE)
         await self._ensure_client()
         await self.payloads.start([definition])  # a task added after the client started
         call = self.payloads.encode_call(definition, args, kwargs)
@@ -474,6 +482,7 @@ def _options(
     idempotency_key: str | None,
     max_time: float | None,
     retention_ms: int,
+    queue: str | None = None,
 ) -> dict[str, Any]:
     """The Submitted fields other than arguments and tags, checked.
 
@@ -509,7 +518,11 @@ def _options(
         raise ConfigurationError(f"max_time must be > 0, not {max_time!r}")
     if idempotency_key is not None and not idempotency_key:
         raise ConfigurationError("idempotency_key must be a non-empty string")
+    if queue is None:
+        queue = definition.queue
     return {
+        # None for the default queue: its Submitted events stay as before queues existed.
+        "queue": None if queue == DEFAULT_QUEUE else queue,
         "priority": priority,
         "eta_us": eta_us,
         "idempotency_key": idempotency_key,

@@ -32,6 +32,7 @@ __all__ = [
     "RegistryUnavailableError",
     "SchemaError",
     "SerdeError",
+    "StaleViewError",
     "TaskCancelled",
     "TaskError",
     "TaskTimeout",
@@ -88,6 +89,11 @@ class RegistryUnavailableError(QTasksStreamError):
 
 class ViewStoreError(QTasksStreamError):
     """The view store could not apply or answer."""
+
+
+class StaleViewError(ViewStoreError):
+    """A view has applied positions past the end of the log it follows: the log was reset,
+    or its topic deleted and recreated, so the view describes another log."""
 
 
 class DevEnvError(QTasksStreamError):

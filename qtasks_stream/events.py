@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from qtasks_stream.serde.base import Serde
 
 __all__ = [
+    "DEFAULT_QUEUE",
     "DLQ_REPLAY",
     "JSON",
     "KIND_HEADER",
@@ -86,6 +87,11 @@ def task_id_ms(task_id: str) -> int | None:
         return None
 
 
+#: The queue of tasks that name none (``Submitted.queue`` null); its lanes keep the topic
+#: names they had before queues existed.
+DEFAULT_QUEUE = "default"
+
+
 @dataclass(frozen=True, slots=True)
 class Submitted:
     args: str
@@ -97,6 +103,8 @@ class Submitted:
     max_time: float | None = None
     tags: tuple[str, ...] = ()
     arguments_avro: bytes | None = None
+    #: The named queue; ``None``: ``"default"`` (what submits before queues existed wrote).
+    queue: str | None = None
     #: Set on the steps of a workflow (see :mod:`qtasks_stream.workflows`), null otherwise.
     workflow_id: str | None = None
     workflow_step: str | None = None
@@ -389,6 +397,8 @@ class WorkItem:
     max_time: float | None = None
     traceparent: str | None = None
     arguments_avro: bytes | None = None
+    #: When a worker that did not know ``task_name`` first put the item back (see worker).
+    unknown_since_us: int | None = None
 
     SCHEMA: ClassVar[str] = "WorkItem"
 

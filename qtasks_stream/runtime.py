@@ -53,6 +53,8 @@ class StageRuntime:
         lane_weights: Sequence[int] | None,
         shutdown_grace: float,
         echo_self: Callable[[Any], Any],
+        queues: Sequence[str],
+        unknown_task_deadline: float,
     ) -> None:
         self.topology = topology
         self.event_log = event_log
@@ -69,6 +71,8 @@ class StageRuntime:
         self.lane_weights = lane_weights
         self.shutdown_grace = shutdown_grace
         self.echo_self = echo_self
+        self.queues = queues
+        self.unknown_task_deadline = unknown_task_deadline
         self.runners: dict[str, StageRunner] = {}
         self._runner_tasks: list[asyncio.Task[None]] = []
 
@@ -116,6 +120,8 @@ class StageRuntime:
             interceptors=self.interceptors,
             echo_self=self.echo_self,
             shutdown_grace=self.shutdown_grace,
+            queues=self.queues,
+            unknown_task_deadline=self.unknown_task_deadline,
         )
 
     async def close(self) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack, overload
 
 from qtasks_stream.errors import ConfigurationError
+from qtasks_stream.events import DEFAULT_QUEUE
 from qtasks_stream.executors.base import FunctionKind
 
 if TYPE_CHECKING:
@@ -22,7 +23,17 @@ __all__ = ["SUBMIT_OPTIONS", "RetryPolicy", "Router", "TaskDefinition", "TaskHan
 #: The names ``add_task`` takes for itself (the task name and its keyword options); a task
 #: parameter of one of these names could never be passed by keyword.
 SUBMIT_OPTIONS = frozenset(
-    {"task_name", "priority", "timeout", "countdown", "eta", "idempotency_key", "max_time", "tags"}
+    {
+        "task_name",
+        "priority",
+        "queue",
+        "timeout",
+        "countdown",
+        "eta",
+        "idempotency_key",
+        "max_time",
+        "tags",
+    }
 )
 
 
@@ -89,6 +100,8 @@ class TaskDefinition:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     tags: tuple[str, ...] = ()
     description: str | None = None
+    #: The named queue whose lanes and workers run it (see :class:`Topology`).
+    queue: str = DEFAULT_QUEUE
 
     @classmethod
     def build(
@@ -106,6 +119,7 @@ class TaskDefinition:
         retry_jitter: float,
         tags: Sequence[str],
         description: str | None,
+        queue: str = DEFAULT_QUEUE,
     ) -> TaskDefinition:
         if not callable(fn):
             raise ConfigurationError(f"@task decorates functions, not {fn!r}")
@@ -135,6 +149,7 @@ class TaskDefinition:
             ),
             tags=tuple(tags),
             description=description or inspect.getdoc(fn),
+            queue=queue,
         )
 
 
@@ -217,6 +232,7 @@ class TaskOptions(TypedDict, total=False):
     retry_jitter: float
     tags: Sequence[str]
     description: str | None
+    queue: str
 
 
 class Router:
@@ -245,7 +261,8 @@ class Router:
         Options: ``name``, ``priority`` (lower runs first), ``echo`` (pass ``self`` with
         ``self.ctx``), ``max_time`` (seconds per attempt), ``retry`` (extra attempts),
         ``retry_on_exc`` (exception classes, subclasses match), ``retry_backoff``,
-        ``retry_backoff_max``, ``retry_jitter``, ``tags``, ``description``.
+        ``retry_backoff_max``, ``retry_jitter``, ``tags``, ``description``, ``queue`` (the
+        named queue whose workers run it, ``"default"`` by default).
         """
         unknown = set(options) - set(TaskOptions.__annotations__)
         if unknown:
@@ -266,6 +283,7 @@ class Router:
                 retry_jitter=options.get("retry_jitter", 0.5),
                 tags=options.get("tags", ()),
                 description=options.get("description"),
+                queue=options.get("queue", DEFAULT_QUEUE),
             )
             return self._register(definition)
 

@@ -7,6 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+# The console's browser tests drive Debian's chromium through Playwright (never
+# `playwright install`); installed only when missing.
+if [ ! -x /usr/bin/chromium ]; then
+    sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium
+fi
 
 home="${QTASKS_DEV_HOME:-$PWD/.cache/dev}"
 mkdir -p "$home"

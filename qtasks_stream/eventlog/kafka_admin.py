@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,6 +35,7 @@ from qtasks_stream.records import TopicPartition, TopicSpec
 __all__ = [
     "ListedOffsets",
     "OffsetLister",
+    "RdkafkaLog",
     "describe_kafka_error",
     "ensure_topics",
     "is_retriable",
@@ -74,15 +76,56 @@ _RETRY_BACKOFF_MAX = 0.5
 _MIN_ATTEMPT_TIMEOUT = 0.5
 
 
+class RdkafkaLog:
+    """Where one librdkafka client's log lines go: the ``qtasks_stream.rdkafka`` logger,
+    each line once per :data:`REPEAT_WINDOW_S` at most.
+
+    While a broker is down or restarting, librdkafka repeats the same ``FAIL`` line every
+    few milliseconds per connection (hundreds a second with the short backoffs a
+    transactional client uses): one line a window, then how many were held back, says the
+    same without drowning a process's log. confluent-kafka calls ``log(level, fmt, fac,
+    client, text)``; lines differing only in their numbers count as the same.
+    """
+
+    REPEAT_WINDOW_S = 10.0
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger or logging.getLogger("qtasks_stream.rdkafka")
+        # shape of a line -> (when it was last let through, lines held back since)
+        self._seen: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()  # librdkafka may log from its own threads
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        text = msg % args if args else msg
+        shape = _DIGITS.sub("#", text)
+        now = time.monotonic()
+        with self._lock:
+            last, held = self._seen.get(shape, (-self.REPEAT_WINDOW_S, 0))
+            if now - last < self.REPEAT_WINDOW_S:
+                self._seen[shape] = (last, held + 1)
+                return
+            if len(self._seen) > _MAX_SHAPES:
+                self._seen.clear()
+            self._seen[shape] = (now, 0)
+        if held:
+            text = f"{text} ({held} similar lines in the last {now - last:.0f} s not shown)"
+        self._logger.log(level, "%s", text)
+
+
+_DIGITS = re.compile(r"\d+")
+#: Distinct shapes remembered before the memory starts afresh (bounded whatever happens).
+_MAX_SHAPES = 1000
+
+
 def with_rdkafka_logger(conf: dict[str, ConfValue]) -> dict[str, Any]:
     """``conf`` with librdkafka's log lines sent to Python logging instead of stderr.
 
     confluent-kafka then queues them on the client's main queue: a producer or consumer
     emits them as it polls; an admin client only when ``poll()`` is called (see
     :func:`_admin_client`). Lines logged while the handle is being destroyed are dropped,
-    never printed.
+    never printed. Repeats are thinned out per client (:class:`RdkafkaLog`).
     """
-    return {**conf, "logger": logging.getLogger("qtasks_stream.rdkafka")}
+    return {**conf, "logger": RdkafkaLog()}
 
 
 @contextlib.contextmanager

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 from qtasks_stream.errors import ConfigurationError, TaskNotFoundError, UnknownTaskError
 from qtasks_stream.events import CancelRequested, Submitted, TaskEvent, as_record, new_task_id
 from qtasks_stream.workflows.canvas import Node, Signature, dumps, parse
-from qtasks_stream.workflows.fold import Launch, StepOutcome, advance, group_id, step_id
+from qtasks_stream.workflows.fold import (
+    Launch,
+    StepOutcome,
+    advance,
+    group_id,
+    step_id,
+    step_queue,
+)
 
 if TYPE_CHECKING:
     from qtasks_stream.client import TaskClient
@@ -134,6 +141,7 @@ async def run_workflow(client: TaskClient, canvas: Node) -> WorkflowHandle:
             arguments_avro=call.arguments_avro,
             priority=definition.priority,
             tags=definition.tags,
+            queue=step_queue(definition),
             workflow_id=workflow_id,
             workflow_step=launch.path,
             group_id=(

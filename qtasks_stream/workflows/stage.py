@@ -44,6 +44,7 @@ from qtasks_stream.workflows.fold import (
     group_id,
     is_step_id,
     step_id,
+    step_queue,
 )
 
 __all__ = ["INVALID_STEP", "WorkflowStage"]
@@ -284,6 +285,7 @@ class WorkflowStage(Stage):
             arguments_avro=call.arguments_avro,
             priority=definition.priority,
             tags=definition.tags,
+            queue=step_queue(definition),
             workflow_id=wf.workflow_id,
             workflow_step=launch.path,
             workflow_parents=launch.parents,

@@ -330,3 +330,23 @@ async def test_a_cancel_the_stage_did_not_act_on_is_carried_out_after_its_restor
     assert result is not None and result.status == "error"
     assert {f["status"] for f in result.failures} == {"cancel"}
     assert await app.history(handle.step_id("1")) == []
+
+
+async def test_steps_go_to_their_tasks_queues(make_app: Callable[..., QueueTasks]) -> None:
+    app = make_app("wf-queues")
+    t = _tasks(app)
+
+    @app.task(queue="gpu")
+    def render(a: int) -> int:
+        return a * 10
+
+    async with app:
+        handle = await app.run_workflow(chain(render.s(1), t["double"].s(), render.s()))  # type: ignore[attr-defined]
+        result = await handle.result(LIMIT)
+        assert result is not None and result.value == 200
+        queues = []
+        for path in ("0", "1", "2"):
+            submitted = (await app.history(handle.step_id(path)))[0].payload
+            assert isinstance(submitted, Submitted)
+            queues.append(submitted.queue)
+        assert queues == ["gpu", None, "gpu"]

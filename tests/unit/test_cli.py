@@ -135,3 +135,12 @@ def test_load_app_explains_what_is_wrong(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["worker", "-A", "nope"]) == 2
     assert "-A wants module:app" in capsys.readouterr().err
     assert sys.modules.get("tests.apps.eos_app") is not None
+
+
+def test_worker_refuses_a_queue_its_app_does_not_have(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["worker", "-A", "tests.apps.view_app:app", "--queues", "default,gpu"]) == 2
+    assert "unknown queue 'gpu' of app 'projkill': its queues are default" in (
+        capsys.readouterr().err
+    )

@@ -38,6 +38,7 @@ PUBLIC = {
     "SerdeError",
     "RegistryUnavailableError",
     "ViewStoreError",
+    "StaleViewError",
     "TaskError",
     "TaskCancelled",
     "TaskTimeout",
