@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["STAGES", "QueueTasks"]
 
 #: Every stage, in start order.
-STAGES = ("projector", "deadletter", "scheduler", "worker", "schedules")
+STAGES = ("projector", "deadletter", "scheduler", "workflow", "worker", "schedules")
 
 
 class QueueTasks(TaskClient, Router):

@@ -291,7 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "history":
             app = _shared("history", load_app(args.app).configure(settings))
-            return asyncio.run(cli_audit.history(app, args.task_id, args.json, args.as_of))
+            return asyncio.run(
+                cli_audit.history(app, args.task_id, args.json, args.as_of, args.tree)
+            )
         if args.command in cli_audit.COMMANDS:
             app = _shared(args.command, load_app(args.app).configure(settings))
             return asyncio.run(cli_audit.run(args.command, app, args))

@@ -76,9 +76,10 @@ def new_task_id() -> str:
 
 
 def task_id_ms(task_id: str) -> int | None:
-    """The Unix milliseconds of a version 7 task id; None for any other id (an idempotency
-    key's version 5 id, a version 4 id of an older client)."""
-    if len(task_id) != 36 or task_id[14] != "7" or task_id[19] not in "89ab":
+    """The Unix milliseconds of a version 7 task id, or of a version 8 one (a workflow step's,
+    which has its workflow's time there); None for any other id (an idempotency key's
+    version 5 id, a version 4 id of an older client)."""
+    if len(task_id) != 36 or task_id[14] not in "78" or task_id[19] not in "89ab":
         return None
     try:
         return int(task_id[:8] + task_id[9:13], 16)
@@ -104,6 +105,12 @@ class Submitted:
     arguments_avro: bytes | None = None
     #: The named queue; ``None``: ``"default"`` (what submits before queues existed wrote).
     queue: str | None = None
+    #: Set on the steps of a workflow (see :mod:`qtasks_stream.workflows`), null otherwise.
+    workflow_id: str | None = None
+    workflow_step: str | None = None
+    workflow_parents: tuple[str, ...] = ()
+    group_id: str | None = None
+    workflow: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +308,7 @@ class TaskEvent:
         body = {name: getattr(payload, name) for name in _PAYLOAD_FIELDS[type(payload)]}
         if isinstance(payload, Submitted):
             body["tags"] = list(payload.tags)
+            body["workflow_parents"] = list(payload.workflow_parents)
         return {
             "event_id": self.event_id,
             "task_id": self.task_id,
@@ -317,7 +325,11 @@ class TaskEvent:
         name, body = data["payload"]
         payload_type = _PAYLOAD_BY_FULL_NAME.get(name) or _PAYLOAD_TYPES[name.rpartition(".")[2]]
         if payload_type is Submitted:
-            body = {**body, "tags": tuple(body["tags"])}
+            body = {
+                **body,
+                "tags": tuple(body["tags"]),
+                "workflow_parents": tuple(body.get("workflow_parents", ())),
+            }
         return _build(
             cls,
             data["task_id"],

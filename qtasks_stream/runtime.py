@@ -109,6 +109,10 @@ class StageRuntime:
             return DeadLetterStage(self.topology)
         if name == "schedules":
             return ScheduleStage(self.topology, self.run_state)
+        if name == "workflow":
+            from qtasks_stream.workflows.stage import WorkflowStage
+
+            return WorkflowStage(self.topology, self.payloads, self.definitions)
         return WorkerStage(
             self.topology,
             tasks=self.definitions,

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from qtasks_stream.app import QueueTasks
     from qtasks_stream.context import TaskContext
     from qtasks_stream.state import Task
+    from qtasks_stream.workflows.canvas import Signature
 
 __all__ = ["SUBMIT_OPTIONS", "RetryPolicy", "Router", "TaskDefinition", "TaskHandle", "TaskSelf"]
 
@@ -207,6 +208,13 @@ class TaskHandle:
                 f"task {self.name!r} belongs to a router not yet included in an app"
             )
         return await self._app.add_task(self.name, *args, **kwargs)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A workflow step of this task (see :mod:`qtasks_stream.workflows`): ``args`` come
+        after its input, the result of the step before it (none for a first step)."""
+        from qtasks_stream.workflows.canvas import Signature
+
+        return Signature(self.name, args, kwargs)
 
 
 TaskDecorator = Callable[[Callable[..., Any]], TaskHandle]

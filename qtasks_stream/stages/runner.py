@@ -479,7 +479,7 @@ class StageRunner:
                     data = decode(rec.topic, rec.value, branch=event_kind(rec.headers))
                     value = decoders[rec.topic](data)
                 except (SerdeError, KeyError, TypeError, ValueError) as exc:
-                    if rec.offset >= self._replay_below.get(rec.tp, 0):
+                    if self.stage.dead_letters and rec.offset >= self._replay_below.get(rec.tp, 0):
                         checkpoint.dead_letter(rec, f"cannot decode: {exc}", exc)
                     else:
                         checkpoint.done(rec)
