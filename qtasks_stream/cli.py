@@ -134,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--wipe", action="store_true", help="with down: delete data and logs")
     dev.add_argument(
+        "--secure",
+        action="store_true",
+        help="with up: SASL_SSL (SCRAM-SHA-512), a local CA and deny-by-default ACLs "
+        "(see docs/security.md)",
+    )
+    dev.add_argument(
         "--no-registry", action="store_true", help="the broker only, without the schema registry"
     )
     dev.add_argument(
@@ -194,7 +200,9 @@ def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         },
         env,
     )
-    dev = DevEnvironment(home_from(args.home, env), ports)
+    # up says whether the broker is secured; status and down find it in the home's record.
+    secure = args.secure if args.action == "up" else None
+    dev = DevEnvironment(home_from(args.home, env), ports, secure=secure)
     registry = not args.no_registry
     if args.action == "down":
         dev.down(wipe=args.wipe, registry=registry, postgres=args.postgres)

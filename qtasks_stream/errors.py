@@ -7,7 +7,8 @@ The tree::
     │   └── UnknownTaskError
     ├── EventLogError             the event log (in-memory or Kafka) failed
     │   ├── TopicConfigError      an existing topic contradicts what the app needs
-    │   └── FencedError           this producer or consumer generation was superseded
+    │   ├── FencedError           this producer or consumer generation was superseded
+    │   └── AuthorizationError    the cluster refused: a missing ACL, or failed authentication
     ├── SerdeError                encoding or decoding a record
     │   └── SchemaError           a schema is invalid, unknown or incompatible
     ├── RegistryUnavailableError  the schema registry did not answer (retry later; the
@@ -24,6 +25,7 @@ Errors from third-party clients are mapped at the boundary with ``raise ... from
 from __future__ import annotations
 
 __all__ = [
+    "AuthorizationError",
     "ConfigurationError",
     "DevEnvError",
     "EventLogError",
@@ -67,6 +69,22 @@ class TopicConfigError(EventLogError):
 
 class FencedError(EventLogError):
     """A newer member owns this work now; the caller must stop and let it go."""
+
+
+class AuthorizationError(EventLogError, PermissionError):
+    """The cluster refused this principal: it lacks ``operation`` on a resource (an ACL is
+    missing), or it could not authenticate at all (``operation`` is then ``AUTHENTICATE``).
+
+    Not retried: waiting does not grant an ACL. The message names all three, e.g.
+    ``User:app lacks WRITE on topic qtasks.shop.events``.
+    """
+
+    def __init__(self, principal: str, operation: str, resource: str, detail: str = "") -> None:
+        message = f"{principal} lacks {operation} on {resource}"
+        super().__init__(f"{message} ({detail})" if detail else message)
+        self.principal = principal
+        self.operation = operation
+        self.resource = resource
 
 
 class SerdeError(QTasksStreamError):

@@ -63,6 +63,9 @@ class Settings:
     sasl_password: str | None = field(
         default=None, metadata=_env("QTASKS_SASL_PASSWORD", secret=True)
     )
+    #: A file holding the SASL password (its first line): the password stays off the command
+    #: line and out of the environment. Read when the settings are made.
+    sasl_password_file: str | None = field(default=None, metadata=_env("QTASKS_SASL_PASSWORD_FILE"))
     ssl_cafile: str | None = field(default=None, metadata=_env("QTASKS_SSL_CAFILE"))
     #: Client properties passed on as they are, last (librdkafka's dotted names).
     kafka_extra: Mapping[str, ConfValue] = field(
@@ -77,6 +80,10 @@ class Settings:
     #: ``user:password`` for the registry's basic auth.
     schema_registry_auth: str | None = field(
         default=None, metadata=_env("QTASKS_SCHEMA_REGISTRY_AUTH", secret=True)
+    )
+    #: A file holding ``user:password`` for the registry (its first line).
+    schema_registry_auth_file: str | None = field(
+        default=None, metadata=_env("QTASKS_SCHEMA_REGISTRY_AUTH_FILE")
     )
     topic_prefix: str | None = field(default=None, metadata=_env("QTASKS_TOPIC_PREFIX"))
     instance_id: str | None = field(default=None, metadata=_env("QTASKS_INSTANCE_ID"))
@@ -105,6 +112,16 @@ class Settings:
             raise ConfigurationError(
                 f"QTASKS_TRANSACTION_TIMEOUT_MS must be > 0, not {self.transaction_timeout_ms}"
             )
+        for secret, path in (
+            ("sasl_password", self.sasl_password_file),
+            ("schema_registry_auth", self.schema_registry_auth_file),
+        ):
+            if path:
+                if getattr(self, secret):
+                    raise ConfigurationError(
+                        f"both {secret} and {secret}_file are set: set one of them"
+                    )
+                object.__setattr__(self, secret, _secret_from(path))
         if self.topic_prefix == "":
             object.__setattr__(self, "topic_prefix", None)
         object.__setattr__(self, "event_log", kind)
@@ -212,6 +229,18 @@ class Settings:
         from qtasks_stream.views.url import open_view
 
         return open_view(self.view_url)
+
+
+def _secret_from(path: str) -> str:
+    """The first line of ``path``; the error names the file, never its content."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            value = file.readline().strip()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the secret file {path!r}: {exc.strerror}") from exc
+    if not value:
+        raise ConfigurationError(f"the secret file {path!r} is empty")
+    return value
 
 
 def _json_object(name: str, raw: str) -> dict[str, ConfValue]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from qtasks_stream.errors import ConfigurationError
 
-__all__ = ["ConfValue", "KafkaConfig"]
+__all__ = ["ConfValue", "KafkaConfig", "principal_of"]
 
 #: A librdkafka property value; confluent-kafka converts it to the string librdkafka wants.
 ConfValue = str | int | float | bool
@@ -91,6 +91,11 @@ class KafkaConfig:
             else:
                 parts.append(f"{f.name}={value!r}")
         return f"KafkaConfig({', '.join(parts)})"
+
+    @property
+    def principal(self) -> str:
+        """The principal the cluster sees, as its ACLs name it (``User:NAME``)."""
+        return principal_of(self.to_librdkafka())
 
     # -- librdkafka (confluent-kafka) -------------------------------------------------------
 
@@ -175,6 +180,16 @@ class KafkaConfig:
                 self.ssl_certfile, self.ssl_keyfile, password=self.ssl_keyfile_password
             )
         return context
+
+
+def principal_of(conf: Mapping[str, Any]) -> str:
+    """The principal a librdkafka or aiokafka configuration authenticates as, as ACLs name it."""
+    user = conf.get("sasl.username") or conf.get("sasl_plain_username")
+    if user:
+        return f"User:{user}"
+    protocol = str(conf.get("security.protocol") or conf.get("security_protocol") or "")
+    # Without SASL the broker names a TLS client by its certificate, anyone else ANONYMOUS.
+    return "the client's certificate" if protocol.upper() == "SSL" else "User:ANONYMOUS"
 
 
 def _coerce(value: str) -> Any:
