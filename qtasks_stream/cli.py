@@ -2,7 +2,8 @@
 
 Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app``,
 ``replay``, ``resubmit``, ``snapshot``, ``dlq list|replay`` (see :mod:`.cli_audit`),
-``schemas check|register -A module:app`` and ``dev up|down|status [--postgres]``. Each
+``schemas check|register -A module:app``, ``acl grant|list`` and ``dev up|down|status
+[--postgres] [--secure]``. Each
 command builds :class:`~qtasks_stream.settings.Settings` from the environment (the variables
 are in docs/configuration.md) and moves the app it loads onto them. ``worker`` and the
 commands that read a deployment's log refuse the embedded in-memory default; ``demo`` runs on
@@ -122,6 +123,21 @@ def _parser() -> argparse.ArgumentParser:
         "--level", default=None, help="compatibility level (default BACKWARD_TRANSITIVE)"
     )
 
+    acl = sub.add_parser(
+        "acl", help="grant or list the Kafka ACLs of an app's roles (docs/security.md)"
+    )
+    acl.add_argument("action", choices=["grant", "list"])
+    acl.add_argument("-A", "--app", default=None, help="module:app (grant: required)")
+    acl.add_argument("--principal", default=None, help="User:NAME (grant: required)")
+    acl.add_argument("--role", choices=["app", "worker", "client", "reader"], default=None)
+    acl.add_argument(
+        "--reader-groups",
+        default=None,
+        metavar="PREFIX",
+        help="with --role reader: the consumer-group prefix it may use "
+        "(default <prefix><app>.reader.)",
+    )
+
     dev = sub.add_parser(
         "dev", help="a local Kafka broker (and optionally PostgreSQL) for development and tests"
     )
@@ -220,6 +236,25 @@ def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return code
 
 
+def _acl(args: argparse.Namespace, settings: Settings) -> int:
+    from qtasks_stream.acl.kafka import grant, list_acls
+
+    # The settings' principal must be allowed to alter the cluster's ACLs (a super user).
+    config = settings.kafka_config()
+    if args.action == "list":
+        for line in list_acls(config, args.principal):
+            print(line)
+        return 0
+    if not (args.app and args.principal and args.role):
+        raise ConfigurationError("acl grant needs -A module:app, --principal User:NAME and --role")
+    app = load_app(args.app).configure(settings)
+    for rule in grant(
+        config, app.topology, args.principal, args.role, reader_groups=args.reader_groups
+    ):
+        print(f"{args.principal} ALLOW {rule}")
+    return 0
+
+
 def _schemas(action: str, app: QueueTasks, level: str | None, settings: Settings) -> int:
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
@@ -289,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in cli_audit.COMMANDS:
             app = _shared(args.command, load_app(args.app).configure(settings))
             return asyncio.run(cli_audit.run(args.command, app, args))
+        if args.command == "acl":
+            return _acl(args, settings)
         if args.command == "schemas":
             app = load_app(args.app).configure(settings)
             return _schemas(args.action, app, args.level, settings)

@@ -72,19 +72,32 @@ class FencedError(EventLogError):
 
 
 class AuthorizationError(EventLogError, PermissionError):
-    """The cluster refused this principal: it lacks ``operation`` on a resource (an ACL is
+    """The cluster refused this principal: it lacks ``operation`` on ``resource`` (an ACL is
     missing), or it could not authenticate at all (``operation`` is then ``AUTHENTICATE``).
 
-    Not retried: waiting does not grant an ACL. The message names all three, e.g.
-    ``User:app lacks WRITE on topic qtasks.shop.events``.
+    Not retried: waiting does not grant an ACL. :meth:`lacks` writes a message naming all
+    three, e.g. ``User:app lacks WRITE on topic qtasks.shop.events``.
     """
 
-    def __init__(self, principal: str, operation: str, resource: str, detail: str = "") -> None:
-        message = f"{principal} lacks {operation} on {resource}"
-        super().__init__(f"{message} ({detail})" if detail else message)
+    def __init__(
+        self, message: str, *, principal: str = "", operation: str = "", resource: str = ""
+    ) -> None:
+        super().__init__(message)
         self.principal = principal
         self.operation = operation
         self.resource = resource
+
+    @classmethod
+    def lacks(
+        cls, principal: str, operation: str, resource: str, detail: str = ""
+    ) -> AuthorizationError:
+        message = f"{principal} lacks {operation} on {resource}"
+        return cls(
+            f"{message} ({detail})" if detail else message,
+            principal=principal,
+            operation=operation,
+            resource=resource,
+        )
 
 
 class SerdeError(QTasksStreamError):

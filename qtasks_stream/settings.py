@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
     from qtasks_stream.eventlog.base import EventLog
-    from qtasks_stream.eventlog.kafka_config import ConfValue
+    from qtasks_stream.eventlog.kafka_config import ConfValue, KafkaConfig
     from qtasks_stream.views.base import ViewStore
 
 __all__ = ["EVENT_LOG_KINDS", "Settings"]
@@ -184,9 +184,22 @@ class Settings:
             from qtasks_stream.eventlog.memory import InMemoryEventLog
 
             return InMemoryEventLog()
+        config = self.kafka_config()
+        if self.event_log == "aiokafka":
+            from qtasks_stream.eventlog.kafka_aio import AioKafkaEventLog
+
+            return AioKafkaEventLog(config)
+        from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
+
+        return ConfluentEventLog(config)
+
+    def kafka_config(self) -> KafkaConfig:
+        """How to reach the configured Kafka cluster (ConfigurationError without one)."""
+        if not self.shared_log:
+            raise ConfigurationError("no Kafka cluster is configured: set QTASKS_BOOTSTRAP_SERVERS")
         from qtasks_stream.eventlog.kafka_config import KafkaConfig
 
-        config = KafkaConfig(
+        return KafkaConfig(
             bootstrap_servers=self.bootstrap_servers,
             security_protocol=self.security_protocol,
             sasl_mechanism=self.sasl_mechanism,
@@ -196,13 +209,6 @@ class Settings:
             transaction_timeout_ms=self.transaction_timeout_ms,
             extra=cast("Mapping[str, str]", self.kafka_extra),
         )
-        if self.event_log == "aiokafka":
-            from qtasks_stream.eventlog.kafka_aio import AioKafkaEventLog
-
-            return AioKafkaEventLog(config)
-        from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
-
-        return ConfluentEventLog(config)
 
     def registry_conf(self) -> dict[str, Any] | None:
         """The schema registry client's configuration; None when no registry is set."""

@@ -121,7 +121,7 @@ def refusal(
     which kind was refused.
     """
     if code in _UNAUTHENTICATED:
-        return AuthorizationError(
+        return AuthorizationError.lacks(
             principal,
             "AUTHENTICATE",
             "the cluster",
@@ -132,7 +132,7 @@ def refusal(
         return None
     name = (names or {}).get(kind)
     resource = f"{kind} {name}" if name else kind
-    return AuthorizationError(
+    return AuthorizationError.lacks(
         principal, operation or _DEFAULT_OPERATION[kind], resource, f"refused: {detail}"
     )
 

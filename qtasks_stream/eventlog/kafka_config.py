@@ -15,10 +15,14 @@ from typing import Any
 
 from qtasks_stream.errors import ConfigurationError
 
-__all__ = ["ConfValue", "KafkaConfig", "principal_of"]
+__all__ = ["UNMANAGED_GROUP_PREFIX", "ConfValue", "KafkaConfig", "principal_of"]
 
 #: A librdkafka property value; confluent-kafka converts it to the string librdkafka wants.
 ConfValue = str | int | float | bool
+
+#: The group ids confluent-kafka's consumers without a group get (librdkafka insists on one,
+#: and looks its coordinator up): on a secured cluster every role needs DESCRIBE on them.
+UNMANAGED_GROUP_PREFIX = "qtasks-unmanaged-"
 
 _SECURITY_PROTOCOLS = frozenset({"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"})
 _SECRET_FIELDS = frozenset({"sasl_password", "ssl_keyfile_password"})
