@@ -132,9 +132,11 @@ def refusal(
         return None
     name = (names or {}).get(kind)
     resource = f"{kind} {name}" if name else kind
-    return AuthorizationError.lacks(
-        principal, operation or _DEFAULT_OPERATION[kind], resource, f"refused: {detail}"
-    )
+    # A producer refused on the cluster lacks IDEMPOTENT_WRITE, not its WRITE; a group is
+    # always READ (offsets committed, or read, by any client).
+    if kind in ("cluster", "group") or not operation:
+        operation = _DEFAULT_OPERATION[kind]
+    return AuthorizationError.lacks(principal, operation, resource, f"refused: {detail}")
 
 
 def is_retriable(exc: BaseException) -> bool:

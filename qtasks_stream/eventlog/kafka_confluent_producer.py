@@ -166,7 +166,7 @@ class ConfluentProducer(CheckedProducer):
                 except Exception as exc:  # the batch as a whole failed (executor gone...)
                     for queued in batch:
                         if queued.failure is None:
-                            queued.failure = map_error(exc, "send failed")
+                            queued.failure = self._mapped(exc, "send failed", queued.records)
                 for queued in batch:
                     self._settle_send(queued)
                 batch = []
@@ -230,17 +230,25 @@ class ConfluentProducer(CheckedProducer):
         else:
             queued.future.set_exception(error)
 
-    def _fail(
-        self, exc: KafkaException, what: str, records: Sequence[OutRecord] = ()
+    def _mapped(
+        self, exc: BaseException, what: str, records: Sequence[OutRecord] = ()
     ) -> EventLogError:
-        topics = ", ".join(sorted({r.topic for r in records}))
-        error = map_error(
+        """``map_error`` with what a refusal of this producer's writes names."""
+        return map_error(
             exc,
             what,
             conf=self._conf,
             operation="WRITE",
-            names={"topic": topics, "transactional id": self._transactional_id or ""},
+            names={
+                "topic": ", ".join(sorted({r.topic for r in records})),
+                "transactional id": self._transactional_id or "",
+            },
         )
+
+    def _fail(
+        self, exc: KafkaException, what: str, records: Sequence[OutRecord] = ()
+    ) -> EventLogError:
+        error = self._mapped(exc, what, records)
         err = kafka_error_of(exc)
         if err is not None and err.fatal():
             self._fatal = error
