@@ -37,6 +37,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from qtasks_stream import AuthorizationError, EventLogError, QueueTasks, Settings
 from qtasks_stream.acl.kafka import check_access
 from qtasks_stream.eventlog.kafka_admin import ensure_topics
+from qtasks_stream.eventlog.kafka_aio import AioKafkaEventLog
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
 from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
 from qtasks_stream.events import TERMINAL_KINDS
@@ -77,9 +78,12 @@ def _new_user(cluster: SecureCluster, folder: Path, role: str) -> tuple[str, Pat
     return name, path
 
 
-def _env(cluster: SecureCluster, user: str, password_file: Path, prefix: str) -> dict[str, str]:
+def _env(
+    cluster: SecureCluster, user: str, password_file: Path, prefix: str, kind: str = "confluent"
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
     env.update(
+        QTASKS_EVENT_LOG=kind,
         QTASKS_BOOTSTRAP_SERVERS=cluster.bootstrap,
         QTASKS_SECURITY_PROTOCOL="SASL_SSL",
         QTASKS_SASL_MECHANISM="SCRAM-SHA-512",
@@ -117,8 +121,10 @@ def _grant(cluster: SecureCluster, prefix: str, principal: str, role: str) -> st
     return done.stdout + done.stderr
 
 
-def _app(cluster: SecureCluster, user: str, password_file: Path, prefix: str) -> QueueTasks:
-    return build().configure(Settings.from_env(_env(cluster, user, password_file, prefix)))
+def _app(
+    cluster: SecureCluster, user: str, password_file: Path, prefix: str, kind: str = "confluent"
+) -> QueueTasks:
+    return build().configure(Settings.from_env(_env(cluster, user, password_file, prefix, kind)))
 
 
 async def _run_tasks(submitter: QueueTasks) -> list[str]:
@@ -140,13 +146,14 @@ def _prefix() -> str:
     return f"sec-{uuid.uuid4().hex[:8]}."
 
 
+@pytest.mark.parametrize("kind", ["confluent", "aiokafka"])
 async def test_the_app_role_runs_end_to_end_exactly_once(
-    secure_cluster: SecureCluster, tmp_path: Path
+    secure_cluster: SecureCluster, tmp_path: Path, kind: str
 ) -> None:
     prefix = _prefix()
     user, password = _new_user(secure_cluster, tmp_path, "app")
     _grant(secure_cluster, prefix, f"User:{user}", "app")
-    app = _app(secure_cluster, user, password, prefix)
+    app = _app(secure_cluster, user, password, prefix, kind)
     async with app:
         ids = await _run_tasks(app)
         assert await _terminal_counts(app, ids) == {task_id: 1 for task_id in ids}
@@ -249,16 +256,20 @@ async def test_a_reader_consumes_the_events_and_cannot_write(
         KafkaConfig(**_config_args(secure_cluster, reader_user, reader_password))
     )
 
-    producer_ = reader_log.producer()
-    await producer_.start()
-    try:
-        with pytest.raises(
-            AuthorizationError, match=rf"^User:{reader_user} lacks IDEMPOTENT_WRITE on cluster"
-        ):
-            await producer_.send([OutRecord(topology.events, b"k", b"forged")])
-    finally:
-        await producer_.close()
-        await reader_log.close()
+    aio_log = AioKafkaEventLog(
+        KafkaConfig(**_config_args(secure_cluster, reader_user, reader_password))
+    )
+    for log in (reader_log, aio_log):
+        producer_ = log.producer()
+        try:
+            with pytest.raises(
+                AuthorizationError, match=rf"^User:{reader_user} lacks (IDEMPOTENT_)?WRITE on "
+            ):
+                await producer_.start()
+                await producer_.send([OutRecord(topology.events, b"k", b"forged")])
+        finally:
+            await producer_.close()
+            await log.close()
 
 
 async def test_authentication_and_tls_failures_say_what_is_wrong(
