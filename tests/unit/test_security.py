@@ -10,8 +10,9 @@ from aiokafka.errors import GroupAuthorizationFailedError, TopicAuthorizationFai
 from confluent_kafka import KafkaError, KafkaException
 
 from qtasks_stream.acl import Permission, permissions
+from qtasks_stream.devenv.environment import DevEnvironment
 from qtasks_stream.devenv.kafka import DevKafka
-from qtasks_stream.errors import AuthorizationError, ConfigurationError
+from qtasks_stream.errors import AuthorizationError, ConfigurationError, DevEnvError
 from qtasks_stream.eventlog import kafka_aio_convert, kafka_confluent_convert
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
 from qtasks_stream.settings import Settings
@@ -156,3 +157,22 @@ def test_the_secured_dev_broker_denies_by_default(tmp_path: Path) -> None:
     plain = DevKafka(tmp_path / "plain", port=29994, controller_port=29995)
     assert "authorizer.class.name" not in plain.server_properties()
     assert plain.client_exports() == {"QTASKS_BOOTSTRAP_SERVERS": "127.0.0.1:29994"}
+
+
+def test_a_home_remembers_it_is_secured(tmp_path: Path) -> None:
+    record = tmp_path / "dev.json"
+    record.write_text('{"ports": {"kafka": 29994, "controller": 29995}, "services": ["kafka"]}')
+    assert not DevEnvironment(tmp_path).secure  # a record from before --secure existed
+    record.write_text(
+        '{"ports": {"kafka": 29994, "controller": 29995}, "services": ["kafka"], "secure": true}'
+    )
+    secured = DevEnvironment(tmp_path)
+    assert secured.secure
+    # status builds the secured broker's exports, naming files only (nothing runs here).
+    status = secured.status(registry=False)
+    assert not status.running and status.exports() == {}
+    assert status.kafka_exports["QTASKS_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert status.kafka.ca_file == tmp_path / "kafka" / "secure" / "ca.pem"
+    record.write_text('{"ports": {}, "services": [], "secure": "yes"}')
+    with pytest.raises(DevEnvError, match="damaged"):
+        DevEnvironment(tmp_path)
