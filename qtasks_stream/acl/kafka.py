@@ -28,7 +28,12 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 
 from qtasks_stream.acl.roles import Permission, ResourceKind, permissions
 from qtasks_stream.errors import AuthorizationError, ConfigurationError, EventLogError
-from qtasks_stream.eventlog.kafka_admin import describe_kafka_error, kafka_error_of, refusal
+from qtasks_stream.eventlog.kafka_admin import (
+    describe_kafka_error,
+    kafka_error_of,
+    refusal,
+    with_rdkafka_logger,
+)
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
 from qtasks_stream.topology import Topology
 
@@ -62,7 +67,7 @@ def _binding(principal: str, rule: Permission) -> AclBinding:
 
 
 def _admin(config: KafkaConfig) -> AdminClient:
-    return AdminClient(config.to_librdkafka())
+    return AdminClient(with_rdkafka_logger(config.to_librdkafka()))
 
 
 def _timeout(config: KafkaConfig) -> float:
@@ -199,4 +204,6 @@ def _operations(
         if err is not None and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
             return None  # nothing to check yet: the app's first start creates it
         raise EventLogError(f"cannot describe {kind} {name}: {describe_kafka_error(exc)}") from exc
-    return {op.name for op in (description.authorized_operations or [])}
+    if description.authorized_operations is None:
+        return None  # the cluster did not say (no authorizer): nothing to check
+    return {op.name for op in description.authorized_operations}
