@@ -3,6 +3,7 @@ topology, refusals mapped to AuthorizationError, and the secured dev broker's se
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from aiokafka.errors import GroupAuthorizationFailedError, TopicAuthorizationFai
 from confluent_kafka import KafkaError, KafkaException
 
 from qtasks_stream.acl import Permission, permissions
+from qtasks_stream.cli import main
 from qtasks_stream.devenv.environment import DevEnvironment
 from qtasks_stream.devenv.kafka import DevKafka
 from qtasks_stream.errors import AuthorizationError, ConfigurationError, DevEnvError
@@ -176,3 +178,18 @@ def test_a_home_remembers_it_is_secured(tmp_path: Path) -> None:
     record.write_text('{"ports": {}, "services": [], "secure": "yes"}')
     with pytest.raises(DevEnvError, match="damaged"):
         DevEnvironment(tmp_path)
+
+
+def test_acl_says_what_it_needs(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("QTASKS_"):
+            monkeypatch.delenv(name)
+    assert main(["acl", "list"]) == 2
+    assert "no Kafka cluster is configured" in capsys.readouterr().err
+    monkeypatch.setenv("QTASKS_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    assert main(["acl", "grant", "-A", "tests.apps.secure_app:app", "--role", "worker"]) == 2
+    assert "acl grant needs -A module:app, --principal User:NAME and --role" in (
+        capsys.readouterr().err
+    )
