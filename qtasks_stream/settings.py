@@ -168,6 +168,11 @@ class Settings:
             if f.metadata["secret"] and value:
                 shown = "'***'" if isinstance(value, str) else f"<{len(value)} values>"
                 parts.append(f"{f.name}={shown}")
+            elif f.name == "kafka_extra":
+                from qtasks_stream.eventlog.kafka_config import redacted
+
+                # QTASKS_KAFKA_EXTRA may carry a password too (sasl.jaas.config...).
+                parts.append(f"{f.name}={redacted(value)!r}")
             elif isinstance(value, MappingProxyType):
                 parts.append(f"{f.name}={dict(value)!r}")
             else:

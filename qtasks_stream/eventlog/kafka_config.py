@@ -15,7 +15,7 @@ from typing import Any
 
 from qtasks_stream.errors import ConfigurationError
 
-__all__ = ["UNMANAGED_GROUP_PREFIX", "ConfValue", "KafkaConfig", "principal_of"]
+__all__ = ["UNMANAGED_GROUP_PREFIX", "ConfValue", "KafkaConfig", "principal_of", "redacted"]
 
 #: A librdkafka property value; confluent-kafka converts it to the string librdkafka wants.
 ConfValue = str | int | float | bool
@@ -91,7 +91,7 @@ class KafkaConfig:
             if f.name in _SECRET_FIELDS and value is not None:
                 parts.append(f"{f.name}='***'")
             elif f.name == "extra":
-                parts.append(f"extra={dict(value)!r}")
+                parts.append(f"extra={redacted(value)!r}")
             else:
                 parts.append(f"{f.name}={value!r}")
         return f"KafkaConfig({', '.join(parts)})"
@@ -184,6 +184,19 @@ class KafkaConfig:
                 self.ssl_certfile, self.ssl_keyfile, password=self.ssl_keyfile_password
             )
         return context
+
+
+#: Parts of a client property name that mark its value secret (``sasl.password``,
+#: ``ssl.key.password``, ``sasl.jaas.config``, ``sasl.oauthbearer.client.secret``...).
+_SECRET_KEY_PARTS = ("password", "secret", "jaas", "token", "key.pem", "credentials")
+
+
+def redacted(properties: Mapping[str, Any]) -> dict[str, Any]:
+    """``properties`` with the values of secret-looking keys shown as ``'***'``."""
+    return {
+        key: "***" if any(part in key.lower() for part in _SECRET_KEY_PARTS) else value
+        for key, value in properties.items()
+    }
 
 
 def principal_of(conf: Mapping[str, Any]) -> str:

@@ -193,3 +193,11 @@ def test_acl_says_what_it_needs(
     assert "acl grant needs -A module:app, --principal User:NAME and --role" in (
         capsys.readouterr().err
     )
+
+
+def test_secret_client_properties_are_hidden_too() -> None:
+    extra = {"sasl.jaas.config": "x password=s3cret;", "ssl.key.password": "s3cret", "acks": "all"}
+    settings = Settings(bootstrap_servers="h:1", kafka_extra=extra)
+    shown = repr(settings) + repr(settings.kafka_config())
+    assert "s3cret" not in shown and "'acks': 'all'" in shown
+    assert settings.kafka_config().to_librdkafka()["ssl.key.password"] == "s3cret"
