@@ -8,8 +8,9 @@ components (event log, schema registry client, view store): they are the composi
 
 Nothing set means the embedded default: a private in-memory log, a ``mock://`` registry and an
 in-memory view, which no other process can reach. Secrets (the SASL password, the registry's
-basic auth, the OpenTelemetry values, which may carry exporter headers) never appear in the
-repr or str of the settings.
+basic auth, the OpenTelemetry values, which may carry exporter headers, secret-looking
+``QTASKS_KAFKA_EXTRA`` properties) never appear in the repr or str of the settings; the
+passwords may be read from files (``QTASKS_SASL_PASSWORD_FILE``...).
 """
 
 from __future__ import annotations
