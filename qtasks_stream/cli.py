@@ -2,9 +2,9 @@
 
 Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app``,
 ``replay``, ``resubmit``, ``snapshot``, ``dlq list|replay`` (see :mod:`.cli_audit`),
-``schemas check|register -A module:app``, ``acl grant|list`` and ``dev up|down|status
-[--postgres] [--secure]``. Each
-command builds :class:`~qtasks_stream.settings.Settings` from the environment (the variables
+``schemas check|register -A module:app``, ``acl grant|list`` (see docs/security.md) and
+``dev up|down|status [--postgres] [--secure]``. Each command builds
+:class:`~qtasks_stream.settings.Settings` from the environment (the variables
 are in docs/configuration.md) and moves the app it loads onto them. ``worker`` and the
 commands that read a deployment's log refuse the embedded in-memory default; ``demo`` runs on
 it. ``worker`` and ``demo`` trace and measure through OpenTelemetry when the standard
@@ -23,6 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from qtasks_stream import cli_audit
+from qtasks_stream.acl.roles import ROLES
 from qtasks_stream.app import STAGES, QueueTasks
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
@@ -129,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     acl.add_argument("action", choices=["grant", "list"])
     acl.add_argument("-A", "--app", default=None, help="module:app (grant: required)")
     acl.add_argument("--principal", default=None, help="User:NAME (grant: required)")
-    acl.add_argument("--role", choices=["app", "worker", "client", "reader"], default=None)
+    acl.add_argument("--role", choices=ROLES, default=None)
     acl.add_argument(
         "--reader-groups",
         default=None,
