@@ -3,6 +3,7 @@
 from qtasks_stream.app import STAGES, QueueTasks
 from qtasks_stream.context import TaskContext, current
 from qtasks_stream.errors import (
+    AuthorizationError,
     ConfigurationError,
     EventLogError,
     QTasksStreamError,
@@ -27,6 +28,7 @@ from qtasks_stream.views.url import open_view
 
 __all__ = [
     "STAGES",
+    "AuthorizationError",
     "ConfigurationError",
     "EmitInput",
     "EventLogError",

@@ -23,6 +23,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from qtasks_stream.client import TaskClient
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.eventlog.base import EventLog
+from qtasks_stream.eventlog.kafka_config import KafkaConfig
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.executors.base import Executor
 from qtasks_stream.executors.pool import LocalExecutor
@@ -281,6 +282,7 @@ class QueueTasks(TaskClient, Router):
         if unknown:
             raise ConfigurationError(f"unknown stages {unknown}; choose from {list(STAGES)}")
         await self._ensure_client()
+        await self._check_access(wanted)
         await self._ensure_view()
         if "projector" in wanted and "projector" not in self.runners:
             from qtasks_stream.stages.projector import check_view_positions
@@ -310,6 +312,16 @@ class QueueTasks(TaskClient, Router):
                 run_state=self._run_state,
             )
         self._runtime.start(wanted)
+
+    async def _check_access(self, stages: Sequence[str]) -> None:
+        """On a secured cluster, name a missing ACL now ("User:x lacks READ on group y"),
+        rather than let a stage fail on it and be restarted over and over."""
+        config = getattr(self.event_log, "config", None)
+        if isinstance(config, KafkaConfig) and config.security_protocol != "PLAINTEXT":
+            from qtasks_stream.acl.kafka import check_access
+
+            groups = [self.topology.group(stage) for stage in stages]
+            await check_access(config, self.topology, "worker", groups)
 
     async def _run_state(self, task_id: str) -> TaskState | None:
         """A run's state folded from its events in the log (the overlap policy asks)."""

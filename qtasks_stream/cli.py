@@ -3,8 +3,9 @@
 Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app``,
 ``replay``, ``resubmit``, ``snapshot``, ``dlq list|replay`` (see :mod:`.cli_audit`),
 ``schedules add|list|pause|resume|delete|runs -A module:app`` (see :mod:`.schedules.cli`),
-``schemas check|register -A module:app`` and ``dev up|down|status [--postgres]``. Each
-command builds :class:`~qtasks_stream.settings.Settings` from the environment (the variables
+``schemas check|register -A module:app``, ``acl grant|list`` (see docs/security.md) and
+``dev up|down|status [--postgres] [--secure]``. Each command builds
+:class:`~qtasks_stream.settings.Settings` from the environment (the variables
 are in docs/configuration.md) and moves the app it loads onto them. ``worker`` and the
 commands that read a deployment's log refuse the embedded in-memory default; ``demo`` runs on
 it. ``worker`` and ``demo`` trace and measure through OpenTelemetry when the standard
@@ -23,6 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from qtasks_stream import cli_audit
+from qtasks_stream.acl.roles import ROLES
 from qtasks_stream.app import STAGES, QueueTasks
 from qtasks_stream.console import command as console_command
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
@@ -133,6 +135,21 @@ def _parser() -> argparse.ArgumentParser:
         "--level", default=None, help="compatibility level (default BACKWARD_TRANSITIVE)"
     )
 
+    acl = sub.add_parser(
+        "acl", help="grant or list the Kafka ACLs of an app's roles (docs/security.md)"
+    )
+    acl.add_argument("action", choices=["grant", "list"])
+    acl.add_argument("-A", "--app", default=None, help="module:app (grant: required)")
+    acl.add_argument("--principal", default=None, help="User:NAME (grant: required)")
+    acl.add_argument("--role", choices=ROLES, default=None)
+    acl.add_argument(
+        "--reader-groups",
+        default=None,
+        metavar="PREFIX",
+        help="with --role reader: the consumer-group prefix it may use "
+        "(default <prefix><app>.reader.)",
+    )
+
     dev = sub.add_parser(
         "dev", help="a local Kafka broker (and optionally PostgreSQL) for development and tests"
     )
@@ -144,6 +161,12 @@ def _parser() -> argparse.ArgumentParser:
         "$XDG_CACHE_HOME/qtasks-stream/dev, else ~/.cache/qtasks-stream/dev)",
     )
     dev.add_argument("--wipe", action="store_true", help="with down: delete data and logs")
+    dev.add_argument(
+        "--secure",
+        action="store_true",
+        help="with up: SASL_SSL (SCRAM-SHA-512), a local CA and deny-by-default ACLs "
+        "(see docs/security.md)",
+    )
     dev.add_argument(
         "--no-registry", action="store_true", help="the broker only, without the schema registry"
     )
@@ -205,7 +228,9 @@ def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         },
         env,
     )
-    dev = DevEnvironment(home_from(args.home, env), ports)
+    # up says whether the broker is secured; status and down find it in the home's record.
+    secure = args.secure if args.action == "up" else None
+    dev = DevEnvironment(home_from(args.home, env), ports, secure=secure)
     registry = not args.no_registry
     if args.action == "down":
         dev.down(wipe=args.wipe, registry=registry, postgres=args.postgres)
@@ -221,6 +246,25 @@ def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     for name, value in exports.items():
         print(f"export {name}={value}")
     return code
+
+
+def _acl(args: argparse.Namespace, settings: Settings) -> int:
+    from qtasks_stream.acl.kafka import grant, list_acls
+
+    # The settings' principal must be allowed to alter the cluster's ACLs (a super user).
+    config = settings.kafka_config()
+    if args.action == "list":
+        for line in list_acls(config, args.principal):
+            print(line)
+        return 0
+    if not (args.app and args.principal and args.role):
+        raise ConfigurationError("acl grant needs -A module:app, --principal User:NAME and --role")
+    app = load_app(args.app).configure(settings)
+    for rule in grant(
+        config, app.topology, args.principal, args.role, reader_groups=args.reader_groups
+    ):
+        print(f"{args.principal} ALLOW {rule}")
+    return 0
 
 
 def _schemas(action: str, app: QueueTasks, level: str | None, settings: Settings) -> int:
@@ -304,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "schedules":
             app = _shared("schedules", load_app(args.app).configure(settings))
             return asyncio.run(schedules_cli.run(app, args))
+        if args.command == "acl":
+            return _acl(args, settings)
         if args.command == "schemas":
             app = load_app(args.app).configure(settings)
             return _schemas(args.action, app, args.level, settings)

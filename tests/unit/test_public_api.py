@@ -35,6 +35,7 @@ PUBLIC = {
     "UnknownTaskError",
     "TaskNotFoundError",
     "EventLogError",
+    "AuthorizationError",
     "SerdeError",
     "RegistryUnavailableError",
     "ViewStoreError",
