@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["STAGES", "QueueTasks"]
 
 #: Every stage, in start order.
-STAGES = ("projector", "deadletter", "scheduler", "worker")
+STAGES = ("projector", "deadletter", "scheduler", "worker", "trigger")
 
 
 class QueueTasks(TaskClient, Router):
@@ -290,6 +290,7 @@ class QueueTasks(TaskClient, Router):
                 topology=self.topology,
                 event_log=self.event_log,
                 serde=self.serde,
+                registry=self._registry,
                 payloads=self.payloads,
                 view=self.view,
                 definitions=self.definitions,

@@ -3,7 +3,9 @@
 Stages put records they cannot decode or process into the dead-letter topic with their
 original key, bytes and headers plus ``qtasks.dlq.*`` headers. This stage reads that topic
 and, where the key is a task id, records the fact in the task's history, once per source
-record (several stages may give up on the same record).
+record (several stages may give up on the same record). A record of a topic that is not
+the app's (a trigger's foreign topic) is keyed by its writer, not by a task: it stays a
+dead letter only.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class DeadLetterStage(Stage):
                 self._seen.popitem(last=False)
             parts = source.rsplit("/", 2)
             if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+                continue
+            if parts[0] not in self._topology.topic_schemas():
                 continue
             event = TaskEvent.new(
                 task_id,
