@@ -9,16 +9,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka.schema_registry import Schema
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from qtasks_stream import QueueTasks
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import Submitted, TaskEvent
 from qtasks_stream.records import OutRecord, TopicSpec
 from qtasks_stream.serde import wire
+from qtasks_stream.stages.deadletter import DeadLetterStage
 from qtasks_stream.stages.runner import DLQ_REASON, DLQ_SOURCE, DLQ_STAGE
+from qtasks_stream.telemetry import MetricsInterceptor
 from qtasks_stream.triggers import Topic, TriggerRecord, trigger_task_id
 from qtasks_stream.triggers.stage import TriggerStage
 from tests.e2e.test_lifecycle import eventually, memlog
+from tests.telemetry.test_telemetry_embedded import _sums
 
 ORDERS = "shop.orders"
 
@@ -166,7 +171,13 @@ async def test_a_poison_record_is_dead_lettered_with_its_bytes(
     assert headers[DLQ_STAGE] == b"trigger"
     assert headers[DLQ_SOURCE] == f"{ORDERS}/0/0".encode()
     assert b"ship" in headers[DLQ_REASON]
+    # The dead-letter stage read it, and made no task of the foreign key "bad".
+    dead_stage = app.runners["deadletter"].stage
+    assert isinstance(dead_stage, DeadLetterStage)
+    await eventually(lambda: dead_stage.count == 1, what="the dead letter read")
+    await asyncio.sleep(0.2)
     assert not ran and not submitted(app)
+    assert not memlog(app).records(app.topology.events)
 
 
 async def test_a_filter_skips_records_and_counts_them(
@@ -175,7 +186,9 @@ async def test_a_filter_skips_records_and_counts_them(
     log = InMemoryEventLog()
     await foreign_topic(log, partitions=1)
     ran: list[int] = []
-    app = make_app("filt", event_log=log)
+    reader = InMemoryMetricReader()
+    metrics = MetricsInterceptor(MeterProvider(metric_readers=[reader]))
+    app = make_app("filt", event_log=log, interceptors=[metrics])
 
     @app.task(
         name="big",
@@ -196,3 +209,6 @@ async def test_a_filter_skips_records_and_counts_them(
     )
     assert stage(app).counts["big"]["submitted"] == 2
     assert len(submitted(app)) == 2
+    sums = _sums(reader)
+    assert sums["qtasks.triggers.skipped"] == {"big": 2}
+    assert sums["qtasks.tasks.submitted"] == {"big": 2}
