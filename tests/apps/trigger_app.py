@@ -1,5 +1,6 @@
 """The app the trigger test runs in `qtasks-stream worker` processes: one task per record of
-the topic named by ``TRIGGER_TOPIC``; each body appends ``<task id> <pid>`` to the file named
+the topic named by ``TRIGGER_TOPIC`` (Avro, written with a schema the app has never seen);
+each body appends ``<task id> <pid>`` to the file named
 by ``TRIGGER_SIDE_EFFECTS``."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from qtasks_stream.triggers import Topic
 
 def build(topic: str) -> QueueTasks:
     app = QueueTasks("trig", partitions=4, concurrency=16, shutdown_grace=2.0)
-    app.task(name="ship", trigger=Topic(topic, value="json"))(ship)
+    app.task(name="ship", trigger=Topic(topic, value="avro"))(ship)
     return app
 
 
