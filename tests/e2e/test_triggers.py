@@ -8,11 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from confluent_kafka.schema_registry import Schema
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from qtasks_stream import QueueTasks
+from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import Submitted, TaskEvent
 from qtasks_stream.records import OutRecord, TopicSpec
@@ -212,3 +214,51 @@ async def test_a_filter_skips_records_and_counts_them(
     sums = _sums(reader)
     assert sums["qtasks.triggers.skipped"] == {"big": 2}
     assert sums["qtasks.tasks.submitted"] == {"big": 2}
+
+
+async def test_two_tasks_on_one_topic_and_a_refusal_dead_letters_once(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    log = InMemoryEventLog()
+    await foreign_topic(log, partitions=1)
+    ran: list[tuple[str, int]] = []
+    app = make_app("two", event_log=log)
+
+    def boom(value: Any, record: TriggerRecord) -> bool:
+        if value["n"] == 2:
+            raise RuntimeError("no twos")
+        return True
+
+    @app.task(name="count", trigger=Topic(ORDERS))
+    async def count(order: dict[str, int]) -> None:
+        ran.append(("count", order["n"]))
+
+    @app.task(name="audit", trigger=Topic(ORDERS, filter=boom))
+    async def audit(order: dict[str, int]) -> None:
+        ran.append(("audit", order["n"]))
+
+    await write(log, [OutRecord(ORDERS, None, json.dumps({"n": n}).encode()) for n in (1, 2)])
+    await app.start()
+    await eventually(lambda: len(ran) == 3, what="three tasks ran")
+    await eventually(lambda: bool(log.records(app.topology.deadletter)), what="a dead letter")
+    assert sorted(ran) == [("audit", 1), ("count", 1), ("count", 2)]
+    (dead,) = log.records(app.topology.deadletter)
+    reason = dict(dead.headers)[DLQ_REASON].decode()
+    assert "'audit'" in reason and "no twos" in reason
+    assert {e.task_id for e in submitted(app)} == {
+        trigger_task_id("two", name, ORDERS, 0, offset)
+        for name, offset in (("count", 0), ("count", 1), ("audit", 0))
+    }
+
+
+def test_a_trigger_is_refused_when_the_task_cannot_take_the_value() -> None:
+    app = QueueTasks("refuse")
+    with pytest.raises(ConfigurationError, match="first parameter must be positional"):
+
+        @app.task(trigger=Topic(ORDERS))
+        async def keyword_only(*, order: dict[str, int]) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"must be a qtasks_stream\.triggers\.Topic"):
+        app.task(trigger="orders")(lambda order: None)  # type: ignore[typeddict-item]
+    with pytest.raises(ConfigurationError, match="value format 'xml'"):
+        Topic(ORDERS, value="xml")  # type: ignore[arg-type]
