@@ -10,7 +10,8 @@ For app ``shop`` with the default prefix ``qtasks.``::
     qtasks.shop.deadletter    records no stage could decode or process, bytes untouched
     qtasks.shop.snapshots     compacted: TaskSnapshot per task id, plus the '@manifest'
 
-Consumer groups are ``<prefix><app>.<stage>``: scheduler, worker, projector, deadletter.
+Consumer groups are ``<prefix><app>.<stage>``: scheduler, worker, projector, deadletter,
+trigger.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import inspect
-import logging
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +39,6 @@ from qtasks_stream.triggers.decode import RecordDecoder
 
 __all__ = ["TriggerStage", "triggered"]
 
-log = logging.getLogger("qtasks_stream.triggers")
 _SOURCE = "trigger"
 
 
