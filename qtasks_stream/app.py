@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["STAGES", "QueueTasks"]
 
 #: Every stage, in start order.
-STAGES = ("projector", "deadletter", "scheduler", "workflow", "worker", "schedules")
+STAGES = ("projector", "deadletter", "scheduler", "workflow", "worker", "schedules", "trigger")
 
 
 class QueueTasks(TaskClient, Router):
@@ -295,6 +295,7 @@ class QueueTasks(TaskClient, Router):
                 topology=self.topology,
                 event_log=self.event_log,
                 serde=self.serde,
+                registry=self._registry,
                 payloads=self.payloads,
                 view=self.view,
                 definitions=self.definitions,

@@ -11,6 +11,8 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.executors.base import Executor
 from qtasks_stream.interceptors import Interceptor
@@ -26,6 +28,7 @@ from qtasks_stream.stages.worker import WorkerStage
 from qtasks_stream.state import TaskState
 from qtasks_stream.tasks import TaskDefinition
 from qtasks_stream.topology import Topology
+from qtasks_stream.triggers.stage import TriggerStage, triggered
 from qtasks_stream.views.base import ViewStore
 
 __all__ = ["StageRuntime"]
@@ -43,6 +46,7 @@ class StageRuntime:
         topology: Topology,
         event_log: EventLog,
         serde: Serde,
+        registry: SchemaRegistryClient,
         payloads: TaskPayloads,
         view: ViewStore,
         definitions: Mapping[str, TaskDefinition],
@@ -62,6 +66,7 @@ class StageRuntime:
         self.topology = topology
         self.event_log = event_log
         self.serde = serde
+        self.registry = registry
         self.payloads = payloads
         self.view = view
         self.definitions = definitions
@@ -85,6 +90,8 @@ class StageRuntime:
         for stage_name in stages:
             if stage_name in self.runners:
                 continue
+            if stage_name == "trigger" and not triggered(self.definitions):
+                continue  # no task is triggered by a topic: nothing to consume
             runner = StageRunner(
                 self._build_stage(stage_name),
                 event_log=self.event_log,
@@ -113,6 +120,10 @@ class StageRuntime:
             from qtasks_stream.workflows.stage import WorkflowStage
 
             return WorkflowStage(self.topology, self.payloads, self.definitions)
+        if name == "trigger":
+            return TriggerStage(
+                self.topology, self.definitions, self.payloads, self.registry, self.interceptors
+            )
         return WorkerStage(
             self.topology,
             tasks=self.definitions,

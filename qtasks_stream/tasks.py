@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack, overload
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.events import DEFAULT_QUEUE
 from qtasks_stream.executors.base import FunctionKind
+from qtasks_stream.triggers.base import Topic
 
 if TYPE_CHECKING:
     from qtasks_stream.app import QueueTasks
@@ -102,6 +103,8 @@ class TaskDefinition:
     description: str | None = None
     #: The named queue whose lanes and workers run it (see :class:`Topology`).
     queue: str = DEFAULT_QUEUE
+    #: The topic whose every record starts this task (see :mod:`qtasks_stream.triggers`).
+    trigger: Topic | None = None
 
     @classmethod
     def build(
@@ -120,6 +123,7 @@ class TaskDefinition:
         tags: Sequence[str],
         description: str | None,
         queue: str = DEFAULT_QUEUE,
+        trigger: Topic | None = None,
     ) -> TaskDefinition:
         if not callable(fn):
             raise ConfigurationError(f"@task decorates functions, not {fn!r}")
@@ -133,6 +137,8 @@ class TaskDefinition:
         if echo and not inspect.signature(fn).parameters:
             raise ConfigurationError(f"echo=True task {task_name!r} must accept `self` first")
         _refuse_shadowed_parameters(task_name, fn)
+        if trigger is not None:
+            _check_triggered(task_name, fn, trigger, echo)
         return cls(
             name=task_name,
             fn=fn,
@@ -150,6 +156,22 @@ class TaskDefinition:
             tags=tuple(tags),
             description=description or inspect.getdoc(fn),
             queue=queue,
+            trigger=trigger,
+        )
+
+
+def _check_triggered(task_name: str, fn: Callable[..., Any], trigger: Topic, echo: bool) -> None:
+    """A triggered task takes the record's value as its first parameter (after ``self``)."""
+    if not isinstance(trigger, Topic):
+        raise ConfigurationError(
+            f"task {task_name!r}: trigger must be a qtasks_stream.triggers.Topic, not {trigger!r}"
+        )
+    parameters = list(inspect.signature(fn).parameters.values())[1 if echo else 0 :]
+    first = parameters[0] if parameters else None
+    if first is None or first.kind not in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD):
+        raise ConfigurationError(
+            f"task {task_name!r} is triggered by topic {trigger.name!r}: its first parameter "
+            "must be positional, to take the record's value"
         )
 
 
@@ -233,6 +255,7 @@ class TaskOptions(TypedDict, total=False):
     tags: Sequence[str]
     description: str | None
     queue: str
+    trigger: Topic | None
 
 
 class Router:
@@ -262,7 +285,8 @@ class Router:
         ``self.ctx``), ``max_time`` (seconds per attempt), ``retry`` (extra attempts),
         ``retry_on_exc`` (exception classes, subclasses match), ``retry_backoff``,
         ``retry_backoff_max``, ``retry_jitter``, ``tags``, ``description``, ``queue`` (the
-        named queue whose workers run it, ``"default"`` by default).
+        named queue whose workers run it, ``"default"`` by default), ``trigger`` (a
+        :class:`~qtasks_stream.triggers.Topic`: one task per record of that topic).
         """
         unknown = set(options) - set(TaskOptions.__annotations__)
         if unknown:
@@ -284,6 +308,7 @@ class Router:
                 tags=options.get("tags", ()),
                 description=options.get("description"),
                 queue=options.get("queue", DEFAULT_QUEUE),
+                trigger=options.get("trigger"),
             )
             return self._register(definition)
 

@@ -12,7 +12,7 @@ For app ``shop`` with the default prefix ``qtasks.``::
     qtasks.shop.schedules     compacted, one partition: ScheduleEvents (see schedules/)
 
 Consumer groups are ``<prefix><app>.<stage>``: scheduler, worker, projector, deadletter,
-schedules.
+workflow, schedules, trigger.
 """
 
 from __future__ import annotations
