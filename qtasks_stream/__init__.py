@@ -3,11 +3,13 @@
 from qtasks_stream.app import STAGES, QueueTasks
 from qtasks_stream.context import TaskContext, current
 from qtasks_stream.errors import (
+    AuthorizationError,
     ConfigurationError,
     EventLogError,
     QTasksStreamError,
     RegistryUnavailableError,
     SerdeError,
+    StaleViewError,
     TaskCancelled,
     TaskError,
     TaskNotFoundError,
@@ -26,6 +28,7 @@ from qtasks_stream.views.url import open_view
 
 __all__ = [
     "STAGES",
+    "AuthorizationError",
     "ConfigurationError",
     "EmitInput",
     "EventLogError",
@@ -39,6 +42,7 @@ __all__ = [
     "Router",
     "SerdeError",
     "Settings",
+    "StaleViewError",
     "StepInput",
     "SyncClient",
     "Task",

@@ -24,16 +24,20 @@ from qtasks_stream.client import TaskClient
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.coalesce import CoalescedSends
+from qtasks_stream.eventlog.kafka_config import KafkaConfig
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.executors.base import Executor
 from qtasks_stream.executors.pool import LocalExecutor
 from qtasks_stream.interceptors import Interceptor
 from qtasks_stream.results import ResultListener
+from qtasks_stream.schedules.api import Schedules
+from qtasks_stream.schedules.records import Schedule
 from qtasks_stream.serde.avro import AvroSerde
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.settings import Settings
-from qtasks_stream.tasks import Router, TaskSelf
+from qtasks_stream.state import TaskState, fold
+from qtasks_stream.tasks import Router, TaskDefinition, TaskHandle, TaskSelf
 from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
 __all__ = ["STAGES", "QueueTasks"]
 
 #: Every stage, in start order.
-STAGES = ("projector", "deadletter", "scheduler", "worker")
+STAGES = ("projector", "deadletter", "scheduler", "workflow", "worker", "schedules", "trigger")
 
 
 class QueueTasks(TaskClient, Router):
@@ -118,6 +122,11 @@ class QueueTasks(TaskClient, Router):
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
         self.shutdown_grace = shutdown_grace
+        #: The queues this process's worker serves (``start(queues=...)``); None: all.
+        self.worker_queues: tuple[str, ...] | None = None
+        #: Seconds a work item of a task this process does not know is put back in its lane
+        #: (for a worker that knows it: a rolling deploy) before it is dead-lettered.
+        self.unknown_task_deadline = 300.0
         self._runtime: StageRuntime | None = None
         self.view: ViewStore = view if view is not None else MemoryViewStore()
         self.settings = settings if settings is not None else Settings()
@@ -205,6 +214,39 @@ class QueueTasks(TaskClient, Router):
     def _app_or_none(self) -> QueueTasks:
         return self
 
+    def serve_queues(self, queues: Iterable[str]) -> None:
+        """Let this process's worker take work only from ``queues`` (of the app's queues).
+
+        Raises:
+            ConfigurationError: none given, or one the app has no lanes for.
+        """
+        served = tuple(dict.fromkeys(queues))
+        if not served:
+            raise ConfigurationError("a worker serves at least one queue")
+        for queue in served:
+            self.topology.check_queue(queue)
+        self.worker_queues = served
+
+    def _register(self, definition: TaskDefinition) -> TaskHandle:
+        self._take_queues([definition])
+        return super()._register(definition)
+
+    def _take_queues(self, definitions: Iterable[TaskDefinition]) -> None:
+        """Refuse a priority outside the lanes; give new queues their lanes (all or none)."""
+        topology = self.topology
+        for definition in definitions:
+            topology.check_priority(definition.priority, definition.name)
+            wider = topology.with_queue(definition.queue)
+            if wider is not topology and self._client_ready:
+                raise ConfigurationError(
+                    f"task {definition.name!r} names the new queue {definition.queue!r}, but "
+                    "the app has started: declare the tasks of a new queue before it starts"
+                )
+            topology = wider
+        if topology is not self.topology:
+            self.topology = topology
+            self.serde.add_topics(topology.topic_schemas())
+
     # -- registration ---------------------------------------------------------------------
 
     def include_router(self, router: Router) -> None:
@@ -212,6 +254,7 @@ class QueueTasks(TaskClient, Router):
         for definition in router.definitions.values():
             if definition.name in self.definitions:
                 raise ConfigurationError(f"task {definition.name!r} is already registered")
+        self._take_queues(router.definitions.values())
         self.definitions.update(router.definitions)
         for handle in router.handles:
             handle._app = self
@@ -231,14 +274,25 @@ class QueueTasks(TaskClient, Router):
     def _feeds_view(self) -> bool:
         return "projector" in self.runners
 
-    async def start(self, stages: Iterable[str] = STAGES) -> None:
-        """Start the given stages in this process (all by default)."""
+    async def start(
+        self, stages: Iterable[str] = STAGES, *, queues: Iterable[str] | None = None
+    ) -> None:
+        """Start the given stages in this process (all by default). ``queues``: the named
+        queues this process's worker takes work from (by default every queue its tasks
+        name, and ``"default"``)."""
         wanted = list(dict.fromkeys(stages))
+        if queues is not None:
+            self.serve_queues(queues)
         unknown = [s for s in wanted if s not in STAGES]
         if unknown:
             raise ConfigurationError(f"unknown stages {unknown}; choose from {list(STAGES)}")
         await self._ensure_client()
+        await self._check_access(wanted)
         await self._ensure_view()
+        if "projector" in wanted and "projector" not in self.runners:
+            from qtasks_stream.stages.projector import check_view_positions
+
+            await check_view_positions(self.view, self.event_log, self.topology)
         if self._runtime is None:
             from qtasks_stream.runtime import StageRuntime
 
@@ -246,6 +300,7 @@ class QueueTasks(TaskClient, Router):
                 topology=self.topology,
                 event_log=self.event_log,
                 serde=self.serde,
+                registry=self._registry,
                 payloads=self.payloads,
                 view=self.view,
                 definitions=self.definitions,
@@ -258,8 +313,41 @@ class QueueTasks(TaskClient, Router):
                 lane_weights=self.lane_weights,
                 shutdown_grace=self.shutdown_grace,
                 echo_self=lambda ctx: TaskSelf(ctx, self),
+                queues=self.worker_queues or self.topology.queues,
+                unknown_task_deadline=self.unknown_task_deadline,
+                run_state=self._run_state,
             )
         self._runtime.start(wanted)
+
+    async def _check_access(self, stages: Sequence[str]) -> None:
+        """On a secured cluster, name a missing ACL now ("User:x lacks READ on group y"),
+        rather than let a stage fail on it and be restarted over and over."""
+        config = getattr(self.event_log, "config", None)
+        if isinstance(config, KafkaConfig) and config.security_protocol != "PLAINTEXT":
+            from qtasks_stream.acl.kafka import check_access
+
+            groups = [self.topology.group(stage) for stage in stages]
+            await check_access(config, self.topology, "worker", groups)
+
+    async def _run_state(self, task_id: str) -> TaskState | None:
+        """A run's state folded from its events in the log (the overlap policy asks)."""
+        state = None
+        for event in await self.history(task_id):
+            state = fold(state, event)
+        return state
+
+    # -- schedules ------------------------------------------------------------------------
+
+    @property
+    def schedules(self) -> Schedules:
+        """Pause, resume, delete and list the app's schedules (see :mod:`.schedules`)."""
+        return Schedules(self, self._producer.send)
+
+    async def schedule(self, name: str, *, task: str, **options: Any) -> Schedule:
+        """Run ``task`` periodically: ``cron="0 2 * * *", tz="Europe/Berlin"`` or
+        ``every=timedelta(...)``, with ``args``/``kwargs`` and the catch-up and overlap
+        policies; see :meth:`.Schedules.add`."""
+        return await self.schedules.add(name, task=task, **options)
 
     async def close(self) -> None:
         """Stop the stages (letting running attempts finish within the grace), then clients."""

@@ -2,8 +2,10 @@
 
 Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app``,
 ``replay``, ``resubmit``, ``snapshot``, ``dlq list|replay`` (see :mod:`.cli_audit`),
-``schemas check|register -A module:app`` and ``dev up|down|status [--postgres]``. Each
-command builds :class:`~qtasks_stream.settings.Settings` from the environment (the variables
+``schedules add|list|pause|resume|delete|runs -A module:app`` (see :mod:`.schedules.cli`),
+``schemas check|register -A module:app``, ``acl grant|list`` (see docs/security.md) and
+``dev up|down|status [--postgres] [--secure]``. Each command builds
+:class:`~qtasks_stream.settings.Settings` from the environment (the variables
 are in docs/configuration.md) and moves the app it loads onto them. ``worker`` and the
 commands that read a deployment's log refuse the embedded in-memory default; ``demo`` runs on
 it. ``worker`` and ``demo`` trace and measure through OpenTelemetry when the standard
@@ -22,9 +24,12 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from qtasks_stream import cli_audit
+from qtasks_stream.acl.roles import ROLES
 from qtasks_stream.app import STAGES, QueueTasks
+from qtasks_stream.console import command as console_command
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
+from qtasks_stream.schedules import cli as schedules_cli
 from qtasks_stream.settings import Settings
 from qtasks_stream.telemetry.config import Telemetry
 
@@ -105,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="also write a snapshot of every task's state this often (see `snapshot`)",
     )
+    worker.add_argument(
+        "--queues",
+        default=None,
+        help="comma-separated named queues whose work this worker takes "
+        "(default: every queue the app's tasks name)",
+    )
 
     history = sub.add_parser("history", help="every event of one task, read from the log")
     history.add_argument("task_id")
@@ -112,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("--json", action="store_true", help="one JSON document, by attempt")
     cli_audit.add_history_options(history)
     cli_audit.add_parsers(sub)
+    console_command.add_parser(sub)
+    schedules_cli.add_parser(sub)
 
     schemas = sub.add_parser(
         "schemas", help="check or register an app's Avro schemas (a gate for CI pipelines)"
@@ -120,6 +133,21 @@ def _parser() -> argparse.ArgumentParser:
     schemas.add_argument("-A", "--app", required=True, help="module:app")
     schemas.add_argument(
         "--level", default=None, help="compatibility level (default BACKWARD_TRANSITIVE)"
+    )
+
+    acl = sub.add_parser(
+        "acl", help="grant or list the Kafka ACLs of an app's roles (docs/security.md)"
+    )
+    acl.add_argument("action", choices=["grant", "list"])
+    acl.add_argument("-A", "--app", default=None, help="module:app (grant: required)")
+    acl.add_argument("--principal", default=None, help="User:NAME (grant: required)")
+    acl.add_argument("--role", choices=ROLES, default=None)
+    acl.add_argument(
+        "--reader-groups",
+        default=None,
+        metavar="PREFIX",
+        help="with --role reader: the consumer-group prefix it may use "
+        "(default <prefix><app>.reader.)",
     )
 
     dev = sub.add_parser(
@@ -133,6 +161,12 @@ def _parser() -> argparse.ArgumentParser:
         "$XDG_CACHE_HOME/qtasks-stream/dev, else ~/.cache/qtasks-stream/dev)",
     )
     dev.add_argument("--wipe", action="store_true", help="with down: delete data and logs")
+    dev.add_argument(
+        "--secure",
+        action="store_true",
+        help="with up: SASL_SSL (SCRAM-SHA-512), a local CA and deny-by-default ACLs "
+        "(see docs/security.md)",
+    )
     dev.add_argument(
         "--no-registry", action="store_true", help="the broker only, without the schema registry"
     )
@@ -194,7 +228,9 @@ def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         },
         env,
     )
-    dev = DevEnvironment(home_from(args.home, env), ports)
+    # up says whether the broker is secured; status and down find it in the home's record.
+    secure = args.secure if args.action == "up" else None
+    dev = DevEnvironment(home_from(args.home, env), ports, secure=secure)
     registry = not args.no_registry
     if args.action == "down":
         dev.down(wipe=args.wipe, registry=registry, postgres=args.postgres)
@@ -210,6 +246,25 @@ def _dev(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     for name, value in exports.items():
         print(f"export {name}={value}")
     return code
+
+
+def _acl(args: argparse.Namespace, settings: Settings) -> int:
+    from qtasks_stream.acl.kafka import grant, list_acls
+
+    # The settings' principal must be allowed to alter the cluster's ACLs (a super user).
+    config = settings.kafka_config()
+    if args.action == "list":
+        for line in list_acls(config, args.principal):
+            print(line)
+        return 0
+    if not (args.app and args.principal and args.role):
+        raise ConfigurationError("acl grant needs -A module:app, --principal User:NAME and --role")
+    app = load_app(args.app).configure(settings)
+    for rule in grant(
+        config, app.topology, args.principal, args.role, reader_groups=args.reader_groups
+    ):
+        print(f"{args.principal} ALLOW {rule}")
+    return 0
 
 
 def _schemas(action: str, app: QueueTasks, level: str | None, settings: Settings) -> int:
@@ -266,7 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigurationError(
                     f"--snapshot-every must be > 0 seconds, not {args.snapshot_every:g}"
                 )
-            app = _shared("worker", load_app(args.app).configure(settings))
+            loaded = load_app(args.app)
+            if args.queues is not None:
+                loaded.serve_queues(q.strip() for q in args.queues.split(",") if q.strip())
+            app = _shared("worker", loaded.configure(settings))
             telemetry = telemetry_from(app, settings)
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]
             try:
@@ -277,10 +335,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "history":
             app = _shared("history", load_app(args.app).configure(settings))
-            return asyncio.run(cli_audit.history(app, args.task_id, args.json, args.as_of))
+            return asyncio.run(
+                cli_audit.history(app, args.task_id, args.json, args.as_of, args.tree)
+            )
         if args.command in cli_audit.COMMANDS:
             app = _shared(args.command, load_app(args.app).configure(settings))
             return asyncio.run(cli_audit.run(args.command, app, args))
+        if args.command == "console":
+            app = load_app(args.app).configure(settings)
+            token = env.get(console_command.TOKEN_VARIABLE) or None
+            return console_command.run(app, args, token, settings.shared_log)
+        if args.command == "schedules":
+            app = _shared("schedules", load_app(args.app).configure(settings))
+            return asyncio.run(schedules_cli.run(app, args))
+        if args.command == "acl":
+            return _acl(args, settings)
         if args.command == "schemas":
             app = load_app(args.app).configure(settings)
             return _schemas(args.action, app, args.level, settings)

@@ -32,6 +32,11 @@ def add_history_options(history: argparse.ArgumentParser) -> None:
     history.add_argument(
         "--as-of", default=None, help="the task as it stood then: ISO 8601 or epoch seconds"
     )
+    history.add_argument(
+        "--tree",
+        action="store_true",
+        help="the workflow the id names (its id or a step's): steps, attempts, outcomes",
+    )
 
 
 def add_parsers(sub: Any) -> None:
@@ -81,7 +86,11 @@ def add_parsers(sub: Any) -> None:
     letters.add_argument("--dry-run", action="store_true", help="replay: list, write nothing")
 
 
-async def history(app: QueueTasks, task_id: str, as_json: bool, as_of: str | None) -> int:
+async def history(
+    app: QueueTasks, task_id: str, as_json: bool, as_of: str | None, tree: bool = False
+) -> int:
+    if tree:
+        return await _tree(app, task_id, as_json)
     try:
         at = audit.parse_time_us(as_of) if as_of is not None else None
         events = await app.history(task_id)
@@ -102,6 +111,31 @@ async def history(app: QueueTasks, task_id: str, as_json: bool, as_of: str | Non
         print(json.dumps(document, indent=2, default=str))
     else:
         print("\n".join(audit.format_history(document)))
+    return 0
+
+
+async def _tree(app: QueueTasks, some_id: str, as_json: bool) -> int:
+    from qtasks_stream.workflows.tree import format_tree, workflow_document
+
+    try:
+        await app.connect()
+        document = await workflow_document(
+            app.event_log,
+            app.serde,
+            app.topology.events,
+            app.topology.partitions,
+            some_id,
+            app.payloads.decode_plain,
+        )
+    finally:
+        await app.close()
+    if document is None:
+        print(f"no workflow {some_id} in {app.topology.events}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(document, indent=2, default=str))
+    else:
+        print("\n".join(format_tree(document)))
     return 0
 
 

@@ -12,7 +12,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qtasks_stream import audit
 from qtasks_stream.errors import (
@@ -45,9 +45,13 @@ from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.state import Task, TaskState, fold, work_item
 from qtasks_stream.tasks import TaskDefinition
-from qtasks_stream.topology import Topology
+from qtasks_stream.topology import DEFAULT_QUEUE, Topology
 from qtasks_stream.views.base import TaskPage, TaskQuery, ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
+
+if TYPE_CHECKING:
+    from qtasks_stream.workflows.canvas import Node
+    from qtasks_stream.workflows.client import WorkflowHandle
 
 __all__ = ["TaskClient"]
 
@@ -117,6 +121,7 @@ class TaskClient:
         task_name: str,
         *args: Any,
         priority: int | None = None,
+        queue: str | None = None,
         timeout: float | None = None,
         countdown: float | None = None,
         eta: datetime | None = None,
@@ -133,9 +138,13 @@ class TaskClient:
         task as its history in the log has it, whatever its state, with the first call's
         arguments; the repeat's own arguments and options are ignored, even if they differ.
 
+        ``queue`` overrides the task's named queue (one of the app's queues); ``priority``
+        must be a lane, ``0 .. lanes - 1``.
+
         Raises:
             UnknownTaskError: no task is registered under ``task_name``.
-            ConfigurationError: an option is invalid or an argument is not JSON-serializable.
+            ConfigurationError: an option is invalid (a priority outside the lanes, an unknown
+                queue) or an argument is not JSON-serializable.
         """
         definition = self.definitions.get(task_name)
         if definition is None:
@@ -151,7 +160,10 @@ class TaskClient:
             idempotency_key,
             max_time,
             self.topology.retention_ms,
+            queue,
         )
+        self.topology.check_priority(options["priority"], task_name)
+        self.topology.check_queue(options["queue"] or DEFAULT_QUEUE)
         await self._ensure_client()
         await self.payloads.start([definition])  # a task added after the client started
         call = self.payloads.encode_call(definition, args, kwargs)
@@ -223,18 +235,38 @@ class TaskClient:
     async def _follow(self, uuid: str, timeout: float | None) -> Task | None:
         """The one path of every wait on a task submitted earlier: listen first, then read its
         history, and let the listener fold the history and what it sees after."""
+        return (await self._follow_all([uuid], timeout))[0]
+
+    async def _follow_all(self, uuids: Sequence[str], timeout: float | None) -> list[Task | None]:
+        """:meth:`_follow` of several tasks at once (see :meth:`_watch_all`)."""
+        waiters = await self._watch_all(uuids)
+        return list(
+            await asyncio.gather(
+                *(self._await(u, w, timeout) for u, w in zip(uuids, waiters, strict=True))
+            )
+        )
+
+    async def _watch_all(self, uuids: Sequence[str]) -> list[asyncio.Future[TaskState]]:
+        """Futures of the tasks' final states: listening first, then their histories read in
+        one pass per partition (a workflow's steps share one). A future not awaited to its
+        end must be given back with ``self._results.forget``."""
         await self._ensure_client()
         await self._results.start()
         # Listen first, then look: whatever ends after this point reaches the listener.
-        waiter = self._results.expect(uuid, record=True)
+        waiters = [self._results.expect(uuid, record=True) for uuid in uuids]
         try:
-            history = await self._history_events(uuid, skip_undecodable=True)
+            if len(uuids) == 1:  # the read every one-task path shares (tests hook it)
+                histories = {uuids[0]: await self._history_events(uuids[0], skip_undecodable=True)}
+            else:
+                histories = await self._histories(uuids, skip_undecodable=True)
         except BaseException:
-            self._results.forget(uuid, waiter)
-            self._results.unseed(uuid)
+            for uuid, waiter in zip(uuids, waiters, strict=True):
+                self._results.forget(uuid, waiter)
+                self._results.unseed(uuid)
             raise
-        self._results.seed(uuid, history)
-        return await self._await(uuid, waiter, timeout)
+        for uuid in uuids:
+            self._results.seed(uuid, histories[uuid])
+        return waiters
 
     async def stream(self, uuid: str, timeout: float | None = None) -> AsyncIterator[Any]:
         """Progress items of a (generator) task: those already recorded, then the new ones as
@@ -367,8 +399,30 @@ class TaskClient:
                 events, submitted.key, submitted.value, (*submitted.headers, (ROUTED_HEADER, b"1"))
             ),
             as_record(self.serde, events, state.task_id, scheduled),
-            as_record(self.serde, self.topology.lane(lane), state.task_id, item),
+            as_record(
+                self.serde,
+                self.topology.lane(lane, state.queue or DEFAULT_QUEUE),
+                state.task_id,
+                item,
+            ),
         ]
+
+    async def run_workflow(self, canvas: Node) -> WorkflowHandle:
+        """Submit a workflow (a chain, group, chord or signature); see
+        :mod:`qtasks_stream.workflows`."""
+        from qtasks_stream.workflows.client import run_workflow
+
+        return await run_workflow(self, canvas)
+
+    async def workflow(self, workflow_id: str) -> WorkflowHandle:
+        """The handle of a workflow submitted earlier, by this process or another.
+
+        Raises:
+            TaskNotFoundError: the log has no workflow of that id.
+        """
+        from qtasks_stream.workflows.client import attach
+
+        return await attach(self, workflow_id)
 
     def _intercept(self, topic: str, key: str, event: TaskEvent) -> TaskEvent:
         """``event`` as the client's emit interceptors pass it on (tracing stamps it)."""
@@ -393,9 +447,30 @@ class TaskClient:
     async def _history_events(
         self, uuid: str, *, skip_undecodable: bool, limit: float = 30.0
     ) -> list[TaskEvent]:
+        histories = await self._histories([uuid], skip_undecodable=skip_undecodable, limit=limit)
+        return histories[uuid]
+
+    async def _histories(
+        self, uuids: Sequence[str], *, skip_undecodable: bool, limit: float = 30.0
+    ) -> dict[str, list[TaskEvent]]:
+        """Every event of each task in ``uuids``, read in one pass per partition."""
         await self._ensure_client()
+        by_partition: dict[int, list[str]] = {}
+        for task_id in dict.fromkeys(uuids):
+            partition = murmur2_partition(task_id.encode(), self.topology.partitions)
+            by_partition.setdefault(partition, []).append(task_id)
+        histories: dict[str, list[TaskEvent]] = {}
+        for partition, keys in by_partition.items():
+            histories.update(
+                await self._partition_histories(partition, keys, skip_undecodable, limit)
+            )
+        return histories
+
+    async def _partition_histories(
+        self, partition: int, uuids: Sequence[str], skip_undecodable: bool, limit: float
+    ) -> dict[str, list[TaskEvent]]:
         topic = self.topology.events
-        tp = TopicPartition(topic, murmur2_partition(uuid.encode(), self.topology.partitions))
+        tp = TopicPartition(topic, partition)
         consumer = self.event_log.consumer([topic], group_id=None, start="earliest")
         await consumer.start()
         try:
@@ -407,30 +482,32 @@ class TaskClient:
             consumer.pause(others, True)
             end = (await consumer.end_offsets([tp]))[tp]
             # A time-ordered id says when the task was submitted: start there, not at 0.
-            born_ms = task_id_ms(uuid)
+            born = [task_id_ms(uuid) for uuid in uuids]
             position = 0
-            if born_ms is not None:
-                since = born_ms - _HISTORY_CLOCK_MARGIN_MS
+            if None not in born:
+                since = min(ms for ms in born if ms is not None) - _HISTORY_CLOCK_MARGIN_MS
                 position = (await consumer.offsets_for_time([tp], since))[tp]
             consumer.seek(tp, position)
-            events: list[TaskEvent] = []
-            key = uuid.encode()
+            events: dict[bytes, list[TaskEvent]] = {uuid.encode(): [] for uuid in uuids}
             deadline = asyncio.get_running_loop().time() + limit
             while position < end:
                 if asyncio.get_running_loop().time() > deadline:
-                    raise EventLogError(f"reading the history of {uuid} took over {limit}s")
+                    raise EventLogError(f"reading the history of {uuids[0]} took over {limit}s")
                 for rec in await consumer.poll(max_records=5000, timeout=0.5):
-                    if rec.partition != tp.partition or rec.key != key or rec.value is None:
+                    if rec.partition != tp.partition or rec.value is None:
+                        continue
+                    found = events.get(rec.key) if rec.key is not None else None
+                    if found is None:
                         continue
                     try:
                         kind = event_kind(rec.headers)
                         value = self.serde.decode(topic, rec.value, branch=kind)
-                        events.append(TaskEvent.from_avro(value))
+                        found.append(TaskEvent.from_avro(value))
                     except (SerdeError, KeyError, TypeError, ValueError):
                         if not skip_undecodable:
                             raise
                 position = await consumer.position(tp) or 0
-            return events
+            return {key.decode(): found for key, found in events.items()}
         finally:
             await consumer.close()
 
@@ -450,6 +527,7 @@ def _options(
     idempotency_key: str | None,
     max_time: float | None,
     retention_ms: int,
+    queue: str | None = None,
 ) -> dict[str, Any]:
     """The Submitted fields other than arguments and tags, checked.
 
@@ -485,7 +563,11 @@ def _options(
         raise ConfigurationError(f"max_time must be > 0, not {max_time!r}")
     if idempotency_key is not None and not idempotency_key:
         raise ConfigurationError("idempotency_key must be a non-empty string")
+    if queue is None:
+        queue = definition.queue
     return {
+        # None for the default queue: its Submitted events stay as before queues existed.
+        "queue": None if queue == DEFAULT_QUEUE else queue,
         "priority": priority,
         "eta_us": eta_us,
         "idempotency_key": idempotency_key,

@@ -2,8 +2,9 @@
 
 ``qtasks-stream demo`` runs it on the embedded default (or on Kafka when configured): most
 tasks succeed, one retries and then succeeds, one fails for good, one is cancelled while it
-runs, one starts after a delay. It prints a summary with throughput and submit-to-result
-latency, and the full event history of the task that retried.
+runs, one starts after a delay, and a schedule fires every second meanwhile. It prints a
+summary with throughput and submit-to-result latency, and the full event history of the task
+that retried.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from datetime import timedelta
 from typing import Any, TextIO
 
 from qtasks_stream import audit
@@ -57,6 +59,16 @@ def build_demo_app(app: QueueTasks) -> QueueTasks:
     return app
 
 
+async def _scheduled_runs(app: QueueTasks, name: str, limit: float) -> list[Task]:
+    """The runs of schedule ``name`` the view has, waiting up to ``limit`` s for the first."""
+    deadline = time.monotonic() + limit
+    found = await app.query(tag=f"schedule:{name}")
+    while not found and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)  # the view has no change feed to wait on
+        found = await app.query(tag=f"schedule:{name}")
+    return found
+
+
 def _line(out: TextIO, text: str = "") -> None:
     out.write(text + "\n")
 
@@ -66,6 +78,10 @@ async def run_demo(app: QueueTasks, tasks: int, out: TextIO) -> dict[str, int]:
     if tasks < 5:
         raise ValueError("the demo needs at least 5 tasks to show every path")
     async with app:
+        # Periodic runs: tick ids derive from the tick, so each second is one task.
+        await app.schedule(
+            "heartbeat", task="reminder", every=timedelta(seconds=1), args=["on-call"]
+        )
         started = time.perf_counter()
         retried = await app.add_task("charge", 0)
         failing = await app.add_task("refund", 7)
@@ -134,6 +150,10 @@ async def run_demo(app: QueueTasks, tasks: int, out: TextIO) -> dict[str, int]:
             )
         unfinished = sum(1 for r in results if r is None or r.status != "success")
         _line(out, f"  bulk tasks not successful: {unfinished}")
+        beats = await _scheduled_runs(app, "heartbeat", limit=5.0)
+        example = f", e.g. {beats[0].uuid} {' '.join(beats[0].tags)}" if beats else ""
+        _line(out, f"  schedule 'heartbeat' (every 1s): {len(beats)} runs so far{example}")
+        await app.schedules.delete("heartbeat")
         history = await app.history(retried.uuid)
         _line(out)
         _line(out, f"history of {retried.uuid} (read from the log, as `history` prints it):")

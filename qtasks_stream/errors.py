@@ -7,7 +7,8 @@ The tree::
     │   └── UnknownTaskError
     ├── EventLogError             the event log (in-memory or Kafka) failed
     │   ├── TopicConfigError      an existing topic contradicts what the app needs
-    │   └── FencedError           this producer or consumer generation was superseded
+    │   ├── FencedError           this producer or consumer generation was superseded
+    │   └── AuthorizationError    the cluster refused: a missing ACL, or failed authentication
     ├── SerdeError                encoding or decoding a record
     │   └── SchemaError           a schema is invalid, unknown or incompatible
     ├── RegistryUnavailableError  the schema registry did not answer (retry later; the
@@ -24,6 +25,7 @@ Errors from third-party clients are mapped at the boundary with ``raise ... from
 from __future__ import annotations
 
 __all__ = [
+    "AuthorizationError",
     "ConfigurationError",
     "DevEnvError",
     "EventLogError",
@@ -32,6 +34,7 @@ __all__ = [
     "RegistryUnavailableError",
     "SchemaError",
     "SerdeError",
+    "StaleViewError",
     "TaskCancelled",
     "TaskError",
     "TaskTimeout",
@@ -69,6 +72,35 @@ class FencedError(EventLogError):
     """A newer member owns this work now; the caller must stop and let it go."""
 
 
+class AuthorizationError(EventLogError, PermissionError):
+    """The cluster refused this principal: it lacks ``operation`` on ``resource`` (an ACL is
+    missing), or it could not authenticate at all (``operation`` is then ``AUTHENTICATE``).
+
+    Not retried: waiting does not grant an ACL. :meth:`lacks` writes a message naming all
+    three, e.g. ``User:app lacks WRITE on topic qtasks.shop.events``.
+    """
+
+    def __init__(
+        self, message: str, *, principal: str = "", operation: str = "", resource: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.principal = principal
+        self.operation = operation
+        self.resource = resource
+
+    @classmethod
+    def lacks(
+        cls, principal: str, operation: str, resource: str, detail: str = ""
+    ) -> AuthorizationError:
+        message = f"{principal} lacks {operation} on {resource}"
+        return cls(
+            f"{message} ({detail})" if detail else message,
+            principal=principal,
+            operation=operation,
+            resource=resource,
+        )
+
+
 class SerdeError(QTasksStreamError):
     """A value could not be encoded or decoded."""
 
@@ -88,6 +120,11 @@ class RegistryUnavailableError(QTasksStreamError):
 
 class ViewStoreError(QTasksStreamError):
     """The view store could not apply or answer."""
+
+
+class StaleViewError(ViewStoreError):
+    """A view has applied positions past the end of the log it follows: the log was reset,
+    or its topic deleted and recreated, so the view describes another log."""
 
 
 class DevEnvError(QTasksStreamError):

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from qtasks_stream.serde.base import Serde
 
 __all__ = [
+    "DEFAULT_QUEUE",
     "DLQ_REPLAY",
     "JSON",
     "KIND_HEADER",
@@ -79,14 +80,20 @@ def new_task_id() -> str:
 
 
 def task_id_ms(task_id: str) -> int | None:
-    """The Unix milliseconds of a version 7 task id; None for any other id (an idempotency
-    key's version 5 id, a version 4 id of an older client)."""
-    if len(task_id) != 36 or task_id[14] != "7" or task_id[19] not in "89ab":
+    """The Unix milliseconds of a version 7 task id, or of a version 8 one (a workflow step's,
+    which has its workflow's time there); None for any other id (an idempotency key's
+    version 5 id, a version 4 id of an older client)."""
+    if len(task_id) != 36 or task_id[14] not in "78" or task_id[19] not in "89ab":
         return None
     try:
         return int(task_id[:8] + task_id[9:13], 16)
     except ValueError:
         return None
+
+
+#: The queue of tasks that name none (``Submitted.queue`` null); its lanes keep the topic
+#: names they had before queues existed.
+DEFAULT_QUEUE = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +107,14 @@ class Submitted:
     max_time: float | None = None
     tags: tuple[str, ...] = ()
     arguments_avro: bytes | None = None
+    #: The named queue; ``None``: ``"default"`` (what submits before queues existed wrote).
+    queue: str | None = None
+    #: Set on the steps of a workflow (see :mod:`qtasks_stream.workflows`), null otherwise.
+    workflow_id: str | None = None
+    workflow_step: str | None = None
+    workflow_parents: tuple[str, ...] = ()
+    group_id: str | None = None
+    workflow: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +312,7 @@ class TaskEvent:
         body = {name: getattr(payload, name) for name in _PAYLOAD_FIELDS[type(payload)]}
         if isinstance(payload, Submitted):
             body["tags"] = list(payload.tags)
+            body["workflow_parents"] = list(payload.workflow_parents)
         return {
             "event_id": self.event_id,
             "task_id": self.task_id,
@@ -313,7 +329,11 @@ class TaskEvent:
         name, body = data["payload"]
         payload_type = _PAYLOAD_BY_FULL_NAME.get(name) or _PAYLOAD_TYPES[name.rpartition(".")[2]]
         if payload_type is Submitted:
-            body = {**body, "tags": tuple(body["tags"])}
+            body = {
+                **body,
+                "tags": tuple(body["tags"]),
+                "workflow_parents": tuple(body.get("workflow_parents", ())),
+            }
         return _build(
             cls,
             data["task_id"],
@@ -381,6 +401,8 @@ class WorkItem:
     max_time: float | None = None
     traceparent: str | None = None
     arguments_avro: bytes | None = None
+    #: When a worker that did not know ``task_name`` first put the item back (see worker).
+    unknown_since_us: int | None = None
 
     SCHEMA: ClassVar[str] = "WorkItem"
 

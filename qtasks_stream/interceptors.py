@@ -28,6 +28,7 @@ __all__ = [
     "EmitInput",
     "ExecuteInput",
     "Interceptor",
+    "SkipInput",
     "StepInput",
     "chain_emit",
     "chain_execute",
@@ -85,6 +86,15 @@ class EmitInput:
     origin: Record | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SkipInput:
+    """A consumed record a stage chose to act on not at all (a trigger's filter said no)."""
+
+    stage: str
+    task_name: str
+    record: Record
+
+
 ExecuteNext = Callable[[ExecuteInput], Awaitable[Any]]
 StepNext = Callable[[StepInput], Awaitable[None]]
 EmitNext = Callable[[EmitInput], None]
@@ -106,6 +116,9 @@ class Interceptor:
         sent right after ``next`` returns.
         """
         next(input)
+
+    def skipped(self, input: SkipInput) -> None:
+        """Told of a record a stage skipped on purpose (observe only: nothing is written)."""
 
 
 def _overriding(interceptors: Sequence[Interceptor], hook: str) -> list[Interceptor]:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
+
+from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.executors.base import Executor
 from qtasks_stream.interceptors import Interceptor
+from qtasks_stream.schedules.stage import ScheduleStage
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.stages.base import Stage
@@ -22,8 +25,10 @@ from qtasks_stream.stages.projector import ProjectorStage
 from qtasks_stream.stages.runner import StageRunner
 from qtasks_stream.stages.scheduler import SchedulerStage
 from qtasks_stream.stages.worker import WorkerStage
+from qtasks_stream.state import TaskState
 from qtasks_stream.tasks import TaskDefinition
 from qtasks_stream.topology import Topology
+from qtasks_stream.triggers.stage import TriggerStage, triggered
 from qtasks_stream.views.base import ViewStore
 
 __all__ = ["StageRuntime"]
@@ -41,6 +46,7 @@ class StageRuntime:
         topology: Topology,
         event_log: EventLog,
         serde: Serde,
+        registry: SchemaRegistryClient,
         payloads: TaskPayloads,
         view: ViewStore,
         definitions: Mapping[str, TaskDefinition],
@@ -53,10 +59,14 @@ class StageRuntime:
         lane_weights: Sequence[int] | None,
         shutdown_grace: float,
         echo_self: Callable[[Any], Any],
+        queues: Sequence[str],
+        unknown_task_deadline: float,
+        run_state: Callable[[str], Awaitable[TaskState | None]],
     ) -> None:
         self.topology = topology
         self.event_log = event_log
         self.serde = serde
+        self.registry = registry
         self.payloads = payloads
         self.view = view
         self.definitions = definitions
@@ -69,6 +79,9 @@ class StageRuntime:
         self.lane_weights = lane_weights
         self.shutdown_grace = shutdown_grace
         self.echo_self = echo_self
+        self.queues = queues
+        self.unknown_task_deadline = unknown_task_deadline
+        self.run_state = run_state
         self.runners: dict[str, StageRunner] = {}
         self._runner_tasks: list[asyncio.Task[None]] = []
 
@@ -77,6 +90,8 @@ class StageRuntime:
         for stage_name in stages:
             if stage_name in self.runners:
                 continue
+            if stage_name == "trigger" and not triggered(self.definitions):
+                continue  # no task is triggered by a topic: nothing to consume
             runner = StageRunner(
                 self._build_stage(stage_name),
                 event_log=self.event_log,
@@ -99,6 +114,16 @@ class StageRuntime:
             return ProjectorStage(self.topology, self.view)
         if name == "deadletter":
             return DeadLetterStage(self.topology)
+        if name == "schedules":
+            return ScheduleStage(self.topology, self.run_state)
+        if name == "workflow":
+            from qtasks_stream.workflows.stage import WorkflowStage
+
+            return WorkflowStage(self.topology, self.payloads, self.definitions)
+        if name == "trigger":
+            return TriggerStage(
+                self.topology, self.definitions, self.payloads, self.registry, self.interceptors
+            )
         return WorkerStage(
             self.topology,
             tasks=self.definitions,
@@ -112,6 +137,8 @@ class StageRuntime:
             interceptors=self.interceptors,
             echo_self=self.echo_self,
             shutdown_grace=self.shutdown_grace,
+            queues=self.queues,
+            unknown_task_deadline=self.unknown_task_deadline,
         )
 
     async def close(self) -> None:

@@ -8,8 +8,9 @@ components (event log, schema registry client, view store): they are the composi
 
 Nothing set means the embedded default: a private in-memory log, a ``mock://`` registry and an
 in-memory view, which no other process can reach. Secrets (the SASL password, the registry's
-basic auth, the OpenTelemetry values, which may carry exporter headers) never appear in the
-repr or str of the settings.
+basic auth, the OpenTelemetry values, which may carry exporter headers, secret-looking
+``QTASKS_KAFKA_EXTRA`` properties) never appear in the repr or str of the settings; the
+passwords may be read from files (``QTASKS_SASL_PASSWORD_FILE``...).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
     from qtasks_stream.eventlog.base import EventLog
-    from qtasks_stream.eventlog.kafka_config import ConfValue
+    from qtasks_stream.eventlog.kafka_config import ConfValue, KafkaConfig
     from qtasks_stream.views.base import ViewStore
 
 __all__ = ["EVENT_LOG_KINDS", "Settings"]
@@ -63,6 +64,9 @@ class Settings:
     sasl_password: str | None = field(
         default=None, metadata=_env("QTASKS_SASL_PASSWORD", secret=True)
     )
+    #: A file holding the SASL password (its first line): the password stays off the command
+    #: line and out of the environment. Read when the settings are made.
+    sasl_password_file: str | None = field(default=None, metadata=_env("QTASKS_SASL_PASSWORD_FILE"))
     ssl_cafile: str | None = field(default=None, metadata=_env("QTASKS_SSL_CAFILE"))
     #: Client properties passed on as they are, last (librdkafka's dotted names).
     kafka_extra: Mapping[str, ConfValue] = field(
@@ -77,6 +81,10 @@ class Settings:
     #: ``user:password`` for the registry's basic auth.
     schema_registry_auth: str | None = field(
         default=None, metadata=_env("QTASKS_SCHEMA_REGISTRY_AUTH", secret=True)
+    )
+    #: A file holding ``user:password`` for the registry (its first line).
+    schema_registry_auth_file: str | None = field(
+        default=None, metadata=_env("QTASKS_SCHEMA_REGISTRY_AUTH_FILE")
     )
     topic_prefix: str | None = field(default=None, metadata=_env("QTASKS_TOPIC_PREFIX"))
     instance_id: str | None = field(default=None, metadata=_env("QTASKS_INSTANCE_ID"))
@@ -105,6 +113,16 @@ class Settings:
             raise ConfigurationError(
                 f"QTASKS_TRANSACTION_TIMEOUT_MS must be > 0, not {self.transaction_timeout_ms}"
             )
+        for secret, path in (
+            ("sasl_password", self.sasl_password_file),
+            ("schema_registry_auth", self.schema_registry_auth_file),
+        ):
+            if path:
+                if getattr(self, secret):
+                    raise ConfigurationError(
+                        f"both {secret} and {secret}_file are set: set one of them"
+                    )
+                object.__setattr__(self, secret, _secret_from(path))
         if self.topic_prefix == "":
             object.__setattr__(self, "topic_prefix", None)
         object.__setattr__(self, "event_log", kind)
@@ -151,6 +169,11 @@ class Settings:
             if f.metadata["secret"] and value:
                 shown = "'***'" if isinstance(value, str) else f"<{len(value)} values>"
                 parts.append(f"{f.name}={shown}")
+            elif f.name == "kafka_extra":
+                from qtasks_stream.eventlog.kafka_config import redacted
+
+                # QTASKS_KAFKA_EXTRA may carry a password too (sasl.jaas.config...).
+                parts.append(f"{f.name}={redacted(value)!r}")
             elif isinstance(value, MappingProxyType):
                 parts.append(f"{f.name}={dict(value)!r}")
             else:
@@ -167,9 +190,22 @@ class Settings:
             from qtasks_stream.eventlog.memory import InMemoryEventLog
 
             return InMemoryEventLog()
+        config = self.kafka_config()
+        if self.event_log == "aiokafka":
+            from qtasks_stream.eventlog.kafka_aio import AioKafkaEventLog
+
+            return AioKafkaEventLog(config)
+        from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
+
+        return ConfluentEventLog(config)
+
+    def kafka_config(self) -> KafkaConfig:
+        """How to reach the configured Kafka cluster (ConfigurationError without one)."""
+        if not self.shared_log:
+            raise ConfigurationError("no Kafka cluster is configured: set QTASKS_BOOTSTRAP_SERVERS")
         from qtasks_stream.eventlog.kafka_config import KafkaConfig
 
-        config = KafkaConfig(
+        return KafkaConfig(
             bootstrap_servers=self.bootstrap_servers,
             security_protocol=self.security_protocol,
             sasl_mechanism=self.sasl_mechanism,
@@ -179,13 +215,6 @@ class Settings:
             transaction_timeout_ms=self.transaction_timeout_ms,
             extra=cast("Mapping[str, str]", self.kafka_extra),
         )
-        if self.event_log == "aiokafka":
-            from qtasks_stream.eventlog.kafka_aio import AioKafkaEventLog
-
-            return AioKafkaEventLog(config)
-        from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
-
-        return ConfluentEventLog(config)
 
     def registry_conf(self) -> dict[str, Any] | None:
         """The schema registry client's configuration; None when no registry is set."""
@@ -212,6 +241,18 @@ class Settings:
         from qtasks_stream.views.url import open_view
 
         return open_view(self.view_url)
+
+
+def _secret_from(path: str) -> str:
+    """The first line of ``path``; the error names the file, never its content."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            value = file.readline().strip()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the secret file {path!r}: {exc.strerror}") from exc
+    if not value:
+        raise ConfigurationError(f"the secret file {path!r} is empty")
+    return value
 
 
 def _json_object(name: str, raw: str) -> dict[str, ConfValue]:

@@ -96,6 +96,8 @@ class TaskState:
     #: events (a log read from the middle, or a submit that was dead-lettered): the copy a
     #: dead-letter replay writes is then applied instead of ignored as a repeat.
     submitted: bool = False
+    #: The named queue; ``None``: ``"default"``.
+    queue: str | None = None
 
     @property
     def final(self) -> bool:
@@ -156,6 +158,7 @@ class TaskState:
             worker_id=self.worker_id,
             due_at=_dt(self.due_us) if self.due_us is not None else None,
             idempotency_key=self.idempotency_key,
+            queue=self.queue or "default",
         )
 
 
@@ -195,6 +198,8 @@ class Task:
     worker_id: str | None
     due_at: datetime | None
     idempotency_key: str | None
+    #: The named queue whose workers run it.
+    queue: str = "default"
 
     @property
     def final(self) -> bool:
@@ -236,6 +241,7 @@ def fold(state: TaskState | None, event: TaskEvent) -> TaskState:
         state.idempotency_key = payload.idempotency_key
         state.tags = list(payload.tags)
         state.due_us = payload.eta_us
+        state.queue = payload.queue
     elif isinstance(payload, Scheduled):
         state.status, state.lane, state.due_us = "scheduled", payload.lane, payload.due_us
         state.priority = payload.priority

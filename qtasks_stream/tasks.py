@@ -9,19 +9,32 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack, overload
 
 from qtasks_stream.errors import ConfigurationError
+from qtasks_stream.events import DEFAULT_QUEUE
 from qtasks_stream.executors.base import FunctionKind
+from qtasks_stream.triggers.base import Topic
 
 if TYPE_CHECKING:
     from qtasks_stream.app import QueueTasks
     from qtasks_stream.context import TaskContext
     from qtasks_stream.state import Task
+    from qtasks_stream.workflows.canvas import Signature
 
 __all__ = ["SUBMIT_OPTIONS", "RetryPolicy", "Router", "TaskDefinition", "TaskHandle", "TaskSelf"]
 
 #: The names ``add_task`` takes for itself (the task name and its keyword options); a task
 #: parameter of one of these names could never be passed by keyword.
 SUBMIT_OPTIONS = frozenset(
-    {"task_name", "priority", "timeout", "countdown", "eta", "idempotency_key", "max_time", "tags"}
+    {
+        "task_name",
+        "priority",
+        "queue",
+        "timeout",
+        "countdown",
+        "eta",
+        "idempotency_key",
+        "max_time",
+        "tags",
+    }
 )
 
 
@@ -88,6 +101,10 @@ class TaskDefinition:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     tags: tuple[str, ...] = ()
     description: str | None = None
+    #: The named queue whose lanes and workers run it (see :class:`Topology`).
+    queue: str = DEFAULT_QUEUE
+    #: The topic whose every record starts this task (see :mod:`qtasks_stream.triggers`).
+    trigger: Topic | None = None
 
     @classmethod
     def build(
@@ -105,6 +122,8 @@ class TaskDefinition:
         retry_jitter: float,
         tags: Sequence[str],
         description: str | None,
+        queue: str = DEFAULT_QUEUE,
+        trigger: Topic | None = None,
     ) -> TaskDefinition:
         if not callable(fn):
             raise ConfigurationError(f"@task decorates functions, not {fn!r}")
@@ -118,6 +137,8 @@ class TaskDefinition:
         if echo and not inspect.signature(fn).parameters:
             raise ConfigurationError(f"echo=True task {task_name!r} must accept `self` first")
         _refuse_shadowed_parameters(task_name, fn)
+        if trigger is not None:
+            _check_triggered(task_name, fn, trigger, echo)
         return cls(
             name=task_name,
             fn=fn,
@@ -134,6 +155,23 @@ class TaskDefinition:
             ),
             tags=tuple(tags),
             description=description or inspect.getdoc(fn),
+            queue=queue,
+            trigger=trigger,
+        )
+
+
+def _check_triggered(task_name: str, fn: Callable[..., Any], trigger: Topic, echo: bool) -> None:
+    """A triggered task takes the record's value as its first parameter (after ``self``)."""
+    if not isinstance(trigger, Topic):
+        raise ConfigurationError(
+            f"task {task_name!r}: trigger must be a qtasks_stream.triggers.Topic, not {trigger!r}"
+        )
+    parameters = list(inspect.signature(fn).parameters.values())[1 if echo else 0 :]
+    first = parameters[0] if parameters else None
+    if first is None or first.kind not in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD):
+        raise ConfigurationError(
+            f"task {task_name!r} is triggered by topic {trigger.name!r}: its first parameter "
+            "must be positional, to take the record's value"
         )
 
 
@@ -193,6 +231,13 @@ class TaskHandle:
             )
         return await self._app.add_task(self.name, *args, **kwargs)
 
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A workflow step of this task (see :mod:`qtasks_stream.workflows`): ``args`` come
+        after its input, the result of the step before it (none for a first step)."""
+        from qtasks_stream.workflows.canvas import Signature
+
+        return Signature(self.name, args, kwargs)
+
 
 TaskDecorator = Callable[[Callable[..., Any]], TaskHandle]
 
@@ -209,6 +254,8 @@ class TaskOptions(TypedDict, total=False):
     retry_jitter: float
     tags: Sequence[str]
     description: str | None
+    queue: str
+    trigger: Topic | None
 
 
 class Router:
@@ -237,7 +284,9 @@ class Router:
         Options: ``name``, ``priority`` (lower runs first), ``echo`` (pass ``self`` with
         ``self.ctx``), ``max_time`` (seconds per attempt), ``retry`` (extra attempts),
         ``retry_on_exc`` (exception classes, subclasses match), ``retry_backoff``,
-        ``retry_backoff_max``, ``retry_jitter``, ``tags``, ``description``.
+        ``retry_backoff_max``, ``retry_jitter``, ``tags``, ``description``, ``queue`` (the
+        named queue whose workers run it, ``"default"`` by default), ``trigger`` (a
+        :class:`~qtasks_stream.triggers.Topic`: one task per record of that topic).
         """
         unknown = set(options) - set(TaskOptions.__annotations__)
         if unknown:
@@ -258,6 +307,8 @@ class Router:
                 retry_jitter=options.get("retry_jitter", 0.5),
                 tags=options.get("tags", ()),
                 description=options.get("description"),
+                queue=options.get("queue", DEFAULT_QUEUE),
+                trigger=options.get("trigger"),
             )
             return self._register(definition)
 

@@ -2,13 +2,17 @@
 
 The test command (``scripts/test.sh``) brings the broker, the schema registry and PostgreSQL
 up and exports ``QTASKS_TEST_BOOTSTRAP``, ``QTASKS_TEST_SCHEMA_REGISTRY_URL`` and
-``QTASKS_TEST_POSTGRES_DSN``; without them, the tests needing them skip locally and fail
-under CI, so a CI run can never pass by silently skipping the real services.
+``QTASKS_TEST_POSTGRES_DSN``, and for the secured broker (``dev up --secure``, its own home
+and ports) ``QTASKS_TEST_SECURE_BOOTSTRAP``, ``QTASKS_TEST_SECURE_CAFILE``,
+``QTASKS_TEST_SECURE_ADMIN_PASSWORD_FILE`` and ``QTASKS_TEST_SECURE_HOME``; without them,
+the tests needing them skip locally and fail under CI, so a CI run can never pass by
+silently skipping the real services.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pytest
 
@@ -37,3 +41,25 @@ def schema_registry_url() -> str:
 def postgres_dsn() -> str:
     """The PostgreSQL server the test command starts (``QTASKS_TEST_POSTGRES_DSN``)."""
     return _service("QTASKS_TEST_POSTGRES_DSN")
+
+
+@dataclass(frozen=True)
+class SecureCluster:
+    """The secured dev broker the test command starts: SASL_SSL, deny-by-default ACLs."""
+
+    bootstrap: str
+    ca_file: str
+    #: The super user's password file (the user is ``admin``).
+    admin_password_file: str
+    #: Its ``dev`` home: the broker's logs are checked for leaked secrets.
+    home: str
+
+
+@pytest.fixture(scope="session")
+def secure_cluster() -> SecureCluster:
+    return SecureCluster(
+        bootstrap=_service("QTASKS_TEST_SECURE_BOOTSTRAP"),
+        ca_file=_service("QTASKS_TEST_SECURE_CAFILE"),
+        admin_password_file=_service("QTASKS_TEST_SECURE_ADMIN_PASSWORD_FILE"),
+        home=_service("QTASKS_TEST_SECURE_HOME"),
+    )

@@ -11,7 +11,7 @@ running environment keeps its ports until ``down``.
 
 Layout of ``home``::
 
-    dev.json     {"ports": {"kafka": ..., ...}, "services": ["kafka", ...]}
+    dev.json     {"ports": {"kafka": ..., ...}, "services": ["kafka", ...], "secure": false}
     .dev.lock    held while up() or down() runs
     kafka/       DevKafka's home
     registry/    DevRegistry's home
@@ -87,6 +87,8 @@ class DevEnvironmentStatus:
     home: Path
     ports: DevPorts
     kafka: DevKafkaStatus
+    #: The broker's client variables (the SASL_SSL ones too when secured; no password).
+    kafka_exports: Mapping[str, str]
     registry: DevRegistryStatus | None
     postgres: DevPostgresStatus | None
 
@@ -99,9 +101,9 @@ class DevEnvironmentStatus:
 
     def exports(self) -> dict[str, str]:
         """The client variables of the services that run."""
-        exports = {}
+        exports: dict[str, str] = {}
         if self.kafka.running:
-            exports["QTASKS_BOOTSTRAP_SERVERS"] = self.kafka.bootstrap
+            exports.update(self.kafka_exports)
         if self.registry is not None and self.registry.running:
             exports["QTASKS_SCHEMA_REGISTRY_URL"] = self.registry.url
         if self.postgres is not None and self.postgres.running:
@@ -154,11 +156,14 @@ class DevEnvironment:
         home: Path,
         ports: Mapping[str, int] | None = None,
         *,
+        secure: bool | None = None,
         log: Callable[[str], None] = print_to_stderr,
     ) -> None:
         self._home = Path(home).absolute()
         self._log = log
-        recorded_ports, self._services = self._read_record()
+        recorded_ports, self._services, recorded_secure = self._read_record()
+        # Like the ports: recorded unless asked for, and fixed while the broker runs.
+        self._secure = recorded_secure
         asked = dict(ports or {})
         unknown = set(asked) - set(PORT_ENVS)
         if unknown:
@@ -172,7 +177,14 @@ class DevEnvironment:
                 f"the dev environment in {self._home} runs on ports {recorded_ports}; "
                 f"run `qtasks-stream dev down` before choosing others ({changed})"
             )
+        if secure is not None and secure != recorded_secure and self._running():
+            raise DevEnvError(
+                f"the dev broker in {self._home} runs "
+                f"{'secured' if recorded_secure else 'without --secure'}; run "
+                "`qtasks-stream dev down` before switching"
+            )
         self._ports = DevPorts(**{**recorded_ports, **asked})
+        self._secure = recorded_secure if secure is None else secure
 
     @property
     def home(self) -> Path:
@@ -181,6 +193,11 @@ class DevEnvironment:
     @property
     def ports(self) -> DevPorts:
         return self._ports
+
+    @property
+    def secure(self) -> bool:
+        """Whether the broker runs (or will run) with SASL_SSL and ACLs (``--secure``)."""
+        return self._secure
 
     @property
     def services(self) -> frozenset[str]:
@@ -203,7 +220,9 @@ class DevEnvironment:
             # down to stop.
             self._services = self._services | wanted
             self._write_record()
-            exports = {"QTASKS_BOOTSTRAP_SERVERS": self._kafka().up()}
+            kafka = self._kafka()
+            kafka.up()
+            exports = kafka.client_exports()
             if registry:
                 exports["QTASKS_SCHEMA_REGISTRY_URL"] = self._registry().up()
             if postgres:
@@ -233,6 +252,7 @@ class DevEnvironment:
             home=self._home,
             ports=self._ports,
             kafka=self._kafka().status(),
+            kafka_exports=self._kafka().client_exports(),
             registry=self._registry().status() if "registry" in services else None,
             postgres=self._postgres().status() if "postgres" in services else None,
         )
@@ -259,6 +279,7 @@ class DevEnvironment:
             self._home / "kafka",
             port=self._ports.kafka,
             controller_port=self._ports.controller,
+            secure=self._secure,
             log=self._log,
         )
 
@@ -281,15 +302,18 @@ class DevEnvironment:
             f"another `dev up` or `dev down` is running in {self._home}",
         )
 
-    def _read_record(self) -> tuple[dict[str, int], frozenset[str]]:
+    def _read_record(self) -> tuple[dict[str, int], frozenset[str], bool]:
         try:
             text = self._record_file.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return {}, frozenset()
+            return {}, frozenset(), False
         try:
             record = json.loads(text)
             ports = {str(field): int(value) for field, value in record["ports"].items()}
             services = frozenset(str(name) for name in record["services"])
+            secure = record.get("secure", False)
+            if not isinstance(secure, bool):
+                raise TypeError(f"secure must be true or false, not {secure!r}")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DevEnvError(
                 f"{self._record_file} is damaged ({exc!r}); delete it and check which "
@@ -297,12 +321,13 @@ class DevEnvironment:
             ) from exc
         if not set(ports) <= set(PORT_ENVS) or not services <= set(_SERVICES):
             raise DevEnvError(f"{self._record_file} names unknown ports or services: {text!r}")
-        return ports, services
+        return ports, services, secure
 
     def _write_record(self) -> None:
         record = {
             "ports": dataclasses.asdict(self._ports),
             "services": [name for name in _SERVICES if name in self._services],
+            "secure": self._secure,
         }
         self._home.mkdir(parents=True, exist_ok=True)
         partial = self._record_file.with_name(f"{self._record_file.name}.partial")

@@ -13,6 +13,13 @@ Layout of ``home``::
     data/                log.dirs: topic data and the KRaft metadata log
     logs/                kafka.out (the JVM's stdout and stderr), format.log, maven-<version>.log
     kafka.pid            pid of the running broker
+    secure/              with ``secure``: the CA, the broker's keystore, SCRAM passwords
+                         (see :mod:`.secure`)
+
+With ``secure`` the client port is a SASL_SSL listener (SCRAM-SHA-512) and the standard
+authorizer refuses whatever no ACL allows; the controller port takes SASL PLAIN from the
+broker's own principal only. The SCRAM users ``admin`` (a super user) and ``app`` (no ACLs)
+are created when the storage is formatted.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from qtasks_stream.devenv.process import (
     run_maven,
     tail,
 )
+from qtasks_stream.devenv.secure import ADMIN_USER, APP_USER, SCRAM_MECHANISM, DevSecrets
 from qtasks_stream.errors import DevEnvError
 
 __all__ = ["KAFKA_VERSION", "DevEnvError", "DevKafka", "DevKafkaStatus"]
@@ -90,6 +98,8 @@ class DevKafkaStatus:
     bootstrap: str
     home: Path
     version: str
+    #: The CA file when the broker is secured (SASL_SSL), else None.
+    ca_file: Path | None = None
 
 
 class DevKafka:
@@ -102,6 +112,7 @@ class DevKafka:
         port: int = 19092,
         controller_port: int = 19093,
         kafka_version: str = KAFKA_VERSION,
+        secure: bool = False,
         log: Callable[[str], None] = print_to_stderr,
     ) -> None:
         if port == controller_port:
@@ -114,6 +125,7 @@ class DevKafka:
         self._port = port
         self._controller_port = controller_port
         self._version = kafka_version
+        self._secrets = DevSecrets(self._home / "secure") if secure else None
         self._log = log
         # A pid is this home's broker only if it runs kafka.Kafka with this home's config.
         self._process = ManagedProcess(
@@ -144,6 +156,25 @@ class DevKafka:
         return self._controller_port
 
     @property
+    def secrets(self) -> DevSecrets | None:
+        """The CA and passwords of a secured broker; None for a PLAINTEXT one."""
+        return self._secrets
+
+    def client_exports(self) -> dict[str, str]:
+        """The client variables for this broker: the app's principal and the CA when secured
+        (the password stays in its file, named by ``QTASKS_SASL_PASSWORD_FILE``)."""
+        exports = {"QTASKS_BOOTSTRAP_SERVERS": self.bootstrap}
+        if self._secrets is not None:
+            exports |= {
+                "QTASKS_SECURITY_PROTOCOL": "SASL_SSL",
+                "QTASKS_SASL_MECHANISM": SCRAM_MECHANISM,
+                "QTASKS_SASL_USERNAME": APP_USER,
+                "QTASKS_SASL_PASSWORD_FILE": str(self._secrets.password_file(APP_USER)),
+                "QTASKS_SSL_CAFILE": str(self._secrets.ca_file),
+            }
+        return exports
+
+    @property
     def home(self) -> Path:
         """The folder that holds the jars, config, data, logs and pid file."""
         return self._home
@@ -169,6 +200,8 @@ class DevKafka:
             self._check_java_version(java)
             self._check_ports_free()
             libs = self._ensure_libs(fetch_timeout)
+            if self._secrets is not None:
+                self._secrets.ensure()
             started = time.monotonic()
             deadline = started + timeout
             self._write_config()
@@ -208,6 +241,7 @@ class DevKafka:
             bootstrap=self.bootstrap,
             home=self._home,
             version=self._version,
+            ca_file=self._secrets.ca_file if self._secrets is not None else None,
         )
 
     def server_properties(self) -> dict[str, str]:
@@ -247,6 +281,43 @@ class DevKafka:
             "background.threads": "2",
             "num.recovery.threads.per.data.dir": "1",
             "log.cleaner.dedupe.buffer.size": "8388608",
+        } | self._security_properties()
+
+    def _security_properties(self) -> dict[str, str]:
+        """With ``secure``: SASL_SSL for clients and the broker itself, SASL PLAIN on the
+        controller port (KRaft controllers cannot check SCRAM: its credentials live in the
+        metadata they serve), and deny-by-default ACLs with ``admin`` the only super user."""
+        if self._secrets is None:
+            return {}
+        admin = self._secrets.password(ADMIN_USER)
+        plain = "org.apache.kafka.common.security.plain.PlainLoginModule"
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule"
+        return {
+            "listeners": f"SASL_SSL://{HOST}:{self._port},CONTROLLER://{HOST}:{self._controller_port}",
+            "advertised.listeners": f"SASL_SSL://{HOST}:{self._port}",
+            "inter.broker.listener.name": "SASL_SSL",
+            "listener.security.protocol.map": "CONTROLLER:SASL_PLAINTEXT,SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+            "sasl.mechanism.inter.broker.protocol": SCRAM_MECHANISM,
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": (
+                f'{plain} required username="{ADMIN_USER}" password="{admin}" '
+                f'user_{ADMIN_USER}="{admin}";'
+            ),
+            f"listener.name.sasl_ssl.{SCRAM_MECHANISM.lower()}.sasl.jaas.config": (
+                f'{scram} required username="{ADMIN_USER}" password="{admin}";'
+            ),
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(self._secrets.keystore),
+            "ssl.keystore.password": self._secrets.keystore_password,
+            "ssl.key.password": self._secrets.keystore_password,
+            # The broker is a client of itself (inter-broker): it trusts the same CA.
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self._secrets.ca_file),
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found": "false",
+            "super.users": f"User:{ADMIN_USER}",
         }
 
     # -- paths ------------------------------------------------------------------------------
@@ -340,6 +411,9 @@ class DevKafka:
             f"{key}={value.replace(chr(92), chr(92) * 2)}"
             for key, value in self.server_properties().items()
         ]
+        # It holds the broker's passwords when secured: its owner's eyes only.
+        self._server_props.touch(mode=0o600)
+        self._server_props.chmod(0o600)
         self._server_props.write_text("\n".join(lines) + "\n", encoding="utf-8")
         log4j = importlib.resources.files(_PACKAGE).joinpath("kafka-log4j2.properties")
         self._log4j_props.write_bytes(log4j.read_bytes())
@@ -371,6 +445,11 @@ class DevKafka:
             str(self._server_props),
             "--ignore-formatted",
         ]
+        if self._secrets is not None:
+            # The SCRAM users exist from the first start: the broker needs its own to serve.
+            for user in (ADMIN_USER, APP_USER):
+                password = self._secrets.password(user)
+                command += ["--add-scram", f"{SCRAM_MECHANISM}=[name={user},password={password}]"]
         self._log(f"devkafka: formatting {self._data_dir}")
         with format_log.open("wb") as out:
             try:
@@ -403,10 +482,23 @@ class DevKafka:
             str(self._server_props),
         ]
 
+    def admin_conf(self) -> dict[str, str | int]:
+        """A librdkafka configuration for this broker as its super user (``admin``)."""
+        conf: dict[str, str | int] = {"bootstrap.servers": self.bootstrap}
+        if self._secrets is not None:
+            conf |= {
+                "security.protocol": "SASL_SSL",
+                "sasl.mechanism": SCRAM_MECHANISM,
+                "sasl.username": ADMIN_USER,
+                "sasl.password": self._secrets.password(ADMIN_USER),
+                "ssl.ca.location": str(self._secrets.ca_file),
+            }
+        return conf
+
     def _admin(self) -> AdminClient:
         return AdminClient(
             {
-                "bootstrap.servers": self.bootstrap,
+                **self.admin_conf(),
                 "client.id": "qtasks-devkafka",
                 # Quiet: "connection refused" is expected while the broker starts.
                 "log_level": 0,

@@ -7,11 +7,11 @@ contradicting" identical whichever client a deployment picks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from confluent_kafka import IsolationLevel, KafkaError, KafkaException
@@ -27,17 +27,19 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
-from qtasks_stream.errors import EventLogError, TopicConfigError
+from qtasks_stream.errors import AuthorizationError, EventLogError, TopicConfigError
 from qtasks_stream.eventlog.kafka_config import ConfValue, KafkaConfig
 from qtasks_stream.records import TopicPartition, TopicSpec
 
 __all__ = [
     "ListedOffsets",
     "OffsetLister",
+    "RdkafkaLog",
     "describe_kafka_error",
     "ensure_topics",
     "is_retriable",
     "kafka_error_of",
+    "refusal",
     "retry_retriable",
     "with_rdkafka_logger",
 ]
@@ -74,26 +76,110 @@ _RETRY_BACKOFF_MAX = 0.5
 _MIN_ATTEMPT_TIMEOUT = 0.5
 
 
+class RdkafkaLog:
+    """Where one librdkafka client's log lines go: the ``qtasks_stream.rdkafka`` logger,
+    each line once per :data:`REPEAT_WINDOW_S` at most.
+
+    While a broker is down or restarting, librdkafka repeats the same ``FAIL`` line every
+    few milliseconds per connection (hundreds a second with the short backoffs a
+    transactional client uses): one line a window, then how many were held back, says the
+    same without drowning a process's log. confluent-kafka calls ``log(level, fmt, fac,
+    client, text)``; lines differing only in their numbers count as the same.
+    """
+
+    REPEAT_WINDOW_S = 10.0
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger or logging.getLogger("qtasks_stream.rdkafka")
+        # shape of a line -> (when it was last let through, lines held back since)
+        self._seen: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()  # librdkafka may log from its own threads
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        text = msg % args if args else msg
+        shape = _DIGITS.sub("#", text)
+        now = time.monotonic()
+        with self._lock:
+            last, held = self._seen.get(shape, (-self.REPEAT_WINDOW_S, 0))
+            if now - last < self.REPEAT_WINDOW_S:
+                self._seen[shape] = (last, held + 1)
+                return
+            if len(self._seen) > _MAX_SHAPES:
+                self._seen.clear()
+            self._seen[shape] = (now, 0)
+        if held:
+            text = f"{text} ({held} similar lines in the last {now - last:.0f} s not shown)"
+        self._logger.log(level, "%s", text)
+
+
+_DIGITS = re.compile(r"\d+")
+#: Distinct shapes remembered before the memory starts afresh (bounded whatever happens).
+_MAX_SHAPES = 1000
+
+
 def with_rdkafka_logger(conf: dict[str, ConfValue]) -> dict[str, Any]:
     """``conf`` with librdkafka's log lines sent to Python logging instead of stderr.
 
     confluent-kafka then queues them on the client's main queue: a producer or consumer
     emits them as it polls; an admin client only when ``poll()`` is called (see
     :func:`_admin_client`). Lines logged while the handle is being destroyed are dropped,
-    never printed.
+    never printed. Repeats are thinned out per client (:class:`RdkafkaLog`).
     """
-    return {**conf, "logger": logging.getLogger("qtasks_stream.rdkafka")}
+    return {**conf, "logger": RdkafkaLog()}
 
 
-@contextlib.contextmanager
-def _admin_client(config: KafkaConfig) -> Iterator[AdminClient]:
-    """A short-lived admin client whose log lines go to Python logging (blocking)."""
-    admin = AdminClient(with_rdkafka_logger(config.to_librdkafka()))
-    try:
-        yield admin
-    finally:
-        # Its queued log lines reach the logger only when polled: do it before dropping it.
-        admin.poll(0)
+#: Kafka protocol error codes of a refusal by the cluster's authorizer (the same numbers in
+#: librdkafka's KafkaError and aiokafka's errno), with the kind of resource each is about.
+_REFUSED: dict[int, str] = {
+    KafkaError.TOPIC_AUTHORIZATION_FAILED: "topic",
+    KafkaError.GROUP_AUTHORIZATION_FAILED: "group",
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED: "cluster",
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: "transactional id",
+}
+#: Refused at authentication: the broker's code, and librdkafka's own for a failed SASL
+#: exchange (wrong user or password).
+_UNAUTHENTICATED = frozenset({KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError._AUTHENTICATION})
+#: What each resource kind's refusal most likely lacks when the caller does not say.
+_DEFAULT_OPERATION = {
+    "topic": "access",
+    "group": "READ",
+    "cluster": "IDEMPOTENT_WRITE",
+    "transactional id": "WRITE",
+}
+
+
+def refusal(
+    code: int,
+    detail: str,
+    *,
+    principal: str,
+    operation: str = "",
+    names: Mapping[str, str] | None = None,
+) -> AuthorizationError | None:
+    """Our error for a refusal by the cluster (an ACL missing, or authentication failed),
+    naming the principal, the operation and the resource; None for any other error code.
+
+    ``operation`` and ``names`` say what the caller was doing: ``WRITE``, and the name of
+    each kind of resource it used (``{"topic": "qtasks.shop.events"}``); the code says
+    which kind was refused.
+    """
+    if code in _UNAUTHENTICATED:
+        return AuthorizationError.lacks(
+            principal,
+            "AUTHENTICATE",
+            "the cluster",
+            f"authentication failed: check the user name and password; {detail}",
+        )
+    kind = _REFUSED.get(code)
+    if kind is None:
+        return None
+    name = (names or {}).get(kind)
+    resource = f"{kind} {name}" if name else kind
+    # A producer refused on the cluster lacks IDEMPOTENT_WRITE, not its WRITE; a group is
+    # always READ (offsets committed, or read, by any client).
+    if kind in ("cluster", "group") or not operation:
+        operation = _DEFAULT_OPERATION[kind]
+    return AuthorizationError.lacks(principal, operation, resource, f"refused: {detail}")
 
 
 def is_retriable(exc: BaseException) -> bool:
@@ -156,11 +242,47 @@ def _dedupe(specs: Iterable[TopicSpec]) -> list[TopicSpec]:
 
 
 def _ensure_topics(config: KafkaConfig, specs: list[TopicSpec]) -> None:
-    with _admin_client(config) as admin:
-        _ensure_with(admin, config.request_timeout_ms / 1000, specs)
+    errors: list[KafkaError] = []
+    conf = {**with_rdkafka_logger(config.to_librdkafka()), "error_cb": errors.append}
+    admin = AdminClient(conf)
+    try:
+        _ensure_with(admin, config.request_timeout_ms / 1000, specs, config.principal)
+    except EventLogError as exc:
+        admin.poll(0)  # runs error_cb for what the connections met meanwhile
+        raise _unreachable(config, errors) or exc from exc
+    finally:
+        admin.poll(0)
 
 
-def _ensure_with(admin: AdminClient, timeout: float, specs: list[TopicSpec]) -> None:
+def _unreachable(config: KafkaConfig, errors: list[KafkaError]) -> EventLogError | None:
+    """Why the cluster could not be reached, when the client's errors say (the admin call
+    itself reports only a timeout): authentication refused, TLS failed, or no answer to a
+    plaintext client. This is the first call of every app, so its error is the one users see.
+    """
+    for err in errors:
+        refused = refusal(err.code(), err.str(), principal=config.principal)
+        if refused is not None:
+            return refused
+    for err in errors:
+        if err.code() == KafkaError._SSL:
+            return EventLogError(
+                f"the TLS handshake with {config.bootstrap_servers} failed: check "
+                f"QTASKS_SSL_CAFILE (the CA that signed the brokers' certificates; now "
+                f"{config.ssl_cafile!r}): {err.str()}"
+            )
+    if config.security_protocol == "PLAINTEXT" and any(
+        err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT) for err in errors
+    ):
+        return EventLogError(
+            f"no broker at {config.bootstrap_servers} answered a PLAINTEXT client: it is down, "
+            "or its listener wants TLS or SASL (set QTASKS_SECURITY_PROTOCOL, e.g. SASL_SSL)"
+        )
+    return None
+
+
+def _ensure_with(
+    admin: AdminClient, timeout: float, specs: list[TopicSpec], principal: str
+) -> None:
     existing = _partition_counts(admin, [s.name for s in specs], timeout)
     missing = [s for s in specs if s.name not in existing]
     to_check = [s for s in specs if s.name in existing]
@@ -187,6 +309,15 @@ def _ensure_with(admin: AdminClient, timeout: float, specs: list[TopicSpec]) -> 
                 if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                     to_check.append(spec)  # created concurrently by someone else: check it
                     continue
+                refused = err and refusal(
+                    err.code(),
+                    describe_kafka_error(exc),
+                    principal=principal,
+                    operation="CREATE",
+                    names={"topic": spec.name},
+                )
+                if refused:
+                    raise refused from exc
                 raise EventLogError(
                     f"cannot create topic {spec.name!r}: {describe_kafka_error(exc)}"
                 ) from exc

@@ -117,7 +117,13 @@ class AioConsumer(ListedOffsets, Consumer):
             except BaseException as exc:
                 await consumer.stop()
                 if isinstance(exc, KafkaError):
-                    raise map_error(exc, f"cannot start a consumer of {self._topics}") from exc
+                    raise map_error(
+                        exc,
+                        f"cannot start a consumer of {self._topics}",
+                        conf=self._kwargs,
+                        operation="READ",
+                        names={"topic": ", ".join(self._topics), "group": self._group_id or ""},
+                    ) from exc
                 raise
             self._consumer = consumer
             try:
@@ -138,7 +144,13 @@ class AioConsumer(ListedOffsets, Consumer):
                         f"{self._start_timeout:.0f}s"
                     ) from exc
                 if isinstance(exc, KafkaError):
-                    raise map_error(exc, f"cannot start a consumer of {self._topics}") from exc
+                    raise map_error(
+                        exc,
+                        f"cannot start a consumer of {self._topics}",
+                        conf=self._kwargs,
+                        operation="READ",
+                        names={"topic": ", ".join(self._topics), "group": self._group_id or ""},
+                    ) from exc
                 raise
 
     async def _assign_everything(self, consumer: Any, partitions: dict[str, set[int]]) -> None:
@@ -208,7 +220,13 @@ class AioConsumer(ListedOffsets, Consumer):
         try:
             batches = fetch.result()
         except KafkaError as exc:
-            raise map_error(exc, "poll failed") from exc
+            raise map_error(
+                exc,
+                "poll failed",
+                conf=self._kwargs,
+                operation="READ",
+                names={"topic": ", ".join(self._topics), "group": self._group_id or ""},
+            ) from exc
         records: list[Record] = []
         for atp, messages in batches.items():
             tp = TopicPartition(atp.topic, atp.partition)

@@ -48,7 +48,13 @@ class AioProducer(CheckedProducer):
             except BaseException as exc:
                 await producer.stop()
                 if isinstance(exc, KafkaError):
-                    raise map_error(exc, "cannot start the Kafka producer") from exc
+                    raise map_error(
+                        exc,
+                        "cannot start the Kafka producer",
+                        conf=self._kwargs,
+                        operation="WRITE",
+                        names={"transactional id": self._transactional_id or ""},
+                    ) from exc
                 raise
             self._producer = producer
 
@@ -120,7 +126,13 @@ class AioProducer(CheckedProducer):
             raise self._fail(exc, "send failed") from exc
 
     def _fail(self, exc: BaseException, what: str) -> EventLogError:
-        error = map_error(exc, what)
+        error = map_error(
+            exc,
+            what,
+            conf=self._kwargs,
+            operation="WRITE",
+            names={"transactional id": self._transactional_id or ""},
+        )
         txn = getattr(self._producer, "_txn_manager", None)
         # A fenced producer (or one whose sender task died) cannot be used again.
         if isinstance(exc, ProducerFenced | InvalidProducerEpoch) or (

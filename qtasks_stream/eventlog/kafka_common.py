@@ -29,6 +29,11 @@ class KafkaEventLog(EventLog):
         self._config = config
         self._offsets = OffsetLister(config)
 
+    @property
+    def config(self) -> KafkaConfig:
+        """How this log reaches its cluster (the start-up ACL check asks with it)."""
+        return self._config
+
     async def close(self) -> None:
         self._offsets.close()
 

@@ -15,10 +15,14 @@ from typing import Any
 
 from qtasks_stream.errors import ConfigurationError
 
-__all__ = ["ConfValue", "KafkaConfig"]
+__all__ = ["UNMANAGED_GROUP_PREFIX", "ConfValue", "KafkaConfig", "principal_of", "redacted"]
 
 #: A librdkafka property value; confluent-kafka converts it to the string librdkafka wants.
 ConfValue = str | int | float | bool
+
+#: The group ids confluent-kafka's consumers without a group get (librdkafka insists on one,
+#: and looks its coordinator up): on a secured cluster every role needs DESCRIBE on them.
+UNMANAGED_GROUP_PREFIX = "qtasks-unmanaged-"
 
 _SECURITY_PROTOCOLS = frozenset({"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"})
 _SECRET_FIELDS = frozenset({"sasl_password", "ssl_keyfile_password"})
@@ -87,10 +91,15 @@ class KafkaConfig:
             if f.name in _SECRET_FIELDS and value is not None:
                 parts.append(f"{f.name}='***'")
             elif f.name == "extra":
-                parts.append(f"extra={dict(value)!r}")
+                parts.append(f"extra={redacted(value)!r}")
             else:
                 parts.append(f"{f.name}={value!r}")
         return f"KafkaConfig({', '.join(parts)})"
+
+    @property
+    def principal(self) -> str:
+        """The principal the cluster sees, as its ACLs name it (``User:NAME``)."""
+        return principal_of(self.to_librdkafka())
 
     # -- librdkafka (confluent-kafka) -------------------------------------------------------
 
@@ -175,6 +184,29 @@ class KafkaConfig:
                 self.ssl_certfile, self.ssl_keyfile, password=self.ssl_keyfile_password
             )
         return context
+
+
+#: Parts of a client property name that mark its value secret (``sasl.password``,
+#: ``ssl.key.password``, ``sasl.jaas.config``, ``sasl.oauthbearer.client.secret``...).
+_SECRET_KEY_PARTS = ("password", "secret", "jaas", "token", "key.pem", "credentials")
+
+
+def redacted(properties: Mapping[str, Any]) -> dict[str, Any]:
+    """``properties`` with the values of secret-looking keys shown as ``'***'``."""
+    return {
+        key: "***" if any(part in key.lower() for part in _SECRET_KEY_PARTS) else value
+        for key, value in properties.items()
+    }
+
+
+def principal_of(conf: Mapping[str, Any]) -> str:
+    """The principal a librdkafka or aiokafka configuration authenticates as, as ACLs name it."""
+    user = conf.get("sasl.username") or conf.get("sasl_plain_username")
+    if user:
+        return f"User:{user}"
+    protocol = str(conf.get("security.protocol") or conf.get("security_protocol") or "")
+    # Without SASL the broker names a TLS client by its certificate, anyone else ANONYMOUS.
+    return "the client's certificate" if protocol.upper() == "SSL" else "User:ANONYMOUS"
 
 
 def _coerce(value: str) -> Any:

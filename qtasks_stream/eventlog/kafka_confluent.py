@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from qtasks_stream.eventlog.base import Consumer, Producer, RebalanceListener, StartFrom
 from qtasks_stream.eventlog.kafka_admin import with_rdkafka_logger
 from qtasks_stream.eventlog.kafka_common import KafkaEventLog
-from qtasks_stream.eventlog.kafka_config import ConfValue
+from qtasks_stream.eventlog.kafka_config import UNMANAGED_GROUP_PREFIX, ConfValue
 from qtasks_stream.eventlog.kafka_confluent_consumer import ConfluentConsumer
 from qtasks_stream.eventlog.kafka_confluent_producer import ConfluentProducer
 
@@ -94,7 +94,7 @@ class ConfluentEventLog(KafkaEventLog):
         settings: dict[str, ConfValue] = {
             # librdkafka insists on a group id; a consumer without a group only assign()s
             # and never commits, so a private one is never joined.
-            "group.id": group_id or f"qtasks-unmanaged-{uuid.uuid4().hex}",
+            "group.id": group_id or f"{UNMANAGED_GROUP_PREFIX}{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "isolation.level": "read_committed",

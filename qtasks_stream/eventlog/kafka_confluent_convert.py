@@ -8,7 +8,8 @@ import confluent_kafka as ck
 from confluent_kafka import KafkaError
 
 from qtasks_stream.errors import EventLogError, FencedError
-from qtasks_stream.eventlog.kafka_admin import describe_kafka_error, kafka_error_of
+from qtasks_stream.eventlog.kafka_admin import describe_kafka_error, kafka_error_of, refusal
+from qtasks_stream.eventlog.kafka_config import principal_of
 from qtasks_stream.records import Headers, TopicPartition
 
 __all__ = ["ck_tp", "headers_of", "map_error", "our_tp"]
@@ -30,14 +31,28 @@ _FENCING_CODES = frozenset(
 )
 
 
-def map_error(exc: BaseException, what: str) -> EventLogError:
-    """Our error for a librdkafka one, keeping its code; raise it ``from exc``."""
+def map_error(
+    exc: BaseException,
+    what: str,
+    *,
+    conf: dict[str, Any] | None = None,
+    operation: str = "",
+    names: dict[str, str] | None = None,
+) -> EventLogError:
+    """Our error for a librdkafka one, keeping its code; raise it ``from exc``. A refusal
+    by the cluster becomes an ``AuthorizationError`` naming the principal of ``conf`` and
+    the ``operation`` on the resources ``names`` names (see ``refusal``)."""
     if isinstance(exc, EventLogError):
         return exc
     err = kafka_error_of(exc)
     text = f"{what}: {describe_kafka_error(exc)}"
     if err is not None and err.code() in _FENCING_CODES:
         return FencedError(text)
+    if err is not None:
+        principal = principal_of(conf) if conf is not None else "this client"
+        refused = refusal(err.code(), text, principal=principal, operation=operation, names=names)
+        if refused is not None:
+            return refused
     return EventLogError(text)
 
 

@@ -72,7 +72,13 @@ class ConfluentProducer(CheckedProducer):
                     await self._run(producer.poll, 0)
                 self._executor.shutdown(wait=False)
                 self._executor = None
-                raise map_error(exc, "cannot start the Kafka producer") from exc
+                raise map_error(
+                    exc,
+                    "cannot start the Kafka producer",
+                    conf=self._conf,
+                    operation="WRITE",
+                    names={"transactional id": self._transactional_id or ""},
+                ) from exc
             self._producer = producer
 
     async def close(self) -> None:
@@ -160,7 +166,7 @@ class ConfluentProducer(CheckedProducer):
                 except Exception as exc:  # the batch as a whole failed (executor gone...)
                     for queued in batch:
                         if queued.failure is None:
-                            queued.failure = map_error(exc, "send failed")
+                            queued.failure = self._mapped(exc, "send failed", queued.records)
                 for queued in batch:
                     self._settle_send(queued)
                 batch = []
@@ -200,7 +206,7 @@ class ConfluentProducer(CheckedProducer):
         error: BaseException | None = None
         failure = queued.failure
         if isinstance(failure, KafkaException):
-            error = self._fail(failure, "send failed")
+            error = self._fail(failure, "send failed", queued.records)
             error.__cause__ = failure
         elif failure is not None:
             # Ours (EventLogError: unknown topic...) or the caller's bug (TypeError for a
@@ -211,6 +217,7 @@ class ConfluentProducer(CheckedProducer):
             error = self._fail(
                 first,
                 f"send failed, {len(queued.errors)} of {len(queued.records)} records not written",
+                queued.records,
             )
             error.__cause__ = first
         elif queued.delivered < len(queued.records):
@@ -223,8 +230,25 @@ class ConfluentProducer(CheckedProducer):
         else:
             queued.future.set_exception(error)
 
-    def _fail(self, exc: KafkaException, what: str) -> EventLogError:
-        error = map_error(exc, what)
+    def _mapped(
+        self, exc: BaseException, what: str, records: Sequence[OutRecord] = ()
+    ) -> EventLogError:
+        """``map_error`` with what a refusal of this producer's writes names."""
+        return map_error(
+            exc,
+            what,
+            conf=self._conf,
+            operation="WRITE",
+            names={
+                "topic": ", ".join(sorted({r.topic for r in records})),
+                "transactional id": self._transactional_id or "",
+            },
+        )
+
+    def _fail(
+        self, exc: KafkaException, what: str, records: Sequence[OutRecord] = ()
+    ) -> EventLogError:
+        error = self._mapped(exc, what, records)
         err = kafka_error_of(exc)
         if err is not None and err.fatal():
             self._fatal = error

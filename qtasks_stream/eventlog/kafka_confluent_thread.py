@@ -351,7 +351,15 @@ class ConsumerThread:
     def _report(self, exc: KafkaException) -> None:
         err = kafka_error_of(exc)
         if err is not None and (err.fatal() or err.code() in _CONSUMER_FATAL_CODES):
-            self._set_fatal(map_error(exc, "the Kafka consumer failed"))
+            self._set_fatal(
+                map_error(
+                    exc,
+                    "the Kafka consumer failed",
+                    conf=self._conf,
+                    operation="READ",
+                    names={"topic": ", ".join(self._topics), "group": self._group_id or ""},
+                )
+            )
         else:
             # Transient (broker down, timeouts...): librdkafka retries on its own.
             log.info("Kafka consumer: %s", describe_kafka_error(exc))

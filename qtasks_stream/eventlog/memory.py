@@ -4,7 +4,10 @@ What it keeps from Kafka: key-hash partitioning (murmur2, as Kafka's default par
 key lands on the same partition number here and there), per-partition order and offsets,
 consumer groups that split partitions between members and rebalance when members join or
 leave, committed offsets that outlive their consumers, redelivery of uncommitted work, and
-fencing of zombies (an old transactional producer, or a member of an old group generation).
+fencing of zombies (an old transactional producer, or a member of an old group generation),
+and time-based retention (a topic's ``retention.ms``: records older than it are deleted from
+the start of their partition, whose log start offset advances; a consumer positioned before
+it is reset as ``auto.offset.reset`` would, to the start or the end).
 Everything lives in one event loop; nothing is persisted.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from qtasks_stream.errors import EventLogError, FencedError, TopicConfigError
@@ -46,6 +49,44 @@ class _Signal:
             self._future.set_result(None)
 
 
+class _Partition:
+    """The retained records of one partition: offsets ``start`` to ``end - 1``."""
+
+    __slots__ = ("records", "start")
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        #: The log start offset: every record below it was deleted by retention.
+        self.start = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.records)
+
+    def read(self, offset: int, count: int) -> list[Record]:
+        index = offset - self.start
+        return self.records[index : index + count]
+
+    def expire(self, before_ms: int) -> None:
+        """Delete the leading records appended before ``before_ms``, as Kafka deletes the
+        oldest segments: a later record stays while an earlier one is retained."""
+        records = self.records
+        count = 0
+        while count < len(records) and records[count].timestamp_ms < before_ms:
+            count += 1
+        if count:
+            del records[:count]
+            self.start += count
+
+
+def _retention_ms(spec: TopicSpec) -> int | None:
+    """How long ``spec``'s records are kept; ``None``: forever (or compacted, not aged)."""
+    if spec.config.get("cleanup.policy", "delete") != "delete":
+        return None
+    retention = int(spec.config.get("retention.ms", "-1"))
+    return retention if retention >= 0 else None
+
+
 @dataclass
 class _Member:
     member_id: str
@@ -72,10 +113,20 @@ class InMemoryEventLog(EventLog):
     Args:
         session_timeout: a member that has not polled for this long is dropped from its
             group at the next rebalance, as Kafka's ``session.timeout.ms``.
+        retention_check: seconds between two passes that delete records older than their
+            topic's ``retention.ms`` (Kafka's ``log.retention.check.interval.ms``), made
+            by the append that comes after the period.
+        clock: wall time in seconds (record timestamps, retention); tests pass their own.
     """
 
-    def __init__(self, *, session_timeout: float = 10.0) -> None:
-        self._topics: dict[str, list[list[Record]]] = {}
+    def __init__(
+        self,
+        *,
+        session_timeout: float = 10.0,
+        retention_check: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._topics: dict[str, list[_Partition]] = {}
         self._specs: dict[str, TopicSpec] = {}
         self._groups: dict[str, _Group] = {}
         self._txn_epochs: dict[str, int] = {}
@@ -83,6 +134,10 @@ class InMemoryEventLog(EventLog):
         self._round_robin = itertools.count()
         self._signal = _Signal()
         self.session_timeout = session_timeout
+        self.retention_check = retention_check
+        self._clock = clock
+        self._retention: dict[str, int] = {}
+        self._next_expiry = 0.0
 
     # -- topics -------------------------------------------------------------------------
 
@@ -91,7 +146,10 @@ class InMemoryEventLog(EventLog):
             existing = self._specs.get(spec.name)
             if existing is None:
                 self._specs[spec.name] = spec
-                self._topics[spec.name] = [[] for _ in range(spec.partitions)]
+                self._topics[spec.name] = [_Partition() for _ in range(spec.partitions)]
+                retention = _retention_ms(spec)
+                if retention is not None:
+                    self._retention[spec.name] = retention
             elif existing.partitions != spec.partitions or existing.config != spec.config:
                 raise TopicConfigError(
                     f"topic {spec.name!r} exists with {existing.partitions} partitions and "
@@ -107,10 +165,34 @@ class InMemoryEventLog(EventLog):
 
     def records(self, topic: str) -> list[Record]:
         """Every record of ``topic``, partition by partition (for tests and tools)."""
-        return [r for part in self._topics.get(topic, []) for r in part]
+        return [r for part in self._topics.get(topic, []) for r in part.records]
+
+    def start_offsets(self, topic: str) -> list[int]:
+        """Each partition's log start offset (for tests and tools)."""
+        return [part.start for part in self._topics.get(topic, [])]
+
+    def delete_records(self, tp: TopicPartition, before: int) -> None:
+        """Delete the records of ``tp`` below offset ``before``, as Kafka's DeleteRecords."""
+        part = self._topics[tp.topic][tp.partition]
+        if not part.start <= before <= part.end:
+            raise EventLogError(f"{tp} holds offsets {part.start}..{part.end}, not {before}")
+        del part.records[: before - part.start]
+        part.start = before
+
+    def expire(self) -> None:
+        """Delete every record older than its topic's retention now."""
+        now = self._clock()
+        self._next_expiry = now + self.retention_check
+        for topic, retention in self._retention.items():
+            before_ms = int(now * 1000) - retention
+            for part in self._topics[topic]:
+                part.expire(before_ms)
 
     def _append(self, records: Iterable[OutRecord]) -> None:
-        now_ms = int(time.time() * 1000)
+        now = self._clock()
+        if self._retention and now >= self._next_expiry:
+            self.expire()
+        now_ms = int(now * 1000)
         for rec in records:
             parts = self._topics.get(rec.topic)
             if parts is None:
@@ -122,8 +204,8 @@ class InMemoryEventLog(EventLog):
             else:
                 index = next(self._round_robin) % len(parts)
             part = parts[index]
-            part.append(
-                Record(rec.topic, index, len(part), rec.key, rec.value, rec.headers, now_ms)
+            part.records.append(
+                Record(rec.topic, index, part.end, rec.key, rec.value, rec.headers, now_ms)
             )
         self._signal.notify()
 
@@ -297,10 +379,8 @@ class _MemoryConsumer(Consumer):
         for tp in assignment:
             if self._group_id is not None and tp in self._log._group(self._group_id).committed:
                 self._positions[tp] = self._log._group(self._group_id).committed[tp]
-            elif self._start == "earliest":
-                self._positions[tp] = 0
             else:
-                self._positions[tp] = len(self._log._topics[tp.topic][tp.partition])
+                self._positions[tp] = self._reset_position(tp)
         if self._listener is not None and assignment:
             await self._listener.on_assigned(list(assignment))
 
@@ -341,6 +421,11 @@ class _MemoryConsumer(Consumer):
                 return batch
             await self._log._signal.wait(remaining)
 
+    def _reset_position(self, tp: TopicPartition) -> int:
+        """Where ``auto.offset.reset`` puts a consumer with no valid position."""
+        part = self._log._topics[tp.topic][tp.partition]
+        return part.start if self._start == "earliest" else part.end
+
     def _fetch(self, max_records: int) -> list[Record]:
         out: list[Record] = []
         for tp in self._assigned:
@@ -348,9 +433,13 @@ class _MemoryConsumer(Consumer):
                 continue
             part = self._log._topics[tp.topic][tp.partition]
             pos = self._positions[tp]
-            if pos >= len(part):
+            if pos < part.start:
+                # Deleted by retention (or a seek before the start): Kafka answers
+                # OFFSET_OUT_OF_RANGE and the client resets as auto.offset.reset says.
+                pos = self._positions[tp] = self._reset_position(tp)
+            if pos >= part.end:
                 continue
-            take = part[pos : pos + max_records - len(out)]
+            take = part.read(pos, max_records - len(out))
             out.extend(take)
             self._positions[tp] = pos + len(take)
             if len(out) >= max_records:
@@ -387,7 +476,7 @@ class _MemoryConsumer(Consumer):
         self._positions[tp] = offset
 
     async def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        return {tp: len(self._log._topics[tp.topic][tp.partition]) for tp in tps}
+        return {tp: self._log._topics[tp.topic][tp.partition].end for tp in tps}
 
     async def offsets_for_time(
         self, tps: Sequence[TopicPartition], timestamp_ms: int
@@ -396,7 +485,9 @@ class _MemoryConsumer(Consumer):
         for tp in tps:
             part = self._log._topics[tp.topic][tp.partition]
             # The first at or after, not a bisection: a clock may step back between appends.
-            found[tp] = next((r.offset for r in part if r.timestamp_ms >= timestamp_ms), len(part))
+            found[tp] = next(
+                (r.offset for r in part.records if r.timestamp_ms >= timestamp_ms), part.end
+            )
         return found
 
     def pause(self, tps: Sequence[TopicPartition], paused: bool) -> None:

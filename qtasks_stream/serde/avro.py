@@ -150,6 +150,9 @@ class AvroSerde(Serde):
     async def start(self) -> None:
         await asyncio.to_thread(self._register_all)
 
+    def add_topics(self, topic_schemas: Mapping[str, str]) -> None:
+        self._topic_schemas.update(topic_schemas)
+
     async def close(self) -> None:
         if self._close_registry:
             # The client keeps an HTTP session; it is only ours to close when we were told so.

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
+
+from qtasks_stream.errors import SerdeError
 
 __all__ = ["Serde"]
 
@@ -16,6 +19,11 @@ class Serde(ABC):
 
     async def close(self) -> None:
         """Release connections; a no-op where there are none."""
+
+    def add_topics(self, topic_schemas: Mapping[str, str]) -> None:
+        """Also serve these topics (topic name → schema name) from the next :meth:`start`:
+        the lanes of a queue a task names after the app was built."""
+        raise SerdeError(f"{type(self).__name__} serves a fixed set of topics")
 
     @abstractmethod
     def encode(self, topic: str, value: dict[str, Any]) -> bytes:

@@ -57,6 +57,9 @@ class Stage(ABC):
     decode: bool = True
     #: False when records finish later than :meth:`handle` returns (the worker).
     done_on_return: bool = True
+    #: False: a record the stage cannot decode is skipped, not dead-lettered (a stage that
+    #: reads a topic another stage of the app dead-letters already, once is enough).
+    dead_letters: bool = True
 
     @property
     @abstractmethod

@@ -3,7 +3,9 @@
 Stages put records they cannot decode or process into the dead-letter topic with their
 original key, bytes and headers plus ``qtasks.dlq.*`` headers. This stage reads that topic
 and, where the key is a task id, records the fact in the task's history, once per source
-record (several stages may give up on the same record).
+record (several stages may give up on the same record). Records of the schedules topic
+(keyed by schedule name) and of a topic that is not the app's (a trigger's foreign topic,
+keyed by its writer) are not keyed by a task: they stay dead letters only.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class DeadLetterStage(Stage):
             parts = source.rsplit("/", 2)
             if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
                 continue
+            if (
+                parts[0] == self._topology.schedules
+                or parts[0] not in self._topology.topic_schemas()
+            ):
+                continue  # not keyed by a task id: the dead letter is all there is
             event = TaskEvent.new(
                 task_id,
                 "",

@@ -43,6 +43,7 @@ from qtasks_stream.interceptors import (
     wants,
 )
 from qtasks_stream.records import OutRecord, Record, TopicPartition
+from qtasks_stream.schedules.records import ScheduleEvent
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
 from qtasks_stream.topology import Topology
@@ -55,6 +56,7 @@ _FROM_AVRO: dict[str, Callable[[dict[str, Any]], Any]] = {
     "TaskEvent": TaskEvent.from_avro,
     "WorkItem": WorkItem.from_avro,
     "ControlCommand": ControlCommand.from_avro,
+    "ScheduleEvent": ScheduleEvent.from_avro,
 }
 
 #: Header names of dead letters; the original headers come first, unchanged.
@@ -492,7 +494,7 @@ class StageRunner:
                     data = decode(rec.topic, rec.value, branch=event_kind(rec.headers))
                     value = decoders[rec.topic](data)
                 except (SerdeError, KeyError, TypeError, ValueError) as exc:
-                    if rec.offset >= self._replay_below.get(rec.tp, 0):
+                    if self.stage.dead_letters and rec.offset >= self._replay_below.get(rec.tp, 0):
                         checkpoint.dead_letter(rec, f"cannot decode: {exc}", exc)
                     else:
                         checkpoint.done(rec)

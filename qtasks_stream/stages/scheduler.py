@@ -43,7 +43,7 @@ from qtasks_stream.events import (
 from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
 from qtasks_stream.state import TaskState, fold, reopens, work_item
-from qtasks_stream.topology import Topology
+from qtasks_stream.topology import DEFAULT_QUEUE, Topology
 
 __all__ = ["SchedulerStage"]
 
@@ -56,6 +56,8 @@ _ACTIONABLE = frozenset({"Submitted", "RetryScheduled", "CancelRequested", "Resu
 _RESTORED = _ACTIONABLE | {"Scheduled", "Released"}
 #: ``error_type`` of the failure of a task whose arguments the log no longer holds.
 ARGUMENTS_LOST = "qtasks_stream.ArgumentsLost"
+#: ``error_type`` of the failure of a task naming a queue this scheduler's app has no lanes for.
+UNKNOWN_QUEUE = "qtasks_stream.UnknownQueue"
 #: How often (seconds) ended tasks past the retention are forgotten.
 _PRUNE_EVERY_S = 60.0
 
@@ -300,9 +302,19 @@ class SchedulerStage(Stage):
             self._tasks[state.task_id] = new_state
 
     def _enqueue(self, state: TaskState, attempt: int, cp: Checkpoint) -> None:
+        queue = state.queue or DEFAULT_QUEUE
+        if queue not in self._topology.queues:
+            # No lane topic to put it in (its schema is not registered here either): an
+            # app whose tasks name the queue must run the scheduler.
+            message = (
+                f"attempt {attempt} cannot be queued: the scheduler's app {self._topology.app!r} "
+                f"has no queue {queue!r} (its queues: {', '.join(self._topology.queues)})"
+            )
+            self._emit(state, attempt, Failed(UNKNOWN_QUEUE, message, "", 0.0), cp)
+            return
         lane = self._topology.lane_for(state.priority)
         item = work_item(state, attempt, self._max_time.get(state.task_id))
-        cp.emit(self._topology.lane(lane), state.task_id, item)
+        cp.emit(self._topology.lane(lane, queue), state.task_id, item)
 
     def _schedule(self, state: TaskState, cp: Checkpoint) -> None:
         lane = self._topology.lane_for(state.priority)
@@ -343,7 +355,9 @@ class SchedulerStage(Stage):
         now = now_us()
         if now >= self._next_prune_us:
             self._prune(now)
-            self._next_prune_us = now + int(_PRUNE_EVERY_S * 1_000_000)
+            # At least once per retention: what it holds stays within twice the retention.
+            every_s = min(_PRUNE_EVERY_S, max(self._topology.retention_ms, 1000) / 1000)
+            self._next_prune_us = now + int(every_s * 1_000_000)
         while self._timers and self._timers[0][0] <= now:
             due, task_id, attempt = heapq.heappop(self._timers)
             state = self._tasks.get(task_id)

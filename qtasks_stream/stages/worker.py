@@ -9,12 +9,20 @@ TimedOut, Cancelled, or a dead letter.
 
 Cancel requests reach every worker instance through the control topic, which each instance
 reads in full without a consumer group.
+
+A worker takes the lanes of the named queues it serves (``queues``); lane ``i`` of every
+such queue shares buffer ``i``. A work item of a task the worker does not know (a rolling
+deploy: the worker runs an older version of the app) is put back at the end of its lane
+after a short delay, with the time it was first refused, so that a worker that knows the
+task (the partition's next owner) runs it; it is dead-lettered (reason ``unknown_task``)
+only once it has been refused for ``unknown_task_deadline`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -51,7 +59,7 @@ from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.serde.wire import until_registry_answers
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
 from qtasks_stream.tasks import TaskDefinition
-from qtasks_stream.topology import Topology
+from qtasks_stream.topology import DEFAULT_QUEUE, Topology
 
 __all__ = ["WorkerStage"]
 
@@ -92,8 +100,20 @@ class WorkerStage(Stage):
         echo_self: Callable[[TaskContext], Any] | None = None,
         shutdown_grace: float = 10.0,
         rng: random.Random | None = None,
+        queues: Sequence[str] = (DEFAULT_QUEUE,),
+        unknown_task_deadline: float = 300.0,
+        unknown_task_retry: float = 1.0,
     ) -> None:
         self._topology = topology
+        self._queues = tuple(queues)
+        #: The lane topics served, per lane index (one per queue).
+        self._lane_topics = [
+            [topology.lane(i, q) for q in self._queues] for i in range(topology.lanes)
+        ]
+        self._unknown_deadline = unknown_task_deadline
+        self._unknown_retry = unknown_task_retry
+        #: Work items of unknown tasks waiting to be put back: (when, record, item).
+        self._parked: list[tuple[float, Record, WorkItem]] = []
         self._tasks = tasks
         self._executor = executor
         self._serde = serde
@@ -127,7 +147,7 @@ class WorkerStage(Stage):
 
     @property
     def topics(self) -> Sequence[str]:
-        return self._topology.lane_topics
+        return [topic for queue in self._queues for topic in self._topology.queue_lanes(queue)]
 
     def capacity(self) -> int:
         # A poll may bring a whole batch for one lane: a lane holds at most twice its limit.
@@ -146,7 +166,12 @@ class WorkerStage(Stage):
                 self._lane_paused[index] = True
             elif len(lane) <= self._lane_limit // 2:
                 self._lane_paused[index] = False
-        return [self._topology.lane(i) for i, paused in enumerate(self._lane_paused) if paused]
+        return [
+            topic
+            for i, paused in enumerate(self._lane_paused)
+            if paused
+            for topic in self._lane_topics[i]
+        ]
 
     async def start(self, checkpoint: Checkpoint) -> None:
         if self._checkpoint is not None:
@@ -192,6 +217,8 @@ class WorkerStage(Stage):
 
     async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         gone = set(partitions)
+        # Not committed: the partition's next owner gets them again.
+        self._parked = [p for p in self._parked if p[1].tp not in gone]
         for lane in self._lanes:
             kept = [item for item in lane if item.record.tp not in gone]
             lane.clear()
@@ -280,12 +307,7 @@ class WorkerStage(Stage):
             return
         definition = self._tasks.get(work.task_name)
         if definition is None:
-            checkpoint.dead_letter(
-                rec,
-                f"unknown task {work.task_name!r}: no function is registered under it "
-                f"in worker {self.worker_id}",
-                None,
-            )
+            self._unknown(rec, work, checkpoint)
             return
         # Not tied to the work item: a start is a fact even if the attempt is redone, and it
         # must be visible while the attempt runs (outcomes wait for the item's offset). It
@@ -319,6 +341,49 @@ class WorkerStage(Stage):
         timer.cancel()
         assert self._checkpoint is not None
         self._checkpoint.emit(self._topology.events, task_id, started)
+
+    def _unknown(self, rec: Record, work: WorkItem, checkpoint: Checkpoint) -> None:
+        """Put a work item of a task this worker does not know back in its lane after a
+        short delay, for a worker that knows it; dead-letter it past the deadline."""
+        now = now_us()
+        since = work.unknown_since_us if work.unknown_since_us is not None else now
+        refused_s = (now - since) / 1_000_000
+        if refused_s >= self._unknown_deadline:
+            checkpoint.dead_letter(
+                rec,
+                f"unknown_task: unknown task {work.task_name!r}: no function is registered "
+                f"under it in worker {self.worker_id}, nor in a worker that took it in the "
+                f"{refused_s:.0f}s since it was first refused (unknown_task_deadline "
+                f"{self._unknown_deadline:g}s)",
+                None,
+            )
+            return
+        if work.unknown_since_us is None:
+            log.warning(
+                "worker %s: unknown task %r (%s); putting it back for a worker that knows it "
+                "for up to %gs",
+                self.worker_id,
+                work.task_name,
+                work.task_id,
+                self._unknown_deadline,
+            )
+        # Held, not done: until it is put back, a crash leaves it to the partition's next owner.
+        delay = min(self._unknown_retry, self._unknown_deadline - refused_s)
+        again = dataclasses.replace(work, unknown_since_us=since)
+        self._parked.append((time.monotonic() + delay, rec, again))
+
+    async def tick(self, checkpoint: Checkpoint) -> float | None:
+        if not self._parked:
+            return None
+        now = time.monotonic()
+        due = [p for p in self._parked if p[0] <= now]
+        if due:
+            self._parked = [p for p in self._parked if p[0] > now]
+        for _, rec, work in due:
+            # With the record's offset, in one transaction: put back exactly once.
+            checkpoint.emit(rec.topic, work.task_id, work, rec)
+            checkpoint.done(rec)
+        return min(p[0] for p in self._parked) - now if self._parked else None
 
     async def _run(
         self, definition: TaskDefinition, work: WorkItem, rec: Record

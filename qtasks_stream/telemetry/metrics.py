@@ -24,6 +24,7 @@ from qtasks_stream.interceptors import (
     ExecuteInput,
     ExecuteNext,
     Interceptor,
+    SkipInput,
     StepInput,
     StepNext,
 )
@@ -49,6 +50,7 @@ class MetricsInterceptor(Interceptor):
 
     Instruments (attribute ``qtasks.task.name`` unless said otherwise):
     ``qtasks.tasks.{submitted,succeeded,failed,retried,dead_lettered,cancelled}`` counters;
+    ``qtasks.triggers.skipped`` (records a trigger's filter skipped; also ``qtasks.topic``);
     ``qtasks.task.duration`` (s, also ``qtasks.task.status``) and ``qtasks.task.queue_wait``
     (s, from the lane record's timestamp, or from the submit where the log keeps none)
     histograms; ``qtasks.worker.in_flight`` and ``qtasks.worker.abandoned`` (calls left
@@ -66,6 +68,9 @@ class MetricsInterceptor(Interceptor):
             )
             for name in dict.fromkeys(COUNTED_KINDS.values())
         }
+        self._skipped = meter.create_counter(
+            "qtasks.triggers.skipped", unit="{record}", description="records a filter skipped"
+        )
         self._duration = meter.create_histogram(
             "qtasks.task.duration", unit="s", description="execution time of one attempt"
         )
@@ -101,6 +106,11 @@ class MetricsInterceptor(Interceptor):
             counter = COUNTED_KINDS.get(event.kind)
             if counter is not None:
                 self._counters[counter].add(1, {"qtasks.task.name": event.task_name})
+
+    def skipped(self, input: SkipInput) -> None:
+        self._skipped.add(
+            1, {"qtasks.task.name": input.task_name, "qtasks.topic": input.record.topic}
+        )
 
     async def execute(self, input: ExecuteInput, next: ExecuteNext) -> Any:
         item = input.item

@@ -15,13 +15,28 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from qtasks_stream.errors import ConfigurationError, ViewStoreError
 from qtasks_stream.events import TaskEvent
 from qtasks_stream.records import TopicPartition
 from qtasks_stream.state import PayloadDecoder, Task, TaskState, fold
 
-__all__ = ["Applied", "PositionsMoved", "TaskPage", "TaskQuery", "ViewStore", "cursor_of"]
+__all__ = [
+    "Applied",
+    "LogReset",
+    "PositionsMoved",
+    "TaskPage",
+    "TaskQuery",
+    "ViewStore",
+    "cursor_of",
+]
+
+#: What a projector does with a view whose positions lie past the end of the log it
+#: follows (the log was reset, or its topic deleted and recreated): ``"refuse"`` to start,
+#: naming the view, the topic and the offsets, or ``"rebuild"``: empty the view and fold
+#: the new log from its start.
+LogReset = Literal["refuse", "rebuild"]
 
 # A save that lost the compare-and-set is folded again; more races than this in a row
 # mean something else writes the positions.
@@ -135,6 +150,17 @@ def _unapplied(
 
 class ViewStore(ABC):
     """Applies events idempotently and answers queries about tasks."""
+
+    #: See :data:`LogReset`; ``open_view(url, on_log_reset=...)`` sets it.
+    on_log_reset: LogReset = "refuse"
+
+    def describe(self) -> str:
+        """The store as an error message names it (never with credentials)."""
+        return type(self).__name__
+
+    async def clear(self) -> None:
+        """Delete every state and position at once (a rebuild starts from here)."""
+        raise ViewStoreError(f"{self.describe()} cannot be cleared")
 
     async def start(self) -> None:
         """Open the store; a no-op by default."""

@@ -17,6 +17,13 @@ class MemoryViewStore(ViewStore):
         self._states: dict[str, TaskState] = {}
         self._positions: dict[TopicPartition, int] = {}
 
+    def describe(self) -> str:
+        return "memory://"
+
+    async def clear(self) -> None:
+        self._states.clear()
+        self._positions.clear()
+
     async def positions(self) -> dict[TopicPartition, int]:
         return dict(self._positions)
 

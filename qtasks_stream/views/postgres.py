@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -134,6 +135,18 @@ class PostgresViewStore(ViewStore):
             await self._conn().execute(f"DROP SCHEMA IF EXISTS {self._schema} CASCADE")
         except _ERRORS as exc:
             raise ViewStoreError(f"cannot drop schema {self._schema}: {exc}") from exc
+
+    def describe(self) -> str:
+        parts = urlsplit(self._dsn)  # host, port and database: no user, no password
+        where = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        return f"postgresql://{where}?schema={self._schema}"
+
+    async def clear(self) -> None:
+        s = self._schema
+        try:
+            await self._conn().execute(f"TRUNCATE {s}.tasks, {s}.tags, {s}.positions")
+        except _ERRORS as exc:
+            raise ViewStoreError(f"cannot clear the view in schema {s}: {exc}") from exc
 
     def _conn(self) -> asyncpg.Pool:
         if self._pool is None:

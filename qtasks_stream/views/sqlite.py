@@ -84,6 +84,22 @@ class SqliteViewStore(ViewStore):
             raise ViewStoreError("the SQLite view store is not started")
         return self._db
 
+    def describe(self) -> str:
+        return f"sqlite:///{self._path}"
+
+    async def clear(self) -> None:
+        async with self._lock:
+            db = self._conn()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for table in ("tasks", "tags", "positions"):
+                    db.execute(f"DELETE FROM {table}")
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise ViewStoreError(f"SQLite view {self._path!r} could not clear: {exc}") from exc
+
     async def positions(self) -> dict[TopicPartition, int]:
         async with self._lock:
             rows = self._conn().execute("SELECT topic, partition, next_offset FROM positions")

@@ -9,6 +9,11 @@
   (needs the ``postgres`` extra, asyncpg).
 
 The store is returned unstarted: ``await store.start()`` (the app does it) opens it.
+
+``on_log_reset`` says what the app's projector does when the store's positions lie past the
+end of the events topic (a reset log, a topic deleted and recreated): ``"refuse"`` (the
+default) to start, with a :class:`~qtasks_stream.errors.StaleViewError` naming the view,
+the topic and the offsets; ``"rebuild"`` to empty the store and fold the new log.
 """
 
 from __future__ import annotations
@@ -16,15 +21,25 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from qtasks_stream.errors import ConfigurationError
-from qtasks_stream.views.base import ViewStore
+from qtasks_stream.views.base import LogReset, ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
 from qtasks_stream.views.sqlite import SqliteViewStore
 
 __all__ = ["open_view"]
 
 
-def open_view(url: str) -> ViewStore:
+def open_view(url: str, *, on_log_reset: LogReset = "refuse") -> ViewStore:
     """The view store ``url`` names (see the module docstring), not yet started."""
+    if on_log_reset not in ("refuse", "rebuild"):
+        raise ConfigurationError(
+            f"on_log_reset must be 'refuse' or 'rebuild', not {on_log_reset!r}"
+        )
+    store = _open(url)
+    store.on_log_reset = on_log_reset
+    return store
+
+
+def _open(url: str) -> ViewStore:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "memory":

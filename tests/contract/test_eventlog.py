@@ -11,6 +11,7 @@ import pytest
 
 from qtasks_stream.errors import FencedError, TopicConfigError
 from qtasks_stream.eventlog.base import EventLog
+from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.records import OutRecord, Record, TopicPartition, TopicSpec
 from tests.eventlogs import EVENT_LOG_KINDS, make_event_log
 
@@ -256,6 +257,55 @@ async def test_offsets_for_time_find_the_first_record_at_or_after_a_moment(
     consumer.pause([tp1], True)
     assert [r.value for r in await _drain(consumer, 3)] == [b"after"] * 3
     await consumer.close()
+    await producer.close()
+
+
+def _delete_before(
+    log: EventLog, request: pytest.FixtureRequest, tp: TopicPartition, at: int
+) -> None:
+    """Advance the log start offset, as retention does (Kafka's DeleteRecords)."""
+    if isinstance(log, InMemoryEventLog):
+        log.delete_records(tp, at)
+        return
+    from confluent_kafka import TopicPartition as KafkaTopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": request.getfixturevalue("kafka_bootstrap")})
+    for future in admin.delete_records([KafkaTopicPartition(tp.topic, tp.partition, at)]).values():
+        future.result(timeout=30)
+
+
+async def test_positions_before_the_log_start_are_reset_to_it(
+    log: EventLog, request: pytest.FixtureRequest
+) -> None:
+    """Records deleted by retention: a committed offset or a seek before the log start
+    offset resumes at the start (auto.offset.reset=earliest), never fails nor waits."""
+    topic = _topic()
+    await log.create_topics([TopicSpec(topic, partitions=1)])
+    tp = TopicPartition(topic, 0)
+    producer = log.producer()
+    await producer.start()
+    await producer.send([OutRecord(topic, b"k", str(i).encode()) for i in range(6)])
+    group = f"g-{topic}"
+    first = log.consumer([topic], group_id=group)
+    await first.start()
+    assert [r.offset for r in await _drain(first, 6)] == list(range(6))
+    await first.commit({tp: 1})
+    await first.close()
+    _delete_before(log, request, tp, 3)
+
+    member = log.consumer([topic], group_id=group)
+    await member.start()
+    assert [r.offset for r in await _drain(member, 3)] == [3, 4, 5]
+    await member.close()
+    reader = log.consumer([topic], group_id=None)
+    await reader.start()
+    await _drain(reader, 3)
+    reader.seek(tp, 1)
+    assert [r.offset for r in await _drain(reader, 3)] == [3, 4, 5]
+    assert (await reader.end_offsets([tp]))[tp] == 6
+    assert (await reader.offsets_for_time([tp], 0))[tp] == 3
+    await reader.close()
     await producer.close()
 
 

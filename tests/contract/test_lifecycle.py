@@ -91,11 +91,12 @@ class Backend:
         """Start every stage and wait until each owns all partitions of its topics: on Kafka,
         joining the groups takes a while, and a countdown must not run out meanwhile."""
         await app.start()
+        partitions = {spec.name: spec.partitions for spec in app.topology.specs()}
         wanted = {
             runner.group: {
                 TopicPartition(topic, p)
                 for topic in runner.stage.topics
-                for p in range(app.topology.partitions)
+                for p in range(partitions[topic])
             }
             for runner in app.runners.values()
         }
@@ -137,8 +138,7 @@ class Backend:
         return task
 
     async def read(self, app: QueueTasks, topics: list[str]) -> list[Record]:
-        """Every committed record of ``topics`` (of ``app.topology.partitions`` partitions:
-        not the control topic), read to the end offsets known at the call.
+        """Every committed record of ``topics``, read to the end offsets known at the call.
 
         The end is judged by the consumer's position, not by the last offset delivered: a
         transactional partition ends with a commit marker that is never delivered.
@@ -146,7 +146,8 @@ class Backend:
         consumer = app.event_log.consumer(topics, group_id=None, start="earliest")
         await consumer.start()
         try:
-            tps = [TopicPartition(t, p) for t in topics for p in range(app.topology.partitions)]
+            partitions = {spec.name: spec.partitions for spec in app.topology.specs()}
+            tps = [TopicPartition(t, p) for t in topics for p in range(partitions[t])]
             ends = await consumer.end_offsets(tps)
             records: list[Record] = []
             deadline = time.monotonic() + self.limit

@@ -140,6 +140,19 @@ async def test_positions_are_stored_per_partition(view: ViewStore) -> None:
     assert await view.get("e") is None
 
 
+async def test_clear_empties_states_tags_and_positions(view: ViewStore) -> None:
+    """What a rebuild after a log reset starts from (``on_log_reset='rebuild'``)."""
+    log = _Log()
+    await view.apply(log.many(TP0, [_submitted("a", tags=("x",)), *_run_to_success("a")]))
+    await view.clear()
+    assert await view.positions() == {}
+    assert await view.counts() == {}
+    assert await view.query(TaskQuery(tag="x")) == []
+    await view.apply([Applied(TP0, 0, _submitted("b"))])
+    assert await view.positions() == {TP0: 1}
+    assert (await view.counts()) == {"new": 1}
+
+
 async def test_get_returns_the_decoded_task(view: ViewStore) -> None:
     log = _Log()
     await view.apply(

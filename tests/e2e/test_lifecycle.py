@@ -227,6 +227,8 @@ async def test_work_item_of_an_unregistered_task_ends_dead_lettered(
     async def registered() -> None:
         pass
 
+    # Put back in its lane for a worker that knows it, then dead-lettered past the deadline.
+    app.unknown_task_deadline = 0.3
     await app.start()
     task_id = str(uuid.uuid4())
     item = WorkItem(task_id, "ghost", 1, "[]", "{}", 1, now_us())
@@ -236,7 +238,9 @@ async def test_work_item_of_an_unregistered_task_ends_dead_lettered(
 
     task = await finished(app, task_id)
     assert task.status == "dead_letter"
-    assert "unknown task 'ghost'" in (task.error_message or "")
+    assert "unknown_task: unknown task 'ghost'" in (task.error_message or "")
+    assert "since it was first refused (unknown_task_deadline 0.3s)" in (task.error_message or "")
+    assert len([r for r in app.event_log.records(lane) if r.key == task_id.encode()]) == 2
     [event] = [e for e in log_events(app, task_id)]
     assert event.kind == "DeadLettered"
     assert event.payload.stage == "worker" and event.payload.source_topic == lane  # type: ignore[union-attr]

@@ -54,6 +54,7 @@ async def started(build: Callable[..., QueueTasks]) -> tuple[QueueTasks, dict[st
     parts = shared()
     app = build(**parts)
     register(app)
+    app.unknown_task_deadline = 0.0  # a work item of an unknown task: dead-lettered at once
     await app.start()
     return app, parts
 

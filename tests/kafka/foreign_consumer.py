@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,14 +180,21 @@ def consume_in_group(
     kinds: Collection[str],
     until: Callable[[], bool],
     timeout: float = 30.0,
+    client: Mapping[str, Any] | None = None,
+    registry_auth: str | None = None,
 ) -> int:
     """Consume ``topic`` in group ``group_id``, committing each record once handled, until
     ``until()``. Records whose ``qtasks.kind`` header is not in ``kinds`` are skipped without
-    being decoded. Returns how many records were decoded."""
+    being decoded. Returns how many records were decoded. ``client`` adds consumer properties
+    (a secured cluster's SASL and TLS ones); ``registry_auth`` is the registry's user:password.
+    """
     decoded = 0
-    with SchemaRegistryClient({"url": registry_url, "timeout": 10}) as registry:
+    registry_conf: dict[str, Any] = {"url": registry_url, "timeout": 10}
+    if registry_auth:
+        registry_conf["basic.auth.user.info"] = registry_auth
+    with SchemaRegistryClient(registry_conf) as registry:
         deserializer = AvroDeserializer(registry, return_record_name=True)
-        consumer = plain_consumer(bootstrap, group_id)
+        consumer = plain_consumer(bootstrap, group_id, **(client or {}))
         try:
             consumer.subscribe([topic])
             deadline = time.monotonic() + timeout

@@ -35,6 +35,8 @@ def test_demo_runs_every_path_and_prints_a_summary_and_a_history() -> None:
         assert line in text
     assert "status=success  attempt=2" in text  # the retried one
     assert "status=error" in text and "status=cancel" in text
+    beats = re.search(r"schedule 'heartbeat' \(every 1s\): (\d+) runs so far", text)
+    assert beats is not None and int(beats.group(1)) >= 1, text
     assert "bulk tasks not successful: 0" in text
     history = text.split("as `history` prints it):")[1]
     assert "attempt 2  on worker:" in history and "→ Succeeded" in history
@@ -135,3 +137,12 @@ def test_load_app_explains_what_is_wrong(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["worker", "-A", "nope"]) == 2
     assert "-A wants module:app" in capsys.readouterr().err
     assert sys.modules.get("tests.apps.eos_app") is not None
+
+
+def test_worker_refuses_a_queue_its_app_does_not_have(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["worker", "-A", "tests.apps.view_app:app", "--queues", "default,gpu"]) == 2
+    assert "unknown queue 'gpu' of app 'projkill': its queues are default" in (
+        capsys.readouterr().err
+    )

@@ -363,6 +363,7 @@ def test_subject_schemas_for_covers_every_avro_topic_of_the_app() -> None:
         "qtasks.shop.lane.0-value": load_schema_text("WorkItem"),
         "qtasks.shop.lane.1-value": load_schema_text("WorkItem"),
         "qtasks.shop.snapshots-value": load_schema_text("TaskSnapshot"),
+        "qtasks.shop.schedules-value": load_schema_text("ScheduleEvent"),
     }
     assert set(subjects) == {subject_for(t) for t in topology.topic_schemas()}
 

@@ -5,6 +5,7 @@ runner's commit and the next poll would do)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from qtasks_stream.events import (
 from qtasks_stream.records import OutRecord, Record, TopicPartition
 from qtasks_stream.stages import scheduler
 from qtasks_stream.stages.base import Checkpoint, Incoming
-from qtasks_stream.stages.scheduler import ARGUMENTS_LOST, SchedulerStage
+from qtasks_stream.stages.scheduler import ARGUMENTS_LOST, UNKNOWN_QUEUE, SchedulerStage
 from qtasks_stream.topology import Topology
 
 TOPOLOGY = Topology("sched", partitions=1, lanes=3)
@@ -478,6 +479,25 @@ async def test_an_ended_task_is_remembered_for_the_retention_then_forgotten(
     assert [item.task_id for _lane, item in _work(again)] == ["t1"]
 
 
+async def test_a_short_retention_is_pruned_within_the_retention_not_a_minute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long-running embedded app with a retention of seconds keeps ended tasks for about
+    that long, not for the minute between prunes (issue 12.11: memory grew with tasks)."""
+    clock = [now_us()]
+    monkeypatch.setattr(scheduler, "now_us", lambda: clock[0])
+    h = Harness()
+    h.stage = SchedulerStage(dataclasses.replace(TOPOLOGY, retention_ms=5_000))
+    await h.assign()
+    await h.tick()
+    await h.feed(_submit("t1"))
+    await h.feed(TaskEvent.new("t1", "job", 1, "worker:w", Succeeded("1", 1.0)))
+    assert h.stage.held() == {"open": 0, "ended": 1}
+    clock[0] += 12_000_000  # twice the retention: past it, and past the next prune
+    await h.tick()
+    assert h.stage.held() == {"open": 0, "ended": 0}
+
+
 async def test_events_kept_forever_keep_an_ended_task_forever(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -524,3 +544,29 @@ async def test_a_cancel_of_an_unknown_task_is_forwarded_and_nothing_is_held() ->
     assert isinstance(outputs[0].value, ControlCommand)
     assert outputs[0].value.reason == "typo"
     assert h.stage.held() == {"open": 0, "ended": 0}
+
+
+# -- named queues ---------------------------------------------------------------------------------
+
+
+async def test_a_task_of_a_named_queue_goes_to_that_queue_s_lane() -> None:
+    h = Harness()
+    h.stage = SchedulerStage(TOPOLOGY.with_queue("gpu"))
+    await h.assign()
+    outputs = await h.feed(_submit("t1", priority=1, queue="gpu"))
+    [(topic, item)] = _work(outputs)
+    assert topic == TOPOLOGY.lane(1, "gpu") == "qtasks.sched.queue.gpu.lane.1"
+    assert item.task_id == "t1"
+
+
+async def test_a_queue_the_scheduler_s_app_lacks_fails_the_task_naming_it() -> None:
+    """No lane to put it in: failing it says what to fix, instead of an encode error that
+    would stop the scheduler's partition."""
+    h = Harness()
+    await h.assign()
+    outputs = await h.feed(_submit("t1", queue="gpu"))
+    assert _work(outputs) == [] and _kinds(outputs) == ["Scheduled", "Failed"]
+    failed = _events(outputs)[-1].payload
+    assert isinstance(failed, Failed) and failed.error_type == UNKNOWN_QUEUE
+    assert "has no queue 'gpu' (its queues: default)" in failed.message
+    assert h.stage.held() == {"open": 0, "ended": 1}

@@ -69,3 +69,10 @@ def test_the_cli_moving_an_app_keeps_the_view_its_module_chose(tmp_path: Path) -
     )
     assert app.topology.events == "team.shop.events"
     assert app.view is view
+
+
+def test_on_log_reset_is_carried_by_the_store_and_checked() -> None:
+    assert open_view("memory://").on_log_reset == "refuse"
+    assert open_view("sqlite://", on_log_reset="rebuild").on_log_reset == "rebuild"
+    with pytest.raises(ConfigurationError, match="on_log_reset must be 'refuse' or 'rebuild'"):
+        open_view("memory://", on_log_reset="drop")  # type: ignore[arg-type]

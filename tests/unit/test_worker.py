@@ -5,6 +5,7 @@ control topic of a real in-memory event log."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import uuid
@@ -41,6 +42,7 @@ from qtasks_stream.stages.base import Checkpoint, Incoming
 from qtasks_stream.stages.worker import WorkerStage
 from qtasks_stream.tasks import Router
 from qtasks_stream.topology import Topology
+from tests.e2ehelpers import eventually
 
 TOPOLOGY = Topology("worker", partitions=1, lanes=3)
 LIMIT = 5.0
@@ -148,6 +150,7 @@ async def make() -> AsyncIterator[Callable[..., Any]]:
         concurrency: int = 4,
         buffer: int | None = None,
         lane_weights: tuple[int, ...] | None = None,
+        **options: Any,
     ) -> Harness:
         log = InMemoryEventLog()
         await log.create_topics(TOPOLOGY.specs())
@@ -166,6 +169,7 @@ async def make() -> AsyncIterator[Callable[..., Any]]:
             buffer=buffer,
             lane_weights=lane_weights,
             shutdown_grace=1.0,
+            **options,
         )
         cp = FakeCheckpoint()
         await stage.start(cp)
@@ -413,15 +417,59 @@ async def test_retry_on_exc_matches_subclasses(make: Callable[..., Any]) -> None
     assert isinstance(last, Failed) and last.error_type == "ConnectionError"
 
 
-async def test_unknown_task_name_is_dead_lettered(make: Callable[..., Any]) -> None:
-    h = await make(Router())
+async def test_unknown_task_name_is_dead_lettered_past_the_deadline(
+    make: Callable[..., Any],
+) -> None:
+    h = await make(Router(), unknown_task_deadline=0.0)
     item = h.item("no_such_task")
     await h.give(item)
     await h.all_done(item)
     [(record, reason, _)] = h.cp.dead
     assert record == item.record
-    assert "unknown task 'no_such_task'" in reason and "worker:test" in reason
+    assert reason.startswith("unknown_task: unknown task 'no_such_task'")
+    assert "worker:test" in reason
     assert h.cp.events == []  # never started
+
+
+async def test_unknown_task_is_put_back_in_its_lane_for_a_worker_that_knows_it(
+    make: Callable[..., Any],
+) -> None:
+    """A rolling deploy: this worker runs an older app. The item goes back to the end of its
+    lane (with the record's offset, once), carrying when it was first refused; the deadline
+    counts from then, across workers and put-backs."""
+    h = await make(Router(), unknown_task_deadline=60.0, unknown_task_retry=0.05)
+    item = h.item("added_later", lane=2)
+    before = now_us()
+    await h.give(item)
+    await eventually(lambda: bool(h.stage._parked), what="parked", limit=LIMIT)
+    assert h.cp.finished == [] and h.cp.dead == []  # held: a crash leaves it to the next owner
+    await asyncio.sleep(0.06)
+    assert await h.stage.tick(h.cp) is None
+    [(topic, again)] = h.cp.other
+    assert topic == TOPOLOGY.lane(2) and h.cp.finished == [item.record] and h.cp.dead == []
+    assert again.task_id == item.value.task_id and again.task_name == "added_later"
+    assert again.unknown_since_us is not None and before <= again.unknown_since_us <= now_us()
+
+    # Put back again, it keeps the first refusal's time; past the deadline it is dead-lettered.
+    rec = Record(TOPOLOGY.lane(2), 0, next(h.offsets), item.record.key, b"")
+    late = dataclasses.replace(again, unknown_since_us=again.unknown_since_us - 61_000_000)
+    await h.stage.handle([Incoming(rec, late)], h.cp)
+    await h.cp.until(lambda: bool(h.cp.dead), "dead-lettered")
+    [(record, reason, _)] = h.cp.dead
+    assert record is rec and "unknown_task" in reason and "61s" in reason
+
+
+async def test_an_unknown_task_put_back_is_dropped_with_its_partition(
+    make: Callable[..., Any],
+) -> None:
+    h = await make(Router(), unknown_task_retry=0.01)
+    item = h.item("added_later")
+    await h.give(item)
+    await eventually(lambda: bool(h.stage._parked), what="parked", limit=LIMIT)
+    await h.stage.on_revoked([item.record.tp])
+    await asyncio.sleep(0.02)
+    assert await h.stage.tick(h.cp) is None
+    assert h.cp.other == [] and h.cp.finished == []  # the next owner gets the record again
 
 
 async def test_user_exception_fails_the_attempt_and_the_stage_keeps_running(
