@@ -6,6 +6,10 @@ each awaited; every ``--sample`` tasks the resident set size of both processes i
 from /proc. The target (issue 16): from 50,000 tasks to the end (200,000) each process's
 RSS grows by no more than 10%. CPU per task of each process is printed beside it.
 
+The worker keeps the app's view: in memory by default, which holds every task and so grows
+with the run by design; ``--view-url`` (``QTASKS_VIEW_URL`` of the worker) gives it a
+durable one, as a deployment would, so what grows is what the pipeline itself keeps.
+
     python -m bench.bench_soak --bootstrap 127.0.0.1:19092 \\
         --registry http://127.0.0.1:18081/apis/ccompat/v7 --tasks 200000 --rate 400
 """
@@ -68,7 +72,9 @@ async def soak(args: argparse.Namespace) -> int:
         await warm_up(app, args.event_log)
         print(
             f"{args.event_log}: {args.tasks} tasks at {args.rate}/s, {args.window} in flight "
-            f"at most, worker process {worker.pid}; RSS MB and CPU us/task per {args.sample}",
+            f"at most, worker view {args.view_url or 'in memory'}\n"
+            f"  "
+            f"worker process {worker.pid}; RSS MB and CPU us/task per {args.sample}",
             flush=True,
         )
         started, cpu, worker_cpu = time.perf_counter(), time.process_time(), 0.0
@@ -144,6 +150,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="worker slots")
     parser.add_argument("--sample", type=int, default=10_000, help="tasks between samples")
     parser.add_argument("--event-log", choices=EVENT_LOGS, default="confluent")
+    parser.add_argument("--view-url", default="", help="the worker's view (QTASKS_VIEW_URL)")
     args = parser.parse_args()
     if not args.bootstrap:
         parser.error("give --bootstrap or set QTASKS_BOOTSTRAP_SERVERS")
@@ -151,6 +158,9 @@ def main() -> int:
         parser.error("the worker process needs a real schema registry (--registry)")
     if args.tasks < 4 * args.sample or args.rate <= 0 or args.window <= 0:
         parser.error("--tasks must be >= 4 x --sample, --rate and --window > 0")
+    if args.view_url:
+        # The worker process inherits this process's environment (start_worker).
+        os.environ["QTASKS_VIEW_URL"] = args.view_url
     return asyncio.run(soak(args))
 
 
