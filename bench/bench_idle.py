@@ -3,6 +3,10 @@
 For each Kafka event log, an app with every stage in this process runs one task (so the
 client's result listener is up too), settles for two seconds, then the process's CPU time
 (every thread: Python and the Kafka clients' own) is read over ``--seconds`` of idling.
+Then, as deployed, the stages in a ``qtasks-stream worker`` process and a client-only
+process (this one) apart: after one task, each process's CPU over the same idle seconds
+(the worker's from /proc/<pid>/stat). Targets (issue 16): an idle worker process at most
+1% of a core, an idle client at most 0.5%; the worker process needs a real registry.
 Beside it, in the same run, the baseline: one plain confluent-kafka consumer, assigned to an
 idle topic, polling it in one-second calls (and again with the event logs' 50 ms long poll
 and 50 ms calls). The ratio says how many such bare clients the idle app costs.
@@ -14,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 import uuid
+from pathlib import Path
 
 import confluent_kafka as ck
 
@@ -30,12 +36,18 @@ from bench.bench_kafka import (
     kafka_config,
     make_registry,
     noop_app,
+    start_worker,
+    stop_worker,
+    warm_up,
 )
 from qtasks_stream.eventlog.kafka_admin import ensure_topics
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
 from qtasks_stream.records import TopicSpec
 
 SETTLE = 2.0
+WORKER_TARGET = 0.01
+CLIENT_TARGET = 0.005
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cores(seconds: float, cpu: float) -> float:
@@ -62,6 +74,43 @@ async def idle_app(
         return cores(time.perf_counter() - started, time.process_time() - cpu)
     finally:
         await app.close()
+        close_registry(registry)
+        await cleanup(config, registry_url, app.topology, keep=False)
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # After the command name: state is field 3, utime and stime fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+async def idle_apart(
+    kind: str, config: KafkaConfig, registry_url: str, seconds: float
+) -> tuple[float, float]:
+    """Cores an idle worker process (every stage) and an idle client-only process use."""
+    prefix = f"bench-{uuid.uuid4().hex[:8]}."
+    registry = make_registry(registry_url, f"idle-apart-{prefix}")
+    app = noop_app("bench", kind, config, registry, prefix)
+    worker = start_worker(kind, config, registry_url, prefix, 64)
+    try:
+        await warm_up(app, kind)
+        await asyncio.sleep(SETTLE)
+        started, cpu = time.perf_counter(), time.process_time()
+        worker_cpu = process_cpu(worker.pid)
+        await asyncio.sleep(seconds)
+        elapsed = time.perf_counter() - started
+        return (
+            cores(elapsed, process_cpu(worker.pid) - worker_cpu),
+            cores(elapsed, time.process_time() - cpu),
+        )
+    finally:
+        await app.close()
+        stop_worker(worker)
         close_registry(registry)
         await cleanup(config, registry_url, app.topology, keep=False)
 
@@ -117,6 +166,16 @@ async def main_async(args: argparse.Namespace) -> None:
         print(
             f"  {kind:9s} idle app (every stage and a client): {used * 100:.1f}% of a core "
             f"= {used / bare:.0f} plain consumers"
+        )
+        if not (args.registry or "").startswith("http"):
+            print(f"  {kind:9s} (no --registry: the worker-process measurement needs one)")
+            continue
+        worker, client = await idle_apart(kind, config, args.registry, args.seconds)
+        print(
+            f"  {kind:9s} idle worker process: {worker * 100:.2f}% of a core "
+            f"(target <= {WORKER_TARGET * 100:.0f}%: {verdict(worker <= WORKER_TARGET)}); "
+            f"idle client-only process: {client * 100:.2f}% "
+            f"(target <= {CLIENT_TARGET * 100:.1f}%: {verdict(client <= CLIENT_TARGET)})"
         )
 
 

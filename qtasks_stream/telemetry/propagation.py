@@ -17,6 +17,7 @@ from qtasks_stream.records import Headers
 __all__ = [
     "context_from_traceparent",
     "format_traceparent",
+    "is_unsampled",
     "parse_traceparent",
     "trace_id_of",
     "traceparent_from_headers",
@@ -47,6 +48,17 @@ def parse_traceparent(value: str | None) -> SpanContext | None:
         return None
     return SpanContext(
         trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(flags_hex, 16))
+    )
+
+
+def is_unsampled(value: str | None) -> bool:
+    """Whether ``value`` is a well-formed ``traceparent`` whose sampled flag is off (a
+    trace nobody records). A string test, run per event before any span work."""
+    return (
+        value is not None
+        and len(value) == 55
+        and value[-1] in "02468ace"
+        and parse_traceparent(value) is not None
     )
 
 

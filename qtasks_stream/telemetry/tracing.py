@@ -8,6 +8,11 @@ context; retries keep the task's trace. Each attempt is a consumer span, parent 
 outcome it delivers. A stage step handles a batch of many tasks: its span starts a trace of
 its own and links to the records' contexts instead of joining one of them.
 
+Span attributes and links are built only for spans the sampler records. With the SDK's
+parent-based sampler (its default) a task whose trace was not sampled at submit costs no
+span at all downstream: its events keep the submit's ``traceparent`` (flags unsampled), and
+an attempt runs in that context, so spans the task's own code starts are not recorded either.
+
 The tracer provider is passed in; nothing here touches the global providers.
 """
 
@@ -17,6 +22,7 @@ import asyncio
 from typing import Any
 
 from opentelemetry import context as otel_context
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
 
 from qtasks_stream.events import Progress, TaskEvent
@@ -32,6 +38,7 @@ from qtasks_stream.interceptors import (
 from qtasks_stream.telemetry.propagation import (
     context_from_traceparent,
     format_traceparent,
+    is_unsampled,
     parse_traceparent,
     traceparent_from_headers,
 )
@@ -76,8 +83,53 @@ class TracingInterceptor(Interceptor):
         self._tracer = tracer_provider.get_tracer(_SCOPE)
         self._system = messaging_system
         self._max_links = max_links
+        self._skip_unsampled = _drops_unsampled_children(tracer_provider)
 
     async def execute(self, input: ExecuteInput, next: ExecuteNext) -> Any:
+        item = input.item
+        unsampled = (
+            context_from_traceparent(item.traceparent)
+            if self._skip_unsampled and is_unsampled(item.traceparent)
+            else None
+        )
+        if unsampled is not None:
+            # The sampler would drop this span: run in the task's (unsampled) context.
+            input.ctx.traceparent = item.traceparent
+            token = otel_context.attach(unsampled)
+            try:
+                return await next(input)
+            finally:
+                otel_context.detach(token)
+        with self._tracer.start_as_current_span(
+            f"execute {item.task_name}",
+            context=context_from_traceparent(item.traceparent),
+            kind=SpanKind.CONSUMER,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            recording = span.is_recording()
+            if recording:
+                span.set_attributes(self._execute_attributes(input))
+            # The outcome event (and progress) are emitted as children of this attempt.
+            input.ctx.traceparent = format_traceparent(span.get_span_context())
+            try:
+                result = await next(input)
+            except asyncio.CancelledError:
+                if recording:
+                    span.set_attribute("qtasks.task.status", "cancel")
+                raise
+            except BaseException as exc:
+                if recording:
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                    span.set_attribute("error.type", type(exc).__qualname__)
+                    span.set_attribute("qtasks.task.status", "error")
+                raise
+            if recording:
+                span.set_attribute("qtasks.task.status", "success")
+            return result
+
+    def _execute_attributes(self, input: ExecuteInput) -> dict[str, Any]:
         item = input.item
         attributes: dict[str, Any] = {
             "messaging.system": self._system,
@@ -95,32 +147,40 @@ class TracingInterceptor(Interceptor):
             attributes["messaging.destination.name"] = rec.topic
             attributes["messaging.destination.partition.id"] = str(rec.partition)
             attributes["messaging.kafka.offset"] = rec.offset
-        with self._tracer.start_as_current_span(
-            f"execute {item.task_name}",
-            context=context_from_traceparent(item.traceparent),
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            # The outcome event (and progress) are emitted as children of this attempt.
-            input.ctx.traceparent = format_traceparent(span.get_span_context())
-            try:
-                result = await next(input)
-            except asyncio.CancelledError:
-                span.set_attribute("qtasks.task.status", "cancel")
-                raise
-            except BaseException as exc:
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-                span.set_attribute("error.type", type(exc).__qualname__)
-                span.set_attribute("qtasks.task.status", "error")
-                raise
-            span.set_attribute("qtasks.task.status", "success")
-            return result
+        return attributes
 
     async def step(self, input: StepInput, next: StepNext) -> None:
         records = input.records
+        topics = sorted({rec.topic for rec in records})
+        name = f"process {topics[0]}" if len(topics) == 1 else f"process {input.stage}"
+        # A batch belongs to no one task: a new trace, linked to each record's.
+        with self._tracer.start_as_current_span(
+            name, context=otel_context.Context(), kind=SpanKind.CONSUMER
+        ) as span:
+            if span.is_recording():
+                span.set_attributes(self._step_attributes(input, topics))
+                for link in self._links(records):
+                    span.add_link(link.context)
+            await next(input)
+
+    def _step_attributes(self, input: StepInput, topics: list[str]) -> dict[str, Any]:
+        records = input.records
+        attributes: dict[str, Any] = {
+            "messaging.system": self._system,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.consumer.group.name": input.group,
+            "messaging.batch.message_count": len(records),
+            "qtasks.stage": input.stage,
+        }
+        if len(topics) == 1:
+            attributes["messaging.destination.name"] = topics[0]
+            partitions = {rec.partition for rec in records}
+            if len(partitions) == 1:
+                attributes["messaging.destination.partition.id"] = str(partitions.pop())
+        return attributes
+
+    def _links(self, records: Any) -> list[Link]:
         links: list[Link] = []
         seen: set[str] = set()
         for rec in records:
@@ -133,38 +193,45 @@ class TracingInterceptor(Interceptor):
             span_context = parse_traceparent(value)
             if span_context is not None:
                 links.append(Link(span_context))
-        topics = sorted({rec.topic for rec in records})
-        partitions = {rec.partition for rec in records}
-        attributes: dict[str, Any] = {
-            "messaging.system": self._system,
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.consumer.group.name": input.group,
-            "messaging.batch.message_count": len(records),
-            "qtasks.stage": input.stage,
-        }
-        if len(topics) == 1:
-            attributes["messaging.destination.name"] = topics[0]
-            if len(partitions) == 1:
-                attributes["messaging.destination.partition.id"] = str(partitions.pop())
-        name = f"process {topics[0]}" if len(topics) == 1 else f"process {input.stage}"
-        # A batch belongs to no one task: a new trace, linked to each record's.
-        with self._tracer.start_as_current_span(
-            name,
-            context=otel_context.Context(),
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-            links=links,
-        ):
-            await next(input)
+        return links
 
     def emit(self, input: EmitInput, next: EmitNext) -> None:
         event = input.value
         if not isinstance(event, TaskEvent) or isinstance(event.payload, Progress):
             next(input)  # work items and commands keep the task's context; progress its attempt's
             return
+        if self._skip_unsampled and is_unsampled(event.traceparent):
+            # The sampler would drop this span: the event keeps the task's traceparent.
+            next(input)
+            return
         kind = event.kind
         client = input.stage == "client"
+        # The task's trace if the event has one; a client's submit joins the caller's span.
+        parent = context_from_traceparent(event.traceparent)
+        name = f"{'submit' if client and kind == 'Submitted' else kind} {event.task_name}"
+        span = self._tracer.start_span(name.rstrip(), context=parent, kind=SpanKind.PRODUCER)
+        try:
+            if span.is_recording():
+                span.set_attributes(self._emit_attributes(input, event, client))
+                if kind in _ERROR_KINDS:
+                    span.set_status(Status(StatusCode.ERROR, _reason(event)))
+            # Built directly: dataclasses.replace costs several times more, per event.
+            stamped = TaskEvent(
+                event.task_id,
+                event.task_name,
+                event.attempt,
+                event.source,
+                event.payload,
+                event.at_us,
+                event.event_id,
+                format_traceparent(span.get_span_context()),
+            )
+            next(EmitInput(input.stage, input.topic, input.key, stamped, input.origin))
+        finally:
+            span.end()
+
+    def _emit_attributes(self, input: EmitInput, event: TaskEvent, client: bool) -> dict[str, Any]:
+        kind = event.kind
         attributes: dict[str, Any] = {
             "messaging.system": self._system,
             "messaging.operation.type": "create",
@@ -183,29 +250,18 @@ class TracingInterceptor(Interceptor):
         if origin is not None:
             # The record this event answers (a work item for an outcome).
             attributes["qtasks.origin"] = f"{origin.topic}/{origin.partition}/{origin.offset}"
-        # The task's trace if the event has one; a client's submit joins the caller's span.
-        parent = context_from_traceparent(event.traceparent)
-        name = f"{'submit' if client and kind == 'Submitted' else kind} {event.task_name}"
-        span = self._tracer.start_span(
-            name.rstrip(), context=parent, kind=SpanKind.PRODUCER, attributes=attributes
-        )
-        try:
-            if kind in _ERROR_KINDS:
-                span.set_status(Status(StatusCode.ERROR, _reason(event)))
-            # Built directly: dataclasses.replace costs several times more, per event.
-            stamped = TaskEvent(
-                event.task_id,
-                event.task_name,
-                event.attempt,
-                event.source,
-                event.payload,
-                event.at_us,
-                event.event_id,
-                format_traceparent(span.get_span_context()),
-            )
-            next(EmitInput(input.stage, input.topic, input.key, stamped, input.origin))
-        finally:
-            span.end()
+        return attributes
+
+
+def _drops_unsampled_children(provider: TracerProvider) -> bool:
+    """Whether ``provider``'s sampler drops every span whose remote parent is unsampled
+    (the SDK's ParentBased, its default, does): then such spans need not be started."""
+    sampler = getattr(provider, "sampler", None)
+    if not isinstance(sampler, ParentBased):
+        return False
+    # No public accessor: the SDK keeps ParentBased's delegates in these attributes.
+    child = getattr(sampler, "_remote_parent_not_sampled", None)
+    return isinstance(child, StaticSampler) and getattr(child, "_decision", None) is Decision.DROP
 
 
 def _reason(event: TaskEvent) -> str:

@@ -13,6 +13,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.trace import SpanKind, StatusCode
 
 from qtasks_stream import Interceptor, QueueTasks, StepInput, current
@@ -262,3 +263,55 @@ async def test_without_interceptors_emits_take_the_direct_path() -> None:
         assert all(r.checkpoint._emit_chain is None for r in app.runners.values())
         history = await app.history(task.uuid)
     assert all(e.traceparent is None for e in history)
+
+
+async def _unsampled_run(sampler: Sampler) -> tuple[list[ReadableSpan], list[str | None], bool]:
+    """One task under ``sampler`` (whose root decision drops every trace): the spans
+    exported, its events' traceparents, and whether a span its own code starts records."""
+    spans = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    app = QueueTasks("unsampled", partitions=2, concurrency=2)
+    app.add_interceptor(TracingInterceptor(provider, messaging_system="qtasks.memory"))
+    inner: list[bool] = []
+
+    @app.task
+    async def work(n: int) -> int:
+        with provider.get_tracer("user").start_as_current_span("inside") as span:
+            inner.append(span.is_recording())
+        return n
+
+    try:
+        async with app:
+            task = await app.add_task("work", 1, timeout=LIMIT)
+            assert task is not None and task.status == "success"
+            history = await app.history(task.uuid)
+    finally:
+        provider.shutdown()
+    return list(spans.get_finished_spans()), [e.traceparent for e in history], inner[0]
+
+
+async def test_an_unsampled_task_starts_no_span_and_keeps_its_submit_traceparent() -> None:
+    # The SDK's parent-based sampler drops children of an unsampled trace: no span is
+    # started for them, every event carries the trace the submit began (unsampled), and the
+    # task's own spans join it unrecorded.
+    spans, traceparents, inner_recorded = await _unsampled_run(ParentBased(ALWAYS_OFF))
+    assert spans == []
+    assert len(set(traceparents)) == 1
+    (value,) = set(traceparents)
+    assert value is not None and int(value[-2:], 16) & 1 == 0  # not sampled
+    assert not inner_recorded
+
+
+async def test_a_sampler_recording_children_of_unsampled_traces_still_gets_their_spans() -> None:
+    spans, traceparents, _ = await _unsampled_run(
+        ParentBased(ALWAYS_OFF, remote_parent_not_sampled=ALWAYS_ON)
+    )
+    kinds = {span.kind for span in spans}
+    assert SpanKind.PRODUCER in kinds and SpanKind.CONSUMER in kinds
+    assert len(set(traceparents)) > 1
+    assert all(
+        span.attributes and "qtasks.task.id" in span.attributes
+        for span in spans
+        if span.kind == SpanKind.PRODUCER
+    )
