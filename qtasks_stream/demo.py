@@ -2,14 +2,16 @@
 
 ``qtasks-stream demo`` runs it on the embedded default (or on Kafka when configured): most
 tasks succeed, one retries and then succeeds, one fails for good, one is cancelled while it
-runs, one starts after a delay, and a schedule fires every second meanwhile. It prints a
-summary with throughput and submit-to-result latency, and the full event history of the task
-that retried.
+runs, one starts after a delay, a schedule fires every second meanwhile, a chord weighs parcels in
+parallel and sums the weights in its callback, and each record the demo writes to a foreign
+topic (as another team's service would) starts one triggered task. It prints a summary with
+throughput and submit-to-result latency, and the full event history of the task that retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from datetime import timedelta
@@ -18,9 +20,20 @@ from typing import Any, TextIO
 from qtasks_stream import audit
 from qtasks_stream.app import QueueTasks
 from qtasks_stream.context import TaskContext
+from qtasks_stream.records import OutRecord, TopicSpec
 from qtasks_stream.state import Task
+from qtasks_stream.triggers import Topic
+from qtasks_stream.workflows import chord
+from qtasks_stream.workflows.canvas import Signature
 
-__all__ = ["build_demo_app", "run_demo"]
+__all__ = ["ORDERS_TOPIC", "build_demo_app", "run_demo"]
+
+#: The foreign topic of the trigger: written by "another team", so no app prefix.
+ORDERS_TOPIC = "demo.shop-orders"
+#: Records the demo writes to it, each starting one ``ship`` task.
+ORDERS = 3
+#: Parcels the chord weighs in parallel before its callback sums them.
+PARCELS = 4
 
 
 class PaymentGatewayDown(ConnectionError):
@@ -56,7 +69,47 @@ def build_demo_app(app: QueueTasks) -> QueueTasks:
     async def reminder(user: str) -> str:
         return f"reminded {user}"
 
+    @app.task(name="weigh")
+    def weigh(parcel: int) -> int:
+        return parcel * 2
+
+    @app.task(name="total_weight")
+    def total_weight(weights: list[int]) -> int:
+        return sum(weights)
+
+    @app.task(name="ship", trigger=Topic(ORDERS_TOPIC, value="json"))
+    async def ship(order: dict[str, Any]) -> str:
+        return f"shipped order {order['order']}"
+
     return app
+
+
+async def _write_orders(app: QueueTasks) -> None:
+    """Another team's service writing orders: plain JSON records on a topic of its own."""
+    await app.event_log.create_topics([TopicSpec(ORDERS_TOPIC, 1)])
+    producer = app.event_log.producer()
+    await producer.start()
+    try:
+        await producer.send(
+            [
+                OutRecord(ORDERS_TOPIC, f"o{n}".encode(), json.dumps({"order": n}).encode())
+                for n in range(1, ORDERS + 1)
+            ]
+        )
+    finally:
+        await producer.close()
+
+
+async def _shipped(app: QueueTasks, limit: float) -> list[Task]:
+    """The triggered ``ship`` tasks the view has, waiting up to ``limit`` s for all to end."""
+    deadline = time.monotonic() + limit
+    found = await app.query(task_name="ship")
+    while (
+        len(found) < ORDERS or any(t.status != "success" for t in found)
+    ) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)  # the view has no change feed to wait on
+        found = await app.query(task_name="ship")
+    return found
 
 
 async def _scheduled_runs(app: QueueTasks, name: str, limit: float) -> list[Task]:
@@ -77,6 +130,7 @@ async def run_demo(app: QueueTasks, tasks: int, out: TextIO) -> dict[str, int]:
     """Run the demo on ``app`` (already built with :func:`build_demo_app`); returns counts."""
     if tasks < 5:
         raise ValueError("the demo needs at least 5 tasks to show every path")
+    await _write_orders(app)
     async with app:
         # Periodic runs: tick ids derive from the tick, so each second is one task.
         await app.schedule(
@@ -88,6 +142,12 @@ async def run_demo(app: QueueTasks, tasks: int, out: TextIO) -> dict[str, int]:
         delayed = await app.add_task("reminder", "ada", countdown=0.5)
         long_report = await app.add_task("report", 200)
         assert retried and failing and delayed and long_report
+        parcels = await app.run_workflow(
+            chord(
+                [Signature("weigh", (p,)) for p in range(1, PARCELS + 1)],
+                Signature("total_weight"),
+            )
+        )
         await asyncio.sleep(0.2)
         await app.cancel(long_report.uuid, reason="nobody reads it")
 
@@ -154,6 +214,16 @@ async def run_demo(app: QueueTasks, tasks: int, out: TextIO) -> dict[str, int]:
         example = f", e.g. {beats[0].uuid} {' '.join(beats[0].tags)}" if beats else ""
         _line(out, f"  schedule 'heartbeat' (every 1s): {len(beats)} runs so far{example}")
         await app.schedules.delete("heartbeat")
+        weighed = await parcels.result(timeout=30)
+        outcome = f"status={weighed.status} total={weighed.value}" if weighed else "still running"
+        _line(out, f"  chord: {PARCELS} parcels weighed in parallel, then summed: {outcome}")
+        shipped = await _shipped(app, limit=5.0)
+        _line(
+            out,
+            f"  trigger {ORDERS_TOPIC!r}: {ORDERS} records written, "
+            f"{sum(1 for t in shipped if t.status == 'success')} ship tasks succeeded"
+            + "".join(f"; {r}" for r in sorted(str(t.returning) for t in shipped)),
+        )
         history = await app.history(retried.uuid)
         _line(out)
         _line(out, f"history of {retried.uuid} (read from the log, as `history` prints it):")

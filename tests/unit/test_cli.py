@@ -38,6 +38,12 @@ def test_demo_runs_every_path_and_prints_a_summary_and_a_history() -> None:
     beats = re.search(r"schedule 'heartbeat' \(every 1s\): (\d+) runs so far", text)
     assert beats is not None and int(beats.group(1)) >= 1, text
     assert "bulk tasks not successful: 0" in text
+    # 2 * (1 + 2 + 3 + 4): every parcel weighed, the callback summed them once.
+    assert "chord: 4 parcels weighed in parallel, then summed: status=success total=20" in text
+    assert (
+        "trigger 'demo.shop-orders': 3 records written, 3 ship tasks succeeded; "
+        "shipped order 1; shipped order 2; shipped order 3"
+    ) in text
     history = text.split("as `history` prints it):")[1]
     assert "attempt 2  on worker:" in history and "→ Succeeded" in history
     kinds = [
