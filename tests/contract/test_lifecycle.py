@@ -208,6 +208,14 @@ def _kafka_log(kind: str, bootstrap: str) -> EventLog:
 
 @pytest.fixture(params=BACKENDS)
 async def env(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    async with backend_of(request) as backend:
+        yield backend
+
+
+@contextlib.asynccontextmanager
+async def backend_of(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """The backend ``request.param`` names (see :data:`BACKENDS`), closed on leaving: the body
+    of a fixture parametrized with :data:`BACKENDS`, for suites beyond this one."""
     kind: str = request.param
     if kind == "memory":
         shared = InMemoryEventLog()

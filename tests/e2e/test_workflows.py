@@ -1,12 +1,14 @@
 """Workflows (chain, group, chord) on the embedded default: the workflow stage folds the
-steps' ends from the log and submits what follows."""
+steps' ends from the log and submits what follows. A chain's stop on failure and resume on
+resubmit runs on every backend (the contract suite's, on the dev broker too)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
@@ -15,8 +17,10 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from qtasks_stream import QueueTasks
 from qtasks_stream.errors import TaskNotFoundError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
-from qtasks_stream.events import Submitted, now_us
+from qtasks_stream.events import TERMINAL_KINDS, Submitted, now_us
+from qtasks_stream.rerun import ResubmitFilter
 from qtasks_stream.workflows import chain, chord, group
+from tests.contract.test_lifecycle import BACKENDS, Backend, backend_of
 from tests.e2ehelpers import eventually
 
 LIMIT = 10.0
@@ -143,10 +147,14 @@ async def test_typed_values_between_steps(make_app: Callable[..., QueueTasks]) -
         assert result is not None and result.status == "success" and result.value == 7
 
 
-async def test_chain_stops_at_failure_and_resumes_on_resubmit(
-    make_app: Callable[..., QueueTasks], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    app = make_app("wf-resume")
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    async with backend_of(request) as built:
+        yield built
+
+
+async def test_chain_stops_at_failure_and_resumes_on_resubmit(backend: Backend) -> None:
+    app = backend.app("wf-resume")
     t = _tasks(app)
     fail = {"on": True}
 
@@ -156,20 +164,21 @@ async def test_chain_stops_at_failure_and_resumes_on_resubmit(
             raise RuntimeError("not yet")
         return a + 1
 
-    async with app:
-        handle = await app.run_workflow(chain(t["add"].s(1, 1), flaky.s(), t["double"].s()))  # type: ignore[attr-defined]
-        result = await handle.result(LIMIT)
-        assert result is not None and result.status == "error"
-        assert [f["error_type"] for f in result.failures] == ["RuntimeError"]
-        assert result.failures[0]["task_id"] == handle.step_id("1")
-        assert await app.history(handle.step_id("2")) == []  # the chain stopped
-        fail["on"] = False
-        from qtasks_stream.rerun import ResubmitFilter
-
-        found = await app.resubmit(ResubmitFilter(task_ids=frozenset({handle.step_id("1")})))
-        assert [r.task_id for r in found if r.event is not None] == [handle.step_id("1")]
-        result = await handle.result(LIMIT)
-        assert result is not None and result.status == "success" and result.value == 6
+    await backend.start(app)
+    handle = await app.run_workflow(chain(t["add"].s(1, 1), flaky.s(), t["double"].s()))  # type: ignore[attr-defined]
+    result = await handle.result(backend.limit)
+    assert result is not None and result.status == "error"
+    assert [f["error_type"] for f in result.failures] == ["RuntimeError"]
+    assert result.failures[0]["task_id"] == handle.step_id("1")
+    assert await app.history(handle.step_id("2")) == []  # the chain stopped
+    fail["on"] = False
+    found = await app.resubmit(ResubmitFilter(task_ids=frozenset({handle.step_id("1")})))
+    assert [r.task_id for r in found if r.event is not None] == [handle.step_id("1")]
+    result = await handle.result(backend.limit)
+    assert result is not None and result.status == "success" and result.value == 6
+    # Every step ended once with its final outcome: the failed one twice (it was resubmitted).
+    ends = Counter(e.task_id for e in await backend.events(app) if e.kind in TERMINAL_KINDS)
+    assert ends == {handle.step_id("0"): 1, handle.step_id("1"): 2, handle.step_id("2"): 1}
 
 
 async def test_chord_callback_waits_for_success_or_takes_failures(
