@@ -136,9 +136,10 @@ async def test_a_thousand_records_start_a_thousand_tasks_across_a_kill(
         # Every task ended once (bodies may rerun after the kill; outcomes may not).
         deadline = time.monotonic() + 30
         while True:
+            read = await _read(log, app.topology.events, app.topology.partitions)
             events = [
                 TaskEvent.from_avro(app.serde.decode(app.topology.events, r.value or b""))
-                for r in await _read(log, app.topology.events, app.topology.partitions)
+                for r in read
             ]
             terminal = collections.Counter(e.task_id for e in events if e.kind in TERMINAL_KINDS)
             if len(terminal) >= RECORDS or time.monotonic() > deadline:
@@ -166,9 +167,14 @@ async def test_a_thousand_records_start_a_thousand_tasks_across_a_kill(
     assert set(submits) == expected
     assert all(n == 1 for n in submits.values()), {t: n for t, n in submits.items() if n != 1}
     twice = {t: n for t, n in terminal.items() if n != 1}
-    assert not twice, [
-        (e.task_id, e.kind, e.source, e.attempt) for e in events if e.task_id in twice
-    ]
+    # Where each event of a task that ended twice sits in the log, with its payload: which
+    # worker wrote which outcome, in which order.
+    assert not twice, "\n".join(
+        f"{r.partition}/{r.offset} {e.at_us} {e.task_id} {e.kind} {e.source} "
+        f"attempt={e.attempt} event_id={e.event_id} {e.payload!r}"
+        for r, e in zip(read, events, strict=True)
+        if e.task_id in twice
+    )
     assert set(terminal) == expected
     assert all(e.source == "trigger" for e in events if isinstance(e.payload, Submitted))
 
