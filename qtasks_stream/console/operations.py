@@ -19,6 +19,7 @@ from qtasks_stream.app import QueueTasks
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 from qtasks_stream.rerun import ResubmitFilter
 from qtasks_stream.state import Task
+from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import TaskPage, TaskQuery
 
 __all__ = [
@@ -199,10 +200,18 @@ def _time(params: Mapping[str, str], name: str) -> int | None:
 
 
 def task_query(params: Mapping[str, str], limit: int = 50) -> TaskQuery:
-    """A view query from request parameters: status, name, tag, since, until, limit, after."""
+    """A view query from request parameters: status, name, tag, queue, since, until, limit,
+    after."""
     status = params.get("status") or None
     if status is not None and status not in STATUSES:
         raise ConsoleError(400, f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+    queue = params.get("queue") or None
+    if queue is not None:
+        # Any well-formed name: tasks of a queue the app no longer declares are still listed.
+        try:
+            Topology.check_queue_name(queue)
+        except ConfigurationError as exc:
+            raise ConsoleError(400, f"queue: {exc}") from exc
     text = params.get("limit", "").strip()
     if text:
         if not text.isdigit():
@@ -213,6 +222,7 @@ def task_query(params: Mapping[str, str], limit: int = 50) -> TaskQuery:
             status=status,
             task_name=params.get("name") or None,
             tag=params.get("tag") or None,
+            queue=queue,
             since_us=_time(params, "since"),
             until_us=_time(params, "until"),
             limit=limit,

@@ -138,6 +138,7 @@ def tasks_page(
     counts: Mapping[str, int],
     params: Mapping[str, str],
     task_names: Iterable[str],
+    queues: Iterable[str],
     settings: ConsoleSettings,
     app_name: str,
     signed_in: bool,
@@ -152,12 +153,15 @@ def tasks_page(
         paging.append(
             f'<a href="{esc(_link(params, after=page.next_cursor))}" id="next">next page »</a>'
         )
+    # A queue the app no longer declares stays chosen when its tasks are listed.
+    shown_queues = sorted({*queues, *filter(None, [params.get("queue")])})
     live = "/api/live?" + urlencode({k: v for k, v in params.items() if v})
     body = f"""<h1>Tasks</h1>
 {_counts(counts, params)}
 <form method="get" action="/" class="filters" id="filters">
 <label>status {_select("status", STATUSES, params.get("status"))}</label>
 <label>name {_select("name", sorted(task_names), params.get("name"))}</label>
+<label>queue {_select("queue", shown_queues, params.get("queue"))}</label>
 <label>tag <input name="tag" id="f-tag" value="{esc(params.get("tag", ""))}" size="10"></label>
 <label>since <input name="since" value="{esc(params.get("since", ""))}" size="20"
  placeholder="2026-12-07T20:00:00Z"></label>

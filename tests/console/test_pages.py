@@ -143,6 +143,21 @@ async def test_the_list_page_filters_pages_and_counts(console: Console) -> None:
     assert bad.status_code == 400 and "status must be one of" in bad.text
 
 
+async def test_the_list_page_filters_by_queue(console: Console) -> None:
+    plain = await console.submit("add", 1, 1)
+    report = await console.submit("report", "q")
+    for task_id in [plain, report]:
+        await console.ended(task_id)
+    signed = console.signed_in()
+    page = (await signed.get("/", params={"queue": "reports"})).text
+    assert report in page and plain not in page
+    assert '<option value="reports" selected>reports</option>' in page
+    assert '<option value="default">default</option>' in page
+    # A queue the app no longer declares stays chosen (its old tasks are still listed).
+    gone = (await signed.get("/", params={"queue": "retired"})).text
+    assert '<option value="retired" selected>retired</option>' in gone
+
+
 async def test_the_trace_link_follows_the_template() -> None:
     settings = ConsoleSettings(TOKEN, trace_url="https://jaeger.example/trace/{trace_id}")
     assert settings.trace_link("abc/def") == "https://jaeger.example/trace/abc%2Fdef"
