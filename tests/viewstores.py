@@ -34,7 +34,24 @@ class ViewFactory:
 
     async def fresh(self) -> ViewStore:
         """A new, empty store."""
-        return await self._open(f"v{uuid.uuid4().hex[:12]}")
+        return await self._open(self.new_name())
+
+    @staticmethod
+    def new_name() -> str:
+        """A name for :meth:`named` no store has yet."""
+        return f"v{uuid.uuid4().hex[:12]}"
+
+    def sqlite_path(self, name: str) -> Path:
+        """The file of the SQLite store ``name``."""
+        return self._tmp_path / f"{name}.sqlite"
+
+    @property
+    def dsn(self) -> str:
+        return self._dsn
+
+    async def named(self, name: str) -> ViewStore:
+        """The store ``name`` (its SQLite file or PostgreSQL schema), opened, whatever it holds."""
+        return await self._open(name)
 
     async def handle(self, store: ViewStore) -> ViewStore:
         """A second handle on ``store``'s data (as a second projector process would have);
@@ -48,7 +65,7 @@ class ViewFactory:
         if self.kind == "memory":
             store = MemoryViewStore()
         elif self.kind == "sqlite":
-            store = SqliteViewStore(self._tmp_path / f"{name}.sqlite")
+            store = SqliteViewStore(self.sqlite_path(name))
         else:
             from qtasks_stream.views.postgres import PostgresViewStore
 

@@ -118,6 +118,7 @@ def openapi_document(task_names: Sequence[str]) -> dict[str, Any]:
                         _query("status", "new, scheduled, process, retry, success, error, ..."),
                         _query("name", "task name"),
                         _query("tag", "a tag the task has"),
+                        _query("queue", "the named queue the task was submitted to"),
                         _query("since", "created at or after (ISO 8601 or epoch seconds)"),
                         _query("until", "created before"),
                         _query("limit", "1..10000, default 50"),

@@ -17,9 +17,12 @@ import orjson
 from qtasks_stream import audit, dlq
 from qtasks_stream.app import QueueTasks
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
+from qtasks_stream.events import Submitted
 from qtasks_stream.rerun import ResubmitFilter
 from qtasks_stream.state import Task
+from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import TaskPage, TaskQuery
+from qtasks_stream.workflows.tree import workflow_document
 
 __all__ = [
     "STATUSES",
@@ -199,10 +202,18 @@ def _time(params: Mapping[str, str], name: str) -> int | None:
 
 
 def task_query(params: Mapping[str, str], limit: int = 50) -> TaskQuery:
-    """A view query from request parameters: status, name, tag, since, until, limit, after."""
+    """A view query from request parameters: status, name, tag, queue, since, until, limit,
+    after."""
     status = params.get("status") or None
     if status is not None and status not in STATUSES:
         raise ConsoleError(400, f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+    queue = params.get("queue") or None
+    if queue is not None:
+        # Any well-formed name: tasks of a queue the app no longer declares are still listed.
+        try:
+            Topology.check_queue_name(queue)
+        except ConfigurationError as exc:
+            raise ConsoleError(400, f"queue: {exc}") from exc
     text = params.get("limit", "").strip()
     if text:
         if not text.isdigit():
@@ -213,6 +224,7 @@ def task_query(params: Mapping[str, str], limit: int = 50) -> TaskQuery:
             status=status,
             task_name=params.get("name") or None,
             tag=params.get("tag") or None,
+            queue=queue,
             since_us=_time(params, "since"),
             until_us=_time(params, "until"),
             limit=limit,
@@ -246,6 +258,11 @@ class TaskDetail:
     task: Task
     history: dict[str, Any]
     as_of_us: int | None
+    #: The workflow the task is a step of, as ``qtasks-stream history --tree`` has it
+    #: (:func:`qtasks_stream.workflows.tree.workflow_document`), now; None for other tasks.
+    workflow: dict[str, Any] | None = None
+    #: The step's path in that workflow ("0", "1.2", "body").
+    workflow_step: str | None = None
 
 
 async def detail(app: QueueTasks, task_id: str, as_of: str | None) -> TaskDetail:
@@ -266,8 +283,25 @@ async def detail(app: QueueTasks, task_id: str, as_of: str | None) -> TaskDetail
     document = audit.history_document(
         task_id, app.topology.events, events, at, app.payloads.decode_plain
     )
+    submitted = next((e.payload for e in events if isinstance(e.payload, Submitted)), None)
+    workflow = None
+    if submitted is not None and submitted.workflow_id:
+        workflow = await workflow_document(
+            app.event_log,
+            app.serde,
+            app.topology.events,
+            app.topology.partitions,
+            submitted.workflow_id,
+            app.payloads.decode_plain,
+        )
     # From the same read as the timeline: the two agree, and the log is read once.
-    return TaskDetail(state.to_task(app.payloads), document, at)
+    return TaskDetail(
+        state.to_task(app.payloads),
+        document,
+        at,
+        workflow,
+        submitted.workflow_step if workflow is not None and submitted is not None else None,
+    )
 
 
 async def get(app: QueueTasks, task_id: str, as_of: str | None) -> Task:

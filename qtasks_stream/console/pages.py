@@ -18,6 +18,7 @@ import orjson
 from qtasks_stream.console.operations import STATUSES, LetterRow, TaskDetail, dumps
 from qtasks_stream.console.settings import ConsoleSettings
 from qtasks_stream.rerun import RESUBMITTABLE
+from qtasks_stream.schedules.api import schedule_run
 from qtasks_stream.state import Task
 from qtasks_stream.views.base import TaskPage
 
@@ -138,6 +139,7 @@ def tasks_page(
     counts: Mapping[str, int],
     params: Mapping[str, str],
     task_names: Iterable[str],
+    queues: Iterable[str],
     settings: ConsoleSettings,
     app_name: str,
     signed_in: bool,
@@ -152,12 +154,15 @@ def tasks_page(
         paging.append(
             f'<a href="{esc(_link(params, after=page.next_cursor))}" id="next">next page »</a>'
         )
+    # A queue the app no longer declares stays chosen when its tasks are listed.
+    shown_queues = sorted({*queues, *filter(None, [params.get("queue")])})
     live = "/api/live?" + urlencode({k: v for k, v in params.items() if v})
     body = f"""<h1>Tasks</h1>
 {_counts(counts, params)}
 <form method="get" action="/" class="filters" id="filters">
 <label>status {_select("status", STATUSES, params.get("status"))}</label>
 <label>name {_select("name", sorted(task_names), params.get("name"))}</label>
+<label>queue {_select("queue", shown_queues, params.get("queue"))}</label>
 <label>tag <input name="tag" id="f-tag" value="{esc(params.get("tag", ""))}" size="10"></label>
 <label>since <input name="since" value="{esc(params.get("since", ""))}" size="20"
  placeholder="2026-12-07T20:00:00Z"></label>
@@ -268,6 +273,78 @@ def _timeline(task_id: str, document: Mapping[str, Any]) -> str:
     return "".join(sections)
 
 
+#: A workflow's status (:mod:`qtasks_stream.workflows.fold`) → the task status it is coloured as.
+_WORKFLOW_COLOUR = {"running": "process", "succeeded": "success", "failed": "error"}
+
+
+def _workflow_status(status: str) -> str:
+    colour = _WORKFLOW_COLOUR.get(status, "cancel")
+    return f'<span class="status s-{colour}">{esc(status)}</span>'
+
+
+def _membership(detail: TaskDetail) -> list[tuple[str, str]]:
+    """Facts rows naming the schedule whose run the task is and the workflow it is a step of."""
+    rows = []
+    run = schedule_run(detail.task.tags)
+    if run is not None:
+        name, tick = run
+        link = esc(_link({}, tag=f"schedule:{name}"))
+        rows.append(
+            (
+                "schedule",
+                f'<a href="{link}" id="schedule">{esc(name)}</a>'
+                + (f" run of the tick {esc(tick)}" if tick else ""),
+            )
+        )
+    workflow = detail.workflow
+    if workflow is not None:
+        step = esc(detail.workflow_step or "")
+        status = _workflow_status(workflow["status"])
+        rows.append(
+            (
+                "workflow",
+                f'<a href="#workflow" class="mono">{esc(workflow["workflow_id"])}</a> '
+                f"step <span class=mono>{step}</span> ({status})",
+            )
+        )
+    return rows
+
+
+def _workflow(document: Mapping[str, Any], current: str) -> str:
+    """A :func:`~qtasks_stream.workflows.tree.workflow_document` as nested lists, each step
+    linked to its task page."""
+
+    def node(item: Mapping[str, Any]) -> str:
+        if item["type"] == "task":
+            step = item["step"]
+            head = f"<span class=mono>{esc(step['path'])}</span> {esc(item['task'])}"
+            if "task_id" not in step:
+                return f'<li class="step">{head}: not submitted</li>'
+            here = " current" if step["task_id"] == current else ""
+            group = f" <small>group {esc(step['group_id'])}</small>" if step.get("group_id") else ""
+            return (
+                f'<li class="step{here}" data-step="{esc(step["path"])}">{head} '
+                f'<a href="/tasks/{quote(step["task_id"])}" class="mono">{esc(step["task_id"])}</a>'
+                f" {_status(step['status'])} <small>attempts: {len(step['attempts'])}</small>"
+                f"{group}</li>"
+            )
+        if item["type"] == "chord":
+            return (
+                f"<li>chord <small>on_error={esc(item['on_error'])}</small><ul>"
+                f"{node(item['header'])}<li>then<ul>{node(item['body'])}</ul></li></ul></li>"
+            )
+        children = "".join(node(c) for c in item["children"])
+        return f"<li>{esc(item['type'])}<ul>{children}</ul></li>"
+
+    cancel = " (cancel requested)" if document["cancel_requested"] else ""
+    return (
+        f'<h2>Workflow <span class="mono small">{esc(document["workflow_id"])}</span></h2>'
+        f'<section id="workflow"><p>{_workflow_status(document["status"])}{esc(cancel)} '
+        f"<small>now, from the log</small></p>"
+        f'<ul class="workflow">{node(document["tree"])}</ul></section>'
+    )
+
+
 def _action(task_id: str, action: str, label: str, question: str, settings: ConsoleSettings) -> str:
     return (
         f'<form method="post" action="/tasks/{quote(task_id)}/{action}" class="action" '
@@ -324,6 +401,7 @@ def task_page(
                 f"requested: {esc(task.cancel_reason or '')}" if task.cancel_requested else "",
             ),
             ("trace", trace_html),
+            *_membership(detail),
         ]
     )
     error = ""
@@ -351,6 +429,7 @@ def task_page(
 kwargs <pre id="kwargs">{_pretty(task.kwargs)}</pre></div>
 <h2>Result</h2><pre id="result">{_pretty(task.returning)}</pre>
 {error}
+{_workflow(detail.workflow, tid) if detail.workflow is not None else ""}
 <h2>Timeline <small>from the log, {len(document["attempts"])} sections</small></h2>
 <div id="timeline">{_timeline(tid, document)}</div>
 <p><a href="/api/tasks/{quote(tid)}/history">history as JSON</a></p>"""

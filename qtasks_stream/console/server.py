@@ -291,6 +291,7 @@ class Console:
                 counts,
                 params,
                 self.app.definitions,
+                self.app.topology.queues,
                 self.settings,
                 self.app.name,
                 self._signed_in(request),

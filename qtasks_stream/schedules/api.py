@@ -29,7 +29,7 @@ from qtasks_stream.state import TaskState, fold
 if TYPE_CHECKING:
     from qtasks_stream.app import QueueTasks
 
-__all__ = ["Schedules", "run_tick"]
+__all__ = ["Schedules", "run_tick", "schedule_run"]
 
 _CATCH_UP = ("skip", "one", "all")
 _OVERLAP = ("skip", "allow")
@@ -257,7 +257,18 @@ def _since(
 
 def run_tick(state: TaskState) -> str:
     """The tick a run was fired for, as its ``tick:`` tag says (UTC ISO 8601 text)."""
-    return next((t[5:] for t in state.tags if t.startswith("tick:")), "")
+    return _tag(state.tags, "tick:")
+
+
+def schedule_run(tags: Sequence[str]) -> tuple[str, str] | None:
+    """(schedule name, tick) of a task whose tags say it is a schedule's run (``schedule:``
+    and ``tick:``, as the schedule stage tags it), else None."""
+    name = _tag(tags, "schedule:")
+    return (name, _tag(tags, "tick:")) if name else None
+
+
+def _tag(tags: Sequence[str], prefix: str) -> str:
+    return next((t[len(prefix) :] for t in tags if t.startswith(prefix)), "")
 
 
 def _check_name(name: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qtasks_stream.errors import ConfigurationError, ViewStoreError
-from qtasks_stream.events import TaskEvent
+from qtasks_stream.events import DEFAULT_QUEUE, TaskEvent
 from qtasks_stream.records import TopicPartition
 from qtasks_stream.state import PayloadDecoder, Task, TaskState, fold
 
@@ -30,6 +30,7 @@ __all__ = [
     "TaskQuery",
     "ViewStore",
     "cursor_of",
+    "queue_of",
 ]
 
 #: What a projector does with a view whose positions lie past the end of the log it
@@ -56,6 +57,11 @@ class PositionsMoved(ViewStoreError):
     """``_save`` found stored positions other than those the fold started from."""
 
 
+def queue_of(state: TaskState) -> str:
+    """The queue a store files ``state`` under (its queue column)."""
+    return state.queue or DEFAULT_QUEUE
+
+
 def cursor_of(state: TaskState) -> str:
     """The paging cursor just past ``state`` in the stable order (created time, then id)."""
     return f"{state.created_us}:{state.task_id}"
@@ -73,6 +79,8 @@ class TaskQuery:
     status: str | None = None
     task_name: str | None = None
     tag: str | None = None
+    #: The named queue (``"default"`` matches the tasks submitted before queues existed).
+    queue: str | None = None
     #: Created at or after, microseconds since the epoch.
     since_us: int | None = None
     #: Created before, microseconds since the epoch.
@@ -110,6 +118,7 @@ class TaskQuery:
             and (self.status is None or state.status == self.status)
             and (self.task_name is None or state.task_name == self.task_name)
             and (self.tag is None or self.tag in state.tags)
+            and (self.queue is None or queue_of(state) == self.queue)
             and (self.since_us is None or state.created_us >= self.since_us)
             and (self.until_us is None or state.created_us < self.until_us)
         )

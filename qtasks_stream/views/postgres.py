@@ -20,7 +20,7 @@ import asyncpg
 from qtasks_stream.errors import ConfigurationError, ViewStoreError
 from qtasks_stream.records import TopicPartition
 from qtasks_stream.state import TaskState
-from qtasks_stream.views.base import PositionsMoved, TaskQuery, ViewStore
+from qtasks_stream.views.base import PositionsMoved, TaskQuery, ViewStore, queue_of
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresViewStore"]
 
@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS {s}.tasks (
     status TEXT NOT NULL,
     created_us BIGINT NOT NULL,
     updated_us BIGINT NOT NULL,
-    state TEXT NOT NULL
+    state TEXT NOT NULL,
+    queue TEXT NOT NULL DEFAULT 'default'
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON {s}.tasks (status, created_us, task_id);
 CREATE INDEX IF NOT EXISTS tasks_name ON {s}.tasks (task_name, created_us, task_id);
@@ -54,6 +55,13 @@ CREATE TABLE IF NOT EXISTS {s}.positions (
     PRIMARY KEY (topic, partition)
 );
 """
+# A schema made before the queue column: the column is added and filled from each row's state
+# (a state without a queue is in the default one); then the index that needs it.
+_ADD_QUEUE = """
+ALTER TABLE {s}.tasks ADD COLUMN queue TEXT NOT NULL DEFAULT 'default';
+UPDATE {s}.tasks SET queue = coalesce(state::jsonb ->> 'queue', 'default');
+"""
+_QUEUE_INDEX = "CREATE INDEX IF NOT EXISTS tasks_queue ON {s}.tasks (queue, created_us, task_id)"
 
 
 class PostgresViewStore(ViewStore):
@@ -86,12 +94,12 @@ class PostgresViewStore(ViewStore):
             "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset"
         )
         self._sql_tasks = (
-            f"INSERT INTO {s}.tasks (task_id, task_name, status, created_us, updated_us, state) "
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], "
-            "$5::bigint[], $6::text[]) "
+            f"INSERT INTO {s}.tasks (task_id, task_name, status, created_us, updated_us, state, "
+            "queue) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], "
+            "$5::bigint[], $6::text[], $7::text[]) "
             "ON CONFLICT (task_id) DO UPDATE SET task_name = EXCLUDED.task_name, "
             "status = EXCLUDED.status, created_us = EXCLUDED.created_us, "
-            "updated_us = EXCLUDED.updated_us, state = EXCLUDED.state"
+            "updated_us = EXCLUDED.updated_us, state = EXCLUDED.state, queue = EXCLUDED.queue"
         )
         self._sql_tags = (
             f"INSERT INTO {s}.tags (task_id, tag) SELECT * FROM unnest($1::text[], $2::text[]) "
@@ -117,6 +125,14 @@ class PostgresViewStore(ViewStore):
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._schema)
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema}")
                 await conn.execute(_DDL.format(s=self._schema))
+                has_queue = await conn.fetchval(
+                    "SELECT 1 FROM information_schema.columns WHERE table_schema = $1 "
+                    "AND table_name = 'tasks' AND column_name = 'queue'",
+                    self._schema,
+                )
+                if has_queue is None:
+                    await conn.execute(_ADD_QUEUE.format(s=self._schema))
+                await conn.execute(_QUEUE_INDEX.format(s=self._schema))
         except _ERRORS as exc:
             await pool.close()
             raise ViewStoreError(
@@ -203,6 +219,7 @@ class PostgresViewStore(ViewStore):
                         [s.created_us for s in states],
                         [s.updated_us for s in states],
                         [s.to_json() for s in states],
+                        [queue_of(s) for s in states],
                     )
                     pairs = [(s.task_id, tag) for s in states for tag in s.tags]
                     if pairs:
@@ -228,6 +245,8 @@ class PostgresViewStore(ViewStore):
             where.append(
                 f"task_id IN (SELECT task_id FROM {self._schema}.tags WHERE tag = {arg(query.tag)})"
             )
+        if query.queue is not None:
+            where.append(f"queue = {arg(query.queue)}")
         if query.since_us is not None:
             where.append(f"created_us >= {arg(query.since_us)}")
         if query.until_us is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from qtasks_stream.errors import ViewStoreError
 from qtasks_stream.records import TopicPartition
 from qtasks_stream.state import TaskState
-from qtasks_stream.views.base import PositionsMoved, TaskQuery, ViewStore
+from qtasks_stream.views.base import PositionsMoved, TaskQuery, ViewStore, queue_of
 
 __all__ = ["SqliteViewStore"]
 
@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     status TEXT NOT NULL,
     created_us INTEGER NOT NULL,
     updated_us INTEGER NOT NULL,
-    state TEXT NOT NULL
+    state TEXT NOT NULL,
+    queue TEXT NOT NULL DEFAULT 'default'
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, created_us, task_id);
 CREATE INDEX IF NOT EXISTS tasks_name ON tasks (task_name, created_us, task_id);
@@ -47,6 +48,13 @@ CREATE TABLE IF NOT EXISTS positions (
     PRIMARY KEY (topic, partition)
 );
 """
+# A file made before the queue column: the column is added and filled from each row's state
+# (a state without a queue is in the default one), then the index that needs it.
+_ADD_QUEUE = """
+ALTER TABLE tasks ADD COLUMN queue TEXT NOT NULL DEFAULT 'default';
+UPDATE tasks SET queue = coalesce(json_extract(state, '$.queue'), 'default');
+"""
+_QUEUE_INDEX = "CREATE INDEX IF NOT EXISTS tasks_queue ON tasks (queue, created_us, task_id)"
 
 
 class SqliteViewStore(ViewStore):
@@ -70,6 +78,15 @@ class SqliteViewStore(ViewStore):
             # after batch (index tails) are copied back once, not every few batches.
             db.execute("PRAGMA wal_autocheckpoint=10000")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+            if "queue" not in columns:
+                # One transaction: two processes opening an old file add the column once.
+                db.execute("BEGIN IMMEDIATE")
+                if "queue" not in {row[1] for row in db.execute("PRAGMA table_info(tasks)")}:
+                    for statement in filter(str.strip, _ADD_QUEUE.split(";")):
+                        db.execute(statement)
+                db.execute("COMMIT")
+            db.execute(_QUEUE_INDEX)
         except sqlite3.Error as exc:
             raise ViewStoreError(f"cannot open SQLite view {self._path!r}: {exc}") from exc
         self._db = db
@@ -155,12 +172,21 @@ class SqliteViewStore(ViewStore):
                     db.execute("ROLLBACK")
                     raise PositionsMoved(f"{tp} moved since the fold began")
             db.executemany(
-                "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO UPDATE SET "
+                "INSERT INTO tasks (task_id, task_name, status, created_us, updated_us, state, "
+                "queue) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO UPDATE SET "
                 "task_name = excluded.task_name, status = excluded.status, "
                 "created_us = excluded.created_us, updated_us = excluded.updated_us, "
-                "state = excluded.state",
+                "state = excluded.state, queue = excluded.queue",
                 [
-                    (s.task_id, s.task_name, s.status, s.created_us, s.updated_us, s.to_json())
+                    (
+                        s.task_id,
+                        s.task_name,
+                        s.status,
+                        s.created_us,
+                        s.updated_us,
+                        s.to_json(),
+                        queue_of(s),
+                    )
                     for s in states
                 ],
             )
@@ -190,6 +216,9 @@ class SqliteViewStore(ViewStore):
         if query.tag is not None:
             where.append("task_id IN (SELECT task_id FROM tags WHERE tag = ?)")
             params.append(query.tag)
+        if query.queue is not None:
+            where.append("queue = ?")
+            params.append(query.queue)
         if query.since_us is not None:
             where.append("created_us >= ?")
             params.append(query.since_us)

@@ -1,6 +1,7 @@
 """The app the console tests look at: tasks that succeed, fail with retries, report progress,
-run until cancelled, and one whose submits the stages cannot read while ``BROKEN`` holds its
-name (how a test makes a dead letter, then "fixes the cause" and replays it)."""
+run until cancelled, one in a queue of its own, and one whose submits the stages cannot read
+while ``BROKEN`` holds its name (how a test makes a dead letter, then "fixes the cause" and
+replays it)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,10 @@ def build(name: str = "console", **options: Any) -> QueueTasks:
     @app.task
     async def later() -> str:
         return "late"
+
+    @app.task(queue="reports")
+    async def report(title: str) -> str:
+        return f"report {title}"
 
     @app.task
     async def receipt(order: Order) -> Order:

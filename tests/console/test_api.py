@@ -308,6 +308,29 @@ async def test_list_filters_and_pages(console: Console) -> None:
         assert response.status_code == 400 and says in response.json()["error"], params
 
 
+async def test_list_filters_by_queue(console: Console) -> None:
+    plain = await console.submit("add", 1, 2)
+    reports = [await console.submit("report", "q1"), await console.submit("report", "q2")]
+    moved = await console.submit("add", 3, 4, queue="reports", tags=["moved"])
+    for task_id in [plain, *reports, moved]:
+        await console.ended(task_id)
+
+    async def listed(**params: str) -> list[str]:
+        response = await console.client.get("/api/tasks", params=params, headers=BEARER)
+        assert response.status_code == 200, response.text
+        return [t["id"] for t in response.json()["tasks"]]
+
+    assert await listed(queue="reports") == [*reports, moved]
+    assert await listed(queue="default") == [plain]
+    assert await listed(queue="reports", name="add") == [moved]
+    assert await listed(queue="elsewhere") == []  # a queue no longer declared: nothing, no error
+    bad = await console.client.get("/api/tasks", params={"queue": "a b"}, headers=BEARER)
+    assert bad.status_code == 400 and "queue" in bad.json()["error"]
+    document = (await console.client.get("/api/openapi.json", headers=BEARER)).json()
+    parameters = document["paths"]["/api/tasks"]["get"]["parameters"]
+    assert "queue" in [p["name"] for p in parameters]
+
+
 async def test_dead_letters_are_listed_and_replayed_once(make_console: MakeConsole) -> None:
     console = await make_console(unreadable_submits=True)
     # countdown=0: through the scheduler, which dead-letters the unreadable submit (a

@@ -105,14 +105,21 @@ async def _session(browser: Any, url: str) -> Session:
 async def test_list_filter_and_a_tasks_attempts(browser: Any, console: Console) -> None:
     ids = [await console.submit("add", i, 1, tags=["batch-7"]) for i in range(3)]
     failed = await console.submit("fails", "disk full", tags=["batch-7"])
-    for task_id in [*ids, failed]:
+    report = await console.submit("report", "weekly")
+    for task_id in [*ids, failed, report]:
         await console.ended(task_id)
     async with serving(console) as url:
         session = await _session(browser, url)
         page = session.page
-        assert await page.inner_text('[data-count="success"]') == "3"
-        assert await page.locator("#task-rows tr").count() == 4
+        assert await page.inner_text('[data-count="success"]') == "4"
+        assert await page.locator("#task-rows tr").count() == 5
         await session.shot("list")
+        await page.select_option("#f-queue", "reports")
+        await page.click("#filters button")
+        await page.wait_for_url("**queue=reports**")
+        assert await page.locator("#task-rows tr").count() == 1
+        assert await page.locator(f'#task-rows tr[data-id="{report}"]').count() == 1
+        await page.select_option("#f-queue", "")
         await page.select_option("#f-status", "error")
         await page.click("#filters button")
         await page.wait_for_url("**status=error**")

@@ -10,7 +10,8 @@ import pytest
 from qtasks_stream.console.server import SESSION_COOKIE
 from qtasks_stream.console.settings import ConsoleSettings
 from qtasks_stream.errors import ConfigurationError
-from tests.console.conftest import BEARER, TOKEN, Console, MakeConsole, log_ends
+from tests.console.conftest import BEARER, LIMIT, TOKEN, Console, MakeConsole, log_ends
+from tests.e2ehelpers import eventually
 
 SCRIPT = "<script>alert(1)</script>"
 
@@ -141,6 +142,77 @@ async def test_the_list_page_filters_pages_and_counts(console: Console) -> None:
     assert ids[0] in first and ids[2] not in first and 'id="next"' in first
     bad = await signed.get("/", params={"status": "finished"})
     assert bad.status_code == 400 and "status must be one of" in bad.text
+
+
+async def test_the_list_page_filters_by_queue(console: Console) -> None:
+    plain = await console.submit("add", 1, 1)
+    report = await console.submit("report", "q")
+    for task_id in [plain, report]:
+        await console.ended(task_id)
+    signed = console.signed_in()
+    page = (await signed.get("/", params={"queue": "reports"})).text
+    assert report in page and plain not in page
+    assert '<option value="reports" selected>reports</option>' in page
+    assert '<option value="default">default</option>' in page
+    # A queue the app no longer declares stays chosen (its old tasks are still listed).
+    gone = (await signed.get("/", params={"queue": "retired"})).text
+    assert '<option value="retired" selected>retired</option>' in gone
+
+
+async def test_a_schedule_run_links_to_its_schedules_runs(console: Console) -> None:
+    from datetime import timedelta
+
+    from qtasks_stream.views.base import TaskQuery
+
+    await console.app.schedule(
+        "minutely-report", task="add", every=timedelta(seconds=1), args=[1, 2]
+    )
+    runs = await eventually(
+        lambda: console.app.query(TaskQuery(tag="schedule:minutely-report")),
+        bool,
+        what="the schedule ran",
+        limit=LIMIT,
+    )
+    tick = next(t[5:] for t in runs[0].tags if t.startswith("tick:"))
+    signed = console.signed_in()
+    page = (await signed.get(f"/tasks/{runs[0].uuid}")).text
+    assert '<a href="/?tag=schedule%3Aminutely-report" id="schedule">minutely-report</a>' in page
+    assert f"run of the tick {tick}" in page
+    listed = (await signed.get("/", params={"tag": "schedule:minutely-report"})).text
+    assert runs[0].uuid in listed
+    # A tag says which schedule: whatever it holds is escaped, in the text and in the link.
+    forged = await console.submit("add", 1, 1, tags=[f"schedule:{SCRIPT}", "tick:<b>"])
+    await console.ended(forged)
+    page = (await signed.get(f"/tasks/{forged}")).text
+    assert SCRIPT not in page and "<b>" not in page
+    assert 'href="/?tag=schedule%3A%3Cscript%3Ealert%281%29%3C%2Fscript%3E"' in page
+    plain = await console.submit("add", 2, 2)
+    await console.ended(plain)
+    page = (await signed.get(f"/tasks/{plain}")).text
+    assert 'id="schedule"' not in page and 'id="workflow"' not in page
+
+
+async def test_a_workflow_step_shows_its_workflow(console: Console) -> None:
+    from qtasks_stream.workflows import Signature, chain, group
+
+    handle = await console.app.run_workflow(
+        chain(
+            Signature("add", (1, 2)),
+            group(Signature("add", (10,)), Signature("add", (20,))),
+        )
+    )
+    assert await handle.result(LIMIT) is not None
+    steps = {path: handle.step_id(path) for path in ("0", "1.0", "1.1")}
+    signed = console.signed_in()
+    page = (await signed.get(f"/tasks/{steps['1.0']}")).text
+    assert f'<a href="#workflow" class="mono">{handle.workflow_id}</a>' in page
+    assert 'id="workflow"' in page
+    for path, task_id in steps.items():
+        assert f'data-step="{path}"' in page
+        assert f'<a href="/tasks/{task_id}" class="mono">{task_id}</a>' in page
+    assert 'class="step current" data-step="1.0"' in page
+    assert page.count("<small>group ") == 2  # both members name their group
+    assert 'id="workflow"><p><span class="status s-success">succeeded</span>' in page
 
 
 async def test_the_trace_link_follows_the_template() -> None:
