@@ -26,6 +26,7 @@ from qtasks_stream.records import TopicPartition
 from qtasks_stream.settings import Settings
 from qtasks_stream.state import TaskState, fold
 from tests.apps.eos_app import build
+from tests.processes import stop_processes
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
@@ -148,15 +149,7 @@ async def test_killed_workers_leave_exactly_one_outcome_per_task(
             client_app.event_log, client_app.topology.events, 4, client_app.serde
         )
     finally:
-        for proc in workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in workers:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(workers)
         await client_app.close()
 
     terminal = collections.Counter(e.task_id for e in events if e.kind in TERMINAL_KINDS)

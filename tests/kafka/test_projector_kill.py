@@ -30,6 +30,7 @@ from qtasks_stream.state import TaskState, fold
 from qtasks_stream.views import open_view
 from qtasks_stream.views.base import TaskQuery, ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
+from tests.processes import stop_processes
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
@@ -160,15 +161,7 @@ async def test_killed_projectors_leave_the_fold_of_the_log(
 
         await _wait(done, "the projectors reached the end of the log", procs)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_processes(procs)
 
     # The reference: the whole log read back and folded here.
     states: dict[str, TaskState] = {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from qtasks_stream.telemetry import MetricsInterceptor, TracingInterceptor, trac
 from qtasks_stream.telemetry.export import metrics_to_dict, span_to_dict
 from qtasks_stream.telemetry.propagation import parse_traceparent
 from tests.apps.otel_app import build
+from tests.processes import stop_processes
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
@@ -67,16 +67,6 @@ def _spawn(env: dict[str, str], logs: Path, n: int) -> subprocess.Popen[bytes]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _metric_totals(folder: Path, client: InMemoryMetricReader) -> Counter[str]:
@@ -132,7 +122,7 @@ async def test_a_retried_task_is_one_trace_and_counted_once_across_two_worker_pr
             assert time.monotonic() < deadline, "attempt 1 never failed"
             assert first.poll() is None, (tmp_path / "worker-1.log").read_text()[-3000:]
             await asyncio.sleep(0.2)
-        _stop(first)
+        stop_processes([first])
         second = _spawn(env, tmp_path, 2)
         done = await client.wait(task_id, timeout=90)
         assert done is not None and done.status == "success", done
@@ -148,9 +138,9 @@ async def test_a_retried_task_is_one_trace_and_counted_once_across_two_worker_pr
         assert command.returncode == 0
         printed = out.decode()
     finally:
-        _stop(first)
+        stop_processes([first])
         if second is not None:
-            _stop(second)
+            stop_processes([second])
         await client.close()
         provider.shutdown()
 

@@ -26,6 +26,7 @@ from qtasks_stream.stages.runner import DLQ_SOURCE, DLQ_STAGE
 from qtasks_stream.triggers import trigger_task_id
 from tests.apps.trigger_app import build
 from tests.kafka.test_exactly_once import _env
+from tests.processes import stop_processes
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
 
@@ -149,15 +150,7 @@ async def test_a_thousand_records_start_a_thousand_tasks_across_a_kill(
         source = await _read(log, topic, 4)
     finally:
         await producer.close()
-        for proc in workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in workers:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(workers)
         await app.close()
 
     good = [r for r in source if r.key != b"poison"]

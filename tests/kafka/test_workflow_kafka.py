@@ -20,6 +20,7 @@ from qtasks_stream.workflows import chord
 from tests.apps.workflow_app import app as declared
 from tests.apps.workflow_app import collect, member
 from tests.kafka.test_exactly_once import REPO, _env, _read_all, _working_pids
+from tests.processes import stop_processes
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
@@ -78,15 +79,7 @@ async def test_chord_with_a_worker_killed_mid_group_runs_its_callback_once(
         assert result.value == sum(2 * i for i in range(MEMBERS))
         events = await _read_all(client.event_log, client.topology.events, 4, client.serde)
     finally:
-        for proc in workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in workers:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(workers)
         await client.close()
 
     body = handle.step_id("body")
