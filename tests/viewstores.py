@@ -20,6 +20,8 @@ VIEW_KINDS = [
     pytest.param("sqlite", id="sqlite"),
     pytest.param("postgres", id="postgres"),
 ]
+#: The stores whose contents outlive the process (files, schemas).
+DURABLE_VIEW_KINDS = [kind for kind in VIEW_KINDS if kind.values[0] != "memory"]
 
 
 class ViewFactory:

@@ -27,7 +27,7 @@ from qtasks_stream.records import TopicPartition
 from qtasks_stream.state import TaskState
 from qtasks_stream.views.base import Applied, TaskQuery, ViewStore
 from qtasks_stream.views.sqlite import SqliteViewStore
-from tests.viewstores import VIEW_KINDS, ViewFactory
+from tests.viewstores import DURABLE_VIEW_KINDS, VIEW_KINDS, ViewFactory
 
 TOPIC = "qtasks.contract.events"
 TP0 = TopicPartition(TOPIC, 0)
@@ -250,11 +250,10 @@ async def test_query_by_queue(view: ViewStore) -> None:
     assert (await view.query(TaskQuery(queue="reports")))[0].queue == "reports"
 
 
+@pytest.mark.parametrize("views", DURABLE_VIEW_KINDS, indirect=True)
 async def test_a_store_made_before_queues_gets_its_queue_column(views: ViewFactory) -> None:
     """A file or schema written by a version without the queue column: opening it adds the
     column, filled from each stored state, and the queue filter finds the old tasks."""
-    if views.kind == "memory":
-        pytest.skip("nothing outlives a memory store")
     reports = TaskState("r", "job", created_us=1, queue="reports")
     legacy = TaskState("l", "job", created_us=2).to_json().replace(',"queue":null', "")
     assert "queue" not in legacy  # a state written before queues existed
