@@ -117,13 +117,7 @@ class AioConsumer(ListedOffsets, Consumer):
             except BaseException as exc:
                 await consumer.stop()
                 if isinstance(exc, KafkaError):
-                    raise map_error(
-                        exc,
-                        f"cannot start a consumer of {self._topics}",
-                        conf=self._kwargs,
-                        operation="READ",
-                        names={"topic": ", ".join(self._topics), "group": self._group_id or ""},
-                    ) from exc
+                    raise self._start_error(exc) from exc
                 raise
             self._consumer = consumer
             try:
@@ -144,14 +138,18 @@ class AioConsumer(ListedOffsets, Consumer):
                         f"{self._start_timeout:.0f}s"
                     ) from exc
                 if isinstance(exc, KafkaError):
-                    raise map_error(
-                        exc,
-                        f"cannot start a consumer of {self._topics}",
-                        conf=self._kwargs,
-                        operation="READ",
-                        names={"topic": ", ".join(self._topics), "group": self._group_id or ""},
-                    ) from exc
+                    raise self._start_error(exc) from exc
                 raise
+
+    def _start_error(self, exc: KafkaError) -> Exception:
+        """What a Kafka error met while starting says, mapped (a refusal names the ACL)."""
+        return map_error(
+            exc,
+            f"cannot start a consumer of {self._topics}",
+            conf=self._kwargs,
+            operation="READ",
+            names={"topic": ", ".join(self._topics), "group": self._group_id or ""},
+        )
 
     async def _assign_everything(self, consumer: Any, partitions: dict[str, set[int]]) -> None:
         tps = [
