@@ -6,7 +6,7 @@ Avro-encoded by the project's serde, 4 partitions) is written once; then, in the
 - raw consume: the same event log's consumer reads the whole topic (no group), bytes only;
 - raw consume+decode: the same, plus Avro decoding into ``TaskEvent`` as ``rebuild`` does it
   (``decode_events``, the kind header as a hint; what any fold needs);
-- rebuild: ``qtasks_stream.replay.rebuild`` into a fresh store of each kind: memory,
+- rebuild: ``qtasks_stream.ops.replay.rebuild`` into a fresh store of each kind: memory,
   SQLite (a file in a temporary folder) and PostgreSQL when a DSN is given (a fresh schema,
   dropped afterwards).
 
@@ -39,8 +39,8 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import Progress, Scheduled, Started, Submitted, Succeeded, TaskEvent
+from qtasks_stream.ops.replay import decode_events, rebuild
 from qtasks_stream.records import OutRecord, TopicPartition
-from qtasks_stream.replay import decode_events, rebuild
 from qtasks_stream.serde.avro import AvroSerde
 from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import ViewStore

@@ -18,7 +18,7 @@ from qtasks_stream.errors import (
     ViewStoreError,
 )
 from qtasks_stream.interceptors import EmitInput, ExecuteInput, Interceptor, StepInput
-from qtasks_stream.rerun import ResubmitFilter
+from qtasks_stream.ops.rerun import ResubmitFilter
 from qtasks_stream.settings import Settings
 from qtasks_stream.state import Task
 from qtasks_stream.sync import SyncClient

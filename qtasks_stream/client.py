@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from qtasks_stream import audit
 from qtasks_stream.errors import (
     ConfigurationError,
     EventLogError,
@@ -38,8 +37,9 @@ from qtasks_stream.events import (
     task_id_ms,
 )
 from qtasks_stream.interceptors import EmitInput, Interceptor, chain_emit, wants
+from qtasks_stream.ops import audit
+from qtasks_stream.ops.rerun import Resubmission, ResubmitFilter, find_resubmissions, records_of
 from qtasks_stream.records import OutRecord, TopicPartition
-from qtasks_stream.rerun import Resubmission, ResubmitFilter, find_resubmissions, records_of
 from qtasks_stream.results import ResultListener
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.payloads import TaskPayloads
@@ -335,7 +335,7 @@ class TaskClient:
         dry_run: bool = False,
     ) -> list[Resubmission]:
         """New attempts of ended tasks (error, timeout, dead letter) that ``what`` selects,
-        chosen from the log; see :mod:`qtasks_stream.rerun`. Returns every task selected
+        chosen from the log; see :mod:`qtasks_stream.ops.rerun`. Returns every task selected
         (``event`` set) and every explicit id refused (``refused`` says why); with
         ``dry_run`` nothing is written."""
         await self._ensure_client()

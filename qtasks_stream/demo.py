@@ -17,9 +17,9 @@ import time
 from datetime import timedelta
 from typing import Any, TextIO
 
-from qtasks_stream import audit
 from qtasks_stream.app import QueueTasks
 from qtasks_stream.context import TaskContext
+from qtasks_stream.ops import audit
 from qtasks_stream.records import OutRecord, TopicSpec
 from qtasks_stream.state import Task
 from qtasks_stream.triggers import Topic

@@ -1,6 +1,6 @@
 """What the console's API and pages do, written once for both: each reads or acts through
 the app's public API (``add_task``, ``get``, ``history``, ``page``, ``counts``, ``cancel``,
-``resubmit``) and :mod:`qtasks_stream.dlq`, and checks its input before anything is written.
+``resubmit``) and :mod:`qtasks_stream.ops.dlq`, and checks its input before anything is written.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 
 import orjson
 
-from qtasks_stream import audit, dlq
 from qtasks_stream.app import QueueTasks
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 from qtasks_stream.events import Submitted
-from qtasks_stream.rerun import ResubmitFilter
+from qtasks_stream.ops import audit, dlq
+from qtasks_stream.ops.rerun import ResubmitFilter
 from qtasks_stream.state import Task
 from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import TaskPage, TaskQuery
@@ -266,7 +266,7 @@ class TaskDetail:
 
 
 async def detail(app: QueueTasks, task_id: str, as_of: str | None) -> TaskDetail:
-    """The task and its history (:func:`qtasks_stream.audit.history_document`), both from
+    """The task and its history (:func:`qtasks_stream.ops.audit.history_document`), both from
     one read of the log; with ``as_of``, as they stood then."""
     at = None
     if as_of:
@@ -380,7 +380,8 @@ def parse_positions(values: list[Any]) -> set[tuple[int, int]]:
 async def replay_letters(
     app: QueueTasks, positions: set[tuple[int, int]], reason: str
 ) -> list[dlq.ReplayOutcome]:
-    """Replay the dead letters at ``positions`` (each at most once: :mod:`qtasks_stream.dlq`)."""
+    """Replay the dead letters at ``positions`` (each at most once:
+    :mod:`qtasks_stream.ops.dlq`)."""
     if not positions:
         raise ConsoleError(400, "no dead letters chosen")
     await app.connect()

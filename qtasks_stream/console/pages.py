@@ -17,7 +17,7 @@ import orjson
 
 from qtasks_stream.console.operations import STATUSES, LetterRow, TaskDetail, dumps
 from qtasks_stream.console.settings import ConsoleSettings
-from qtasks_stream.rerun import RESUBMITTABLE
+from qtasks_stream.ops.rerun import RESUBMITTABLE
 from qtasks_stream.schedules.api import schedule_run
 from qtasks_stream.state import Task
 from qtasks_stream.views.base import TaskPage

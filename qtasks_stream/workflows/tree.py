@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from qtasks_stream.audit import BytesDecoder, history_document
 from qtasks_stream.errors import SerdeError
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.partitioning import murmur2_partition
 from qtasks_stream.eventlog.reading import read_records
 from qtasks_stream.events import CancelRequested, Submitted, TaskEvent, event_kind
+from qtasks_stream.ops.audit import BytesDecoder, history_document
 from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.workflows.canvas import Chain, Group, Node, Signature, child, parse

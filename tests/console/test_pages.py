@@ -263,7 +263,7 @@ async def test_dead_letters_page_lists_and_replays(make_console: MakeConsole) ->
     tasks.BROKEN.clear()
     letters = [
         f"{d.partition}:{d.offset}"
-        for d in await __import__("qtasks_stream.dlq", fromlist=["x"]).list_dead_letters(
+        for d in await __import__("qtasks_stream.ops.dlq", fromlist=["x"]).list_dead_letters(
             console.app.event_log, console.app.topology
         )
     ]

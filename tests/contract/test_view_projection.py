@@ -31,8 +31,8 @@ from qtasks_stream.events import (
     Succeeded,
     TaskEvent,
 )
+from qtasks_stream.ops.replay import decode_events, rebuild
 from qtasks_stream.records import OutRecord, TopicPartition
-from qtasks_stream.replay import decode_events, rebuild
 from qtasks_stream.serde.avro import AvroSerde
 from qtasks_stream.stages.projector import ProjectorStage
 from qtasks_stream.stages.runner import StageRunner

@@ -14,10 +14,10 @@ import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream import QueueTasks
-from qtasks_stream.audit import history_document
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import TaskEvent
-from qtasks_stream.rerun import ResubmitFilter
+from qtasks_stream.ops.audit import history_document
+from qtasks_stream.ops.rerun import ResubmitFilter
 from tests.e2e.test_lifecycle import LIMIT, eventually, finished, kinds, log_events, settle
 
 
@@ -239,7 +239,7 @@ async def test_history_and_resubmit_survive_a_restart(build: Callable[..., Queue
 async def test_history_command_prints_attempts_and_the_past(
     build: Callable[..., QueueTasks], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from qtasks_stream.cli_audit import history as history_command
+    from qtasks_stream.cli.audit import history as history_command
 
     log = InMemoryEventLog()
     registry = SchemaRegistryClient.new_client({"url": f"mock://hist-{uuid.uuid4().hex}"})

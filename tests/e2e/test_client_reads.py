@@ -17,7 +17,7 @@ from qtasks_stream import QueueTasks
 from qtasks_stream.errors import ConfigurationError, TaskNotFoundError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import Submitted
-from qtasks_stream.rerun import ResubmitFilter
+from qtasks_stream.ops.rerun import ResubmitFilter
 from qtasks_stream.views.base import Applied
 from qtasks_stream.views.memory import MemoryViewStore
 from tests import e2ehelpers

@@ -1,5 +1,5 @@
 """Replay, snapshots and dead-letter replay on the embedded default, through the modules and
-through the CLI's wiring (``cli_audit.run`` with arguments parsed by the real parser)."""
+through the CLI's wiring (``cli.audit.run`` with arguments parsed by the real parser)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream import QueueTasks
-from qtasks_stream.cli import _parser
-from qtasks_stream.cli_audit import run
-from qtasks_stream.dlq import REPLAYED_FROM, list_dead_letters, replay, replayed_sources
+from qtasks_stream.cli.audit import run
+from qtasks_stream.cli.main import _parser
 from qtasks_stream.errors import FencedError, SerdeError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import WorkItem, now_us
+from qtasks_stream.ops.dlq import REPLAYED_FROM, list_dead_letters, replay, replayed_sources
+from qtasks_stream.ops.replay import all_states, compare_views, replay_into
+from qtasks_stream.ops.snapshot import read_snapshot, seed_view, snapshot_every, write_snapshot
 from qtasks_stream.records import OutRecord
-from qtasks_stream.replay import all_states, compare_views, replay_into
 from qtasks_stream.serde.base import Serde
-from qtasks_stream.snapshot import read_snapshot, seed_view, snapshot_every, write_snapshot
 from qtasks_stream.stages.runner import DLQ_REASON, DLQ_SOURCE
 from qtasks_stream.views.memory import MemoryViewStore
 from qtasks_stream.views.sqlite import SqliteViewStore

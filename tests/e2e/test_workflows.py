@@ -18,7 +18,7 @@ from qtasks_stream import QueueTasks
 from qtasks_stream.errors import TaskNotFoundError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import TERMINAL_KINDS, Submitted, now_us
-from qtasks_stream.rerun import ResubmitFilter
+from qtasks_stream.ops.rerun import ResubmitFilter
 from qtasks_stream.workflows import chain, chord, group
 from tests.contract.test_lifecycle import BACKENDS, Backend, backend_of
 from tests.e2ehelpers import eventually
@@ -240,7 +240,7 @@ async def test_a_workflow_stage_started_late_restores_and_continues(
 async def test_history_tree_shows_steps_attempts_and_outcomes(
     make_app: Callable[..., QueueTasks], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from qtasks_stream.cli_audit import history as history_command
+    from qtasks_stream.cli.audit import history as history_command
 
     log = InMemoryEventLog()
     registry = SchemaRegistryClient.new_client({"url": f"mock://tree-{uuid.uuid4().hex}"})

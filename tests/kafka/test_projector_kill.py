@@ -23,8 +23,8 @@ import pytest
 
 from qtasks_stream import QueueTasks
 from qtasks_stream.events import Progress, Scheduled, Started, Submitted, Succeeded, TaskEvent
+from qtasks_stream.ops.replay import decode_events, rebuild
 from qtasks_stream.records import OutRecord, TopicPartition
-from qtasks_stream.replay import decode_events, rebuild
 from qtasks_stream.settings import Settings
 from qtasks_stream.state import TaskState, fold
 from qtasks_stream.views import open_view

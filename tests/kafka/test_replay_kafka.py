@@ -15,10 +15,10 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream import QueueTasks
 from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog
+from qtasks_stream.ops.replay import compare_views, replay_into
+from qtasks_stream.ops.rerun import ResubmitFilter
+from qtasks_stream.ops.snapshot import read_snapshot, seed_view, write_snapshot
 from qtasks_stream.records import TopicPartition
-from qtasks_stream.replay import compare_views, replay_into
-from qtasks_stream.rerun import ResubmitFilter
-from qtasks_stream.snapshot import read_snapshot, seed_view, write_snapshot
 from qtasks_stream.views.memory import MemoryViewStore
 from tests.contract.test_lifecycle import KAFKA_LIMIT as LIMIT
 from tests.contract.test_lifecycle import eventually

@@ -10,7 +10,7 @@ import pytest
 from opentelemetry.trace import SpanContext, TraceFlags
 
 from qtasks_stream import QueueTasks
-from qtasks_stream.cli import telemetry_from
+from qtasks_stream.cli.main import telemetry_from
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.events import TRACEPARENT_HEADER, Submitted, TaskEvent, WorkItem
 from qtasks_stream.settings import Settings

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from qtasks_stream.audit import as_of_us, parse_time_us, state_as_of
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.events import (
     DLQ_REPLAY,
@@ -21,6 +20,7 @@ from qtasks_stream.events import (
     Succeeded,
     TaskEvent,
 )
+from qtasks_stream.ops.audit import as_of_us, parse_time_us, state_as_of
 from qtasks_stream.serde.compat import check_compatibility
 from qtasks_stream.serde.schemas import load_schema_text
 from qtasks_stream.state import TaskState, fold
@@ -242,7 +242,7 @@ async def test_the_scheduler_schedules_a_replayed_dead_lettered_submit_once() ->
 
 
 def test_cancelled_tasks_cannot_be_chosen_for_a_resubmit() -> None:
-    from qtasks_stream.rerun import ResubmitFilter
+    from qtasks_stream.ops.rerun import ResubmitFilter
 
     with pytest.raises(ConfigurationError, match="statuses must be among"):
         ResubmitFilter(statuses=frozenset({"error", "cancel"}))

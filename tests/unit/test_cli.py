@@ -11,7 +11,7 @@ from contextlib import redirect_stdout
 import pytest
 
 from qtasks_stream import QueueTasks
-from qtasks_stream.cli import load_app, main
+from qtasks_stream.cli.main import load_app, main
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.eventlog.kafka_aio import AioKafkaEventLog
 from qtasks_stream.eventlog.kafka_confluent import ConfluentEventLog

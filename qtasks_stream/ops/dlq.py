@@ -33,8 +33,8 @@ from typing import Any
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.reading import read_records
 from qtasks_stream.events import DLQ_REPLAY, DeadLettered, Resubmitted, TaskEvent, as_record
+from qtasks_stream.ops.replay import read_events
 from qtasks_stream.records import Headers, OutRecord, Record
-from qtasks_stream.replay import read_events
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.stages.runner import DLQ_ERROR, DLQ_REASON, DLQ_SOURCE, DLQ_STAGE
 from qtasks_stream.topology import Topology

@@ -2,9 +2,10 @@
 ``resubmit``, ``snapshot`` and ``dlq list|replay``.
 
 Only wiring: each command parses its options and calls the module that does the work
-(:mod:`qtasks_stream.audit`, :mod:`~qtasks_stream.replay`, :mod:`~qtasks_stream.rerun`,
-:mod:`~qtasks_stream.snapshot`, :mod:`~qtasks_stream.dlq`) on an app :mod:`qtasks_stream.cli`
-already moved onto the deployment's settings.
+(:mod:`qtasks_stream.ops.audit`, :mod:`~qtasks_stream.ops.replay`,
+:mod:`~qtasks_stream.ops.rerun`, :mod:`~qtasks_stream.ops.snapshot`,
+:mod:`~qtasks_stream.ops.dlq`) on an app :mod:`qtasks_stream.cli.main` already moved onto the
+deployment's settings.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import json
 import sys
 from typing import Any, TextIO
 
-from qtasks_stream import audit, dlq, rerun, snapshot
 from qtasks_stream.app import QueueTasks
 from qtasks_stream.errors import ConfigurationError
+from qtasks_stream.ops import audit, dlq, rerun, snapshot
+from qtasks_stream.ops.replay import compare_views, format_positions, parse_offsets, replay_into
 from qtasks_stream.records import TopicPartition
-from qtasks_stream.replay import compare_views, format_positions, parse_offsets, replay_into
 from qtasks_stream.views.url import open_view
 
 __all__ = ["COMMANDS", "add_parsers", "run"]

@@ -1,8 +1,8 @@
 """``qtasks-stream``: the command line.
 
 Commands: ``demo``, ``worker -A module:app``, ``history TASK_ID -A module:app``,
-``replay``, ``resubmit``, ``snapshot``, ``dlq list|replay`` (see :mod:`.cli_audit`),
-``schedules add|list|pause|resume|delete|runs -A module:app`` (see :mod:`.schedules.cli`),
+``replay``, ``resubmit``, ``snapshot``, ``dlq list|replay`` (see :mod:`.audit`),
+``schedules add|list|pause|resume|delete|runs -A module:app`` (see :mod:`.schedules`),
 ``schemas check|register -A module:app``, ``acl grant|list`` (see docs/security.md) and
 ``dev up|down|status [--postgres] [--secure]``. Each command builds
 :class:`~qtasks_stream.settings.Settings` from the environment (the variables
@@ -23,13 +23,13 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 
-from qtasks_stream import cli_audit
 from qtasks_stream.acl.roles import ROLES
 from qtasks_stream.app import STAGES, QueueTasks
-from qtasks_stream.console import command as console_command
+from qtasks_stream.cli import audit as cli_audit
+from qtasks_stream.cli import console as console_command
+from qtasks_stream.cli import schedules as schedules_cli
 from qtasks_stream.errors import ConfigurationError, QTasksStreamError
 from qtasks_stream.eventlog.memory import InMemoryEventLog
-from qtasks_stream.schedules import cli as schedules_cli
 from qtasks_stream.settings import Settings
 from qtasks_stream.telemetry.config import Telemetry
 
@@ -203,7 +203,7 @@ async def _run_worker(
     )
     snapshots: asyncio.Task[int] | None = None
     if snapshot_every:
-        from qtasks_stream.snapshot import snapshot_every as every
+        from qtasks_stream.ops.snapshot import snapshot_every as every
 
         snapshots = asyncio.create_task(
             every(snapshot_every, app.event_log, app.serde, app.topology, stop)

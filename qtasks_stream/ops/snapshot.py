@@ -24,8 +24,8 @@ from qtasks_stream.errors import EventLogError, QTasksStreamError
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.reading import read_records
 from qtasks_stream.events import now_us
+from qtasks_stream.ops.replay import ReplayResult, all_states, replay_into
 from qtasks_stream.records import OutRecord, Record, TopicPartition
-from qtasks_stream.replay import ReplayResult, all_states, replay_into
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.state import STATE_FIELDS, TaskState
 from qtasks_stream.topology import Topology

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.events import RESUBMIT, Resubmitted, Submitted, TaskEvent, as_record
+from qtasks_stream.ops.replay import read_events
 from qtasks_stream.records import OutRecord
-from qtasks_stream.replay import read_events
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.state import TaskState, fold
 from qtasks_stream.topology import Topology
