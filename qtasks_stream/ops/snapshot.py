@@ -41,7 +41,7 @@ __all__ = [
     "write_snapshot",
 ]
 
-log = logging.getLogger("qtasks_stream.snapshot")
+log = logging.getLogger("qtasks_stream.ops.snapshot")
 
 MANIFEST_KEY = "@manifest"
 
