@@ -12,7 +12,9 @@ The tree::
     ├── SerdeError                encoding or decoding a record
     │   └── SchemaError           a schema is invalid, unknown or incompatible
     ├── RegistryUnavailableError  the schema registry did not answer (retry later; the
-    │                             record is fine, so it is not dead-lettered)
+    │   │                         record is fine, so it is not dead-lettered)
+    │   └── RegistryRefusedError  it answered 401/403: no or wrong credentials, or a role
+    │                             that may not do this
     ├── ViewStoreError            the materialized view failed
     ├── DevEnvError               the local development services (`qtasks-stream dev`)
     └── TaskError                 raised inside user code to steer the task
@@ -31,6 +33,7 @@ __all__ = [
     "EventLogError",
     "FencedError",
     "QTasksStreamError",
+    "RegistryRefusedError",
     "RegistryUnavailableError",
     "SchemaError",
     "SerdeError",
@@ -116,6 +119,23 @@ class RegistryUnavailableError(QTasksStreamError):
     and a record whose writer schema cannot be fetched *now* is not a bad record. A stage
     that meets it fails its session and redoes the batch after a backoff.
     """
+
+
+class RegistryRefusedError(RegistryUnavailableError, PermissionError):
+    """The schema registry refused this client: 401 (no or wrong credentials) or 403 (the
+    user's role may not do this). The message names the registry, the user and what to set,
+    never the password.
+
+    A :class:`RegistryUnavailableError` because the record is fine: a stage that meets it
+    backs off and tries again (a fixed credential or role lets it go on), never
+    dead-letters. Registering schemas at start raises it.
+    """
+
+    def __init__(self, message: str, *, url: str = "", user: str = "", status: int = 0) -> None:
+        super().__init__(message)
+        self.url = url
+        self.user = user
+        self.status = status
 
 
 class ViewStoreError(QTasksStreamError):

@@ -4,7 +4,8 @@ The test command (``scripts/test.sh``) brings the broker, the schema registry an
 up and exports ``QTASKS_TEST_BOOTSTRAP``, ``QTASKS_TEST_SCHEMA_REGISTRY_URL`` and
 ``QTASKS_TEST_POSTGRES_DSN``, and for the secured broker (``dev up --secure``, its own home
 and ports) ``QTASKS_TEST_SECURE_BOOTSTRAP``, ``QTASKS_TEST_SECURE_CAFILE``,
-``QTASKS_TEST_SECURE_ADMIN_PASSWORD_FILE`` and ``QTASKS_TEST_SECURE_HOME``; without them,
+``QTASKS_TEST_SECURE_ADMIN_PASSWORD_FILE``, ``QTASKS_TEST_SECURE_HOME`` and its registry's
+``QTASKS_TEST_SECURE_SCHEMA_REGISTRY_URL``; without them,
 the tests needing them skip locally and fail under CI, so a CI run can never pass by
 silently skipping the real services.
 """
@@ -51,8 +52,14 @@ class SecureCluster:
     ca_file: str
     #: The super user's password file (the user is ``admin``).
     admin_password_file: str
-    #: Its ``dev`` home: the broker's logs are checked for leaked secrets.
+    #: Its ``dev`` home: the broker's and the registry's logs are checked for leaked secrets.
     home: str
+    #: Its registry, which requires basic auth (users admin, app and reader).
+    registry_url: str
+
+    def registry_auth_file(self, user: str) -> str:
+        """The ``user:password`` file of one of the registry's users, beside the CA."""
+        return os.path.join(os.path.dirname(self.ca_file), f"{user}.registry")
 
 
 @pytest.fixture(scope="session")
@@ -62,4 +69,5 @@ def secure_cluster() -> SecureCluster:
         ca_file=_service("QTASKS_TEST_SECURE_CAFILE"),
         admin_password_file=_service("QTASKS_TEST_SECURE_ADMIN_PASSWORD_FILE"),
         home=_service("QTASKS_TEST_SECURE_HOME"),
+        registry_url=_service("QTASKS_TEST_SECURE_SCHEMA_REGISTRY_URL"),
     )

@@ -90,6 +90,8 @@ class DevEnvironmentStatus:
     #: The broker's client variables (the SASL_SSL ones too when secured; no password).
     kafka_exports: Mapping[str, str]
     registry: DevRegistryStatus | None
+    #: The registry's client variables (with the app's auth file when secured; no password).
+    registry_exports: Mapping[str, str]
     postgres: DevPostgresStatus | None
 
     @property
@@ -105,7 +107,7 @@ class DevEnvironmentStatus:
         if self.kafka.running:
             exports.update(self.kafka_exports)
         if self.registry is not None and self.registry.running:
-            exports["QTASKS_SCHEMA_REGISTRY_URL"] = self.registry.url
+            exports.update(self.registry_exports)
         if self.postgres is not None and self.postgres.running:
             exports["QTASKS_POSTGRES_DSN"] = self.postgres.dsn
         return exports
@@ -224,7 +226,9 @@ class DevEnvironment:
             kafka.up()
             exports = kafka.client_exports()
             if registry:
-                exports["QTASKS_SCHEMA_REGISTRY_URL"] = self._registry().up()
+                registry_ = self._registry()
+                registry_.up()
+                exports.update(registry_.client_exports())
             if postgres:
                 exports["QTASKS_POSTGRES_DSN"] = self._postgres().up()
             return exports
@@ -254,6 +258,7 @@ class DevEnvironment:
             kafka=self._kafka().status(),
             kafka_exports=self._kafka().client_exports(),
             registry=self._registry().status() if "registry" in services else None,
+            registry_exports=self._registry().client_exports(),
             postgres=self._postgres().status() if "postgres" in services else None,
         )
 
@@ -284,7 +289,13 @@ class DevEnvironment:
         )
 
     def _registry(self) -> DevRegistry:
-        return DevRegistry(self._home / "registry", port=self._ports.registry, log=self._log)
+        # Secured with the broker: the same users, the same passwords.
+        return DevRegistry(
+            self._home / "registry",
+            port=self._ports.registry,
+            secrets=self._kafka().secrets,
+            log=self._log,
+        )
 
     def _postgres(self) -> DevPostgres:
         return DevPostgres(self._home / "postgres", port=self._ports.postgres, log=self._log)

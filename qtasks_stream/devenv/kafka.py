@@ -18,8 +18,8 @@ Layout of ``home``::
 
 With ``secure`` the client port is a SASL_SSL listener (SCRAM-SHA-512) and the standard
 authorizer refuses whatever no ACL allows; the controller port takes SASL PLAIN from the
-broker's own principal only. The SCRAM users ``admin`` (a super user) and ``app`` (no ACLs)
-are created when the storage is formatted.
+broker's own principal only. The SCRAM users ``admin`` (a super user), ``app`` and
+``reader`` (no ACLs) are created when the storage is formatted.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from qtasks_stream.devenv.process import (
     run_maven,
     tail,
 )
-from qtasks_stream.devenv.secure import ADMIN_USER, APP_USER, SCRAM_MECHANISM, DevSecrets
+from qtasks_stream.devenv.secure import ADMIN_USER, APP_USER, SCRAM_MECHANISM, USERS, DevSecrets
 from qtasks_stream.errors import DevEnvError
 
 __all__ = ["KAFKA_VERSION", "DevEnvError", "DevKafka", "DevKafkaStatus"]
@@ -447,7 +447,7 @@ class DevKafka:
         ]
         if self._secrets is not None:
             # The SCRAM users exist from the first start: the broker needs its own to serve.
-            for user in (ADMIN_USER, APP_USER):
+            for user in USERS:
                 password = self._secrets.password(user)
                 command += ["--add-scram", f"{SCRAM_MECHANISM}=[name={user},password={password}]"]
         self._log(f"devkafka: formatting {self._data_dir}")

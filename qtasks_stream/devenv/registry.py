@@ -19,6 +19,13 @@ Differences from Confluent's defaults, set here so the registry behaves like Con
   text has the same id in every subject, as with Confluent. Unlike Confluent, the same schema
   formatted differently (other whitespace) gets a new id in another subject.
 
+With ``secrets`` (the secured dev environment's, see :mod:`.secure`) every request needs HTTP
+basic auth, anonymous ones are answered 401 on every path, and Apicurio's role-based
+authorization gives each user its role from ``REGISTRY_ROLES``: ``admin`` all, ``app``
+registers schemas and sets subjects' compatibility, ``reader`` only reads. The users are
+Quarkus' embedded users, read from ``secrets.registry_users_file`` (no password on the
+command line), with the passwords of the broker's SCRAM users.
+
 Layout of ``home``::
 
     apicurio-<version>/  the unpacked Quarkus application (``.complete`` marks a finished fetch)
@@ -32,6 +39,7 @@ Layout of ``home``::
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -52,6 +60,7 @@ from qtasks_stream.devenv.process import (
     require,
     run_maven,
 )
+from qtasks_stream.devenv.secure import APP_USER, READER_USER, DevSecrets
 from qtasks_stream.errors import DevEnvError
 
 __all__ = [
@@ -108,6 +117,8 @@ class DevRegistryStatus:
     url: str
     home: Path
     version: str
+    #: Whether the registry requires basic auth (``secrets`` given).
+    secured: bool = False
 
 
 class DevRegistry:
@@ -120,6 +131,7 @@ class DevRegistry:
         port: int = 18081,
         version: str = APICURIO_VERSION,
         java: str | None = None,
+        secrets: DevSecrets | None = None,
         log: Callable[[str], None] = print_to_stderr,
     ) -> None:
         if not 0 < port < 65536:
@@ -131,6 +143,7 @@ class DevRegistry:
         self._port = port
         self._version = version
         self._java = java
+        self._secrets = secrets
         self._log = log
         # A pid is this home's registry only if it runs this home's application: still as the
         # sh that is about to exec the JVM, or as the JVM.
@@ -155,6 +168,16 @@ class DevRegistry:
     def port(self) -> int:
         """The HTTP port on 127.0.0.1."""
         return self._port
+
+    def client_exports(self) -> dict[str, str]:
+        """The client variables for this registry: its URL, and when secured the file with
+        the app's ``user:password`` (the password itself is never exported)."""
+        exports = {"QTASKS_SCHEMA_REGISTRY_URL": self.url}
+        if self._secrets is not None:
+            exports["QTASKS_SCHEMA_REGISTRY_AUTH_FILE"] = str(
+                self._secrets.registry_auth_file(APP_USER)
+            )
+        return exports
 
     @property
     def home(self) -> Path:
@@ -183,6 +206,8 @@ class DevRegistry:
                 raise DevEnvError(f"{self._home} holds ';', which H2's JDBC URL cannot carry")
             java = self._find_java()
             self._check_port_free()
+            if self._secrets is not None:
+                self._secrets.write_registry_users()
             app = self._ensure_app(fetch_timeout)
             had_archive = self._cds_archive.is_file()
             started = time.monotonic()
@@ -229,11 +254,43 @@ class DevRegistry:
         pid = self._process.read_pid(cleanup=False)
         running = pid is not None and self._api_ok(2.0)
         return DevRegistryStatus(
-            running=running, pid=pid, url=self.url, home=self._home, version=self._version
+            running=running,
+            pid=pid,
+            url=self.url,
+            home=self._home,
+            version=self._version,
+            secured=self._secrets is not None,
         )
 
     def system_properties(self) -> dict[str, str]:
         """The Quarkus and Apicurio settings passed to the JVM as ``-D`` properties."""
+        return self._plain_properties() | self._auth_properties()
+
+    def _auth_properties(self) -> dict[str, str]:
+        """With ``secrets``: basic auth on every path, each user's role enforced."""
+        if self._secrets is None:
+            return {}
+        return {
+            # Apicurio reads this at run time to put basic auth in its chain (Quarkus also
+            # warns that it is "build time fixed": the build left it unset).
+            "quarkus.http.auth.basic": "true",
+            # Every path needs a login, whatever level Apicurio gives an operation: none is
+            # served to an anonymous client (401), the Confluent API included.
+            "quarkus.http.auth.permission.everything.paths": "/*",
+            "quarkus.http.auth.permission.everything.policy": "authenticated",
+            # Roles from the identity (Quarkus' embedded users): sr-admin, sr-developer,
+            # sr-readonly. A reader that tries to register is answered 403.
+            "apicurio.auth.role-based-authorization": "true",
+            "apicurio.auth.role-source": "token",
+            "apicurio.auth.anonymous-read-access.enabled": "false",
+            "apicurio.auth.authenticated-read-access.enabled": "false",
+            "quarkus.security.users.embedded.enabled": "true",
+            "quarkus.security.users.embedded.plain-text": "true",
+            # The users and their passwords: a 0600 file, not this world-readable command line.
+            "quarkus.config.locations": self._secrets.registry_users_file.as_uri(),
+        }
+
+    def _plain_properties(self) -> dict[str, str]:
         return {
             # Loopback only, for the API and for Quarkus's management interface (health and
             # metrics, which nothing here uses: any free port).
@@ -388,9 +445,18 @@ class DevRegistry:
 
     def _api_ok(self, timeout: float) -> bool:
         """True if ``GET <url>/subjects`` answers 200 with a JSON list."""
+        headers = {"Accept": "*/*"}
+        if self._secrets is not None:
+            # The least the check needs: a read-only user.
+            try:
+                password = self._secrets.password(READER_USER)
+            except DevEnvError:
+                return False
+            token = base64.b64encode(f"{READER_USER}:{password}".encode()).decode("ascii")
+            headers["Authorization"] = f"Basic {token}"
         connection = http.client.HTTPConnection(HOST, self._port, timeout=timeout)
         try:
-            connection.request("GET", f"{CCOMPAT_PATH}/subjects", headers={"Accept": "*/*"})
+            connection.request("GET", f"{CCOMPAT_PATH}/subjects", headers=headers)
             response = connection.getresponse()
             body = response.read()
         except (OSError, http.client.HTTPException):

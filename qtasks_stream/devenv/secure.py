@@ -7,7 +7,12 @@ Made once, at the first ``dev up --secure`` of a home, with the ``cryptography``
     ca.key              the CA's private key (kept to sign a new broker certificate)
     broker.p12          the broker's key and certificate chain, PKCS#12
     keystore.password   the PKCS#12 password
-    <user>.password     each SCRAM user's password (admin, app)
+    <user>.password     each SCRAM user's password (admin, app, reader)
+    <user>.registry     ``<user>:<password>`` for the schema registry's basic auth
+                        (QTASKS_SCHEMA_REGISTRY_AUTH_FILE): the same user and password
+    registry-users.properties
+                        the registry's users and roles (Quarkus' embedded users), rewritten
+                        by every registry start from the password files
 
 Every file is mode 0600 in a 0700 folder: the passwords are read from files, never printed.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +30,35 @@ from typing import Final
 
 from qtasks_stream.errors import DevEnvError
 
-__all__ = ["ADMIN_USER", "APP_USER", "SCRAM_MECHANISM", "DevSecrets"]
+__all__ = [
+    "ADMIN_USER",
+    "APP_USER",
+    "READER_USER",
+    "REGISTRY_ROLES",
+    "SCRAM_MECHANISM",
+    "USERS",
+    "DevSecrets",
+]
 
 #: The broker's own principal (inter-broker and controller), a super user.
 ADMIN_USER: Final = "admin"
 #: The principal the exports hand to the app; it gets no ACL until `acl grant`.
 APP_USER: Final = "app"
+#: A principal for another team's reader; no ACL until `acl grant --role reader`.
+READER_USER: Final = "reader"
+#: Every user of a secured dev environment: a SCRAM user of the broker and a registry user.
+USERS: Final = (ADMIN_USER, APP_USER, READER_USER)
+#: Each user's Apicurio Registry role: the admin may change global settings, the app
+#: registers schemas and sets its subjects' compatibility, the reader only reads.
+REGISTRY_ROLES: Final = {
+    ADMIN_USER: "sr-admin",
+    APP_USER: "sr-developer",
+    READER_USER: "sr-readonly",
+}
 SCRAM_MECHANISM: Final = "SCRAM-SHA-512"
 _VALID_DAYS: Final = 825
+# What the registry's users file carries as it is (secrets.token_urlsafe's alphabet and more).
+_PLAIN_PASSWORD: Final = re.compile(r"[A-Za-z0-9._~-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +78,15 @@ class DevSecrets:
     def password_file(self, user: str) -> Path:
         return self.folder / f"{user}.password"
 
+    def registry_auth_file(self, user: str) -> Path:
+        """``user:password`` for the schema registry (QTASKS_SCHEMA_REGISTRY_AUTH_FILE)."""
+        return self.folder / f"{user}.registry"
+
+    @property
+    def registry_users_file(self) -> Path:
+        """The registry's users, passwords and roles, as Quarkus properties."""
+        return self.folder / "registry-users.properties"
+
     def password(self, user: str) -> str:
         try:
             return self.password_file(user).read_text(encoding="utf-8").strip()
@@ -67,12 +103,34 @@ class DevSecrets:
         """Make what is missing: passwords, the CA, the broker certificate."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.folder.chmod(0o700)
-        for user in (ADMIN_USER, APP_USER, "keystore"):
+        for user in (*USERS, "keystore"):
             path = self.folder / f"{user}.password"
             if not path.is_file():
                 _write_private(path, secrets.token_urlsafe(24) + "\n")
         if not (self.ca_file.is_file() and self.keystore.is_file()):
             self._make_certificates()
+
+    def write_registry_users(self) -> Path:
+        """Write each user's registry auth file and the registry's users file from the
+        current passwords (a password changed in its file reaches both); return the latter.
+        """
+        self.ensure()
+        lines = []
+        for user in USERS:
+            password = self.password(user)
+            if not _PLAIN_PASSWORD.fullmatch(password):
+                # Quarkus' config would read '\\', '$' and '${...}' in it as escapes.
+                raise DevEnvError(
+                    f"the password in {self.password_file(user)} may hold only letters, digits "
+                    "and '-_.~' (the registry's properties file cannot carry it otherwise)"
+                )
+            _write_private(self.registry_auth_file(user), f"{user}:{password}\n")
+            lines += [
+                f"quarkus.security.users.embedded.users.{user}={password}",
+                f"quarkus.security.users.embedded.roles.{user}={REGISTRY_ROLES[user]}",
+            ]
+        _write_private(self.registry_users_file, "\n".join(lines) + "\n")
+        return self.registry_users_file
 
     def _make_certificates(self) -> None:
         try:

@@ -41,6 +41,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from qtasks_stream.errors import ConfigurationError, SchemaError
 from qtasks_stream.serde.avro import subject_for
+from qtasks_stream.serde.registry import raise_if_refused
 from qtasks_stream.serde.schemas import load_schema_text
 from qtasks_stream.topology import Topology
 
@@ -214,6 +215,7 @@ def register_schemas(
             # (against versions registered meanwhile too), not whatever its global default is.
             _pin_level(registry, subject, level)
         ids[subject] = _call(
+            registry,
             functools.partial(registry.register_schema, subject, Schema(text, "AVRO")),
             f"registering the schema of subject {subject!r}",
         )
@@ -233,7 +235,9 @@ def _pin_level(registry: SchemaRegistryClient, subject: str, level: str) -> None
     what = f"setting compatibility {level} on subject {subject!r}"
     try:
         _call(
-            functools.partial(registry.set_compatibility, subject_name=subject, level=level), what
+            registry,
+            functools.partial(registry.set_compatibility, subject_name=subject, level=level),
+            what,
         )
         return
     except SchemaError as error:
@@ -242,6 +246,7 @@ def _pin_level(registry: SchemaRegistryClient, subject: str, level: str) -> None
             raise
         refused = error
     current = _call(
+        registry,
         functools.partial(registry.get_compatibility, subject_name=subject),
         f"reading the compatibility of subject {subject!r}",
     )
@@ -249,10 +254,11 @@ def _pin_level(registry: SchemaRegistryClient, subject: str, level: str) -> None
         raise refused
 
 
-def _call(action: Callable[[], _T], what: str) -> _T:
+def _call(registry: SchemaRegistryClient, action: Callable[[], _T], what: str) -> _T:
     try:
         return action()
     except SchemaRegistryError as exc:
+        raise_if_refused(registry, exc, what)
         if exc.http_status_code == 409:
             raise SchemaError(
                 f"{what}: the registry refused it as incompatible with its registered "
@@ -267,6 +273,7 @@ def _registered_versions(registry: SchemaRegistryClient, subject: str) -> list[i
     try:
         versions = registry.get_versions(subject)
     except SchemaRegistryError as exc:
+        raise_if_refused(registry, exc, f"listing the versions of subject {subject!r}")
         if exc.error_code == _SUBJECT_NOT_FOUND:
             return []
         raise SchemaError(
@@ -288,6 +295,7 @@ def _registered_schema(
     try:
         registered = registry.get_version(subject, version)
     except SchemaRegistryError as exc:
+        raise_if_refused(registry, exc, f"fetching {what}")
         if exc.error_code == _VERSION_NOT_FOUND:
             return None
         raise SchemaError(

@@ -25,6 +25,7 @@ from qtasks_stream.errors import (
     SchemaError,
     SerdeError,
 )
+from qtasks_stream.serde.registry import raise_if_refused
 
 __all__ = [
     "Guard",
@@ -65,6 +66,7 @@ class WriterSchemas:
                 text = self._registry.get_schema(schema_id).schema_str
                 parsed = fastavro.parse_schema(json.loads(text or ""))
             except SchemaRegistryError as exc:
+                raise_if_refused(self._registry, exc, f"fetching schema id {schema_id}")
                 if exc.http_status_code == 404:
                     raise SchemaError(f"unknown schema id {schema_id}: {exc}") from exc
                 raise RegistryUnavailableError(

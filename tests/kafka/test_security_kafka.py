@@ -1,8 +1,10 @@
 """The app on a secured broker (``dev up --secure``): SASL_SSL, SCRAM-SHA-512, and only the
-ACLs ``qtasks-stream acl grant`` writes.
+ACLs ``qtasks-stream acl grant`` writes; its schema registry requires basic auth.
 
 Every test makes its own SCRAM users (through the admin API, as the super user ``admin``)
-and its own topic prefix, so tests share the broker without sharing permissions.
+and its own topic prefix, so tests share the broker without sharing permissions. The
+registry's users are the dev environment's own (``admin``, ``app`` and the read-only
+``reader``): every Kafka principal of a test logs in to the registry as one of them.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import asyncio
 import collections
 import logging
 import os
+import re
 import secrets
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,8 +38,15 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ScramMechanism,
     UserScramCredentialUpsertion,
 )
+from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from qtasks_stream import AuthorizationError, EventLogError, QueueTasks, Settings
+from qtasks_stream import (
+    AuthorizationError,
+    EventLogError,
+    QueueTasks,
+    RegistryRefusedError,
+    Settings,
+)
 from qtasks_stream.acl.kafka import check_access
 from qtasks_stream.eventlog.kafka_admin import ensure_topics
 from qtasks_stream.eventlog.kafka_aio import AioKafkaEventLog
@@ -79,8 +91,15 @@ def _new_user(cluster: SecureCluster, folder: Path, role: str) -> tuple[str, Pat
 
 
 def _env(
-    cluster: SecureCluster, user: str, password_file: Path, prefix: str, kind: str = "confluent"
+    cluster: SecureCluster,
+    user: str,
+    password_file: Path,
+    prefix: str,
+    kind: str = "confluent",
+    registry_auth_file: str | None = "",
 ) -> dict[str, str]:
+    """The settings of ``user``; its registry login is the dev ``admin`` for ``admin``, else
+    ``app``, unless ``registry_auth_file`` names another (``None``: no login at all)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
     env.update(
         QTASKS_EVENT_LOG=kind,
@@ -91,11 +110,17 @@ def _env(
         QTASKS_SASL_PASSWORD_FILE=str(password_file),
         QTASKS_SSL_CAFILE=cluster.ca_file,
         QTASKS_TOPIC_PREFIX=prefix,
+        QTASKS_SCHEMA_REGISTRY_URL=cluster.registry_url,
     )
-    registry = os.environ.get("QTASKS_TEST_SCHEMA_REGISTRY_URL")
-    if registry:
-        env["QTASKS_SCHEMA_REGISTRY_URL"] = registry
+    if registry_auth_file == "":
+        registry_auth_file = cluster.registry_auth_file("admin" if user == "admin" else "app")
+    if registry_auth_file is not None:
+        env["QTASKS_SCHEMA_REGISTRY_AUTH_FILE"] = registry_auth_file
     return env
+
+
+def _registry_login(cluster: SecureCluster, user: str) -> str:
+    return Path(cluster.registry_auth_file(user)).read_text().strip()
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -157,6 +182,58 @@ async def test_the_app_role_runs_end_to_end_exactly_once(
     async with app:
         ids = await _run_tasks(app)
         assert await _terminal_counts(app, ids) == {task_id: 1 for task_id in ids}
+    # The schemas went to the secured registry, as its user ``app``.
+    reader = SchemaRegistryClient(
+        {"url": secure_cluster.registry_url, "basic.auth.user.info": _registry_login(
+            secure_cluster, "reader")}
+    )  # fmt: skip
+    with reader:
+        assert f"{app.topology.events}-value" in reader.get_subjects()
+
+
+def test_the_registry_answers_no_anonymous_request(secure_cluster: SecureCluster) -> None:
+    base = secure_cluster.registry_url.removesuffix("/apis/ccompat/v7")
+    for path in (
+        "/apis/ccompat/v7/subjects",
+        "/apis/ccompat/v7/schemas/ids/1",
+        "/apis/ccompat/v7/config",
+        "/apis/ccompat/v8/subjects",
+        "/apis/registry/v3/groups",
+        "/apis/registry/v2/groups",
+        "/apis/",
+        "/",
+    ):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + path, timeout=10)
+        refused.value.close()  # it holds the response open
+        assert refused.value.code == 401, path
+
+
+async def test_registry_refusals_say_who_was_refused_and_what_to_set(
+    secure_cluster: SecureCluster, tmp_path: Path
+) -> None:
+    prefix = _prefix()
+    user, password = _new_user(secure_cluster, tmp_path, "app")
+    _grant(secure_cluster, prefix, f"User:{user}", "app")
+    wrong = tmp_path / "wrong.registry"
+    wrong.write_text("app:not-the-password\n")
+    url = re.escape(secure_cluster.registry_url)
+    for auth_file, refusal in (
+        (None, r"refused an anonymous client \(no credentials\): 401 Unauthorized \(.*\): "
+               r"the registry requires a login; set QTASKS_SCHEMA_REGISTRY_AUTH_FILE"),
+        (str(wrong), r"refused user 'app': 401 Unauthorized \(.*\): wrong user name or "
+                     r"password; set QTASKS_SCHEMA_REGISTRY_AUTH_FILE"),
+        # Read-only: it may read every schema, not register the app's.
+        (secure_cluster.registry_auth_file("reader"), r"refused user 'reader': 403 Forbidden "
+                                                      r"\(.*\): the user's role does not allow"),
+    ):  # fmt: skip
+        env = _env(secure_cluster, user, password, prefix, registry_auth_file=auth_file)
+        app = build().configure(Settings.from_env(env))
+        try:
+            with pytest.raises(RegistryRefusedError, match=rf"^schema registry at {url} {refusal}"):
+                await app.connect()
+        finally:
+            await app.close()
 
 
 async def test_worker_and_client_roles_split_the_app(
@@ -199,7 +276,7 @@ def _config_args(cluster: SecureCluster, user: str, password_file: str | Path) -
 
 
 async def test_a_reader_consumes_the_events_and_cannot_write(
-    secure_cluster: SecureCluster, schema_registry_url: str, tmp_path: Path
+    secure_cluster: SecureCluster, tmp_path: Path
 ) -> None:
     prefix = _prefix()
     app_user, app_password = _new_user(secure_cluster, tmp_path, "app")
@@ -225,7 +302,7 @@ async def test_a_reader_consumes_the_events_and_cannot_write(
     await asyncio.to_thread(
         consume_in_group,
         secure_cluster.bootstrap,
-        schema_registry_url,
+        secure_cluster.registry_url,
         topology.events,
         f"{topology.base}.reader.audit",
         handle,
@@ -233,6 +310,8 @@ async def test_a_reader_consumes_the_events_and_cannot_write(
         until=lambda: succeeded >= set(ids),
         timeout=60,
         client=client,
+        # The registry's read-only user: reading schemas is all a reader team needs.
+        registry_auth=_registry_login(secure_cluster, "reader"),
     )
     assert succeeded >= set(ids)
     # Writes to the events topic or a lane are refused, whatever the client.
@@ -329,13 +408,18 @@ async def test_no_secret_reaches_a_log_repr_or_cli_output(
     caplog.set_level(logging.DEBUG)
     prefix = _prefix()
     user, password_file = _new_user(secure_cluster, tmp_path, "app")
+    secure_folder = Path(secure_cluster.ca_file).parent
     secrets_ = _secrets_of(
         [
             password_file,
             Path(secure_cluster.admin_password_file),
-            *Path(secure_cluster.ca_file).parent.glob("*.password"),
+            *secure_folder.glob("*.password"),
+            # The registry's logins (user:password, the dev users' SCRAM passwords).
+            *secure_folder.glob("*.registry"),
         ]
     )
+    wrong_registry_password = secrets.token_urlsafe(12)
+    secrets_.add(wrong_registry_password)
     seen: list[str] = [_grant(secure_cluster, prefix, f"User:{user}", "app")]
     env = _env(secure_cluster, user, password_file, prefix)
     settings = Settings.from_env(env)
@@ -358,8 +442,22 @@ async def test_no_secret_reaches_a_log_repr_or_cli_output(
     with pytest.raises(AuthorizationError) as refused:
         await ensure_topics(wrong, app.topology.specs())
     seen.append(str(refused.value))
+    # A registry login refused: the error names the user, never the password sent.
+    wrong_login = tmp_path / "wrong.registry"
+    wrong_login.write_text(f"app:{wrong_registry_password}\n")
+    wrong_settings = Settings.from_env(
+        {**env, "QTASKS_SCHEMA_REGISTRY_AUTH_FILE": str(wrong_login)}
+    )
+    wrong_app = build().configure(wrong_settings)
+    try:
+        with pytest.raises(RegistryRefusedError) as registry_refused:
+            await wrong_app.connect()
+    finally:
+        await wrong_app.close()
+    seen += [str(registry_refused.value), repr(registry_refused.value), repr(wrong_settings)]
     seen += [record.getMessage() for record in caplog.records]
     seen += _texts(Path(secure_cluster.home) / "kafka" / "logs")
+    seen += _texts(Path(secure_cluster.home) / "registry" / "logs")
     assert len(seen) > 10 and secrets_
     leaks = [
         (n, len(secret)) for n, text in enumerate(seen) for secret in secrets_ if secret in text
@@ -372,5 +470,5 @@ def _secrets_of(files: list[Path]) -> set[str]:
 
 
 def _texts(folder: Path) -> list[str]:
-    """Every file of the broker's logs folder (kafka.out, format.log...)."""
+    """Every file of a service's logs folder (kafka.out, format.log, registry.out...)."""
     return [path.read_text(errors="replace") for path in folder.glob("*") if path.is_file()]

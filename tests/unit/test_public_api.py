@@ -37,6 +37,7 @@ PUBLIC = {
     "EventLogError",
     "AuthorizationError",
     "SerdeError",
+    "RegistryRefusedError",
     "RegistryUnavailableError",
     "ViewStoreError",
     "StaleViewError",

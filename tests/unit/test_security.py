@@ -3,20 +3,36 @@ topology, refusals mapped to AuthorizationError, and the secured dev broker's se
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiokafka.errors import GroupAuthorizationFailedError, TopicAuthorizationFailedError
 from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream.acl import Permission, permissions
 from qtasks_stream.cli import main
 from qtasks_stream.devenv.environment import DevEnvironment
 from qtasks_stream.devenv.kafka import DevKafka
-from qtasks_stream.errors import AuthorizationError, ConfigurationError, DevEnvError
+from qtasks_stream.devenv.registry import DevRegistry
+from qtasks_stream.devenv.secure import DevSecrets
+from qtasks_stream.errors import (
+    AuthorizationError,
+    ConfigurationError,
+    DevEnvError,
+    RegistryRefusedError,
+    RegistryUnavailableError,
+    SchemaError,
+)
 from qtasks_stream.eventlog import kafka_aio_convert, kafka_confluent_convert
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
+from qtasks_stream.serde.compat import register_schemas
+from qtasks_stream.serde.wire import WriterSchemas
 from qtasks_stream.settings import Settings
 from qtasks_stream.topology import Topology
 
@@ -205,3 +221,135 @@ def test_secret_client_properties_are_hidden_too() -> None:
     shown = repr(settings) + repr(settings.kafka_config())
     assert "s3cret" not in shown and "'acks': 'all'" in shown
     assert settings.kafka_config().to_librdkafka()["ssl.key.password"] == "s3cret"
+
+
+def test_the_secured_dev_registry_requires_a_login_for_every_path(tmp_path: Path) -> None:
+    secrets = DevSecrets(tmp_path / "kafka" / "secure")
+    registry = DevRegistry(tmp_path / "registry", port=29981, secrets=secrets)
+    users = secrets.write_registry_users()
+    props = registry.system_properties()
+    assert props["quarkus.http.auth.basic"] == "true"
+    assert props["quarkus.http.auth.permission.everything.paths"] == "/*"
+    assert props["quarkus.http.auth.permission.everything.policy"] == "authenticated"
+    assert props["apicurio.auth.role-based-authorization"] == "true"
+    assert props["apicurio.auth.anonymous-read-access.enabled"] == "false"
+    # The users come from a 0600 file, not the JVM's command line (``ps`` shows that).
+    assert props["quarkus.config.locations"] == users.as_uri()
+    assert users.stat().st_mode & 0o077 == 0
+    passwords = {user: secrets.password(user) for user in ("admin", "app", "reader")}
+    assert not any(pw in value for pw in passwords.values() for value in props.values())
+    lines = set(users.read_text().splitlines())
+    for user, role in (("admin", "sr-admin"), ("app", "sr-developer"), ("reader", "sr-readonly")):
+        assert f"quarkus.security.users.embedded.users.{user}={passwords[user]}" in lines
+        assert f"quarkus.security.users.embedded.roles.{user}={role}" in lines
+        auth = secrets.registry_auth_file(user)
+        assert auth.read_text() == f"{user}:{passwords[user]}\n"
+        assert auth.stat().st_mode & 0o077 == 0
+    # The exports name the app's auth file, never a password; Settings reads it.
+    exports = registry.client_exports()
+    assert exports["QTASKS_SCHEMA_REGISTRY_AUTH_FILE"] == str(secrets.registry_auth_file("app"))
+    assert not any(pw in value for pw in passwords.values() for value in exports.values())
+    settings = Settings.from_env(exports)
+    assert (settings.registry_conf() or {})["basic.auth.user.info"] == f"app:{passwords['app']}"
+    # A password the properties file cannot carry as it is is refused, not mangled.
+    secrets.password_file("reader").write_text("a$b\\c\n")
+    with pytest.raises(DevEnvError, match=r"reader\.password may hold only") as bad:
+        secrets.write_registry_users()
+    assert "a$b" not in str(bad.value)
+    # Without secrets: no login, no auth file.
+    plain = DevRegistry(tmp_path / "plain", port=29981)
+    assert not any(key.startswith(("quarkus.http.auth", "apicurio.auth")) for key in
+                   plain.system_properties())  # fmt: skip
+    assert plain.client_exports() == {"QTASKS_SCHEMA_REGISTRY_URL": plain.url}
+
+
+def test_a_secured_home_exports_the_registry_auth_file(tmp_path: Path) -> None:
+    (tmp_path / "dev.json").write_text(
+        '{"ports": {"kafka": 29994, "controller": 29995, "registry": 29981}, '
+        '"services": ["kafka", "registry"], "secure": true}'
+    )
+    status = DevEnvironment(tmp_path).status()
+    assert status.registry is not None and status.registry.secured
+    assert status.registry_exports == {
+        "QTASKS_SCHEMA_REGISTRY_URL": "http://127.0.0.1:29981/apis/ccompat/v7",
+        "QTASKS_SCHEMA_REGISTRY_AUTH_FILE": str(tmp_path / "kafka" / "secure" / "app.registry"),
+    }
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """A registry that answers every request with the status in its ``status`` attribute."""
+
+    status = 401
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b"" if self.status == 401 else json.dumps(
+            {"error_code": self.status, "message": "no"}
+        ).encode()  # fmt: skip
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = _answer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def refusing_registry() -> Iterator[tuple[str, type[_Refusing]]]:
+    handler = type("Handler", (_Refusing,), {})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+SCHEMA = '{"type": "record", "name": "T", "fields": [{"name": "a", "type": "int"}]}'
+
+
+def test_a_registry_refusal_names_the_registry_the_user_and_what_to_set(
+    refusing_registry: tuple[str, type[_Refusing]],
+) -> None:
+    base, handler = refusing_registry
+    url = f"{base}/apis/ccompat/v7"
+    anonymous = SchemaRegistryClient({"url": url})
+    with pytest.raises(RegistryRefusedError) as refused:
+        register_schemas(anonymous, {"t-value": SCHEMA})
+    assert str(refused.value) == (
+        f"schema registry at {url} refused an anonymous client (no credentials): "
+        "401 Unauthorized (listing the versions of subject 't-value'): the registry requires "
+        "a login; set QTASKS_SCHEMA_REGISTRY_AUTH_FILE (or QTASKS_SCHEMA_REGISTRY_AUTH) to "
+        "user:password"
+    )
+    # Credentials in the settings or in the URL: the user is named, the password never.
+    for conf in (
+        {"url": url, "basic.auth.user.info": "bob:s3cret-pw"},
+        {"url": url.replace("http://", "http://bob:s3cret-pw@")},
+    ):
+        wrong = SchemaRegistryClient(conf)
+        with pytest.raises(RegistryRefusedError, match=r"refused user 'bob': 401 Unauthorized \("
+                           r"fetching schema id 7\): wrong user name or password; set "
+                           r"QTASKS_SCHEMA_REGISTRY_AUTH_FILE") as refused:  # fmt: skip
+            WriterSchemas(wrong).get(7)
+        assert "s3cret" not in str(refused.value) and refused.value.user == "bob"
+        assert refused.value.url == url and refused.value.status == 401
+        # A RegistryUnavailableError: a stage backs off and retries, the record is not bad.
+        assert isinstance(refused.value, RegistryUnavailableError)
+    handler.status = 403
+    reader = SchemaRegistryClient({"url": url, "basic.auth.user.info": "reader:s3cret-pw"})
+    with pytest.raises(RegistryRefusedError, match=r"^schema registry at .* refused user "
+                       r"'reader': 403 Forbidden \(listing the versions of subject 't-value'\): "
+                       "the user's role does not allow it"):  # fmt: skip
+        register_schemas(reader, {"t-value": SCHEMA})
+    # Other failures keep their own errors.
+    handler.status = 500
+    with pytest.raises(SchemaError, match="answered with an error") as failed:
+        register_schemas(reader, {"t-value": SCHEMA})
+    assert not isinstance(failed.value, RegistryRefusedError)
