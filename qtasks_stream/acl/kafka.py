@@ -10,6 +10,7 @@ named at start-up instead of surfacing as a stage failing over and over.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -156,7 +157,41 @@ async def check_access(
     await asyncio.to_thread(_check_access, config, topology, role, list(groups))
 
 
+#: Tries of the check while the broker answers "try again" (a coordinator still loading
+#: on a fresh broker), and the pause between them: 30 tries span about 15 s.
+_CHECK_TRIES = 30
+_CHECK_PAUSE_S = 0.5
+
+
+#: Answers of a broker whose group coordinator is not ready (librdkafka may not flag them
+#: retriable on an admin result).
+_NOT_READY_CODES = frozenset(
+    {
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+    }
+)
+
+
+class _NotReady(Exception):
+    """The broker cannot answer yet (a retriable error): ask again."""
+
+
 def _check_access(config: KafkaConfig, topology: Topology, role: str, groups: list[str]) -> None:
+    for attempt in range(_CHECK_TRIES):
+        try:
+            _check_access_once(config, topology, role, groups)
+            return
+        except _NotReady as exc:
+            if attempt == _CHECK_TRIES - 1:
+                raise EventLogError(f"{exc} (still after {_CHECK_TRIES} tries)") from exc
+            time.sleep(_CHECK_PAUSE_S)
+
+
+def _check_access_once(
+    config: KafkaConfig, topology: Topology, role: str, groups: list[str]
+) -> None:
     rules = permissions(topology, role)
     topics = [spec.name for spec in topology.specs()]
     admin = _admin(config)
@@ -203,6 +238,10 @@ def _operations(
             return set()
         if err is not None and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
             return None  # nothing to check yet: the app's first start creates it
+        if err is not None and (err.retriable() or err.code() in _NOT_READY_CODES):
+            raise _NotReady(
+                f"cannot describe {kind} {name} yet: {describe_kafka_error(exc)}"
+            ) from exc
         raise EventLogError(f"cannot describe {kind} {name}: {describe_kafka_error(exc)}") from exc
     if description.authorized_operations is None:
         return None  # the cluster did not say (no authorizer): nothing to check

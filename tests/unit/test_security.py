@@ -25,6 +25,7 @@ from qtasks_stream.errors import (
     AuthorizationError,
     ConfigurationError,
     DevEnvError,
+    EventLogError,
     RegistryRefusedError,
     RegistryUnavailableError,
     SchemaError,
@@ -353,3 +354,37 @@ def test_a_registry_refusal_names_the_registry_the_user_and_what_to_set(
     with pytest.raises(SchemaError, match="answered with an error") as failed:
         register_schemas(reader, {"t-value": SCHEMA})
     assert not isinstance(failed.value, RegistryRefusedError)
+
+
+class _Failing:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def result(self, timeout: float) -> None:
+        raise KafkaException(KafkaError(self.code))
+
+
+def test_the_access_check_asks_again_while_the_coordinator_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qtasks_stream.acl import kafka as acl_kafka
+
+    config = KafkaConfig(bootstrap_servers="127.0.0.1:1")
+    with pytest.raises(acl_kafka._NotReady, match="group g yet"):
+        acl_kafka._operations(
+            config, _Failing(KafkaError.COORDINATOR_LOAD_IN_PROGRESS), 1.0, "group", "g"
+        )
+    with pytest.raises(EventLogError, match="cannot describe group g:"):
+        acl_kafka._operations(config, _Failing(KafkaError.INVALID_REQUEST), 1.0, "group", "g")
+
+    calls: list[int] = []
+
+    def once(*args: object) -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise acl_kafka._NotReady("cannot describe group g yet")
+
+    monkeypatch.setattr(acl_kafka, "_check_access_once", once)
+    monkeypatch.setattr(acl_kafka, "_CHECK_PAUSE_S", 0.0)
+    acl_kafka._check_access(config, Topology("t"), "worker", ["g"])
+    assert len(calls) == 3
