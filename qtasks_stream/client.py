@@ -18,12 +18,13 @@ from qtasks_stream.errors import (
     ConfigurationError,
     EventLogError,
     QTasksStreamError,
-    SerdeError,
+    RecordDecodeError,
     UnknownTaskError,
 )
 from qtasks_stream.eventlog.base import EventLog, Producer
 from qtasks_stream.eventlog.coalesce import CoalescedSends
 from qtasks_stream.eventlog.partitioning import murmur2_partition
+from qtasks_stream.eventlog.reading import read_records
 from qtasks_stream.events import (
     ROUTED_HEADER,
     CancelRequested,
@@ -31,7 +32,6 @@ from qtasks_stream.events import (
     Submitted,
     TaskEvent,
     as_record,
-    event_kind,
     new_task_id,
     now_us,
     task_id_ms,
@@ -39,9 +39,10 @@ from qtasks_stream.events import (
 from qtasks_stream.interceptors import EmitInput, Interceptor, chain_emit, wants
 from qtasks_stream.ops import audit
 from qtasks_stream.ops.rerun import Resubmission, ResubmitFilter, find_resubmissions, records_of
-from qtasks_stream.records import OutRecord, TopicPartition
+from qtasks_stream.records import OutRecord, Record
 from qtasks_stream.results import ResultListener
 from qtasks_stream.serde.base import Serde
+from qtasks_stream.serde.codec import RecordCodec
 from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.state import Task, TaskState, fold, work_item
 from qtasks_stream.tasks import TaskDefinition
@@ -469,47 +470,38 @@ class TaskClient:
     async def _partition_histories(
         self, partition: int, uuids: Sequence[str], skip_undecodable: bool, limit: float
     ) -> dict[str, list[TaskEvent]]:
-        topic = self.topology.events
-        tp = TopicPartition(topic, partition)
-        consumer = self.event_log.consumer([topic], group_id=None, start="earliest")
-        await consumer.start()
+        # A time-ordered id says when the task was submitted: start there, not at 0.
+        born = [task_id_ms(uuid) for uuid in uuids]
+        since = None
+        if None not in born:
+            since = min(ms for ms in born if ms is not None) - _HISTORY_CLOCK_MARGIN_MS
+        events: dict[bytes, list[TaskEvent]] = {uuid.encode(): [] for uuid in uuids}
+        codec = RecordCodec(self.serde)
+
+        async def keep(records: list[Record]) -> None:
+            for rec in records:
+                found = events.get(rec.key) if rec.key is not None else None
+                if found is None or rec.value is None:
+                    continue
+                try:
+                    found.append(codec.event(rec))
+                except RecordDecodeError:
+                    if not skip_undecodable:
+                        raise
+
         try:
-            others = [
-                TopicPartition(topic, p)
-                for p in range(self.topology.partitions)
-                if p != tp.partition
-            ]
-            consumer.pause(others, True)
-            end = (await consumer.end_offsets([tp]))[tp]
-            # A time-ordered id says when the task was submitted: start there, not at 0.
-            born = [task_id_ms(uuid) for uuid in uuids]
-            position = 0
-            if None not in born:
-                since = min(ms for ms in born if ms is not None) - _HISTORY_CLOCK_MARGIN_MS
-                position = (await consumer.offsets_for_time([tp], since))[tp]
-            consumer.seek(tp, position)
-            events: dict[bytes, list[TaskEvent]] = {uuid.encode(): [] for uuid in uuids}
-            deadline = asyncio.get_running_loop().time() + limit
-            while position < end:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise EventLogError(f"reading the history of {uuids[0]} took over {limit}s")
-                for rec in await consumer.poll(max_records=5000, timeout=0.5):
-                    if rec.partition != tp.partition or rec.value is None:
-                        continue
-                    found = events.get(rec.key) if rec.key is not None else None
-                    if found is None:
-                        continue
-                    try:
-                        kind = event_kind(rec.headers)
-                        value = self.serde.decode(topic, rec.value, branch=kind)
-                        found.append(TaskEvent.from_avro(value))
-                    except (SerdeError, KeyError, TypeError, ValueError):
-                        if not skip_undecodable:
-                            raise
-                position = await consumer.position(tp) or 0
-            return {key.decode(): found for key, found in events.items()}
-        finally:
-            await consumer.close()
+            async with asyncio.timeout(limit):
+                await read_records(
+                    self.event_log,
+                    self.topology.events,
+                    self.topology.partitions,
+                    keep,
+                    only=[partition],
+                    since_ms=since,
+                )
+        except TimeoutError as exc:
+            raise EventLogError(f"reading the history of {uuids[0]} took over {limit}s") from exc
+        return {key.decode(): found for key, found in events.items()}
 
 
 def _folded(events: Iterable[TaskEvent]) -> TaskState | None:

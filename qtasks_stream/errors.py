@@ -10,7 +10,8 @@ The tree::
     │   ├── FencedError           this producer or consumer generation was superseded
     │   └── AuthorizationError    the cluster refused: a missing ACL, or failed authentication
     ├── SerdeError                encoding or decoding a record
-    │   └── SchemaError           a schema is invalid, unknown or incompatible
+    │   ├── SchemaError           a schema is invalid, unknown or incompatible
+    │   └── RecordDecodeError     a record read from the log is not the value its topic holds
     ├── RegistryUnavailableError  the schema registry did not answer (retry later; the
     │   │                         record is fine, so it is not dead-lettered)
     │   └── RegistryRefusedError  it answered 401/403: no or wrong credentials, or a role
@@ -33,6 +34,7 @@ __all__ = [
     "EventLogError",
     "FencedError",
     "QTasksStreamError",
+    "RecordDecodeError",
     "RegistryRefusedError",
     "RegistryUnavailableError",
     "SchemaError",
@@ -110,6 +112,18 @@ class SerdeError(QTasksStreamError):
 
 class SchemaError(SerdeError):
     """A schema is invalid, unknown to the registry, or incompatible."""
+
+
+class RecordDecodeError(SerdeError):
+    """A record read from the log could not be decoded and converted into what its topic
+    holds; the message names the record (``topic/partition/offset``) and the cause, which is
+    also chained as ``__cause__``."""
+
+    def __init__(self, message: str, *, topic: str, partition: int, offset: int) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
 
 
 class RegistryUnavailableError(QTasksStreamError):

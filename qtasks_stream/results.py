@@ -16,11 +16,13 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from qtasks_stream.errors import EventLogError, SerdeError, TaskNotFoundError
+from qtasks_stream.errors import RecordDecodeError, TaskNotFoundError
 from qtasks_stream.eventlog.base import Consumer, EventLog
+from qtasks_stream.eventlog.reading import follow
 from qtasks_stream.events import TERMINAL_KINDS, Progress, TaskEvent, event_kind
-from qtasks_stream.records import TopicPartition
+from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.serde.base import Serde
+from qtasks_stream.serde.codec import RecordCodec
 from qtasks_stream.serde.wire import until_registry_answers
 from qtasks_stream.state import TaskState, fold
 
@@ -56,7 +58,7 @@ class _Watch:
 class ResultListener:
     def __init__(self, event_log: EventLog, serde: Serde, topic: str, partitions: int) -> None:
         self._log = event_log
-        self._serde = serde
+        self._codec = RecordCodec(serde)
         self._topic = topic
         self._partitions = partitions
         self._watches: dict[bytes, _Watch] = {}
@@ -78,7 +80,9 @@ class ResultListener:
             for tp, end in (await consumer.end_offsets(tps)).items():
                 consumer.seek(tp, end)
             self._consumer = consumer
-            self._task = asyncio.create_task(self._run(consumer))
+            self._task = asyncio.create_task(
+                follow(consumer, self._handle, what="the result listener", max_records=1000)
+            )
 
     async def close(self) -> None:
         if self._task is not None:
@@ -243,47 +247,36 @@ class ResultListener:
                 watch.queues.remove(queue)
             self._drop_if_unused(task_id.encode(), watch)
 
-    async def _decode(self, value: bytes, kind: str | None) -> TaskEvent | None:
-        """The event in ``value``; None (logged) for a bad record. While the registry is
+    async def _decode(self, rec: Record) -> TaskEvent | None:
+        """The event in ``rec``; None (logged) for a bad record. While the registry is
         unavailable it waits and tries again: the record is fine, and dropping it would
         leave its waiters hanging. Ends with the listener (``close`` cancels it)."""
         try:
-            data = await until_registry_answers(
-                lambda: self._serde.decode(self._topic, value, branch=kind),
-                "the result listener",
-                most=_REGISTRY_RETRY_MAX,
+            return await until_registry_answers(
+                lambda: self._codec.event(rec), "the result listener", most=_REGISTRY_RETRY_MAX
             )
-            return TaskEvent.from_avro(data)
-        except (SerdeError, KeyError, TypeError, ValueError) as exc:
+        except RecordDecodeError as exc:
             log.warning("result listener skipped an undecodable record: %s", exc)
             return None
 
-    async def _run(self, consumer: Consumer) -> None:
-
-        while True:
-            try:
-                records = await consumer.poll(max_records=1000, timeout=1.0)
-            except EventLogError as exc:
-                log.warning("result listener poll failed: %s", exc)
-                await asyncio.sleep(0.5)
+    async def _handle(self, records: list[Record]) -> None:
+        watches = self._watches
+        for rec in records:
+            watch = watches.get(rec.key or b"")
+            if watch is None or rec.value is None:
                 continue
-            watches = self._watches
-            for rec in records:
-                watch = watches.get(rec.key or b"")
-                if watch is None or rec.value is None:
-                    continue
-                kind = event_kind(rec.headers)
-                if kind is not None and kind not in _NEEDED:
-                    continue
-                event = await self._decode(rec.value, kind)
-                if event is None:
-                    continue
-                watch.state = fold(watch.state, event)
-                if watch.events is not None:
-                    watch.events.append(event)
-                for queue in watch.queues:
-                    queue.put_nowait(event)
-                # While a reader of the log catches up (``seed`` pending), the state lacks what
-                # only the history has (the submitted arguments): ``seed`` finishes the watch.
-                if watch.state.final and watch.events is None:
-                    self._finish(rec.key or b"", watch)
+            kind = event_kind(rec.headers)
+            if kind is not None and kind not in _NEEDED:
+                continue
+            event = await self._decode(rec)
+            if event is None:
+                continue
+            watch.state = fold(watch.state, event)
+            if watch.events is not None:
+                watch.events.append(event)
+            for queue in watch.queues:
+                queue.put_nowait(event)
+            # While a reader of the log catches up (``seed`` pending), the state lacks what
+            # only the history has (the submitted arguments): ``seed`` finishes the watch.
+            if watch.state.final and watch.events is None:
+                self._finish(rec.key or b"", watch)

@@ -16,12 +16,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TextIO
 
-from qtasks_stream.errors import ConfigurationError, SerdeError
+from qtasks_stream.errors import ConfigurationError, RecordDecodeError
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.reading import read_records
-from qtasks_stream.events import TaskEvent, event_kind
+from qtasks_stream.events import event_kind
 from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.serde.base import Serde
+from qtasks_stream.serde.codec import RecordCodec
 from qtasks_stream.state import TaskState
 from qtasks_stream.views.base import Applied, TaskQuery, ViewStore
 
@@ -117,14 +118,14 @@ def parse_offsets(text: str, topic: str, partitions: int) -> dict[TopicPartition
 def decode_events(serde: Serde, records: Sequence[Record]) -> list[Applied]:
     """The records that decode to a ``TaskEvent``; the others (dead-lettered by the
     pipeline, which records a ``DeadLettered`` event for them) are left out."""
+    codec = RecordCodec(serde)
     out: list[Applied] = []
     for rec in records:
         if rec.value is None:
             continue
         try:
-            value = serde.decode(rec.topic, rec.value, branch=event_kind(rec.headers))
-            event = TaskEvent.from_avro(value)
-        except (SerdeError, KeyError, TypeError, ValueError):
+            event = codec.event(rec)
+        except RecordDecodeError:
             continue
         out.append(Applied(rec.tp, rec.offset, event))
     return out

@@ -27,6 +27,7 @@ from qtasks_stream.events import now_us
 from qtasks_stream.ops.replay import ReplayResult, all_states, replay_into
 from qtasks_stream.records import OutRecord, Record, TopicPartition
 from qtasks_stream.serde.base import Serde
+from qtasks_stream.serde.codec import RecordCodec
 from qtasks_stream.state import STATE_FIELDS, TaskState
 from qtasks_stream.topology import Topology
 from qtasks_stream.views.base import ViewStore
@@ -68,6 +69,7 @@ async def read_snapshot(event_log: EventLog, serde: Serde, topology: Topology) -
 
     Raises:
         EventLogError: the topic holds a manifest whose task records are not all there.
+        RecordDecodeError: a record of the latest snapshot cannot be decoded.
     """
     topic = topology.snapshots
     latest: dict[bytes, Record] = {}
@@ -84,12 +86,12 @@ async def read_snapshot(event_log: EventLog, serde: Serde, topology: Topology) -
     manifest_record = latest.pop(MANIFEST_KEY.encode(), None)
     if manifest_record is None or manifest_record.value is None:
         return None
-    manifest = serde.decode(topic, manifest_record.value)
+    codec = RecordCodec(serde)
+    manifest = codec.value(manifest_record)
     snapshot_id = manifest["snapshot_id"]
     states = []
     for rec in latest.values():
-        assert rec.value is not None
-        value = serde.decode(topic, rec.value)
+        value = codec.value(rec)
         if value["snapshot_id"] == snapshot_id and value["task"] is not None:
             states.append(_state_from_avro(value["task"]))
     if len(states) != manifest["tasks"]:

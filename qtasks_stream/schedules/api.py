@@ -12,9 +12,9 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from qtasks_stream.errors import ConfigurationError, SerdeError, UnknownTaskError
+from qtasks_stream.errors import ConfigurationError, RecordDecodeError, UnknownTaskError
 from qtasks_stream.eventlog.reading import read_records
-from qtasks_stream.events import Submitted, TaskEvent, as_record, event_kind, now_us
+from qtasks_stream.events import Submitted, as_record, event_kind, now_us
 from qtasks_stream.records import OutRecord, Record
 from qtasks_stream.schedules.records import (
     NAME,
@@ -24,6 +24,7 @@ from qtasks_stream.schedules.records import (
     fold_schedule,
 )
 from qtasks_stream.schedules.timing import check_cron, zone
+from qtasks_stream.serde.codec import RecordCodec
 from qtasks_stream.state import TaskState, fold
 
 if TYPE_CHECKING:
@@ -185,6 +186,7 @@ class Schedules:
         topic = app.topology.events
         tag = f"schedule:{name}"
         found: dict[str, TaskState] = {}
+        codec = RecordCodec(app.serde)
 
         async def fold_runs(records: list[Record]) -> None:
             for rec in records:
@@ -195,8 +197,8 @@ class Schedules:
                 if task_id not in found and kind not in (None, "Submitted"):
                     continue  # not a run of this schedule: not even decoded
                 try:
-                    event = TaskEvent.from_avro(app.serde.decode(topic, rec.value, branch=kind))
-                except (SerdeError, KeyError, TypeError, ValueError):
+                    event = codec.event(rec)
+                except RecordDecodeError:
                     continue  # in the dead-letter topic, as history leaves it out too
                 if task_id in found:
                     found[task_id] = fold(found[task_id], event)
@@ -225,14 +227,15 @@ class Schedules:
         await app.connect()
         topic = app.topology.schedules
         found: dict[str, Schedule] = {}
+        codec = RecordCodec(app.serde)
 
         async def fold(records: list[Record]) -> None:
             for rec in records:
                 if rec.value is None:
                     continue
                 try:
-                    event = ScheduleEvent.from_avro(app.serde.decode(topic, rec.value))
-                except (SerdeError, KeyError, TypeError, ValueError):
+                    event = codec.decode(rec, ScheduleEvent)
+                except RecordDecodeError:
                     continue  # the stage dead-letters it: the dead-letter topic has it
                 found[event.name] = fold_schedule(found.get(event.name), event)
 

@@ -23,17 +23,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qtasks_stream.errors import (
     EventLogError,
     FencedError,
+    RecordDecodeError,
     RegistryUnavailableError,
-    SerdeError,
 )
 from qtasks_stream.eventlog.base import Consumer, EventLog, Producer
-from qtasks_stream.events import ControlCommand, TaskEvent, WorkItem, as_record, event_kind
+from qtasks_stream.events import ControlCommand, TaskEvent, WorkItem, as_record
 from qtasks_stream.interceptors import (
     EmitInput,
     Interceptor,
@@ -45,6 +45,7 @@ from qtasks_stream.interceptors import (
 from qtasks_stream.records import OutRecord, Record, TopicPartition
 from qtasks_stream.schedules.records import ScheduleEvent
 from qtasks_stream.serde.base import Serde
+from qtasks_stream.serde.codec import Decodable, RecordCodec
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
 from qtasks_stream.topology import Topology
 
@@ -52,11 +53,11 @@ __all__ = ["StageRunner"]
 
 log = logging.getLogger("qtasks_stream.runner")
 
-_FROM_AVRO: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "TaskEvent": TaskEvent.from_avro,
-    "WorkItem": WorkItem.from_avro,
-    "ControlCommand": ControlCommand.from_avro,
-    "ScheduleEvent": ScheduleEvent.from_avro,
+_RECORD_TYPES: dict[str, Decodable[Any]] = {
+    "TaskEvent": TaskEvent,
+    "WorkItem": WorkItem,
+    "ControlCommand": ControlCommand,
+    "ScheduleEvent": ScheduleEvent,
 }
 
 #: Header names of dead letters; the original headers come first, unchanged.
@@ -264,8 +265,9 @@ class StageRunner:
         self.checkpoint = _RunnerCheckpoint(self, interceptors)
         schemas = topology.topic_schemas()
         # Only what stages consume (no stage reads the snapshot topic).
+        self._codec = RecordCodec(serde)
         self._decoders = {
-            topic: _FROM_AVRO[name] for topic, name in schemas.items() if name in _FROM_AVRO
+            topic: _RECORD_TYPES[name] for topic, name in schemas.items() if name in _RECORD_TYPES
         }
         self._step = chain_step(interceptors, self._decode_and_handle)
         self._consumer: Consumer | None = None
@@ -481,21 +483,17 @@ class StageRunner:
         records = checkpoint.handed(step.records)
         batch: list[Incoming] = []
         if self.stage.decode:
-            decode, decoders = self.serde.decode, self._decoders
+            decode, decoders = self._codec.decode, self._decoders
             wants = self.stage.wants_value
             for rec in records:
                 if not wants(rec):
                     batch.append(Incoming(rec, None))
                     continue
                 try:
-                    if rec.value is None:
-                        raise SerdeError("record has no value (a tombstone)")
-                    # The kind header lets the serde skip reading union branch names.
-                    data = decode(rec.topic, rec.value, branch=event_kind(rec.headers))
-                    value = decoders[rec.topic](data)
-                except (SerdeError, KeyError, TypeError, ValueError) as exc:
+                    value = decode(rec, decoders[rec.topic])
+                except RecordDecodeError as exc:
                     if self.stage.dead_letters and rec.offset >= self._replay_below.get(rec.tp, 0):
-                        checkpoint.dead_letter(rec, f"cannot decode: {exc}", exc)
+                        checkpoint.dead_letter(rec, str(exc), exc.__cause__ or exc)
                     else:
                         checkpoint.done(rec)
                     continue

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from qtasks_stream.context import TaskContext
-from qtasks_stream.errors import EventLogError, SerdeError, TaskCancelled, TaskTimeout
+from qtasks_stream.errors import RecordDecodeError, SerdeError, TaskCancelled, TaskTimeout
 from qtasks_stream.eventlog.base import Consumer
+from qtasks_stream.eventlog.reading import follow
 from qtasks_stream.events import (
     Cancelled,
     ControlCommand,
@@ -55,6 +56,7 @@ from qtasks_stream.executors.base import Call, Executor
 from qtasks_stream.interceptors import ExecuteInput, Interceptor, chain_execute
 from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.serde.base import Serde
+from qtasks_stream.serde.codec import RecordCodec
 from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.serde.wire import until_registry_answers
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
@@ -550,25 +552,20 @@ class WorkerStage(Stage):
     async def _listen_control(self) -> None:
         consumer = self._control_factory()
         await consumer.start()
-        topic = self._topology.control
-        try:
-            while True:
+        codec = RecordCodec(self._serde)
+
+        async def handle(records: list[Record]) -> None:
+            for rec in records:
                 try:
-                    records = await consumer.poll(max_records=500, timeout=1.0)
-                except EventLogError as exc:
-                    log.warning("worker %s: control topic poll failed: %s", self.worker_id, exc)
-                    await asyncio.sleep(1.0)
+                    command = codec.decode(rec, ControlCommand)
+                except RecordDecodeError as exc:
+                    assert self._checkpoint is not None
+                    self._checkpoint.dead_letter(rec, str(exc), exc.__cause__ or exc)
                     continue
-                for rec in records:
-                    try:
-                        command = ControlCommand.from_avro(
-                            self._serde.decode(topic, rec.value or b"")
-                        )
-                    except (SerdeError, KeyError, TypeError) as exc:
-                        assert self._checkpoint is not None
-                        self._checkpoint.dead_letter(rec, f"cannot decode: {exc}", exc)
-                        continue
-                    self._on_cancel(command)
+                self._on_cancel(command)
+
+        try:
+            await follow(consumer, handle, what=f"worker {self.worker_id}: the control topic")
         finally:
             await consumer.close()
 

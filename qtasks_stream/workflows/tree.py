@@ -9,14 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from qtasks_stream.errors import SerdeError
+from qtasks_stream.errors import RecordDecodeError
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.partitioning import murmur2_partition
 from qtasks_stream.eventlog.reading import read_records
-from qtasks_stream.events import CancelRequested, Submitted, TaskEvent, event_kind
+from qtasks_stream.events import CancelRequested, Submitted, TaskEvent
 from qtasks_stream.ops.audit import BytesDecoder, history_document
-from qtasks_stream.records import Record, TopicPartition
+from qtasks_stream.records import Record
 from qtasks_stream.serde.base import Serde
+from qtasks_stream.serde.codec import RecordCodec
 from qtasks_stream.workflows.canvas import Chain, Group, Node, Signature, child, parse
 from qtasks_stream.workflows.fold import StepOutcome, advance, is_step_id
 
@@ -37,9 +38,9 @@ async def workflow_document(
     """The workflow ``some_id`` names (its id, or a step's), as one JSON-ready document;
     None when the log has no workflow of that id."""
     partition = murmur2_partition(some_id.encode(), partitions)
-    until = {TopicPartition(topic, p): 0 for p in range(partitions) if p != partition}
     wanted = some_id.encode()
     events: dict[str, list[TaskEvent]] = {}
+    codec = RecordCodec(serde)
 
     async def keep(records: list[Record]) -> None:
         for rec in records:
@@ -48,13 +49,12 @@ async def workflow_document(
             if not (is_step_id(rec.key) or rec.key == wanted):
                 continue
             try:
-                value = serde.decode(topic, rec.value, branch=event_kind(rec.headers))
-                event = TaskEvent.from_avro(value)
-            except (SerdeError, KeyError, TypeError, ValueError):
+                event = codec.event(rec)
+            except RecordDecodeError:
                 continue  # dead-lettered, and its DeadLettered event says so
             events.setdefault(event.task_id, []).append(event)
 
-    await read_records(event_log, topic, partitions, keep, until=until)
+    await read_records(event_log, topic, partitions, keep, only=[partition])
     workflow_id = some_id
     for event in events.get(some_id, ()):
         if isinstance(event.payload, Submitted) and event.payload.workflow_id:

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import logging
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +20,8 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream import QueueTasks
 from qtasks_stream.context import current
-from qtasks_stream.errors import ConfigurationError
+from qtasks_stream.errors import ConfigurationError, EventLogError, SerdeError
+from qtasks_stream.eventlog.base import Consumer
 from qtasks_stream.eventlog.memory import InMemoryEventLog
 from qtasks_stream.events import (
     Cancelled,
@@ -150,6 +152,7 @@ async def make() -> AsyncIterator[Callable[..., Any]]:
         concurrency: int = 4,
         buffer: int | None = None,
         lane_weights: tuple[int, ...] | None = None,
+        control: Callable[[InMemoryEventLog], Consumer] | None = None,
         **options: Any,
     ) -> Harness:
         log = InMemoryEventLog()
@@ -163,7 +166,11 @@ async def make() -> AsyncIterator[Callable[..., Any]]:
             executor=LocalExecutor(threads=2),
             serde=serde,
             payloads=TaskPayloads(registry, TOPOLOGY.events, router.definitions),
-            control=lambda: log.consumer([TOPOLOGY.control], group_id=None),
+            control=(
+                (lambda: control(log))
+                if control is not None
+                else lambda: log.consumer([TOPOLOGY.control], group_id=None)
+            ),
             worker_id="worker:test",
             concurrency=concurrency,
             buffer=buffer,
@@ -561,6 +568,56 @@ async def test_control_command_cancels_a_running_attempt(make: Callable[..., Any
     await h.give(again)
     await h.all_done(again)
     assert [e.kind for e in h.cp.of(task_id)] == ["Started", "Cancelled", "Cancelled"]
+
+
+async def test_the_control_listener_rides_out_failed_polls_with_one_warning(
+    make: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    router = Router()
+
+    @router.task
+    async def forever() -> None:
+        await asyncio.sleep(30)
+
+    failures = 2
+
+    def flaky(log: InMemoryEventLog) -> Consumer:
+        consumer = log.consumer([TOPOLOGY.control], group_id=None)
+        real_poll = consumer.poll
+
+        async def poll(*, max_records: int, timeout: float) -> list[Record]:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise EventLogError("the broker is restarting")
+            return await real_poll(max_records=max_records, timeout=timeout)
+
+        consumer.poll = poll  # type: ignore[method-assign]
+        return consumer
+
+    caplog.set_level(logging.WARNING)
+    h = await make(router, control=flaky)
+    item = h.item("forever")
+    [task_id] = await h.give(item)
+    await h.cancel(task_id, "enough")
+    await h.all_done(item)
+    assert h.cp.outcome(task_id) == Cancelled("enough")
+    assert failures == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("worker worker:test: the control topic: poll failed")
+
+
+async def test_an_undecodable_control_record_is_dead_lettered_naming_where_it_is(
+    make: Callable[..., Any],
+) -> None:
+    h = await make(Router())
+    await h.log.producer().send([OutRecord(TOPOLOGY.control, b"t1", b"\x00junk")])
+    await h.cp.until(lambda: bool(h.cp.dead), "the record dead-lettered")
+    [(record, reason, error)] = h.cp.dead
+    assert record.value == b"\x00junk"
+    assert reason.startswith(f"cannot decode {TOPOLOGY.control}/0/0 as a ControlCommand: ")
+    assert isinstance(error, SerdeError)
 
 
 async def test_current_works_in_sync_tasks_and_sync_generators(make: Callable[..., Any]) -> None:
