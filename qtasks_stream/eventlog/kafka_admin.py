@@ -345,7 +345,12 @@ def _partition_counts(admin: AdminClient, names: list[str], timeout: float) -> d
 def _check_existing(admin: AdminClient, specs: list[TopicSpec], timeout: float) -> None:
     counts = _partition_counts(admin, [s.name for s in specs], timeout)
     resources = {s.name: ConfigResource(ResourceType.TOPIC, s.name) for s in specs if s.config}
-    described = admin.describe_configs(list(resources.values()), request_timeout=timeout)
+    # describe_configs refuses an empty list (ValueError): topics without settings to check.
+    described = (
+        admin.describe_configs(list(resources.values()), request_timeout=timeout)
+        if resources
+        else {}
+    )
     for spec in specs:
         problems: list[str] = []
         partitions = counts.get(spec.name)
