@@ -60,6 +60,12 @@ __all__ = ["StageRunner"]
 
 log = logging.getLogger("qtasks_stream.runner")
 
+#: The longest poll of a stage that found nothing for a while: each empty poll doubles the
+#: timeout from ``poll_timeout`` up to this, the first record brings it back. A poll
+#: returns as soon as records arrive, so this costs no latency; waking every 0.2 s in every
+#: stage was a third of an idle worker process's CPU.
+IDLE_POLL_TIMEOUT = 2.0
+
 _FROM_AVRO: dict[str, Callable[[dict[str, Any]], Any]] = {
     "TaskEvent": TaskEvent.from_avro,
     "WorkItem": WorkItem.from_avro,
@@ -413,6 +419,7 @@ class StageRunner:
         #: The transaction being written: the next batch is polled and handled meanwhile
         #: (the checkpoint's lock keeps transactions one at a time, in order).
         committing: asyncio.Task[None] | None = None
+        timeout = self.poll_timeout
         try:
             while True:
                 wake.clear()
@@ -421,6 +428,11 @@ class StageRunner:
                     done.result()  # a fence or failure ends the session here
                 if poll is not None and poll.done():
                     records, poll = poll.result(), None
+                    timeout = (
+                        self.poll_timeout
+                        if records
+                        else max(self.poll_timeout, min(timeout * 2, IDLE_POLL_TIMEOUT))
+                    )
                     if records:
                         await self._step(
                             StepInput(self.stage.name, records, self.group, self._measure_lag)
@@ -438,14 +450,12 @@ class StageRunner:
                 capacity = self.stage.capacity()
                 if poll is None and capacity > 0:
                     poll = asyncio.create_task(
-                        consumer.poll(
-                            max_records=min(self.batch_size, capacity), timeout=self.poll_timeout
-                        )
+                        consumer.poll(max_records=min(self.batch_size, capacity), timeout=timeout)
                     )
                     poll.add_done_callback(lambda _: wake.set())
                 if wake.is_set():
                     continue
-                wait = self.poll_timeout if next_due is None else min(next_due, self.poll_timeout)
+                wait = timeout if next_due is None else min(next_due, timeout)
                 try:
                     async with asyncio.timeout(max(wait, 0.0)):
                         await wake.wait()
