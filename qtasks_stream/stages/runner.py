@@ -428,9 +428,11 @@ class StageRunner:
                     done.result()  # a fence or failure ends the session here
                 if poll is not None and poll.done():
                     records, poll = poll.result(), None
+                    # Not while restoring: aiokafka's poll returns on records only, so a
+                    # position moving past the last transaction marker shows at its timeout.
                     timeout = (
                         self.poll_timeout
-                        if records
+                        if records or self.stage.positions_wanted()
                         else max(self.poll_timeout, min(timeout * 2, IDLE_POLL_TIMEOUT))
                     )
                     if records:
