@@ -10,17 +10,18 @@ A tick is decided in :meth:`tick`: the ``Submitted`` of its run (events topic) a
 transaction: after any crash either both are in the log or neither is, and the next owner
 restores the tick and goes on after it. The run's task id derives from the schedule and
 the tick (:func:`tick_task_id`), so a tick fired twice anyway (a fenced owner whose
-transaction was still open) is one task: the scheduler ignores a repeated submit.
+transaction was still open) is one task: the scheduler ignores a repeated submit. An owner
+that lost the partition without knowing (a zombie) cannot commit a tick at all: the runner
+sends an offset with every transaction, which the log refuses from an old generation.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 from qtasks_stream.events import Submitted, TaskEvent, now_us
-from qtasks_stream.records import Record, TopicPartition
+from qtasks_stream.records import TopicPartition
 from qtasks_stream.schedules.records import (
     Schedule,
     ScheduleDefinition,
@@ -39,16 +40,12 @@ log = logging.getLogger("qtasks_stream.schedules")
 SOURCE = "schedules"
 #: The state of a run as its events in the log have it (None: no event of it found).
 RunState = Callable[[str], Awaitable[TaskState | None]]
-#: Records held in flight at most (see ScheduleStage._hold).
-_HOLD = 100
 #: Longest sleep the stage asks of its runner: a definition read meanwhile wakes it anyway.
 _MAX_SLEEP_S = 60.0
 
 
 class ScheduleStage(Stage):
     name = "schedules"
-    #: Records read stay in flight until ticks are decided (see :meth:`_hold`).
-    done_on_return = False
 
     def __init__(
         self,
@@ -73,7 +70,6 @@ class ScheduleStage(Stage):
         #: Per schedule: the definition and tick its next due time was computed from, and
         #: that time (the runner asks every loop turn; a cron is not parsed every turn).
         self._due: dict[str, tuple[ScheduleDefinition, int, int | None]] = {}
-        self._held: deque[Record] = deque()
         self.fired = 0
 
     @property
@@ -95,7 +91,6 @@ class ScheduleStage(Stage):
     async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         # One partition holds every schedule: losing it is losing all of them.
         self._owned.difference_update(partitions)
-        self._held.clear()  # its partition goes: the runner forgets them too
         for tp in partitions:
             self._restoring.pop(tp, None)
         if not self._owned:
@@ -120,23 +115,6 @@ class ScheduleStage(Stage):
             event: ScheduleEvent = item.value
             schedule = fold_schedule(self._schedules.get(event.name), event)
             self._schedules[event.name] = schedule
-            self._hold(item.record, checkpoint)
-
-    def _hold(self, record: Record | None, checkpoint: Checkpoint) -> None:
-        """Keep ``record`` in flight; with None (a tick was decided), release the oldest held.
-
-        So the transaction of every decided tick commits a consumed offset as well: Kafka
-        accepts offsets only from a member of the group's current generation, so an owner
-        that lost the partition without knowing (a zombie) cannot commit a tick the new
-        owner also fires. A transaction of outputs alone would not be fenced. Each decision
-        writes a Ticked record that the stage reads back, so the supply does not run out.
-        """
-        if record is not None:
-            self._held.append(record)
-            while len(self._held) > _HOLD:
-                checkpoint.done(self._held.popleft())
-        elif self._held:
-            checkpoint.done(self._held.popleft())
 
     async def tick(self, checkpoint: Checkpoint) -> float | None:
         if self._restoring or not self._owned:
@@ -237,7 +215,6 @@ class ScheduleStage(Stage):
         )
         checkpoint.emit(self._topology.schedules, event.key, event)
         self._schedules[schedule.name] = fold_schedule(schedule, event)
-        self._hold(None, checkpoint)  # this decision's transaction commits an offset too
 
     def _fire(
         self,

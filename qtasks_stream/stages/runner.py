@@ -10,7 +10,15 @@ Commit order, enforced in :meth:`_RunnerCheckpoint.commit` and nowhere else:
 2. The offsets of consumed records that are fully handled are added to that transaction,
    per partition only up to the first record still in flight (a later record finishing
    first never lets an earlier one be skipped).
-3. The transaction commits: outputs and offsets become visible together or not at all.
+3. A transaction with outputs but no offset that moved still sends one offset: that of an
+   owned partition as it stands (what this assignment last committed, or the group's
+   committed offset when the partition was assigned), so nothing moves. Offsets go with the
+   consumer's group metadata (KIP-447), so the broker refuses them, and the whole
+   transaction, from a member of an old generation: a member that lost its partitions
+   without knowing (a zombie after a pause) cannot commit outputs its successor also
+   writes, such as a route or a tick decided by a timer. (Not the read position: records
+   fetched but still in flight would be skipped by a crash after it.)
+4. The transaction commits: outputs and offsets become visible together or not at all.
    If it fails (fenced by a newer generation or instance), nothing is visible, the runner
    drops its partitions and state and rejoins; the new owner redoes the work.
 
@@ -53,6 +61,12 @@ __all__ = ["StageRunner"]
 
 log = logging.getLogger("qtasks_stream.runner")
 
+#: The longest poll of a stage that found nothing for a while: each empty poll doubles the
+#: timeout from ``poll_timeout`` up to this, the first record brings it back. A poll
+#: returns as soon as records arrive, so this costs no latency; waking every 0.2 s in every
+#: stage was a third of an idle worker process's CPU.
+IDLE_POLL_TIMEOUT = 2.0
+
 _RECORD_TYPES: dict[str, Decodable[Any]] = {
     "TaskEvent": TaskEvent,
     "WorkItem": WorkItem,
@@ -72,13 +86,19 @@ class _Offsets:
     them are done. A partition revoked and assigned again gets a new one, so late results of
     the old assignment can neither commit offsets nor outputs for the new."""
 
-    __slots__ = ("done", "inflight", "next_commit", "records")
+    __slots__ = ("committed", "done", "inflight", "next_commit", "records")
 
     def __init__(self) -> None:
         self.inflight: deque[int] = deque()
         self.records: dict[int, Record] = {}
         self.done: set[int] = set()
         self.next_commit = -1
+        #: The group's committed offset when the partition was assigned (-1: none).
+        self.committed = -1
+
+    def standing(self) -> int:
+        """The offset committed as things stand (-1: none known): re-sent, it moves nothing."""
+        return self.next_commit if self.next_commit >= 0 else self.committed
 
     def advance(self) -> int | None:
         """The new offset to commit, if the done prefix grew."""
@@ -166,6 +186,13 @@ class _RunnerCheckpoint(Checkpoint):
         for tp in partitions:
             self._offsets[tp] = _Offsets()
 
+    def note_committed(self, committed: Mapping[TopicPartition, int]) -> None:
+        """The group's committed offsets of partitions just owned (see :meth:`_fence`)."""
+        for tp, offset in committed.items():
+            tracker = self._offsets.get(tp)
+            if tracker is not None:
+                tracker.committed = offset
+
     def drop(self, partitions: Sequence[TopicPartition]) -> None:
         for tp in partitions:
             self._offsets.pop(tp, None)
@@ -229,8 +256,22 @@ class _RunnerCheckpoint(Checkpoint):
             outputs = ready
             self._outputs = held
             self._dirty_offsets = False
+            if outputs and not offsets:
+                offsets = self._fence()
             if outputs or offsets:
                 await producer.commit_transaction(outputs, offsets, consumer)
+
+    def _fence(self) -> dict[TopicPartition, int]:
+        """One owned partition's offset as it stands (step 3 of the commit order), so that
+        a transaction of outputs alone is fenced by the group generation too.
+
+        Empty only for a member that has handled no record and whose group committed none
+        of its partitions; its stages then hold nothing that outputs derive from."""
+        for tp, tracker in self._offsets.items():
+            offset = tracker.standing()
+            if offset >= 0:
+                return {tp: offset}
+        return {}
 
 
 class StageRunner:
@@ -359,6 +400,7 @@ class StageRunner:
         # Below the committed offset every record was handled (and dead-lettered where it
         # had to be) in a committed transaction: a stage replaying it must not do so again.
         committed = await self._consumer.committed(partitions)
+        self.checkpoint.note_committed(committed)
         for tp in partitions:
             self._replay_below[tp] = committed.get(tp, 0)
         seeks: Mapping[TopicPartition, int] = await self.stage.on_assigned(partitions, ends)
@@ -379,6 +421,7 @@ class StageRunner:
         #: The transaction being written: the next batch is polled and handled meanwhile
         #: (the checkpoint's lock keeps transactions one at a time, in order).
         committing: asyncio.Task[None] | None = None
+        timeout = self.poll_timeout
         try:
             while True:
                 wake.clear()
@@ -387,6 +430,13 @@ class StageRunner:
                     done.result()  # a fence or failure ends the session here
                 if poll is not None and poll.done():
                     records, poll = poll.result(), None
+                    # Not while restoring: aiokafka's poll returns on records only, so a
+                    # position moving past the last transaction marker shows at its timeout.
+                    timeout = (
+                        self.poll_timeout
+                        if records or self.stage.positions_wanted()
+                        else max(self.poll_timeout, min(timeout * 2, IDLE_POLL_TIMEOUT))
+                    )
                     if records:
                         await self._step(
                             StepInput(self.stage.name, records, self.group, self._measure_lag)
@@ -404,14 +454,12 @@ class StageRunner:
                 capacity = self.stage.capacity()
                 if poll is None and capacity > 0:
                     poll = asyncio.create_task(
-                        consumer.poll(
-                            max_records=min(self.batch_size, capacity), timeout=self.poll_timeout
-                        )
+                        consumer.poll(max_records=min(self.batch_size, capacity), timeout=timeout)
                     )
                     poll.add_done_callback(lambda _: wake.set())
                 if wake.is_set():
                     continue
-                wait = self.poll_timeout if next_due is None else min(next_due, self.poll_timeout)
+                wait = timeout if next_due is None else min(next_due, timeout)
                 try:
                     async with asyncio.timeout(max(wait, 0.0)):
                         await wake.wait()

@@ -69,6 +69,10 @@ log = logging.getLogger("qtasks_stream.worker")
 
 #: How many cancel requests a worker remembers (oldest forgotten first).
 _CANCEL_MEMORY = 100_000
+#: How many ended attempts a worker remembers (oldest forgotten first), to drop a second
+#: work item of one: a duplicate route is written about when the first is, so a short
+#: memory suffices, and a bounded one keeps a long-running worker's memory flat.
+_ENDED_MEMORY = 10_000
 #: An attempt ending within this many seconds commits its Started with its outcome, in one
 #: transaction instead of two (a transaction is a few ms: one task at a time waited for both).
 _START_HOLD_S = 0.005
@@ -139,6 +143,9 @@ class WorkerStage(Stage):
         self._slots: list[asyncio.Task[None]] = []
         self._running: dict[str, _Running] = {}
         self._cancelled: OrderedDict[str, str] = OrderedDict()
+        #: Attempts that ended here: task id -> (lane partition, attempt). Forgotten with
+        #: the partition: an outcome not committed by then is dropped and must be redone.
+        self._ended: OrderedDict[str, tuple[TopicPartition, int]] = OrderedDict()
         #: Started events not emitted yet, and the timer that emits each (see _attempt).
         self._held_starts: dict[str, tuple[TaskEvent, asyncio.TimerHandle]] = {}
         self._control_task: asyncio.Task[None] | None = None
@@ -221,6 +228,8 @@ class WorkerStage(Stage):
         gone = set(partitions)
         # Not committed: the partition's next owner gets them again.
         self._parked = [p for p in self._parked if p[1].tp not in gone]
+        for task_id in [t for t, (tp, _) in self._ended.items() if tp in gone]:
+            del self._ended[task_id]
         for lane in self._lanes:
             kept = [item for item in lane if item.record.tp not in gone]
             lane.clear()
@@ -302,9 +311,13 @@ class WorkerStage(Stage):
     async def _attempt(self, rec: Record, work: WorkItem) -> None:
         checkpoint = self._checkpoint
         assert checkpoint is not None
+        if self._ended_here(rec, work):
+            checkpoint.done(rec)
+            return
         reason = self._cancelled.get(work.task_id)
         if reason is not None:
             self._event(work, Cancelled(reason), rec)
+            self._end(rec, work)
             checkpoint.done(rec)
             return
         definition = self._tasks.get(work.task_name)
@@ -332,7 +345,42 @@ class WorkerStage(Stage):
         finally:
             self._release_start(work.task_id)
         self._event(work, outcome, rec, traceparent)
+        self._end(rec, work)
         checkpoint.done(rec)
+
+    def _ended_here(self, rec: Record, work: WorkItem) -> bool:
+        """Whether this attempt (or a later one) of the task already ended or runs here: a
+        second work item of it (a route written twice) is then dropped, not run again.
+
+        Its offset commits after the first item's (offsets commit in order), so with the
+        first item's outcome or after it; a partition lost in between is forgotten."""
+        ended = self._ended.get(work.task_id)
+        running = self._running.get(work.task_id)
+        if ended is not None and ended[1] >= work.attempt:
+            what = "ended"
+        elif running is not None and running.attempt >= work.attempt:
+            what = "is running"
+        else:
+            return False
+        log.warning(
+            "worker %s: work item %s/%d/%d of task %s attempt %d dropped: that attempt %s "
+            "here (the item was written twice)",
+            self.worker_id,
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            work.task_id,
+            work.attempt,
+            what,
+        )
+        return True
+
+    def _end(self, rec: Record, work: WorkItem) -> None:
+        ended = self._ended
+        ended.pop(work.task_id, None)
+        ended[work.task_id] = (rec.tp, work.attempt)
+        while len(ended) > _ENDED_MEMORY:
+            ended.popitem(last=False)
 
     def _release_start(self, task_id: str) -> None:
         """Emits the task's held Started event, if it has one."""
@@ -446,7 +494,7 @@ class WorkerStage(Stage):
                 with contextlib.suppress(RuntimeError):  # its timer has exited
                     timer.reschedule(loop.time() + max_time)
 
-        self._running[work.task_id] = _Running(me, ctx, rec, start_clock)
+        self._running[work.task_id] = _Running(me, ctx, rec, start_clock, work.attempt)
         try:
             args, kwargs = await self._call_arguments(definition, work)
             if definition.echo and self._echo_self is not None:
@@ -591,6 +639,7 @@ class _Running:
     ctx: TaskContext
     record: Record
     start_clock: Callable[[], None]
+    attempt: int
 
 
 def _format(exc: BaseException) -> str:

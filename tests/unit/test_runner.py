@@ -283,3 +283,70 @@ async def test_an_outcome_waits_until_its_input_offset_can_be_committed_with_it(
     last_records, last_offsets = producer.transactions[-1]
     assert [r.value for r in last_records] == [b"outcome-of-fast", b"outcome-of-slow"]
     assert last_offsets == {TP: 2}
+
+
+class _TimerStage(RecordingStage):
+    """Emits one output tied to no input (as a timer does) once ``fire`` is set; fetches
+    nothing while ``stall`` is set (its consumer silent, as in a long pause)."""
+
+    def __init__(self, stall: asyncio.Event, fire: asyncio.Event) -> None:
+        super().__init__()
+        self._stall, self._fire = stall, fire
+        self.fired = False
+
+    def capacity(self) -> int:
+        return 0 if self._stall.is_set() else super().capacity()
+
+    async def tick(self, checkpoint: Checkpoint) -> float | None:
+        if self._fire.is_set() and not self.fired:
+            self.fired = True
+            checkpoint.emit_raw(OutRecord(TOPOLOGY.deadletter, b"t", b"from-the-zombie"))
+        return 0.01
+
+
+async def test_a_zombie_cannot_commit_outputs_tied_to_no_input() -> None:
+    log = InMemoryEventLog(session_timeout=0.3)
+    await log.create_topics(TOPOLOGY.specs())
+    registry = SchemaRegistryClient.new_client({"url": f"mock://zombie-{uuid.uuid4().hex}"})
+    serde = AvroSerde(registry, TOPOLOGY.topic_schemas())
+    await serde.start()
+    stall, fire = asyncio.Event(), asyncio.Event()
+    zombie_stage = _TimerStage(stall, fire)
+    runners = [
+        StageRunner(
+            stage,
+            event_log=log,
+            serde=serde,
+            topology=TOPOLOGY,
+            instance_id=name,
+            poll_timeout=0.05,
+        )
+        for stage, name in ((zombie_stage, "a"), (RecordingStage(), "b"))
+    ]
+    zombie, successor = runners
+    harness = Harness(log, serde, zombie_stage, zombie)
+    tasks = [asyncio.create_task(zombie.run())]
+    try:
+        await harness.send(harness.event("t1", 0))
+        await harness.until(lambda: harness.committed() == 1, "the first record committed")
+        stall.set()
+        await asyncio.sleep(0.2)  # its last poll ends; it polls no more
+        tasks.append(asyncio.create_task(successor.run()))
+        # The silent member is dropped from the group; the successor owns the partition.
+        await harness.until(
+            lambda: successor.checkpoint.owned() == [TP], "the successor owns the partition"
+        )
+        fire.set()  # the zombie, still holding the partition as far as it knows, emits
+        await harness.until(lambda: zombie_stage.fired, "the zombie emitted")
+        await harness.until(lambda: not zombie.checkpoint._outputs, "the zombie's output went")
+        await asyncio.sleep(0.1)
+    finally:
+        for runner in runners:
+            runner.request_stop()
+        stall.clear()
+        async with asyncio.timeout(LIMIT):
+            await asyncio.gather(*tasks)
+        await serde.close()
+    # Its transaction carried the partition's offset as it stood, which the log refuses
+    # from a member of an old generation: the output was never written.
+    assert [r.value for r in log.records(TOPOLOGY.deadletter)] == []

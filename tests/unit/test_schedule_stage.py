@@ -32,7 +32,6 @@ def us(*parts: int, tz: ZoneInfo = BERLIN) -> int:
 class Collect(Checkpoint):
     def __init__(self) -> None:
         self.out: list[tuple[str, str, Any]] = []
-        self.done_offsets: list[int] = []
 
     def emit(self, topic: str, key: str, value: Any, origin: Record | None = None) -> None:
         self.out.append((topic, key, value))
@@ -41,7 +40,7 @@ class Collect(Checkpoint):
         raise AssertionError("not used")
 
     def done(self, record: Record) -> None:
-        self.done_offsets.append(record.offset)
+        pass
 
     def dead_letter(self, record: Record, reason: str, error: BaseException | None) -> None:
         raise AssertionError(reason)
@@ -253,22 +252,3 @@ async def test_when_clocks_go_back_an_hourly_cron_runs_both_two_oclocks_a_daily_
         f"tick:2026-10-25T0{h}:00:00Z" for h in range(4)
     ]
     assert fired["daily"] == ["tick:2026-10-25T00:30:00Z"]
-
-
-async def test_every_decided_tick_releases_a_consumed_record_so_its_transaction_is_fenced() -> None:
-    start = us(2026, 1, 1, 1, 0)
-    h = Harness(start)
-    await h.start(
-        [define(since=start, cron="* * * * *"), define("other", since=start, cron="0 0 1 1 *")]
-    )
-    # Read and folded, but held in flight: no tick has been decided.
-    assert h.cp.done_offsets == []
-    assert len(await h.at(start + MINUTE)) == 1
-    # The decision released one: the runner commits offset 1 in the tick's transaction,
-    # which Kafka accepts only from a member of the group's current generation.
-    assert h.cp.done_offsets == [0]
-    await h.feed(h.cp.ticks())  # the stage reads its own Ticked record back: held too
-    assert len(await h.at(start + 2 * MINUTE)) == 1
-    assert h.cp.done_offsets == [0, 1]
-    assert len(await h.at(start + 3 * MINUTE)) == 1
-    assert h.cp.done_offsets == [0, 1, 2]

@@ -479,6 +479,40 @@ async def test_an_unknown_task_put_back_is_dropped_with_its_partition(
     assert h.cp.other == [] and h.cp.finished == []  # the next owner gets the record again
 
 
+async def test_a_second_work_item_of_an_attempt_that_ended_here_is_dropped(
+    make: Callable[..., Any],
+) -> None:
+    router = Router()
+    runs: list[int] = []
+
+    @router.task
+    async def once(n: int) -> int:
+        runs.append(n)
+        return n
+
+    h = await make(router)
+    first = h.item("once", 1)
+    task_id = first.value.task_id
+    await h.give(first)
+    await h.all_done(first)
+    # The same attempt routed twice (a zombie's route): its offset is done, nothing runs.
+    again = h.item("once", 1, task_id=task_id)
+    await h.give(again)
+    await h.all_done(again)
+    assert runs == [1]
+    assert [e.kind for e in h.cp.of(task_id)] == ["Started", "Succeeded"]
+    # The next attempt runs; and once the partition went, so did the memory of what ended
+    # on it (an outcome not committed by then was dropped, and must be redone).
+    retry = h.item("once", 2, task_id=task_id, attempt=2)
+    await h.give(retry)
+    await h.all_done(retry)
+    await h.stage.on_revoked([first.record.tp])
+    redone = h.item("once", 3, task_id=task_id, attempt=2)
+    await h.give(redone)
+    await h.all_done(redone)
+    assert runs == [1, 2, 3]
+
+
 async def test_user_exception_fails_the_attempt_and_the_stage_keeps_running(
     make: Callable[..., Any],
 ) -> None:
