@@ -228,10 +228,10 @@ class ResultListener:
                     yield json.loads(event.payload.value)
             while state is None or not state.final:
                 try:
-                    # Not asyncio.timeout around the yields: it would cancel the caller's code.
-                    event = await asyncio.wait_for(
-                        queue.get(), None if deadline is None else max(0, deadline - loop.time())
-                    )
+                    # Around the get only, not the yields: it would cancel the caller's code.
+                    # (Not wait_for: on 3.11 it can swallow a cancel that meets an event.)
+                    async with asyncio.timeout_at(deadline):
+                        event = await queue.get()
                 except TimeoutError:
                     raise TimeoutError(f"task {task_id} did not end within {timeout}s") from None
                 if event is _END:

@@ -129,7 +129,8 @@ class AioConsumer(ListedOffsets, Consumer):
                     # started member already owns its partitions.
                     first = self._first_assignment = asyncio.get_running_loop().create_future()
                     consumer.subscribe(list(self._topics), listener=_AioRebalanceAdapter(self))
-                    await asyncio.wait_for(asyncio.shield(first), self._start_timeout)
+                    async with asyncio.timeout(self._start_timeout):  # not wait_for: see poll
+                        await asyncio.shield(first)
             except BaseException as exc:
                 await self.close()
                 if isinstance(exc, TimeoutError):

@@ -72,9 +72,8 @@ class ConfluentConsumer(ConsumerThread, ListedOffsets, Consumer):
             if self._first_assignment is not None:
                 # Like aiokafka's start(): a started member already owns its partitions.
                 try:
-                    await asyncio.wait_for(
-                        asyncio.shield(self._first_assignment), self._start_timeout
-                    )
+                    async with asyncio.timeout(self._start_timeout):
+                        await asyncio.shield(self._first_assignment)
                 except TimeoutError as exc:
                     await self.close()
                     raise EventLogError(
@@ -187,8 +186,11 @@ class ConfluentConsumer(ConsumerThread, ListedOffsets, Consumer):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that meets a
+            # wakeup, and the poll loop (and the close() that cancelled it) then ran forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
 
     def _drain(self, max_records: int) -> list[Record]:
         out: list[Record] = []
