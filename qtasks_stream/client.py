@@ -193,15 +193,21 @@ class TaskClient:
             else [record]
         )
         waiter = None
+        adopted = False
         if timeout is not None and idempotency_key is None:
             # A new task: its whole history is this event, the listener does the rest.
             await self._results.start()
             waiter = self._results.expect(task_id, base=fold(None, event))
+        elif idempotency_key is None:
+            # If this client listens already, a later wait() on the task needs no log read.
+            adopted = self._results.adopt(task_id, fold(None, event))
         try:
             await self._sends.send(records)
         except BaseException:
             if waiter is not None:
                 self._results.forget(task_id, waiter)
+            if adopted:
+                self._results.disown(task_id)
             raise
         if idempotency_key is not None:
             # A repeat of a known key is the first task (the scheduler ignores the repeat, and
@@ -253,21 +259,29 @@ class TaskClient:
         end must be given back with ``self._results.forget``."""
         await self._ensure_client()
         await self._results.start()
+        # A task submitted here while listening is followed already (``adopt``): no read.
+        own = {uuid for uuid in uuids if self._results.owns(uuid)}
+        if own:
+            waiters = {uuid: self._results.expect(uuid) for uuid in own}
+            rest = [uuid for uuid in uuids if uuid not in own]
+            if rest:
+                waiters.update(zip(rest, await self._watch_all(rest), strict=True))
+            return [waiters[uuid] for uuid in uuids]
         # Listen first, then look: whatever ends after this point reaches the listener.
-        waiters = [self._results.expect(uuid, record=True) for uuid in uuids]
+        recording = [self._results.expect(uuid, record=True) for uuid in uuids]
         try:
             if len(uuids) == 1:  # the read every one-task path shares (tests hook it)
                 histories = {uuids[0]: await self._history_events(uuids[0], skip_undecodable=True)}
             else:
                 histories = await self._histories(uuids, skip_undecodable=True)
         except BaseException:
-            for uuid, waiter in zip(uuids, waiters, strict=True):
+            for uuid, waiter in zip(uuids, recording, strict=True):
                 self._results.forget(uuid, waiter)
                 self._results.unseed(uuid)
             raise
         for uuid in uuids:
             self._results.seed(uuid, histories[uuid])
-        return waiters
+        return recording
 
     async def stream(self, uuid: str, timeout: float | None = None) -> AsyncIterator[Any]:
         """Progress items of a (generator) task: those already recorded, then the new ones as
@@ -345,6 +359,11 @@ class TaskClient:
         )
         records = records_of(self.serde, self.topology, found)
         if records and not dry_run:
+            # A wait right after this reads the log and waits for the new attempt, not the
+            # outcome the listener holds for a task submitted here.
+            for resubmission in found:
+                if resubmission.event is not None:
+                    self._results.disown(resubmission.task_id)
             await self._sends.send(records)
         return found
 

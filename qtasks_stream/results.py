@@ -38,10 +38,13 @@ _NEEDED = TERMINAL_KINDS | {"Started", "Progress"}
 _REGISTRY_RETRY_MAX = 5.0
 #: Final states remembered for read-your-writes (see :meth:`ResultListener.newest`).
 _ENDED_KEPT = 10_000
+#: Tasks this client submitted while listening, followed without a waiter so that a later
+#: wait needs no read of the log (see :meth:`ResultListener.adopt`); the oldest go first.
+_OWN_KEPT = 10_000
 
 
 class _Watch:
-    __slots__ = ("events", "futures", "queues", "readers", "state")
+    __slots__ = ("events", "futures", "own", "queues", "readers", "state")
 
     def __init__(self) -> None:
         self.state: TaskState | None = None
@@ -53,6 +56,8 @@ class _Watch:
         #: History reads still to end in :meth:`seed` or :meth:`unseed`: while any is, the
         #: events are kept and the watch is not finished from them alone.
         self.readers = 0
+        #: Submitted here while the listener listened: its state holds its whole history.
+        self.own = False
 
 
 class ResultListener:
@@ -64,6 +69,8 @@ class ResultListener:
         self._watches: dict[bytes, _Watch] = {}
         #: The last final state each recently finished watch reached, newest last.
         self._ended: OrderedDict[str, TaskState] = OrderedDict()
+        #: Keys of the adopted watches (``own``), oldest first.
+        self._own: OrderedDict[bytes, None] = OrderedDict()
         self._consumer: Consumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -98,6 +105,7 @@ class ResultListener:
             for queue in watch.queues:
                 queue.put_nowait(_END)
         self._watches.clear()
+        self._own.clear()
 
     def _watch(self, task_id: str) -> _Watch:
         key = task_id.encode()
@@ -128,6 +136,41 @@ class ResultListener:
         else:
             watch.futures.append(future)
         return future
+
+    def adopt(self, task_id: str, submitted: TaskState) -> bool:
+        """Follow a new task this client is about to submit, so that a later wait needs no
+        read of the log: the listener, running since before the submit, sees every event
+        after ``submitted``. False (nothing done) when the listener is not running: then
+        the listener would miss what happens before it starts."""
+        if self._task is None:
+            return False
+        key = task_id.encode()
+        watch = self._watch(task_id)
+        if watch.state is None:
+            watch.state = submitted
+        watch.own = True
+        self._own[key] = None
+        while len(self._own) > _OWN_KEPT:
+            old, _ = self._own.popitem(last=False)
+            stale = self._watches.get(old)
+            if stale is not None:
+                stale.own = False
+                self._drop_if_unused(old, stale)
+        return True
+
+    def disown(self, task_id: str) -> None:
+        """The submit of an adopted task failed: stop following it."""
+        key = task_id.encode()
+        self._own.pop(key, None)
+        watch = self._watches.get(key)
+        if watch is not None:
+            watch.own = False
+            self._drop_if_unused(key, watch)
+
+    def owns(self, task_id: str) -> bool:
+        """Whether a wait on ``task_id`` can trust the listener alone (see :meth:`adopt`)."""
+        watch = self._watches.get(task_id.encode())
+        return watch is not None and watch.own
 
     def seed(self, task_id: str, history: Sequence[TaskEvent]) -> None:
         """Complete a watch registered (with ``record``) before ``history`` was read from the
@@ -197,7 +240,7 @@ class ResultListener:
         self._drop_if_unused(key, watch)
 
     def _drop_if_unused(self, key: bytes, watch: _Watch) -> None:
-        if not watch.futures and not watch.queues:
+        if not watch.futures and not watch.queues and not watch.own:
             self._watches.pop(key, None)
 
     async def stream(

@@ -173,6 +173,61 @@ async def test_wait_right_after_resubmit_waits_for_the_new_attempt(
     assert outcome.attempt == 2
 
 
+async def test_a_wait_on_a_task_submitted_while_listening_reads_no_log(
+    pair: Callable[[], tuple[QueueTasks, QueueTasks]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, client = pair()
+    await server.start()
+    first = await client.add_task("double", 1)
+    assert first is not None
+    assert (await client.wait(first.uuid, timeout=LIMIT)) is not None  # the client listens now
+    reads: list[list[str]] = []
+    histories = client._histories  # every read of task histories from the log goes here
+
+    async def histories_read(uuids: Sequence[str], **options: Any) -> Any:
+        reads.append(list(uuids))
+        return await histories(uuids, **options)
+
+    monkeypatch.setattr(client, "_histories", histories_read)
+    submitted = [await client.add_task("double", n) for n in range(10)]
+    ended = [await client.wait(t.uuid, timeout=LIMIT) for t in submitted if t is not None]
+    assert [(t.status, t.args, t.returning) for t in ended if t is not None] == [
+        ("success", [n], 2 * n) for n in range(10)
+    ]
+    assert reads == []  # the listener followed them from their submit
+    # A task submitted elsewhere is read from the log, as before.
+    other = await server.add_task("double", 5)
+    assert other is not None
+    done = await client.wait(other.uuid, timeout=LIMIT)
+    assert done is not None and (done.args, done.returning) == ([5], 10)
+    assert reads == [[other.uuid]]
+
+
+async def test_wait_after_resubmit_of_a_task_submitted_while_listening_waits_for_it(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    app = make_app("resub-own", poll_timeout=0.05)
+    broken = [True]
+
+    @app.task
+    async def flaky() -> str:
+        if broken[0]:
+            raise RuntimeError("down")
+        return "up"
+
+    await app.start()
+    assert await app.add_task("flaky", timeout=LIMIT) is not None  # the client listens now
+    submitted = await app.add_task("flaky")
+    assert submitted is not None
+    failed = await app.wait(submitted.uuid, timeout=LIMIT)
+    assert failed is not None and failed.status == "error"
+    broken[0] = False
+    [resubmitted] = await app.resubmit(ResubmitFilter(task_ids=frozenset({submitted.uuid})))
+    assert resubmitted.event is not None
+    outcome = await app.wait(submitted.uuid, timeout=LIMIT)
+    assert outcome is not None and (outcome.status, outcome.attempt) == ("success", 2)
+
+
 async def test_stream_of_an_ended_task_yields_its_items_then_ends(
     make_app: Callable[..., QueueTasks],
 ) -> None:
