@@ -9,9 +9,10 @@ types, unions other than ``null`` and one type or of records only) compile to ``
 and the caller uses fastavro.
 
 A writer fails (``TypeError``, ``AttributeError``, ``KeyError``, ``ValueError``) on a
-value that does not fit without naming the field: :func:`~qtasks_stream.serde.wire.write`
-then validates with fastavro, which does. A reader fails with ``IndexError``,
-``ValueError`` (``UnicodeDecodeError``) or ``KeyError`` on corrupt bytes.
+value that does not fit (an int out of its type's range included) without naming the
+field: :func:`~qtasks_stream.serde.wire.write` then writes as before it, which does. A
+reader fails with ``IndexError``, ``ValueError`` (``UnicodeDecodeError``) or ``KeyError`` on
+corrupt bytes.
 """
 
 from __future__ import annotations
@@ -206,13 +207,26 @@ def _write_primitive(src: _Source, kind: str, value: str, lines: list[str], pad:
         lines.append(
             f"{pad}{data} = {value}.encode()" if kind == "string" else f"{pad}{data} = {value}"
         )
-        lines.append(f"{pad}out += _varint(len({data}) << 1)")
+        size = src.var("size")
+        lines.append(f"{pad}{size} = len({data}) << 1")
+        lines.append(f"{pad}if {size} < 0x80:")
+        lines.append(f"{pad}    out.append({size})")
+        lines.append(f"{pad}else:")
+        lines.append(f"{pad}    out += _varint({size})")
         lines.append(f"{pad}out += {data}")
     elif kind in ("int", "long"):
-        # Range checked by the guard before (wire.int_guard): zig-zag as 64 bits.
-        number = src.var("number")
+        # fastavro writes an int past the type's range silently wrong: refused here, and
+        # wire.write's fallback names the field. A bool is an int, written as fastavro does.
+        number, zigzag = src.var("number"), src.var("zigzag")
+        low, high = (-(2**31), 2**31 - 1) if kind == "int" else (-(2**63), 2**63 - 1)
         lines.append(f"{pad}{number} = {value}")
-        lines.append(f"{pad}out += _varint(({number} << 1) ^ ({number} >> 63))")
+        lines.append(f"{pad}if not {low} <= {number} <= {high}:")
+        lines.append(f"{pad}    raise _ValueError('out of range')")
+        lines.append(f"{pad}{zigzag} = ({number} << 1) ^ ({number} >> 63)")
+        lines.append(f"{pad}if {zigzag} < 0x80:")
+        lines.append(f"{pad}    out.append({zigzag})")
+        lines.append(f"{pad}else:")
+        lines.append(f"{pad}    out += _varint({zigzag})")
     elif kind == "double":
         lines.append(f"{pad}out += _pack_d({value})")
     elif kind == "float":

@@ -229,12 +229,20 @@ def write(
     With ``guard`` (from :func:`int_guard`) the value is range-checked and written, and
     validated in full only if the writer fails, for a message that names the field;
     without, it is validated in full first. ``compiled`` (for ``parsed``, see
-    :mod:`.compiled`) writes instead of fastavro; if it fails, fastavro decides.
+    :mod:`.compiled`, which checks int ranges itself) writes instead of the guard and
+    fastavro; if it fails, they decide and say why.
 
     Raises:
         error: ``value`` does not fit: ``what`` (the complaint, say "value does not fit the
             schema of topic 't'"), then every problem.
     """
+    if compiled is not None:
+        out = bytearray(prefix)
+        try:
+            compiled(value, out)
+        except (ValueError, TypeError, KeyError, AttributeError, struct.error):
+            return write(parsed, prefix, value, what, error, guard)
+        return bytes(out)
     buf = io.BytesIO()
     buf.write(prefix)
     try:
@@ -242,10 +250,6 @@ def write(
             validate(value, parsed, raise_errors=True)
         else:
             guard(value)
-        if compiled is not None:
-            out = bytearray(prefix)
-            compiled(value, out)
-            return bytes(out)
         fastavro.schemaless_writer(buf, parsed, value)
     except ValidationError as exc:
         problems = "; ".join(str(e) for e in exc.errors)
@@ -253,7 +257,7 @@ def write(
     except _OutOfRange as exc:
         raise error(f"{what}: {exc}") from exc
     except (ValueError, TypeError, KeyError, AttributeError, struct.error, _NoGuard) as exc:
-        if guard is not None or compiled is not None:
+        if guard is not None:
             # The fast path failed: validating says which field, in fastavro's words.
             return write(parsed, prefix, value, what, error)
         raise error(f"{what}: {exc}") from exc
