@@ -187,8 +187,10 @@ class TaskClient:
         record = as_record(self.serde, self.topology.events, task_id, event)
         # Due now and not a possible repeat: straight into its lane (the scheduler ignores a
         # repeated submit, so one with an idempotency key goes through it).
+        # Folded once: routing reads it, then the waiter's state grows from it.
+        state = fold(None, event)
         records = (
-            self._routed(event, record)
+            self._routed(event, record, state)
             if options["eta_us"] is None and idempotency_key is None
             else [record]
         )
@@ -197,10 +199,10 @@ class TaskClient:
         if timeout is not None and idempotency_key is None:
             # A new task: its whole history is this event, the listener does the rest.
             await self._results.start()
-            waiter = self._results.expect(task_id, base=fold(None, event))
+            waiter = self._results.expect(task_id, base=state)
         elif idempotency_key is None:
             # If this client listens already, a later wait() on the task needs no log read.
-            adopted = self._results.adopt(task_id, fold(None, event))
+            adopted = self._results.adopt(task_id, state)
         try:
             await self._sends.send(records)
         except BaseException:
@@ -217,7 +219,7 @@ class TaskClient:
             first = _folded(await self._history_events(task_id, skip_undecodable=True))
             return (first or fold(None, event)).to_task(self.payloads)
         if waiter is None:
-            return fold(None, event).to_task(self.payloads)
+            return state.to_task(self.payloads)
         return await self._await(task_id, waiter, timeout)
 
     async def _await(
@@ -395,12 +397,11 @@ class TaskClient:
         event = self._intercept(self.topology.events, uuid, event)
         await self._sends.send([as_record(self.serde, self.topology.events, uuid, event)])
 
-    def _routed(self, event: TaskEvent, submitted: OutRecord) -> list[OutRecord]:
+    def _routed(self, event: TaskEvent, submitted: OutRecord, state: TaskState) -> list[OutRecord]:
         """A task due now, routed as the scheduler would: its ``Submitted`` (marked routed),
         its ``Scheduled`` and its first work item, to be written in one transaction. One
         transactional hop instead of two; the scheduler still folds the task (cancel,
-        retries)."""
-        state = fold(None, event)
+        retries). ``state`` is the task folded from ``event``."""
         lane = self.topology.lane_for(state.priority)
         scheduled = TaskEvent.new(
             state.task_id,

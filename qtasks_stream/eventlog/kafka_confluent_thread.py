@@ -130,6 +130,9 @@ class ConsumerThread:
         self._polled = threading.Event()
         # Consumer thread only.
         self._rd_paused: set[TopicPartition] = set()
+        #: The partitions whose positions are asked for after each round, and the query.
+        self._position_tps: list[TopicPartition] | None = None
+        self._position_query: list[ck.TopicPartition] = []
         self._seek_failures: dict[TopicPartition, int] = {}
 
     def _assign_deferred(self, consumer: ck.Consumer) -> None:
@@ -340,18 +343,22 @@ class ConsumerThread:
 
     def _note_positions(self, consumer: ck.Consumer, epochs: dict[TopicPartition, int]) -> None:
         with self._lock:
-            assigned = list(self._assigned)
+            # The query is built again only when the assignment changed (every round built
+            # one librdkafka partition per assigned partition); answers come in its order.
+            if self._position_tps is None or set(self._position_tps) != self._assigned:
+                self._position_tps = list(self._assigned)
+                self._position_query = [ck_tp(tp) for tp in self._position_tps]
+            assigned, query = self._position_tps, self._position_query
         if not assigned:
             return
         try:
-            found = consumer.position([ck_tp(tp) for tp in assigned])
+            found = consumer.position(query)
         except KafkaException as exc:
             self._report(exc)
             return
         moved = False
         with self._lock:
-            for item in found:
-                tp = TopicPartition(item.topic, item.partition)
+            for tp, item in zip(assigned, found, strict=False):
                 # A seek asked for meanwhile wins over what the fetch had reached.
                 settled = tp not in self._unsettled
                 if (

@@ -18,7 +18,7 @@ import fastavro
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream.errors import SchemaError, SerdeError
-from qtasks_stream.serde import wire
+from qtasks_stream.serde import compiled, wire
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.schemas import load_schema_text
 
@@ -47,6 +47,10 @@ class _Reader:
     #: which of them it is. ``Cancelled`` and ``CancelRequested`` (both just ``reason``) are
     #: left out, so read with names.
     branches: Mapping[str, tuple[str, frozenset[str]]] | None = None
+    #: Reads values written with ``schema_id`` (with record names), if the shape allows.
+    compiled: compiled.Reader | None = None
+    #: The wire header of values written with ``schema_id``.
+    prefix: bytes = b""
 
 
 def _record_unions(schema: Any, named: Mapping[str, Any], path: str, seen: set[str]) -> list[str]:
@@ -95,11 +99,13 @@ def _reader(schema_id: int, parsed: Any, topic: str) -> _Reader:
     what = f"record of {topic!r}"
     named = parsed.get("__named_schemas", {}) if isinstance(parsed, dict) else {}
     unions = _record_unions(parsed, named, "", set())
+    fast = compiled.compile_reader(parsed)
+    prefix = wire.header(schema_id)
     # Only a schema whose one union of records is a top-level field: then a value read
     # without names differs from one read with names in that field alone.
     top = {"." + f["name"]: f for f in parsed.get("fields", ())} if named else {}
     if len(unions) != 1 or unions[0] not in top:
-        return _Reader(schema_id, parsed, what, named=bool(unions))
+        return _Reader(schema_id, parsed, what, named=bool(unions), compiled=fast, prefix=prefix)
     field = top[unions[0]]["name"]
     union = top[unions[0]]["type"]
     records = [named[b] if isinstance(b, str) else b for b in union]
@@ -110,7 +116,7 @@ def _reader(schema_id: int, parsed: Any, topic: str) -> _Reader:
         if field_sets.count(names) == 1:
             full = record["name"]
             branches[full] = branches[full.rpartition(".")[2]] = (full, names)
-    return _Reader(schema_id, parsed, what, True, field, branches)
+    return _Reader(schema_id, parsed, what, True, field, branches, fast, prefix)
 
 
 class AvroSerde(Serde):
@@ -133,7 +139,7 @@ class AvroSerde(Serde):
         self._close_registry = close_registry
         self._topic_schemas = dict(topic_schemas)
         self._parsed_by_name: dict[str, Any] = {}
-        self._writer: dict[str, tuple[bytes, Any, wire.Guard | None]] = {}
+        self._writer: dict[str, tuple[bytes, Any, wire.Guard | None, compiled.Writer | None]] = {}
         self._readers: dict[str, _Reader] = {}
         self._schemas = wire.WriterSchemas(registry)
 
@@ -174,24 +180,40 @@ class AvroSerde(Serde):
         for topic, name in pending.items():
             schema_id = ids[subject_for(topic)]
             parsed = self._parsed(name)
-            self._writer[topic] = (wire.header(schema_id), parsed, wire.int_guard(parsed))
+            self._writer[topic] = (
+                wire.header(schema_id),
+                parsed,
+                wire.int_guard(parsed),
+                compiled.compile_writer(parsed),
+            )
             self._readers[topic] = _reader(schema_id, parsed, topic)
             self._schemas.add(schema_id, parsed)
 
     def encode(self, topic: str, value: dict[str, Any]) -> bytes:
         try:
-            prefix, parsed, guard = self._writer[topic]
+            prefix, parsed, guard, writer = self._writer[topic]
         except KeyError:
             raise SerdeError(f"no schema registered for topic {topic!r}; start the serde") from None
         what = f"value does not fit the schema of topic {topic!r}"
-        return wire.write(parsed, prefix, value, what, guard=guard)
+        return wire.write(parsed, prefix, value, what, guard=guard, compiled=writer)
 
     def decode(self, topic: str, data: bytes, *, branch: str | None = None) -> dict[str, Any]:
         try:
             reader = self._readers[topic]
         except KeyError:
             raise SerdeError(f"no schema registered for topic {topic!r}; start the serde") from None
-        if not reader.named:
+        if reader.compiled is not None and data.startswith(reader.prefix):
+            # Written with our own schema: the compiled reader, record names included (the
+            # header's branch is not needed). Another writer schema is resolved by fastavro.
+            value = wire.read(
+                data,
+                self._schemas,
+                reader.parsed,
+                reader.what,
+                reader_id=reader.schema_id,
+                compiled=reader.compiled,
+            )
+        elif not reader.named:
             # No union of records: reading with record names would change nothing.
             value = wire.read(
                 data, self._schemas, reader.parsed, reader.what, reader_id=reader.schema_id

@@ -25,6 +25,7 @@ from qtasks_stream.errors import (
     SchemaError,
     SerdeError,
 )
+from qtasks_stream.serde.compiled import Reader, Writer
 from qtasks_stream.serde.registry import raise_if_refused
 
 __all__ = [
@@ -223,17 +224,27 @@ def write(
     what: str,
     error: type[QTasksStreamError] = SerdeError,
     guard: Guard | None = None,
+    compiled: Writer | None = None,
 ) -> bytes:
     """``prefix`` (a :func:`header`) and ``value`` in Avro.
 
     With ``guard`` (from :func:`int_guard`) the value is range-checked and written, and
     validated in full only if the writer fails, for a message that names the field;
-    without, it is validated in full first.
+    without, it is validated in full first. ``compiled`` (for ``parsed``, see
+    :mod:`.compiled`, which checks int ranges itself) writes instead of the guard and
+    fastavro; if it fails, they decide and say why.
 
     Raises:
         error: ``value`` does not fit: ``what`` (the complaint, say "value does not fit the
             schema of topic 't'"), then every problem.
     """
+    if compiled is not None:
+        out = bytearray(prefix)
+        try:
+            compiled(value, out)
+        except (ValueError, TypeError, KeyError, AttributeError, struct.error):
+            return write(parsed, prefix, value, what, error, guard)
+        return bytes(out)
     buf = io.BytesIO()
     buf.write(prefix)
     try:
@@ -247,7 +258,7 @@ def write(
         raise error(f"{what}: {problems}") from exc
     except _OutOfRange as exc:
         raise error(f"{what}: {exc}") from exc
-    except (ValueError, TypeError, KeyError, AttributeError, _NoGuard) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, struct.error, _NoGuard) as exc:
         if guard is not None:
             # The fast path failed: validating says which field, in fastavro's words.
             return write(parsed, prefix, value, what, error)
@@ -262,10 +273,14 @@ def read(
     what: str,
     *,
     reader_id: int | None = None,
+    compiled: Reader | None = None,
     **options: Any,
 ) -> Any:
     """The value in ``data``, resolved to ``reader`` unless that is the writer's own schema
-    (``reader_id``) or ``None``; ``options`` go to fastavro's reader.
+    (``reader_id``) or ``None``; ``options`` go to fastavro's reader. ``compiled`` (for
+    schema ``reader_id``, see :mod:`.compiled`) reads the values written with that schema
+    instead of fastavro; its values are those of ``return_record_name`` and
+    ``return_record_name_override``.
 
     Raises:
         SerdeError: not the wire format, corrupt, or trailing bytes.
@@ -276,15 +291,24 @@ def read(
     magic, schema_id = _HEADER.unpack_from(data)
     if magic != _MAGIC:
         raise SerdeError(f"{what} has magic byte {magic}, not 0: not Avro")
-    writer = schemas.get(schema_id)
-    if schema_id == reader_id or reader is writer:
-        reader = None
-    buf = io.BytesIO(data)
-    buf.seek(_HEADER.size)
-    try:
-        value = fastavro.schemaless_reader(buf, writer, reader, **options)
-    except Exception as exc:  # fastavro raises many types for corrupt input
-        raise SerdeError(f"{what} (schema id {schema_id}) cannot be decoded: {exc!r}") from exc
-    if buf.tell() != len(data):
-        raise SerdeError(f"{what} has {len(data) - buf.tell()} trailing bytes after its body")
+    if compiled is not None and schema_id == reader_id:
+        try:
+            value, end = compiled(data, _HEADER.size)
+        except Exception as exc:  # corrupt input: IndexError, ValueError, KeyError...
+            raise SerdeError(f"{what} (schema id {schema_id}) cannot be decoded: {exc!r}") from exc
+    else:
+        writer = schemas.get(schema_id)
+        if schema_id == reader_id or reader is writer:
+            reader = None
+        buf = io.BytesIO(data)
+        buf.seek(_HEADER.size)
+        try:
+            value = fastavro.schemaless_reader(buf, writer, reader, **options)
+        except Exception as exc:  # fastavro raises many types for corrupt input
+            raise SerdeError(f"{what} (schema id {schema_id}) cannot be decoded: {exc!r}") from exc
+        end = buf.tell()
+    if end > len(data):
+        raise SerdeError(f"{what} (schema id {schema_id}) cannot be decoded: it is truncated")
+    if end != len(data):
+        raise SerdeError(f"{what} has {len(data) - end} trailing bytes after its body")
     return value

@@ -74,6 +74,12 @@ _RECORD_TYPES: dict[str, Decodable[Any]] = {
     "ScheduleEvent": ScheduleEvent,
 }
 
+#: Offsets with no output to go with them commit at most this often (seconds): nothing
+#: waits for them (outputs commit at once, with their inputs' offsets), and each is a
+#: transaction beside those a task waits for. One task at a time, the scheduler, projector
+#: and workflow stages wrote six offset-only transactions beside the worker's one.
+OFFSETS_ONLY_EVERY_S = 0.2
+
 #: Header names of dead letters; the original headers come first, unchanged.
 DLQ_REASON = "qtasks.dlq.reason"
 DLQ_STAGE = "qtasks.dlq.stage"
@@ -221,6 +227,11 @@ class _RunnerCheckpoint(Checkpoint):
             tracker.records[rec.offset] = rec
             kept.append(rec)
         return kept
+
+    @property
+    def has_outputs(self) -> bool:
+        """Whether outputs wait (a commit that would carry offsets alone can wait)."""
+        return bool(self._outputs)
 
     @property
     def dirty(self) -> bool:
@@ -422,6 +433,8 @@ class StageRunner:
         #: (the checkpoint's lock keeps transactions one at a time, in order).
         committing: asyncio.Task[None] | None = None
         timeout = self.poll_timeout
+        loop = asyncio.get_running_loop()
+        offsets_due = loop.time() + OFFSETS_ONLY_EVERY_S  # when offsets alone may commit
         try:
             while True:
                 wake.clear()
@@ -444,8 +457,14 @@ class StageRunner:
                     await self._report_positions(consumer, records)
                 next_due = await self.stage.tick(self.checkpoint)
                 if self.checkpoint.dirty and committing is None:
-                    committing = asyncio.create_task(self.checkpoint.commit(producer, consumer))
-                    committing.add_done_callback(lambda _: wake.set())
+                    now = loop.time()
+                    if self.checkpoint.has_outputs or now >= offsets_due:
+                        committing = asyncio.create_task(self.checkpoint.commit(producer, consumer))
+                        committing.add_done_callback(lambda _: wake.set())
+                        offsets_due = now + OFFSETS_ONLY_EVERY_S
+                    else:
+                        wait_s = offsets_due - now
+                        next_due = wait_s if next_due is None else min(next_due, wait_s)
                 if self._stopping.is_set():
                     break
                 # Every turn, not only before a poll: a lane that drained must be resumed for

@@ -146,8 +146,12 @@ class WorkerStage(Stage):
         #: Attempts that ended here: task id -> (lane partition, attempt). Forgotten with
         #: the partition: an outcome not committed by then is dropped and must be redone.
         self._ended: OrderedDict[str, tuple[TopicPartition, int]] = OrderedDict()
-        #: Started events not emitted yet, and the timer that emits each (see _attempt).
-        self._held_starts: dict[str, tuple[TaskEvent, asyncio.TimerHandle]] = {}
+        self._loggers: dict[str, logging.Logger] = {}
+        #: Started events not emitted yet (see _attempt), each with when it is due (loop
+        #: time), in the order held and so in due order: one timer emits those due, not a
+        #: timer per attempt.
+        self._held_starts: dict[str, tuple[TaskEvent, float]] = {}
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._control_task: asyncio.Task[None] | None = None
         self._checkpoint: Checkpoint | None = None
         self._stopping = False
@@ -336,10 +340,11 @@ class WorkerStage(Stage):
             Started(self.worker_id),
             traceparent=work.traceparent,
         )
-        timer = asyncio.get_running_loop().call_later(
-            _START_HOLD_S, self._release_start, work.task_id
-        )
-        self._held_starts[work.task_id] = (started, timer)
+        loop = asyncio.get_running_loop()
+        due = loop.time() + _START_HOLD_S
+        self._held_starts[work.task_id] = (started, due)
+        if self._hold_timer is None:
+            self._hold_timer = loop.call_at(due, self._release_due)
         try:
             outcome, traceparent = await self._run(definition, work, rec)
         finally:
@@ -387,10 +392,22 @@ class WorkerStage(Stage):
         held = self._held_starts.pop(task_id, None)
         if held is None:
             return
-        started, timer = held
-        timer.cancel()
+        started = held[0]
         assert self._checkpoint is not None
         self._checkpoint.emit(self._topology.events, task_id, started)
+
+    def _release_due(self) -> None:
+        """Emits the held Started events that are due; the timer waits for the next."""
+        self._hold_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        held = self._held_starts
+        while held:
+            task_id, (_, due) = next(iter(held.items()))
+            if due > now:
+                self._hold_timer = loop.call_at(due, self._release_due)
+                return
+            self._release_start(task_id)
 
     def _unknown(self, rec: Record, work: WorkItem, checkpoint: Checkpoint) -> None:
         """Put a work item of a task this worker does not know back in its lane after a
@@ -464,11 +481,18 @@ class WorkerStage(Stage):
             task_id=work.task_id,
             task_name=work.task_name,
             attempt=work.attempt,
-            logger=logging.getLogger(f"qtasks_stream.task.{work.task_name}"),
+            logger=self._logger(work.task_name),
             emit_progress=progress,
             traceparent=work.traceparent,
         )
         return ctx
+
+    def _logger(self, task_name: str) -> logging.Logger:
+        """The task's logger (getLogger takes the logging lock: once per name, not per call)."""
+        logger = self._loggers.get(task_name)
+        if logger is None:
+            logger = self._loggers[task_name] = logging.getLogger(f"qtasks_stream.task.{task_name}")
+        return logger
 
     async def _outcome(
         self, definition: TaskDefinition, work: WorkItem, rec: Record, ctx: TaskContext
@@ -478,8 +502,9 @@ class WorkerStage(Stage):
         started = time.perf_counter()
         max_time = work.max_time or definition.max_time
         # Armed when the function starts (see _call): waiting for a free thread or process
-        # is not execution time, for max_time nor for the reported duration.
-        timer = asyncio.timeout(None)
+        # is not execution time, for max_time nor for the reported duration. Without a
+        # max_time, none (entering and leaving one cost every attempt).
+        timer = asyncio.timeout(None) if max_time is not None else None
         loop = asyncio.get_running_loop()
         clock_started = False
 
@@ -490,7 +515,7 @@ class WorkerStage(Stage):
             clock_started = True
             started = time.perf_counter()
             # From a thread this comes a moment later: the attempt may have ended already.
-            if max_time is not None and not timer.expired():
+            if max_time is not None and timer is not None and not timer.expired():
                 with contextlib.suppress(RuntimeError):  # its timer has exited
                     timer.reschedule(loop.time() + max_time)
 
@@ -501,20 +526,24 @@ class WorkerStage(Stage):
                 args = (self._echo_self(ctx), *args)
             token = ctx._bind()
             try:
-                async with timer:
-                    result = await self._execute(
-                        ExecuteInput(
-                            definition,
-                            work,
-                            ctx,
-                            args,
-                            kwargs,
-                            rec,
-                            self._group,
-                            self.worker_id,
-                            self._executor,
-                        )
+                call = self._execute(
+                    ExecuteInput(
+                        definition,
+                        work,
+                        ctx,
+                        args,
+                        kwargs,
+                        rec,
+                        self._group,
+                        self.worker_id,
+                        self._executor,
                     )
+                )
+                if timer is None:
+                    result = await call
+                else:
+                    async with timer:
+                        result = await call
             finally:
                 ctx._unbind(token)
             duration = (time.perf_counter() - started) * 1000
@@ -532,7 +561,7 @@ class WorkerStage(Stage):
             return Cancelled(ctx.cancel_reason)
         except TimeoutError as exc:
             duration = (time.perf_counter() - started) * 1000
-            if timer.expired():
+            if timer is not None and timer.expired():
                 assert max_time is not None
                 timeout = TaskTimeout(f"attempt {work.attempt} exceeded max_time={max_time}s")
                 retry = self._retry(definition, work, timeout, duration)

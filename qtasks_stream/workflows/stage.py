@@ -139,12 +139,17 @@ class WorkflowStage(Stage):
         kind = event_kind(record.headers)
         if kind is None:
             return False  # not written by this package: every step's event has its kind
-        if kind == "Submitted" or kind == "CancelRequested":
-            return True
+        if kind == "CancelRequested":
+            return True  # of a workflow (its id is no step's) or of a step
         # Decided per record before the batch is handled, so not from the state the batch
         # builds (a restore reads a step's Submitted and its end in one batch): a step's id
-        # says it is one.
-        return kind in _KINDS and record.key is not None and is_step_id(record.key)
+        # says it is one. Every step is submitted under its step id, so the Submitted of a
+        # plain task (most of them) is not decoded.
+        return (
+            (kind == "Submitted" or kind in _KINDS)
+            and record.key is not None
+            and is_step_id(record.key)
+        )
 
     def held(self) -> dict[str, int]:
         return {"workflows": len(self._workflows), "steps": len(self._step_of)}

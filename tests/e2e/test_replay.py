@@ -176,7 +176,9 @@ async def test_snapshot_plus_tail_equals_a_full_replay(
 ) -> None:
     app, parts = await started(build)
     await some_work(app, "a")
-    pending = await app.add_task("later", countdown=0.3)
+    # Long enough to still wait once every stage has committed (offsets alone may wait
+    # OFFSETS_ONLY_EVERY_S) and the snapshot is written.
+    pending = await app.add_task("later", countdown=1.5)
     assert pending is not None
     await settle(app)
     assert await read_snapshot(app.event_log, app.serde, app.topology) is None

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from qtasks_stream.eventlog.memory import InMemoryEventLog
+from qtasks_stream.eventlog.memory import InMemoryEventLog, _MemoryProducer
 from qtasks_stream.events import KIND_HEADER, ControlCommand, Progress, TaskEvent, now_us
 from qtasks_stream.records import Headers, OutRecord, Record, TopicPartition
 from qtasks_stream.serde.avro import AvroSerde
+from qtasks_stream.stages import runner as runner_module
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
 from qtasks_stream.stages.runner import DLQ_ERROR, DLQ_REASON, DLQ_SOURCE, DLQ_STAGE, StageRunner
 from qtasks_stream.topology import Topology
@@ -350,3 +351,38 @@ async def test_a_zombie_cannot_commit_outputs_tied_to_no_input() -> None:
     # Its transaction carried the partition's offset as it stood, which the log refuses
     # from a member of an old generation: the output was never written.
     assert [r.value for r in log.records(TOPOLOGY.deadletter)] == []
+
+
+class _OutputOnOut(RecordingStage):
+    """Emits a control command for each record keyed ``out...``; nothing for the others."""
+
+    async def handle(self, batch: Sequence[Incoming], checkpoint: Checkpoint) -> None:
+        await super().handle(batch, checkpoint)
+        for item in batch:
+            if (item.record.key or b"").startswith(b"out"):
+                command = ControlCommand("t", "r", now_us())
+                checkpoint.emit(TOPOLOGY.control, "t", command, item.record)
+
+
+async def test_offsets_alone_wait_to_commit_with_the_next_output(
+    make: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing waits for offsets alone: they go with the next output (or the next interval,
+    # here never), not in a transaction of their own beside the ones a task waits for.
+    monkeypatch.setattr(runner_module, "OFFSETS_ONLY_EVERY_S", 3600.0)
+    transactions: list[tuple[int, dict[TopicPartition, int]]] = []
+    real = _MemoryProducer.commit_transaction
+
+    async def counting(
+        self: _MemoryProducer, records: Sequence[OutRecord], offsets: Any, consumer: Any
+    ) -> None:
+        transactions.append((len(records), dict(offsets)))
+        await real(self, records, offsets, consumer)
+
+    monkeypatch.setattr(_MemoryProducer, "commit_transaction", counting)
+    h = await make(_OutputOnOut())
+    await h.send(h.event("quiet", 0))
+    await h.until(lambda: len(h.stage.seen) == 1, "the first record handled")
+    await h.send(h.event("out", 1))
+    await h.until(lambda: h.committed() == 2, "both offsets committed")
+    assert transactions == [(1, {TP: 2})]

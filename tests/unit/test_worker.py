@@ -236,6 +236,31 @@ async def test_a_quick_attempt_emits_started_with_its_outcome_a_long_one_while_r
         assert [e.kind for e in h.cp.of(item.value.task_id)] == ["Started", "Succeeded"]
 
 
+async def test_every_long_attempt_emits_its_started_while_running(
+    make: Callable[..., Any],
+) -> None:
+    # One timer emits the held Started events in turn: one held after another was emitted,
+    # and one held while another waits, are each emitted while their attempt runs.
+    router = Router()
+    seen: dict[str, list[str]] = {}
+
+    @router.task
+    async def slow(name: str) -> None:
+        await asyncio.sleep(0.2)
+        seen[name] = [e.kind for e in h.cp.events if e.task_id == current().task_id]
+
+    h = await make(router)
+    first = h.item("slow", "first")
+    await h.give(first)
+    await h.cp.until(lambda: bool(h.cp.of(first.value.task_id)), "the first Started emitted")
+    later = [h.item("slow", "second"), h.item("slow", "third")]
+    await h.give(later[0])
+    await asyncio.sleep(0.002)
+    await h.give(later[1])
+    await h.all_done(first, *later)
+    assert seen == {"first": ["Started"], "second": ["Started"], "third": ["Started"]}
+
+
 async def test_concurrency_is_bounded(make: Callable[..., Any]) -> None:
     router = Router()
     running = 0
