@@ -11,8 +11,11 @@ Avro-encoded by the project's serde, 4 partitions) is written once; then, in the
   dropped afterwards).
 
 Every measurement runs ``--rounds`` times, interleaved, and the best of each is reported.
-Rates are events/s; each ratio is rebuild rate / raw consume+decode rate (the target for
-SQLite is at least 0.5), with the ratio to bytes-only consume beside it. The embedded
+Rates are events/s; each ratio is rebuild rate / raw consume+decode rate (targets: memory
+at least 0.8, SQLite and PostgreSQL at least 0.5), with the ratio to bytes-only consume
+beside it. Beside the wall-time ratio, the same ratio in CPU time of this process (every
+thread: SQLite writes in one), which other load on a shared box moves far less; the
+PostgreSQL server's CPU is not in it (its wall time is). The embedded
 in-memory log is the default; ``--bootstrap`` runs the same on a real broker
 (confluent-kafka event log, a fresh topic deleted at the end).
 
@@ -47,7 +50,8 @@ from qtasks_stream.views.base import ViewStore
 from qtasks_stream.views.memory import MemoryViewStore
 from qtasks_stream.views.sqlite import SqliteViewStore
 
-TARGET_RATIO = 0.5
+#: Targets (issue 16): rebuild rate as a share of raw consume+decode, per store.
+TARGETS = {"memory": 0.8, "sqlite": 0.5, "postgres": 0.5}
 EVENTS_PER_TASK = 5
 PARTITIONS = 4
 #: Bound on every read of the whole topic (seconds).
@@ -103,16 +107,20 @@ async def write(
         await producer.close()
 
 
+#: (events, wall seconds, CPU seconds) of one measurement.
+Timing = tuple[int, float, float]
+
+
 async def raw_read(
     event_log: EventLog, serde: AvroSerde, topic: str, *, decode: bool, batch: int
-) -> tuple[int, float]:
-    """Read the whole topic once, as ``rebuild`` does; returns (records, seconds)."""
+) -> Timing:
+    """Read the whole topic once, as ``rebuild`` does; returns (records, seconds, CPU)."""
     consumer = event_log.consumer([topic], group_id=None, start="earliest")
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
         ends = await consumer.end_offsets(tps)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for tp in tps:
             consumer.seek(tp, 0)
         todo = set(tps)
@@ -129,22 +137,22 @@ async def raw_read(
             for tp in list(todo):
                 if (await consumer.position(tp) or 0) >= ends[tp]:
                     todo.discard(tp)
-        return count, time.perf_counter() - started
+        return count, time.perf_counter() - started, time.process_time() - cpu
     finally:
         await consumer.close()
 
 
 async def timed_rebuild(
     event_log: EventLog, serde: AvroSerde, topic: str, view: ViewStore, batch: int
-) -> tuple[int, float]:
+) -> Timing:
     await view.start()
     try:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         applied = await rebuild(event_log, serde, topic, PARTITIONS, view, batch_size=batch)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         counts = await view.counts()
         assert counts == {"success": applied // EVENTS_PER_TASK}, counts
-        return applied, seconds
+        return applied, seconds, cpu
     finally:
         await view.close()
 
@@ -177,34 +185,32 @@ async def main_async(args: argparse.Namespace) -> int:
         )
         # Rounds interleave every measurement, and the best of each is kept: on a shared
         # box a burst of other load then hits all of them alike instead of one.
-        best: dict[str, tuple[int, float]] = {}
+        best: dict[str, tuple[float, float]] = {}
         for _ in range(args.rounds):
             for decode in (False, True):
-                n, seconds = await raw_read(
-                    event_log, serde, topic, decode=decode, batch=args.batch
-                )
-                assert n == len(events), (n, len(events))
-                keep(best, "consume+decode" if decode else "consume", n, seconds)
-            for name, applied, seconds in await stores(event_log, serde, topic, args):
-                keep(best, name, applied, seconds)
-        raw = {key: best[key][0] / best[key][1] for key in ("consume", "consume+decode")}
-        print(f"best of {args.rounds} rounds:")
-        print(f"{'raw consume (bytes only)':<34}{raw['consume']:>12,.0f} events/s")
-        print(f"{'raw consume+decode (baseline)':<34}{raw['consume+decode']:>12,.0f} events/s")
-        for name in ("memory", "sqlite", "postgres"):
+                timing = await raw_read(event_log, serde, topic, decode=decode, batch=args.batch)
+                assert timing[0] == len(events), (timing[0], len(events))
+                keep(best, "consume+decode" if decode else "consume", timing)
+            for name, timing in await stores(event_log, serde, topic, args):
+                keep(best, name, timing)
+        raw, raw_cpu = best["consume+decode"]
+        print(f"best of {args.rounds} rounds (events/s by wall time, and by CPU time):")
+        print(f"{'raw consume (bytes only)':<34}{best['consume'][0]:>12,.0f} events/s")
+        print(
+            f"{'raw consume+decode (baseline)':<34}{raw:>12,.0f} events/s"
+            f"{raw_cpu:>12,.0f} per CPU s"
+        )
+        for name, target in TARGETS.items():
             if name not in best:
                 continue
-            applied, seconds = best[name]
-            rate = applied / seconds
-            ratio = rate / raw["consume+decode"]
+            rate, cpu_rate = best[name]
+            ratio = rate / raw
+            verdict = "met" if ratio >= target else "NOT met"
             print(
-                f"{'rebuild into ' + name:<34}{rate:>12,.0f} events/s  ratio {ratio:.2f} "
-                f"(vs bytes-only {rate / raw['consume']:.3f}; {applied} events in {seconds:.2f}s)"
+                f"{'rebuild into ' + name:<34}{rate:>12,.0f} events/s{cpu_rate:>12,.0f} per CPU s"
+                f"  ratio {ratio:.2f} (CPU {cpu_rate / raw_cpu:.2f}), "
+                f"target >= {target}: {verdict}"
             )
-        if "sqlite" in best:
-            ratio = best["sqlite"][0] / best["sqlite"][1] / raw["consume+decode"]
-            verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-            print(f"target: sqlite rebuild >= {TARGET_RATIO} x raw consume+decode: {verdict}")
         return 0
     finally:
         await serde.close()
@@ -215,29 +221,29 @@ async def main_async(args: argparse.Namespace) -> int:
         await event_log.close()
 
 
-def keep(best: dict[str, tuple[int, float]], name: str, count: int, seconds: float) -> None:
-    if name not in best or count / seconds > best[name][0] / best[name][1]:
-        best[name] = (count, seconds)
+def keep(best: dict[str, tuple[float, float]], name: str, timing: Timing) -> None:
+    """Keep the best wall rate and the best CPU rate of ``name`` (each may be another round's)."""
+    count, seconds, cpu = timing
+    wall_rate, cpu_rate = best.get(name, (0.0, 0.0))
+    best[name] = (max(wall_rate, count / seconds), max(cpu_rate, count / max(cpu, 1e-9)))
 
 
 async def stores(
     event_log: EventLog, serde: AvroSerde, topic: str, args: argparse.Namespace
-) -> list[tuple[str, int, float]]:
-    rows = []
-    applied, seconds = await timed_rebuild(event_log, serde, topic, MemoryViewStore(), args.batch)
-    rows.append(("memory", applied, seconds))
+) -> list[tuple[str, Timing]]:
+    rows = [("memory", await timed_rebuild(event_log, serde, topic, MemoryViewStore(), args.batch))]
     with tempfile.TemporaryDirectory(prefix="qtasks-bench-") as folder:
         sqlite = SqliteViewStore(Path(folder) / "view.sqlite")
-        applied, seconds = await timed_rebuild(event_log, serde, topic, sqlite, args.batch)
-        rows.append(("sqlite", applied, seconds))
+        rows.append(("sqlite", await timed_rebuild(event_log, serde, topic, sqlite, args.batch)))
     if args.postgres:
         from qtasks_stream.views.postgres import PostgresViewStore
 
         schema = f"bench_{uuid.uuid4().hex[:8]}"
         store = PostgresViewStore(args.postgres, schema=schema)
         try:
-            applied, seconds = await timed_rebuild(event_log, serde, topic, store, args.batch)
-            rows.append(("postgres", applied, seconds))
+            rows.append(
+                ("postgres", await timed_rebuild(event_log, serde, topic, store, args.batch))
+            )
         finally:
             dropper = PostgresViewStore(args.postgres, schema=schema, pool_size=1)
             await dropper.start()

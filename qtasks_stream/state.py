@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -109,14 +110,10 @@ class TaskState:
         return TaskState(*_state_values(self))
 
     def to_json(self) -> str:
-        # Field names looked up once (below the class): views encode a state per task per batch.
-        data = dict(zip(STATE_FIELDS, _state_values(self), strict=True))
-        for name in _BYTES_FIELDS:
-            if data[name] is not None:
-                data[name] = base64.b64encode(data[name]).decode()
-        # orjson: views encode a state per task per batch, and json.dumps was a third of a
-        # SQLite rebuild. Same JSON text, a fraction of the time.
-        return orjson.dumps(data).decode()
+        # orjson reads the dataclass's fields itself, in order (the bytes fields through
+        # _base64): views encode a state per task per batch, and the dict built first cost
+        # a third more. Same JSON text as json.dumps of the fields, a fraction of the time.
+        return orjson.dumps(self, default=_base64).decode()
 
     @classmethod
     def from_json(cls, text: str) -> TaskState:
@@ -165,6 +162,13 @@ class TaskState:
 #: ``TaskState``'s field names in order: views and snapshots serialize states by them.
 STATE_FIELDS = tuple(f.name for f in fields(TaskState))
 _state_values = operator.attrgetter(*STATE_FIELDS)
+
+
+def _base64(value: object) -> str:
+    """What ``to_json`` writes for the bytes fields (``_BYTES_FIELDS``): their base64."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"a task state holds no {type(value).__name__}")
 
 
 def _dt(us: int) -> datetime:
@@ -217,69 +221,102 @@ def fold(state: TaskState | None, event: TaskEvent) -> TaskState:
     the task new again (the scheduler schedules it).
     """
     payload = event.payload
+    kind = type(payload)
     if state is None:
         state = TaskState(event.task_id, event.task_name, created_us=event.at_us)
-        if not isinstance(payload, Submitted):
+        if kind is not Submitted:
             # The log was read from the middle (retention, a replay window): keep what we see.
             state.status = "scheduled"
-    elif isinstance(payload, Resubmitted):
+    elif kind is Resubmitted:
         if not reopens(state, event):
             return state
-    elif state.final or (isinstance(payload, Submitted) and state.submitted):
+    elif state.status in FINAL_STATUSES or (kind is Submitted and state.submitted):
         return state
     state.events += 1
     state.updated_us = event.at_us
     if event.traceparent and state.traceparent is None:
         state.traceparent = event.traceparent
-    if isinstance(payload, Submitted):
-        state.submitted, state.status = True, "new"
-        state.task_name, state.created_us = event.task_name, event.at_us
-        state.priority = payload.priority
-        state.args, state.kwargs = payload.args, payload.kwargs
-        state.content_type = payload.content_type
-        state.arguments_avro = payload.arguments_avro
-        state.idempotency_key = payload.idempotency_key
-        state.tags = list(payload.tags)
-        state.due_us = payload.eta_us
-        state.queue = payload.queue
-    elif isinstance(payload, Scheduled):
-        state.status, state.lane, state.due_us = "scheduled", payload.lane, payload.due_us
-        state.priority = payload.priority
-    elif isinstance(payload, Released):
-        state.status, state.lane, state.attempt = "scheduled", payload.lane, event.attempt
-        state.due_us = None
-    elif isinstance(payload, Started):
-        state.status, state.attempt, state.worker_id = "process", event.attempt, payload.worker_id
-    elif isinstance(payload, Progress):
-        state.progress_count = payload.seq + 1
-    elif isinstance(payload, Succeeded):
-        state.status, state.result = "success", payload.result
-        # Errors of earlier attempts stay in the history; the view shows the outcome.
-        state.error_type = state.error_message = state.traceback = None
-        state.result_content_type = payload.content_type
-        state.result_avro = payload.result_avro
-        state.attempt = event.attempt
-    elif isinstance(payload, Failed):
-        state.status, state.attempt = "error", event.attempt
-        state.error_type, state.error_message = payload.error_type, payload.message
-        state.traceback = payload.traceback
-    elif isinstance(payload, RetryScheduled):
-        state.status, state.attempt, state.due_us = "retry", event.attempt, payload.due_us
-        state.error_type, state.error_message = payload.error_type, payload.message
-        state.traceback = payload.traceback
-    elif isinstance(payload, CancelRequested):
-        state.cancel_requested, state.cancel_reason = True, payload.reason
-    elif isinstance(payload, Cancelled):
-        state.status, state.cancel_reason = "cancel", payload.reason
-    elif isinstance(payload, TimedOut):
-        state.status, state.attempt = "timeout", event.attempt
-        state.error_type = "TaskTimeout"
-        state.error_message = f"attempt exceeded max_time={payload.max_time}s"
-    elif isinstance(payload, DeadLettered):
-        state.status, state.error_message = "dead_letter", payload.reason
-    elif isinstance(payload, Resubmitted):
-        _reopen(state, event, payload)
+    # One table lookup per event: the chain of isinstance tests it replaces was half the
+    # cost of folding a log (views, the scheduler and the client all fold every event).
+    step = _STEPS.get(kind) or _inherited_step(kind)
+    if step is not None:
+        step(state, event, payload)
     return state
+
+
+def _inherited_step(kind: type[Any]) -> Callable[[TaskState, TaskEvent, Any], None] | None:
+    # A subclass of a payload (none in this package) folds as its base does.
+    return next((_STEPS[base] for base in kind.__mro__ if base in _STEPS), None)
+
+
+def _submitted(state: TaskState, event: TaskEvent, payload: Submitted) -> None:
+    state.submitted, state.status = True, "new"
+    state.task_name, state.created_us = event.task_name, event.at_us
+    state.priority = payload.priority
+    state.args, state.kwargs = payload.args, payload.kwargs
+    state.content_type = payload.content_type
+    state.arguments_avro = payload.arguments_avro
+    state.idempotency_key = payload.idempotency_key
+    state.tags = list(payload.tags)
+    state.due_us = payload.eta_us
+    state.queue = payload.queue
+
+
+def _scheduled(state: TaskState, event: TaskEvent, payload: Scheduled) -> None:
+    state.status, state.lane, state.due_us = "scheduled", payload.lane, payload.due_us
+    state.priority = payload.priority
+
+
+def _released(state: TaskState, event: TaskEvent, payload: Released) -> None:
+    state.status, state.lane, state.attempt = "scheduled", payload.lane, event.attempt
+    state.due_us = None
+
+
+def _started(state: TaskState, event: TaskEvent, payload: Started) -> None:
+    state.status, state.attempt, state.worker_id = "process", event.attempt, payload.worker_id
+
+
+def _progress(state: TaskState, event: TaskEvent, payload: Progress) -> None:
+    state.progress_count = payload.seq + 1
+
+
+def _succeeded(state: TaskState, event: TaskEvent, payload: Succeeded) -> None:
+    state.status, state.result = "success", payload.result
+    # Errors of earlier attempts stay in the history; the view shows the outcome.
+    state.error_type = state.error_message = state.traceback = None
+    state.result_content_type = payload.content_type
+    state.result_avro = payload.result_avro
+    state.attempt = event.attempt
+
+
+def _failed(state: TaskState, event: TaskEvent, payload: Failed) -> None:
+    state.status, state.attempt = "error", event.attempt
+    state.error_type, state.error_message = payload.error_type, payload.message
+    state.traceback = payload.traceback
+
+
+def _retry_scheduled(state: TaskState, event: TaskEvent, payload: RetryScheduled) -> None:
+    state.status, state.attempt, state.due_us = "retry", event.attempt, payload.due_us
+    state.error_type, state.error_message = payload.error_type, payload.message
+    state.traceback = payload.traceback
+
+
+def _cancel_requested(state: TaskState, event: TaskEvent, payload: CancelRequested) -> None:
+    state.cancel_requested, state.cancel_reason = True, payload.reason
+
+
+def _cancelled(state: TaskState, event: TaskEvent, payload: Cancelled) -> None:
+    state.status, state.cancel_reason = "cancel", payload.reason
+
+
+def _timed_out(state: TaskState, event: TaskEvent, payload: TimedOut) -> None:
+    state.status, state.attempt = "timeout", event.attempt
+    state.error_type = "TaskTimeout"
+    state.error_message = f"attempt exceeded max_time={payload.max_time}s"
+
+
+def _dead_lettered(state: TaskState, event: TaskEvent, payload: DeadLettered) -> None:
+    state.status, state.error_message = "dead_letter", payload.reason
 
 
 def reopens(state: TaskState, event: TaskEvent) -> bool:
@@ -308,6 +345,24 @@ def _reopen(state: TaskState, event: TaskEvent, payload: Resubmitted) -> None:
     state.args, state.kwargs = payload.args, payload.kwargs
     state.arguments_avro = payload.arguments_avro
     state.content_type, state.priority = payload.content_type, payload.priority
+
+
+#: What each payload type does to a task.
+_STEPS: dict[type[Any], Callable[[TaskState, TaskEvent, Any], None]] = {
+    Submitted: _submitted,
+    Scheduled: _scheduled,
+    Released: _released,
+    Started: _started,
+    Progress: _progress,
+    Succeeded: _succeeded,
+    Failed: _failed,
+    RetryScheduled: _retry_scheduled,
+    CancelRequested: _cancel_requested,
+    Cancelled: _cancelled,
+    TimedOut: _timed_out,
+    DeadLettered: _dead_lettered,
+    Resubmitted: _reopen,
+}
 
 
 def work_item(state: TaskState, attempt: int, max_time: float | None) -> WorkItem:

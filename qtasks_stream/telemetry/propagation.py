@@ -21,6 +21,7 @@ __all__ = [
     "parse_traceparent",
     "trace_id_of",
     "traceparent_from_headers",
+    "unsampled_context",
 ]
 
 _HEX = frozenset("0123456789abcdef")
@@ -60,6 +61,17 @@ def is_unsampled(value: str | None) -> bool:
         and value[-1] in "02468ace"
         and parse_traceparent(value) is not None
     )
+
+
+def unsampled_context(value: str | None) -> Context | None:
+    """The context of a well-formed ``traceparent`` whose sampled flag is off, else None:
+    :func:`is_unsampled` and :func:`context_from_traceparent` with one parse."""
+    if value is None or len(value) != 55 or value[-1] not in "02468ace":
+        return None
+    span_context = parse_traceparent(value)
+    if span_context is None:
+        return None
+    return trace.set_span_in_context(NonRecordingSpan(span_context))
 
 
 def format_traceparent(ctx: SpanContext) -> str | None:

@@ -2,11 +2,14 @@
 
 The client's submit span starts the task's trace; its context goes into the ``Submitted``
 event and the record's ``traceparent`` header. The scheduler copies it into every decision
-and work item, so each event a stage emits gets a short producer span ("create", in the
-messaging conventions) that is a child of the task's trace, and the event keeps that span's
-context; retries keep the task's trace. Each attempt is a consumer span, parent of the
-outcome it delivers. A stage step handles a batch of many tasks: its span starts a trace of
-its own and links to the records' contexts instead of joining one of them.
+and work item. One span per hop of the task: each event the client or the scheduler emits
+gets a short producer span ("create", in the messaging conventions), a child of the task's
+trace, and the event keeps that span's context; each attempt is one consumer span, and the
+events the worker emits for it (``Started``, the outcome) carry the attempt's context (or,
+``Started``, the work item's) instead of a span each: a span costs the SDK about as much as
+a no-op task's whole hop. Retries keep the task's trace. A stage step handles a batch of
+many tasks: its span starts a trace of its own and links to the records' contexts instead
+of joining one of them.
 
 Span attributes and links are built only for spans the sampler records. With the SDK's
 parent-based sampler (its default) a task whose trace was not sampled at submit costs no
@@ -41,11 +44,14 @@ from qtasks_stream.telemetry.propagation import (
     is_unsampled,
     parse_traceparent,
     traceparent_from_headers,
+    unsampled_context,
 )
 
 __all__ = ["TracingInterceptor"]
 
 _SCOPE = "qtasks_stream"
+#: The stage whose events get no span of their own: its attempt span is its hop's span.
+_WORKER = "worker"
 
 #: The task status an event leaves behind (as ``Task.status`` reports it).
 STATUS_AFTER = {
@@ -87,11 +93,7 @@ class TracingInterceptor(Interceptor):
 
     async def execute(self, input: ExecuteInput, next: ExecuteNext) -> Any:
         item = input.item
-        unsampled = (
-            context_from_traceparent(item.traceparent)
-            if self._skip_unsampled and is_unsampled(item.traceparent)
-            else None
-        )
+        unsampled = unsampled_context(item.traceparent) if self._skip_unsampled else None
         if unsampled is not None:
             # The sampler would drop this span: run in the task's (unsampled) context.
             input.ctx.traceparent = item.traceparent
@@ -110,7 +112,7 @@ class TracingInterceptor(Interceptor):
             recording = span.is_recording()
             if recording:
                 span.set_attributes(self._execute_attributes(input))
-            # The outcome event (and progress) are emitted as children of this attempt.
+            # The outcome event (and progress) carry this attempt's context.
             input.ctx.traceparent = format_traceparent(span.get_span_context())
             try:
                 result = await next(input)
@@ -197,8 +199,14 @@ class TracingInterceptor(Interceptor):
 
     def emit(self, input: EmitInput, next: EmitNext) -> None:
         event = input.value
-        if not isinstance(event, TaskEvent) or isinstance(event.payload, Progress):
-            next(input)  # work items and commands keep the task's context; progress its attempt's
+        if (
+            input.stage == _WORKER
+            or not isinstance(event, TaskEvent)
+            or isinstance(event.payload, Progress)
+        ):
+            # The worker's events ride on its attempt's span (or the work item's context);
+            # work items and commands keep the task's context.
+            next(input)
             return
         if self._skip_unsampled and is_unsampled(event.traceparent):
             # The sampler would drop this span: the event keeps the task's traceparent.

@@ -188,12 +188,14 @@ class ViewStore(ABC):
             fresh, new_positions = _unapplied(batch, positions)
             if not fresh:
                 return 0
-            states = await self._load({a.event.task_id for a in fresh})
+            task_ids = {a.event.task_id for a in fresh}
+            states = await self._load(task_ids)
+            state_of = states.get
             for item in fresh:
-                task_id = item.event.task_id
-                states[task_id] = fold(states.get(task_id), item.event)
+                event = item.event
+                states[event.task_id] = fold(state_of(event.task_id), event)
             # In key order: a store's B-tree takes sorted inserts far faster than random ones.
-            changed = sorted({a.event.task_id for a in fresh})
+            changed = sorted(task_ids)
             expected = {tp: positions.get(tp, 0) for tp in new_positions}
             try:
                 await self._save([states[t] for t in changed], new_positions, expected)

@@ -206,11 +206,9 @@ async def test_a_retried_task_is_one_trace_and_counted_once_across_two_worker_pr
         assert f"{span_context.span_id:016x}" in by_id, event
     outcomes = {e.kind: e for e in history if e.kind in ("RetryScheduled", "Succeeded")}
     for kind_, number in (("RetryScheduled", 1), ("Succeeded", 2)):
+        # One span per hop: the outcome points at the attempt that delivered it.
         span_context = parse_traceparent(outcomes[kind_].traceparent)
         assert span_context is not None
-        outcome = by_id[f"{span_context.span_id:016x}"]
-        assert outcome["name"] == f"{kind_} flaky"
-        assert outcome["parent_span_id"] == attempts[number]["span_id"]
-        assert outcome["attributes"]["qtasks.task.attempt"] == number
+        assert f"{span_context.span_id:016x}" == attempts[number]["span_id"]
     released = [s for s in in_trace if s["name"] == "Released flaky"]
     assert len(released) == 1 and released[0] in per_pid[second.pid]
