@@ -66,7 +66,7 @@ class KafkaConfig:
     #: The same for a consumer that never pauses (every stage but the worker, the result
     #: and control listeners): a fetch returns as soon as data arrives, so a longer wait
     #: costs them no latency, and a quiet one wakes its client 10x less often (an idle
-    #: worker process: 1.8% -> see docs/architecture.md). What it still delays: a
+    #: worker process: 1.75-1.90% -> 1.00-1.20% of a core). What it still delays: a
     #: partition newly assigned by a rebalance, whose first fetch waits for the one in
     #: flight.
     long_fetch_max_wait_ms: int = 500
