@@ -8,8 +8,10 @@ process (this one) apart: after one task, each process's CPU over the same idle 
 (the worker's from /proc/<pid>/stat). Targets (issue 16): an idle worker process at most
 1% of a core, an idle client at most 0.5%; the worker process needs a real registry.
 Beside it, in the same run, the baseline: one plain confluent-kafka consumer, assigned to an
-idle topic, polling it in one-second calls (and again with the event logs' 50 ms long poll
-and 50 ms calls). The ratio says how many such bare clients the idle app costs.
+idle topic, polling it in one-second calls with a 500 ms long poll (what consumers that
+never pause get, ``long_fetch_max_wait_ms``), and again with the 50 ms long poll and 50 ms
+calls the worker's lane consumer keeps. The ratio says how many such bare clients the idle
+app costs.
 
     python -m bench.bench_idle --bootstrap 127.0.0.1:19092 --seconds 10
 """
@@ -149,8 +151,10 @@ async def main_async(args: argparse.Namespace) -> None:
     topic = f"bench-idle-{uuid.uuid4().hex[:8]}"
     await ensure_topics(config, [TopicSpec(topic, 1)])
     try:
-        bare = await asyncio.to_thread(idle_client, config, topic, args.seconds, 500, 1.0)
-        # What the event logs ask: a 50 ms long poll, a thread waking every 50 ms.
+        bare = await asyncio.to_thread(
+            idle_client, config, topic, args.seconds, config.long_fetch_max_wait_ms, 1.0
+        )
+        # What the worker's lanes ask: a 50 ms long poll, a thread waking every 50 ms.
         eager = await asyncio.to_thread(
             idle_client, config, topic, args.seconds, config.fetch_max_wait_ms, 0.05
         )

@@ -79,7 +79,9 @@ class ResultListener:
         async with self._lock:
             if self._task is not None:
                 return
-            consumer = self._log.consumer([self._topic], group_id=None, start="latest")
+            consumer = self._log.consumer(
+                [self._topic], group_id=None, start="latest", pauses=False
+            )
             await consumer.start()
             # Pin the start position now: "latest" resolved lazily could skip the outcome of
             # a task submitted right after this returns.

@@ -130,7 +130,9 @@ class StageRuntime:
             executor=self.executor,
             serde=self.serde,
             payloads=self.payloads,
-            control=lambda: self.event_log.consumer([self.topology.control], group_id=None),
+            control=lambda: self.event_log.consumer(
+                [self.topology.control], group_id=None, pauses=False
+            ),
             worker_id=f"worker:{self.instance_id}",
             concurrency=self.concurrency,
             lane_weights=self.lane_weights,

@@ -129,5 +129,11 @@ class EventLog(ABC):
         group_id: str | None,
         listener: RebalanceListener | None = None,
         start: StartFrom = "earliest",
+        pauses: bool = True,
     ) -> Consumer:
-        """A consumer of ``topics``: a group member, or with ``group_id=None`` every partition."""
+        """A consumer of ``topics``: a group member, or with ``group_id=None`` every partition.
+
+        ``pauses=False`` promises the caller never calls :meth:`Consumer.pause`: a Kafka
+        log then lets the broker hold an empty fetch longer (a quiet consumer wakes less;
+        data still returns at once), which would delay a paused partition's resumption.
+        """

@@ -71,6 +71,7 @@ class AioKafkaEventLog(KafkaEventLog):
         group_id: str | None,
         listener: RebalanceListener | None = None,
         start: StartFrom = "earliest",
+        pauses: bool = True,
     ) -> Consumer:
         config = self._config
         settings: dict[str, Any] = {
@@ -81,7 +82,7 @@ class AioKafkaEventLog(KafkaEventLog):
             "session_timeout_ms": config.session_timeout_ms,
             "heartbeat_interval_ms": config.heartbeat_interval_ms,
             "max_poll_interval_ms": config.max_poll_interval_ms,
-            "fetch_max_wait_ms": config.fetch_max_wait_ms,
+            "fetch_max_wait_ms": config.fetch_wait_ms(pauses=pauses),
             # As Java does: a member gets max.poll.interval to finish on_revoked and rejoin.
             "rebalance_timeout_ms": config.max_poll_interval_ms,
         }

@@ -57,11 +57,19 @@ class KafkaConfig:
     #: How long a member may take to rejoin a rebalance (and between polls, for librdkafka).
     max_poll_interval_ms: int = 300_000
     metadata_max_age_ms: int = 60_000
-    #: How long the broker may hold a fetch that finds no new data. A partition resumed
-    #: after a pause is fetched only once the fetch in flight returns, so this bounds how
-    #: long a drained priority lane idles (the 500 ms default halved a worker's throughput
-    #: whenever its lanes filled); it also bounds a quiet stage's wait for its first record.
+    #: How long the broker may hold a fetch that finds no new data, for a consumer that
+    #: pauses partitions (the worker's lanes, readers of a topic up to its end). A partition
+    #: resumed after a pause is fetched only once the fetch in flight returns, so this
+    #: bounds how long a drained priority lane idles (the 500 ms default halved a worker's
+    #: throughput whenever its lanes filled).
     fetch_max_wait_ms: int = 50
+    #: The same for a consumer that never pauses (every stage but the worker, the result
+    #: and control listeners): a fetch returns as soon as data arrives, so a longer wait
+    #: costs them no latency, and a quiet one wakes its client 10x less often (an idle
+    #: worker process: 1.75-1.90% -> 1.00-1.20% of a core). What it still delays: a
+    #: partition newly assigned by a rebalance, whose first fetch waits for the one in
+    #: flight.
+    long_fetch_max_wait_ms: int = 500
     request_timeout_ms: int = 30_000
     transaction_timeout_ms: int = 60_000
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -100,6 +108,10 @@ class KafkaConfig:
     def principal(self) -> str:
         """The principal the cluster sees, as its ACLs name it (``User:NAME``)."""
         return principal_of(self.to_librdkafka())
+
+    def fetch_wait_ms(self, *, pauses: bool) -> int:
+        """The fetch wait of a consumer that may pause partitions, or never does."""
+        return self.fetch_max_wait_ms if pauses else self.long_fetch_max_wait_ms
 
     # -- librdkafka (confluent-kafka) -------------------------------------------------------
 

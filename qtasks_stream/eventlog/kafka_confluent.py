@@ -89,6 +89,7 @@ class ConfluentEventLog(KafkaEventLog):
         group_id: str | None,
         listener: RebalanceListener | None = None,
         start: StartFrom = "earliest",
+        pauses: bool = True,
     ) -> Consumer:
         config = self._config
         settings: dict[str, ConfValue] = {
@@ -103,7 +104,7 @@ class ConfluentEventLog(KafkaEventLog):
             "session.timeout.ms": config.session_timeout_ms,
             "heartbeat.interval.ms": config.heartbeat_interval_ms,
             "max.poll.interval.ms": config.max_poll_interval_ms,
-            "fetch.wait.max.ms": config.fetch_max_wait_ms,
+            "fetch.wait.max.ms": config.fetch_wait_ms(pauses=pauses),
             "topic.metadata.refresh.interval.ms": config.metadata_max_age_ms,
             # librdkafka prefetches up to 64 MiB per client by default; the buffer here
             # already holds a few thousand records per partition.

@@ -285,7 +285,9 @@ class InMemoryEventLog(EventLog):
         group_id: str | None,
         listener: RebalanceListener | None = None,
         start: StartFrom = "earliest",
+        pauses: bool = True,
     ) -> Consumer:
+        # ``pauses`` only tunes how long a Kafka fetch may wait; nothing waits here.
         return _MemoryConsumer(self, tuple(topics), group_id, listener, start, next(self._ids))
 
 

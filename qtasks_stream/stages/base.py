@@ -60,6 +60,10 @@ class Stage(ABC):
     #: False: a record the stage cannot decode is skipped, not dead-lettered (a stage that
     #: reads a topic another stage of the app dead-letters already, once is enough).
     dead_letters: bool = True
+    #: True for a stage whose :meth:`paused_topics` ever names a topic: its consumer keeps
+    #: a short fetch wait, so a resumed partition is fetched soon (see
+    #: :meth:`EventLog.consumer <qtasks_stream.eventlog.base.EventLog.consumer>`).
+    pauses: bool = False
 
     @property
     @abstractmethod
@@ -101,7 +105,8 @@ class Stage(ABC):
         return 1 << 30
 
     def paused_topics(self) -> Collection[str]:
-        """Topics not to fetch from now (their buffer is full), while others still flow."""
+        """Topics not to fetch from now (their buffer is full), while others still flow;
+        only for a stage that sets :attr:`pauses`."""
         return ()
 
     async def tick(self, checkpoint: Checkpoint) -> float | None:

@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qtasks_stream.errors import (
+    ConfigurationError,
     EventLogError,
     FencedError,
     RecordDecodeError,
@@ -422,7 +423,9 @@ class StageRunner:
 
     async def _session(self) -> None:
         self._paused = set()
-        consumer = self.event_log.consumer(self.stage.topics, group_id=self.group, listener=self)
+        consumer = self.event_log.consumer(
+            self.stage.topics, group_id=self.group, listener=self, pauses=self.stage.pauses
+        )
         producer = self.event_log.producer(transactional_id=f"{self.group}.{self.instance_id}")
         self._consumer, self._producer = consumer, producer
         await producer.start()
@@ -514,6 +517,11 @@ class StageRunner:
 
     def _apply_pauses(self, consumer: Consumer) -> None:
         topics = self.stage.paused_topics()
+        if topics and not self.stage.pauses:
+            # Its consumer fetches with the long wait: a resumed lane would idle behind it.
+            raise ConfigurationError(
+                f"stage {self.stage.name!r} pauses topics but does not set Stage.pauses"
+            )
         wanted = {tp for tp in self.checkpoint.owned() if tp.topic in topics}
         if wanted != self._paused:
             if self._paused - wanted:

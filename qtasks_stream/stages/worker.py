@@ -88,6 +88,7 @@ def error_type_name(exc: BaseException) -> str:
 class WorkerStage(Stage):
     name = "worker"
     done_on_return = False
+    pauses = True  # a full lane pauses (paused_topics)
 
     def __init__(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
+from qtasks_stream.errors import ConfigurationError
 from qtasks_stream.eventlog.memory import InMemoryEventLog, _MemoryProducer
 from qtasks_stream.events import KIND_HEADER, ControlCommand, Progress, TaskEvent, now_us
 from qtasks_stream.records import Headers, OutRecord, Record, TopicPartition
@@ -386,3 +388,27 @@ async def test_offsets_alone_wait_to_commit_with_the_next_output(
     await h.send(h.event("out", 1))
     await h.until(lambda: h.committed() == 2, "both offsets committed")
     assert transactions == [(1, {TP: 2})]
+
+
+class _UndeclaredPausingStage(RecordingStage):
+    """Pauses its topic but does not set ``pauses``: its consumer has the long fetch wait."""
+
+    def paused_topics(self) -> Sequence[str]:
+        return [TOPOLOGY.events]
+
+
+async def test_a_stage_that_pauses_without_saying_so_is_refused(
+    make: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    h: Harness = await make(_UndeclaredPausingStage())
+
+    def refused() -> bool:
+        return any(
+            r.exc_info is not None
+            and isinstance(r.exc_info[1], ConfigurationError)
+            and "does not set Stage.pauses" in str(r.exc_info[1])
+            for r in caplog.records
+        )
+
+    with caplog.at_level(logging.ERROR, logger="qtasks_stream.runner"):
+        await h.until(refused, "the runner refused the stage")
