@@ -318,3 +318,19 @@ async def test_a_sampler_recording_children_of_unsampled_traces_still_gets_their
         for span in spans
         if span.kind == SpanKind.PRODUCER
     )
+
+
+async def test_spans_name_the_task_id_once_not_again_as_the_record_key(
+    traced: tuple[QueueTasks, InMemorySpanExporter, InMemoryMetricReader],
+) -> None:
+    # Every task's record is keyed by its task id: the key attribute would repeat
+    # qtasks.task.id, and each attribute costs the SDK a check per span.
+    app, exporter, _ = traced
+    async with app:
+        task = await app.add_task("plain", 1, timeout=LIMIT)
+        assert task is not None and task.status == "success"
+    task_spans = [
+        s for s in exporter.get_finished_spans() if "qtasks.task.id" in (s.attributes or {})
+    ]
+    assert {s.kind for s in task_spans} == {SpanKind.PRODUCER, SpanKind.CONSUMER}
+    assert all("messaging.kafka.message.key" not in (s.attributes or {}) for s in task_spans)
