@@ -7,7 +7,9 @@ gets a short producer span ("create", in the messaging conventions), a child of 
 trace, and the event keeps that span's context; each attempt is one consumer span, and the
 events the worker emits for it (``Started``, the outcome) carry the attempt's context (or,
 ``Started``, the work item's) instead of a span each: a span costs the SDK about as much as
-a no-op task's whole hop. Retries keep the task's trace. A stage step handles a batch of
+a no-op task's whole hop. Likewise the ``Scheduled`` a client writes in its submit's
+transaction (a task due now, routed straight to its lane) keeps the submit's context.
+Retries keep the task's trace. A stage step handles a batch of
 many tasks: its span starts a trace of its own and links to the records' contexts instead
 of joining one of them.
 
@@ -206,13 +208,17 @@ class TracingInterceptor(Interceptor):
 
     def emit(self, input: EmitInput, next: EmitNext) -> None:
         event = input.value
+        stage = input.stage
         if (
-            input.stage == _WORKER
+            stage == _WORKER
             or not isinstance(event, TaskEvent)
             or isinstance(event.payload, Progress)
+            or (stage == "client" and event.kind == "Scheduled")
         ):
             # The worker's events ride on its attempt's span (or the work item's context);
-            # work items and commands keep the task's context.
+            # a task the client routes straight to its lane has its Scheduled written in the
+            # submit's transaction, and it keeps the submit span's context; work items and
+            # commands keep the task's context.
             next(input)
             return
         if self._skip_unsampled and is_unsampled(event.traceparent):
