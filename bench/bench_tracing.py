@@ -4,8 +4,14 @@ Same run, same app shape, alternating rounds so drift hits both: ``off`` install
 interceptor (the zero-cost path), ``tracing`` installs TracingInterceptor with a
 BatchSpanProcessor into an exporter that drops spans (all span work is done, no I/O), and
 ``tracing+metrics`` adds MetricsInterceptor with an in-memory reader. Prints tasks/s per
-round, the median per mode and its ratio to ``off``; then what one span costs the SDK,
-recorded and with a sampler.
+round (and the garbage collector's share of its CPU), the median per mode and its ratio to
+``off``; then what one span costs the SDK, recorded and with a sampler.
+
+All modes run in one process, so each run starts from a collected heap with what survives
+frozen (``gc.freeze``), and each round starts at another mode: otherwise a run pays for the
+full collections of the heap the runs before it left behind, which moved a mode's CPU per
+task by 100 us and more (most of what the 1-in-10 sampler seemed to cost), depending on its
+place in the order.
 
     python -m bench.bench_tracing --tasks 3000 --rounds 3
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import time
 from collections.abc import Sequence
@@ -47,8 +54,23 @@ class _Counting(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-async def run(mode: str, tasks: int, window: int) -> tuple[float, float, int]:
-    """tasks/s, CPU microseconds per task (this process, every thread) and spans exported."""
+class _GcClock:
+    """CPU time the garbage collector takes, from its callbacks."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.process_time()
+        else:
+            self.seconds += time.process_time() - self._started
+
+
+async def run(mode: str, tasks: int, window: int) -> tuple[float, float, int, float]:
+    """tasks/s, CPU microseconds per task (this process, every thread), spans exported and
+    the garbage collector's CPU microseconds per task."""
     app = QueueTasks("bench", concurrency=64)
     exporter = _Counting()
     sampled = mode == "tracing 1-in-10"
@@ -76,15 +98,23 @@ async def run(mode: str, tasks: int, window: int) -> tuple[float, float, int]:
 
     async with app:
         await app.add_task("noop", -1, timeout=30)  # warm up every stage
-        started, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(one(i) for i in range(tasks)))
-        elapsed = time.perf_counter() - started
-        # Spans still queued are exported by the processor's thread: count that work too.
-        tracer_provider.force_flush()
-        cpu = time.process_time() - cpu
+        gc.collect()
+        gc.freeze()
+        clock = _GcClock()
+        gc.callbacks.append(clock)
+        try:
+            started, cpu = time.perf_counter(), time.process_time()
+            await asyncio.gather(*(one(i) for i in range(tasks)))
+            elapsed = time.perf_counter() - started
+            # Spans still queued are exported by the processor's thread: count that work too.
+            tracer_provider.force_flush()
+            cpu = time.process_time() - cpu
+        finally:
+            gc.callbacks.remove(clock)
+            gc.unfreeze()
     tracer_provider.shutdown()
     meter_provider.shutdown()
-    return tasks / elapsed, cpu / tasks * 1e6, exporter.spans
+    return tasks / elapsed, cpu / tasks * 1e6, exporter.spans, clock.seconds / tasks * 1e6
 
 
 def span_cost(sampler: Sampler | None, spans: int = 20_000) -> float:
@@ -112,13 +142,14 @@ def main() -> None:
     cpus: dict[str, list[float]] = {mode: [] for mode in MODES}
     print(f"embedded default, {args.tasks} no-op tasks, {args.window} in flight")
     for round_ in range(args.rounds):
-        for mode in MODES:
-            rate, cpu_us, spans = asyncio.run(run(mode, args.tasks, args.window))
+        # Each round starts at another mode, so none always runs first.
+        for mode in MODES[round_ % len(MODES) :] + MODES[: round_ % len(MODES)]:
+            rate, cpu_us, spans, gc_us = asyncio.run(run(mode, args.tasks, args.window))
             rates[mode].append(rate)
             cpus[mode].append(cpu_us)
             print(
                 f"  round {round_ + 1}  {mode:<16} {rate:8.0f} tasks/s  {cpu_us:6.0f} us CPU/task"
-                f"  {spans:7d} spans"
+                f" ({gc_us:4.0f} in gc)  {spans:7d} spans"
             )
     # The ratios the targets name are of CPU per task (off / mode: a throughput ratio on a
     # CPU-bound pipeline), which other load on a shared box moves far less than wall time.

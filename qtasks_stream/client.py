@@ -447,12 +447,23 @@ class TaskClient:
 
     def _intercept(self, topic: str, key: str, event: TaskEvent) -> TaskEvent:
         """``event`` as the client's emit interceptors pass it on (tracing stamps it)."""
-        if not wants(self.interceptors, "emit"):
+        interceptors = tuple(self.interceptors)
+        cached = self.__dict__.get("_emit_chain")
+        if cached is None or cached[0] != interceptors:
+            # Built once per set of interceptors, not per event; emit is synchronous, so one
+            # list of what came out serves every call.
+            out: list[TaskEvent] = []
+            chain = (
+                chain_emit(interceptors, lambda passed: out.append(passed.value))
+                if wants(interceptors, "emit")
+                else None
+            )
+            cached = self.__dict__["_emit_chain"] = (interceptors, chain, out)
+        _, chain, passed = cached
+        if chain is None:
             return event
-        passed: list[TaskEvent] = []
-        chain_emit(self.interceptors, lambda out: passed.append(out.value))(
-            EmitInput("client", topic, key, event)
-        )
+        passed.clear()
+        chain(EmitInput("client", topic, key, event))
         if not passed:
             raise QTasksStreamError(f"an interceptor dropped the {event.kind} event of {key}")
         return passed[-1]

@@ -2,10 +2,12 @@
 
 Events keep the ``traceparent`` of the span that emitted them and records carry it as a
 header; both are the plain W3C string (``00-<trace id>-<span id>-<flags>``). Parsing here is
-a string split, cheap enough to run for every record of a traced batch.
+one regular-expression match, cheap enough to run for every record of a traced batch.
 """
 
 from __future__ import annotations
+
+import re
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -24,42 +26,43 @@ __all__ = [
     "unsampled_context",
 ]
 
-_HEX = frozenset("0123456789abcdef")
+#: A W3C ``traceparent``: version, trace id, span id, flags (lowercase hex), and whatever a
+#: later version appends after another dash. One C-level match instead of a split and checks.
+_TRACEPARENT = re.compile(
+    r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-.*)?", re.S
+)
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 
 
 def parse_traceparent(value: str | None) -> SpanContext | None:
     """The remote span context a ``traceparent`` names, or None if absent or malformed."""
-    if not value or len(value) < 55:
+    if not value:
         return None
-    parts = value.split("-")
-    if len(parts) < 4:
+    match = _TRACEPARENT.fullmatch(value)
+    if match is None:
         return None
-    version, trace_hex, span_hex, flags_hex = parts[0], parts[1], parts[2], parts[3]
-    if (
-        len(version) != 2
-        or version == "ff"
-        or len(trace_hex) != 32
-        or len(span_hex) != 16
-        or len(flags_hex) != 2
-        or not _HEX.issuperset(trace_hex + span_hex + flags_hex)
-    ):
-        return None
-    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
-    if trace_id == 0 or span_id == 0:
+    version, trace_hex, span_hex, flags_hex = match.groups()
+    if version == "ff" or trace_hex == _ZERO_TRACE or span_hex == _ZERO_SPAN:
         return None
     return SpanContext(
-        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(flags_hex, 16))
+        int(trace_hex, 16),
+        int(span_hex, 16),
+        is_remote=True,
+        trace_flags=TraceFlags(int(flags_hex, 16)),
     )
 
 
 def is_unsampled(value: str | None) -> bool:
     """Whether ``value`` is a well-formed ``traceparent`` whose sampled flag is off (a
     trace nobody records). A string test, run per event before any span work."""
+    if value is None or len(value) != 55 or value[-1] not in "02468ace":
+        return False
+    match = _TRACEPARENT.fullmatch(value)
     return (
-        value is not None
-        and len(value) == 55
-        and value[-1] in "02468ace"
-        and parse_traceparent(value) is not None
+        match is not None
+        and match[1] != "ff"
+        and match[2] != _ZERO_TRACE
+        and match[3] != _ZERO_SPAN
     )
 
 

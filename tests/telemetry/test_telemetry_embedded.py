@@ -124,18 +124,22 @@ async def test_a_retried_task_is_one_trace_from_submit_to_completion(
         assert by_id[f"{attempt.parent.span_id:016x}"].name in ("submit flaky",)
 
     # One span per hop: each outcome points at the attempt that delivered it, which has no
-    # child spans; Started keeps the work item's context (the submit's).
+    # child spans; Started keeps the work item's context (the submit's), and so does the
+    # Scheduled the client wrote in the submit's transaction.
     outcomes = {e.kind: e for e in history if e.kind in ("RetryScheduled", "Succeeded")}
     for kind, attempt in (("RetryScheduled", first), ("Succeeded", second)):
         assert _event_span(outcomes[kind]) == _span_id(attempt)
     for event in history:
-        if event.kind == "Started":
+        if event.kind in ("Started", "Scheduled"):
             assert _event_span(event) == _span_id(submit[0])
+    assert "Scheduled" in kinds
     assert not [
         s
         for s in spans
         if s.kind is SpanKind.PRODUCER
-        and s.name.endswith(("Started flaky", "RetryScheduled flaky", "Succeeded flaky"))
+        and s.name.endswith(
+            ("Scheduled flaky", "Started flaky", "RetryScheduled flaky", "Succeeded flaky")
+        )
     ]
     assert (second.attributes or {})["qtasks.task.status"] == "success"
     # The first event is the submit's; every later one points at a span of the trace.
@@ -286,7 +290,8 @@ async def _unsampled_run(sampler: Sampler) -> tuple[list[ReadableSpan], list[str
 
     try:
         async with app:
-            task = await app.add_task("work", 1, timeout=LIMIT)
+            # An idempotency key sends it through the scheduler, whose Scheduled has a span.
+            task = await app.add_task("work", 1, timeout=LIMIT, idempotency_key="unsampled")
             assert task is not None and task.status == "success"
             history = await app.history(task.uuid)
     finally:
@@ -318,3 +323,19 @@ async def test_a_sampler_recording_children_of_unsampled_traces_still_gets_their
         for span in spans
         if span.kind == SpanKind.PRODUCER
     )
+
+
+async def test_spans_name_the_task_id_once_not_again_as_the_record_key(
+    traced: tuple[QueueTasks, InMemorySpanExporter, InMemoryMetricReader],
+) -> None:
+    # Every task's record is keyed by its task id: the key attribute would repeat
+    # qtasks.task.id, and each attribute costs the SDK a check per span.
+    app, exporter, _ = traced
+    async with app:
+        task = await app.add_task("plain", 1, timeout=LIMIT)
+        assert task is not None and task.status == "success"
+    task_spans = [
+        s for s in exporter.get_finished_spans() if "qtasks.task.id" in (s.attributes or {})
+    ]
+    assert {s.kind for s in task_spans} == {SpanKind.PRODUCER, SpanKind.CONSUMER}
+    assert all("messaging.kafka.message.key" not in (s.attributes or {}) for s in task_spans)
