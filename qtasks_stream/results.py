@@ -1,7 +1,8 @@
 """Pushes completion and progress events to clients that wait, without polling any store.
 
 One consumer reads the events topic from its end, on its own (no group). Only records whose
-key is a task somebody waits on are decoded; each waited task's state is folded from its
+key is a task somebody waits on, or one this client submitted while listening (see
+:meth:`ResultListener.adopt`), are decoded; each waited task's state is folded from its
 history in the log (read by the app once the watch is registered, see :meth:`seed`) and what
 arrives after, so a client needs no view to learn the outcome. The last final states it
 delivered are kept (bounded) for read-your-writes: :meth:`newest`.
