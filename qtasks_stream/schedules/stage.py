@@ -30,7 +30,7 @@ from qtasks_stream.schedules.records import (
     fold_schedule,
 )
 from qtasks_stream.schedules.timing import iso, next_tick, tick_task_id, ticks_due
-from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
+from qtasks_stream.stages.base import Checkpoint, Incoming, Restore, Stage
 from qtasks_stream.state import TaskState
 from qtasks_stream.topology import Topology
 
@@ -60,7 +60,7 @@ class ScheduleStage(Stage):
         self._run_state = run_state
         self._clock = clock
         self._schedules: dict[str, Schedule] = {}
-        self._restoring: dict[TopicPartition, int] = {}
+        self._restoring = Restore()
         self._owned: set[TopicPartition] = set()
         #: Runs fired by this owner: until its transaction commits, the log knows nothing
         #: of them, which must not read as "ended".
@@ -83,32 +83,26 @@ class ScheduleStage(Stage):
         self, partitions: Sequence[TopicPartition], ends: Mapping[TopicPartition, int]
     ) -> dict[TopicPartition, int]:
         self._owned.update(partitions)
-        for tp in partitions:
-            if ends.get(tp, 0) > 0:
-                self._restoring[tp] = ends[tp]
+        self._restoring.begin(partitions, ends)
         return dict.fromkeys(partitions, 0)
 
     async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         # One partition holds every schedule: losing it is losing all of them.
         self._owned.difference_update(partitions)
-        for tp in partitions:
-            self._restoring.pop(tp, None)
+        self._restoring.drop(partitions)
         if not self._owned:
             self._schedules.clear()
             self._fired_here.clear()
             self._due.clear()
 
     def positions_wanted(self) -> Collection[TopicPartition]:
-        return list(self._restoring)
+        return self._restoring.wanted()
 
     async def advanced(
         self, positions: Mapping[TopicPartition, int], checkpoint: Checkpoint
     ) -> None:
-        for tp, position in positions.items():
-            end = self._restoring.get(tp)
-            if end is not None and position >= end:
-                del self._restoring[tp]
-                log.info("schedules restored %d schedules from %s", len(self._schedules), tp)
+        for tp, _ in self._restoring.reached(positions):
+            log.info("schedules restored %d schedules from %s", len(self._schedules), tp)
 
     async def handle(self, batch: Sequence[Incoming], checkpoint: Checkpoint) -> None:
         for item in batch:

@@ -13,7 +13,7 @@ from typing import Any
 
 from qtasks_stream.records import OutRecord, Record, TopicPartition
 
-__all__ = ["Checkpoint", "Incoming", "Stage"]
+__all__ = ["Checkpoint", "Incoming", "Restore", "Stage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,3 +116,43 @@ class Stage(ABC):
     @abstractmethod
     async def handle(self, batch: Sequence[Incoming], checkpoint: Checkpoint) -> None:
         """Decide on a batch; outputs and dead letters go to ``checkpoint``."""
+
+
+class Restore:
+    """Partitions a stage re-reads from offset 0 up to their end offset at assignment, to
+    rebuild its state before acting on them: its :meth:`Stage.positions_wanted` and the
+    bookkeeping of :meth:`Stage.advanced`, written once for the stages that restore."""
+
+    def __init__(self) -> None:
+        self._ends: dict[TopicPartition, int] = {}
+
+    def begin(
+        self, partitions: Sequence[TopicPartition], ends: Mapping[TopicPartition, int]
+    ) -> list[TopicPartition]:
+        """Restore those of ``partitions`` that hold records; returns them (to read from 0)."""
+        started = [tp for tp in partitions if ends.get(tp, 0) > 0]
+        for tp in started:
+            self._ends[tp] = ends[tp]
+        return started
+
+    def drop(self, partitions: Collection[TopicPartition]) -> None:
+        for tp in partitions:
+            self._ends.pop(tp, None)
+
+    def wanted(self) -> list[TopicPartition]:
+        """The partitions still restoring (for :meth:`Stage.positions_wanted`)."""
+        return list(self._ends)
+
+    def reached(self, positions: Mapping[TopicPartition, int]) -> list[tuple[TopicPartition, int]]:
+        """Those restoring partitions ``positions`` has brought to their end, with their end;
+        they are restored from now on."""
+        done = [(tp, end) for tp, end in self._ends.items() if positions.get(tp, -1) >= end]
+        for tp, _ in done:
+            del self._ends[tp]
+        return done
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self._ends
+
+    def __bool__(self) -> bool:
+        return bool(self._ends)

@@ -46,7 +46,7 @@ from qtasks_stream.events import (
     now_us,
 )
 from qtasks_stream.records import Record, TopicPartition
-from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
+from qtasks_stream.stages.base import Checkpoint, Incoming, Restore, Stage
 from qtasks_stream.state import TaskState, fold, reopens, work_item
 from qtasks_stream.topology import DEFAULT_QUEUE, Topology
 
@@ -78,7 +78,7 @@ class SchedulerStage(Stage):
         self._max_time: dict[str, float | None] = {}
         self._partition_of: dict[str, TopicPartition] = {}
         #: Partition → offset up to which it is still being restored.
-        self._restoring: dict[TopicPartition, int] = {}
+        self._restoring = Restore()
         self._timers: list[tuple[int, str, int]] = []
         #: Tasks that ended, per partition, in the order they ended: id → (last attempt,
         #: end in ms), so a repeated submit of a finished task stays ignored and a resubmit
@@ -100,20 +100,15 @@ class SchedulerStage(Stage):
     async def on_assigned(
         self, partitions: Sequence[TopicPartition], ends: Mapping[TopicPartition, int]
     ) -> dict[TopicPartition, int]:
-        seeks: dict[TopicPartition, int] = {}
         log.info("scheduler assigned %s, ends %s", sorted(partitions), dict(ends))
-        for tp in partitions:
-            if ends.get(tp, 0) > 0:
-                self._restoring[tp] = ends[tp]
-                seeks[tp] = 0
-        return seeks
+        return dict.fromkeys(self._restoring.begin(partitions, ends), 0)
 
     async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         gone = set(partitions)
         for task_id in [t for t, tp in self._partition_of.items() if tp in gone]:
             self._forget(task_id)
+        self._restoring.drop(gone)
         for tp in gone:
-            self._restoring.pop(tp, None)
             self._finished.pop(tp, None)
             self._unkeyed.pop(tp, None)
         self._timers = [t for t in self._timers if t[1] in self._tasks]
@@ -179,17 +174,14 @@ class SchedulerStage(Stage):
         return any(task_id in finished for finished in self._finished.values())
 
     def positions_wanted(self) -> Collection[TopicPartition]:
-        return list(self._restoring)
+        return self._restoring.wanted()
 
     async def advanced(
         self, positions: Mapping[TopicPartition, int], checkpoint: Checkpoint
     ) -> None:
-        for tp, position in positions.items():
-            end = self._restoring.get(tp)
-            if end is not None and position >= end:
-                del self._restoring[tp]
-                log.info("scheduler restored %s up to %d (end %d)", tp, position, end)
-                self._act_on_restored(tp, checkpoint)
+        for tp, end in self._restoring.reached(positions):
+            log.info("scheduler restored %s up to %d (end %d)", tp, positions[tp], end)
+            self._act_on_restored(tp, checkpoint)
 
     def _fold(self, event: TaskEvent, tp: TopicPartition) -> None:
         previous = self._tasks.get(event.task_id)

@@ -33,7 +33,7 @@ from qtasks_stream.events import (
 )
 from qtasks_stream.records import Record, TopicPartition
 from qtasks_stream.serde.payloads import TaskPayloads
-from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
+from qtasks_stream.stages.base import Checkpoint, Incoming, Restore, Stage
 from qtasks_stream.tasks import TaskDefinition
 from qtasks_stream.topology import Topology
 from qtasks_stream.workflows.canvas import Node, parse
@@ -92,7 +92,7 @@ class WorkflowStage(Stage):
         self._workflows: dict[str, _Workflow] = {}
         #: Step task id → (workflow id, path).
         self._step_of: dict[str, tuple[str, str]] = {}
-        self._restoring: dict[TopicPartition, int] = {}
+        self._restoring = Restore()
         self._next_prune_us = 0
 
     @property
@@ -102,38 +102,29 @@ class WorkflowStage(Stage):
     async def on_assigned(
         self, partitions: Sequence[TopicPartition], ends: Mapping[TopicPartition, int]
     ) -> dict[TopicPartition, int]:
-        seeks: dict[TopicPartition, int] = {}
-        for tp in partitions:
-            if ends.get(tp, 0) > 0:
-                self._restoring[tp] = ends[tp]
-                seeks[tp] = 0
-        return seeks
+        return dict.fromkeys(self._restoring.begin(partitions, ends), 0)
 
     async def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         gone = set(partitions)
-        for tp in gone:
-            self._restoring.pop(tp, None)
+        self._restoring.drop(gone)
         for wf in [w for w in self._workflows.values() if w.tp in gone]:
             del self._workflows[wf.workflow_id]
             for outcome in wf.steps.values():
                 self._step_of.pop(outcome.task_id, None)
 
     def positions_wanted(self) -> Collection[TopicPartition]:
-        return list(self._restoring)
+        return self._restoring.wanted()
 
     async def advanced(
         self, positions: Mapping[TopicPartition, int], checkpoint: Checkpoint
     ) -> None:
-        for tp, position in positions.items():
-            end = self._restoring.get(tp)
-            if end is not None and position >= end:
-                del self._restoring[tp]
-                for wf in [w for w in self._workflows.values() if w.tp == tp]:
-                    if wf.cancelled:
-                        # The cancels a predecessor decided but did not commit.
-                        self._cancel_steps(wf, checkpoint, None)
-                    else:
-                        self._act(wf, checkpoint, None)
+        for tp, _ in self._restoring.reached(positions):
+            for wf in [w for w in self._workflows.values() if w.tp == tp]:
+                if wf.cancelled:
+                    # The cancels a predecessor decided but did not commit.
+                    self._cancel_steps(wf, checkpoint, None)
+                else:
+                    self._act(wf, checkpoint, None)
 
     def wants_value(self, record: Record) -> bool:
         kind = event_kind(record.headers)
