@@ -144,10 +144,9 @@ async def test_an_idempotent_repeat_in_a_client_returns_the_first_arguments(
     assert (again.uuid, again.status, again.args) == (first.uuid, "success", [10])
 
 
-async def test_wait_right_after_resubmit_waits_for_the_new_attempt(
-    make_app: Callable[..., QueueTasks],
-) -> None:
-    app = make_app("resub", poll_timeout=0.05)
+def _flaky_app(make_app: Callable[..., QueueTasks], name: str) -> tuple[QueueTasks, list[bool]]:
+    """An app whose task ``flaky`` fails while ``broken[0]`` is true, then returns "up"."""
+    app = make_app(name, poll_timeout=0.05)
     broken = [True]
 
     @app.task
@@ -156,6 +155,13 @@ async def test_wait_right_after_resubmit_waits_for_the_new_attempt(
             raise RuntimeError("down")
         return "up"
 
+    return app, broken
+
+
+async def test_wait_right_after_resubmit_waits_for_the_new_attempt(
+    make_app: Callable[..., QueueTasks],
+) -> None:
+    app, broken = _flaky_app(make_app, "resub")
     await app.start()
     failed = await app.add_task("flaky", timeout=LIMIT)
     assert failed is not None and failed.status == "error"
@@ -206,15 +212,7 @@ async def test_a_wait_on_a_task_submitted_while_listening_reads_no_log(
 async def test_wait_after_resubmit_of_a_task_submitted_while_listening_waits_for_it(
     make_app: Callable[..., QueueTasks],
 ) -> None:
-    app = make_app("resub-own", poll_timeout=0.05)
-    broken = [True]
-
-    @app.task
-    async def flaky() -> str:
-        if broken[0]:
-            raise RuntimeError("down")
-        return "up"
-
+    app, broken = _flaky_app(make_app, "resub-own")
     await app.start()
     assert await app.add_task("flaky", timeout=LIMIT) is not None  # the client listens now
     submitted = await app.add_task("flaky")
