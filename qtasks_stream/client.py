@@ -168,13 +168,8 @@ class TaskClient:
         await self._ensure_client()
         await self.payloads.start([definition])  # a task added after the client started
         call = self.payloads.encode_call(definition, args, kwargs)
-        submitted = Submitted(
-            args=call.args,
-            kwargs=call.kwargs,
-            content_type=call.content_type,
-            arguments_avro=call.arguments_avro,
-            tags=tuple(tags) if tags is not None else definition.tags,
-            **options,
+        submitted = call.submitted(
+            definition, tags=tuple(tags) if tags is not None else definition.tags, **options
         )
         task_id = (
             str(uuid.uuid5(_IDEMPOTENCY_NS, f"{self.name}:{idempotency_key}"))

@@ -29,6 +29,7 @@ import fastavro
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream.errors import ConfigurationError, SerdeError
+from qtasks_stream.events import DEFAULT_QUEUE, Submitted
 from qtasks_stream.serde import wire
 from qtasks_stream.serde.typed import (
     AvroType,
@@ -76,6 +77,23 @@ class EncodedCall:
     args: str
     kwargs: str
     arguments_avro: bytes | None
+
+    def submitted(self, definition: TaskDefinition, **fields: Any) -> Submitted:
+        """The Submitted of this call of ``definition``: the task's own priority, tags and
+        named queue (None for the default one, as ``add_task`` writes it) unless ``fields``
+        say otherwise, which also set the rest (workflow step, eta...)."""
+        own: dict[str, Any] = {
+            "priority": definition.priority,
+            "tags": definition.tags,
+            "queue": None if definition.queue == DEFAULT_QUEUE else definition.queue,
+        }
+        return Submitted(
+            args=self.args,
+            kwargs=self.kwargs,
+            content_type=self.content_type,
+            arguments_avro=self.arguments_avro,
+            **(own | fields),
+        )
 
 
 @dataclass(frozen=True, slots=True)

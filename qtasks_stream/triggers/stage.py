@@ -27,13 +27,13 @@ from typing import Any
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream.errors import QTasksStreamError, RegistryUnavailableError
-from qtasks_stream.events import Submitted, TaskEvent
+from qtasks_stream.events import TaskEvent
 from qtasks_stream.interceptors import Interceptor, SkipInput
 from qtasks_stream.records import Record
 from qtasks_stream.serde.payloads import TaskPayloads
 from qtasks_stream.stages.base import Checkpoint, Incoming, Stage
 from qtasks_stream.tasks import TaskDefinition
-from qtasks_stream.topology import DEFAULT_QUEUE, Topology
+from qtasks_stream.topology import Topology
 from qtasks_stream.triggers.base import Topic, TriggerRecord, trigger_task_id
 from qtasks_stream.triggers.decode import RecordDecoder
 
@@ -141,15 +141,7 @@ class TriggerStage(Stage):
         call = self._payloads.encode_call(definition, args, kwargs)
         # The task's own options, as add_task without options would submit it (a record
         # carries no eta, priority or idempotency key of its own).
-        submitted = Submitted(
-            args=call.args,
-            kwargs=call.kwargs,
-            content_type=call.content_type,
-            arguments_avro=call.arguments_avro,
-            priority=definition.priority,
-            tags=definition.tags,
-            queue=None if definition.queue == DEFAULT_QUEUE else definition.queue,
-        )
+        submitted = call.submitted(definition)
         event = TaskEvent.new(task_id, definition.name, 0, _SOURCE, submitted)
         checkpoint.emit(self._topology.events, task_id, event, rec)
         self.counts[definition.name]["submitted"] += 1

@@ -20,7 +20,6 @@ from qtasks_stream.workflows.fold import (
     advance,
     group_id,
     step_id,
-    step_queue,
 )
 
 if TYPE_CHECKING:
@@ -134,14 +133,8 @@ async def run_workflow(client: TaskClient, canvas: Node) -> WorkflowHandle:
         definition = client.definitions[launch.task]
         call = client.payloads.encode_call(definition, launch.args, launch.kwargs)
         task_id = step_id(workflow_id, launch.path, partitions)
-        submitted = Submitted(
-            args=call.args,
-            kwargs=call.kwargs,
-            content_type=call.content_type,
-            arguments_avro=call.arguments_avro,
-            priority=definition.priority,
-            tags=definition.tags,
-            queue=step_queue(definition),
+        submitted = call.submitted(
+            definition,
             workflow_id=workflow_id,
             workflow_step=launch.path,
             group_id=(

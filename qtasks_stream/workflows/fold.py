@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from qtasks_stream.eventlog.partitioning import murmur2_partition
-from qtasks_stream.events import DEFAULT_QUEUE
-from qtasks_stream.tasks import TaskDefinition
 from qtasks_stream.workflows.canvas import Chain, Group, Node, Signature, child
 
 __all__ = [
@@ -28,7 +26,6 @@ __all__ = [
     "group_id",
     "is_step_id",
     "step_id",
-    "step_queue",
 ]
 
 Status = Literal["running", "succeeded", "failed"]
@@ -171,9 +168,3 @@ def step_id(workflow_id: str, path: str, partitions: int) -> str:
 
 def group_id(workflow_id: str, path: str, partitions: int) -> str:
     return _hex_id(workflow_id, f"group:{path}", partitions)
-
-
-def step_queue(definition: TaskDefinition) -> str | None:
-    """The ``Submitted.queue`` of a step: its task's named queue (None for the default one,
-    as ``add_task`` writes it)."""
-    return None if definition.queue == DEFAULT_QUEUE else definition.queue

@@ -44,7 +44,6 @@ from qtasks_stream.workflows.fold import (
     group_id,
     is_step_id,
     step_id,
-    step_queue,
 )
 
 __all__ = ["INVALID_STEP", "WorkflowStage"]
@@ -274,14 +273,8 @@ class WorkflowStage(Stage):
             wf.steps[launch.path] = outcome
             self._step_of[task_id] = (wf.workflow_id, launch.path)
             return
-        submitted = Submitted(
-            args=call.args,
-            kwargs=call.kwargs,
-            content_type=call.content_type,
-            arguments_avro=call.arguments_avro,
-            priority=definition.priority,
-            tags=definition.tags,
-            queue=step_queue(definition),
+        submitted = call.submitted(
+            definition,
             workflow_id=wf.workflow_id,
             workflow_step=launch.path,
             workflow_parents=launch.parents,
