@@ -176,12 +176,8 @@ class ConfluentConsumer(ConsumerThread, ListedOffsets, Consumer):
         deadline = loop.time() + timeout
         while True:
             self._wakeup.clear()
-            batch = self._drain(max_records)
-            if batch:
-                return batch
-            with self._lock:
-                moved, self._position_moved = self._position_moved, False
-            if moved:
+            batch, moved = self._drain(max_records)
+            if batch or moved:
                 return batch
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -192,7 +188,10 @@ class ConfluentConsumer(ConsumerThread, ListedOffsets, Consumer):
                 async with asyncio.timeout(remaining):
                     await self._wakeup.wait()
 
-    def _drain(self, max_records: int) -> list[Record]:
+    def _drain(self, max_records: int) -> tuple[list[Record], bool]:
+        """Up to ``max_records`` buffered records, and whether a position moved with none.
+        Finding neither, it marks poll() as waiting, in the same locked look, so the
+        consumer thread wakes it for what it stores next (and only then)."""
         out: list[Record] = []
         with self._lock:
             if self._fatal is not None:
@@ -202,7 +201,9 @@ class ConfluentConsumer(ConsumerThread, ListedOffsets, Consumer):
                 raise error
             tps = [tp for tp, buf in self._buffers.items() if buf and tp not in self._paused]
             if not tps:
-                return out
+                moved, self._position_moved = self._position_moved, False
+                self._waiting = not moved
+                return out, moved
             # Start where the last drain stopped, so one busy partition cannot starve others.
             self._next_tp = (self._next_tp + 1) % len(tps)
             for tp in tps[self._next_tp :] + tps[: self._next_tp]:
@@ -213,7 +214,8 @@ class ConfluentConsumer(ConsumerThread, ListedOffsets, Consumer):
                     self._throttled.discard(tp)
                 if len(out) >= max_records:
                     break
-        return out
+            self._waiting = False
+        return out, False
 
     async def position(self, tp: TopicPartition) -> int | None:
         with self._lock:
