@@ -56,8 +56,11 @@ _UNMANAGED_CONSUME_SLICE = 0.01
 _IDLE_AFTER = 1.0
 _IDLE_CONSUME_SLICE = 0.5
 _CONSUME_BATCH = 500
-#: How often (seconds) an idle group consumer re-reads its group metadata (generation).
-_IDLE_METADATA_REFRESH = 1.0
+#: How often (seconds) a group consumer re-reads its group metadata (generation) besides
+#: at each assignment change. ``consumer_group_metadata()`` is a request to librdkafka's
+#: main thread answered while the caller holds the GIL: read with every batch, it was 28%
+#: of a worker process's GIL time one task at a time, every other thread stalled meanwhile.
+_METADATA_REFRESH = 1.0
 #: Past this many buffered records a partition stops fetching until poll() drains it.
 _BUFFER_HIGH = 2_000
 BUFFER_LOW = _BUFFER_HIGH // 2
@@ -196,16 +199,16 @@ class ConsumerThread:
                 if messages:
                     self._store(messages, epochs)
                 self._note_positions(consumer, epochs)
-                # The generation may also move without a callback for this member (a
-                # rebalance that leaves its partitions alone): keep the cache current, with
-                # each batch (its commit is next) and every so often when idle. Every slice
-                # cost an idle app about 1.5% of a core (7.5% -> 6.0% in all).
+                # The rebalance callbacks store each new generation's metadata. Should the
+                # generation move without one for this member, a transaction with the old
+                # one is refused as a whole (fenced: nothing visible, the runner rejoins), so
+                # a re-read every so often bounds that, and none runs per batch.
                 now = time.monotonic()
                 if messages:
                     active = now
-                if messages or now >= refresh_due:
+                if now >= refresh_due:
                     self._refresh_group_metadata(consumer)
-                    refresh_due = now + _IDLE_METADATA_REFRESH
+                    refresh_due = now + _METADATA_REFRESH
         except Exception as exc:  # a bug here must reach poll(), not vanish
             log.exception("the Kafka consumer thread failed")
             self._set_fatal(EventLogError(f"the Kafka consumer thread failed: {exc!r}"))
