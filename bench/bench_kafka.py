@@ -250,10 +250,12 @@ async def pipeline(
     concurrency: int,
     keep: bool,
     worker_process: bool = False,
+    worker_stages: Sequence[str] = (),
 ) -> PipelineResult:
     """With ``worker_process`` the stages run in a ``qtasks-stream worker`` subprocess (as
     a deployment runs them, and as a Celery worker runs apart from its client) and this
-    process only submits and awaits; that needs a real registry, shared by both."""
+    process only submits and awaits; that needs a real registry, shared by both.
+    ``worker_stages``: the stages it runs (default: all), to see what each one costs."""
     if worker_process and not (registry_url or "").startswith("http"):
         raise ValueError("a worker process needs a real schema registry (--registry)")
     prefix = f"bench-{uuid.uuid4().hex[:8]}."
@@ -278,7 +280,9 @@ async def pipeline(
     worker: subprocess.Popen[bytes] | None = None
     try:
         if worker_process:
-            worker = start_worker(kind, config, registry_url or "", prefix, concurrency)
+            worker = start_worker(
+                kind, config, registry_url or "", prefix, concurrency, stages=worker_stages
+            )
         else:
             async with asyncio.timeout(START_TIMEOUT):
                 await app.start()
@@ -316,9 +320,16 @@ def process_cpu(pid: int) -> float:
 
 
 def start_worker(
-    kind: str, config: KafkaConfig, registry_url: str, prefix: str, concurrency: int
+    kind: str,
+    config: KafkaConfig,
+    registry_url: str,
+    prefix: str,
+    concurrency: int,
+    *,
+    stages: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """Every stage of ``bench.peer_stream:app`` in a worker process on the bench's topics."""
+    """The ``stages`` (default: every stage) of ``bench.peer_stream:app`` in a worker process
+    on the bench's topics."""
     env = {
         **os.environ,
         "QTASKS_BOOTSTRAP_SERVERS": config.bootstrap_servers,
@@ -328,7 +339,15 @@ def start_worker(
         "QTASKS_BENCH_CONCURRENCY": str(concurrency),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "qtasks_stream", "worker", "-A", "bench.peer_stream:app"],
+        [
+            sys.executable,
+            "-m",
+            "qtasks_stream",
+            "worker",
+            "-A",
+            "bench.peer_stream:app",
+            *(["--stages", ",".join(stages)] if stages else []),
+        ],
         cwd=Path(__file__).resolve().parent.parent,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -599,6 +618,7 @@ async def run(args: argparse.Namespace) -> bool | None:
                     concurrency=args.concurrency,
                     keep=args.keep,
                     worker_process=args.worker_process,
+                    worker_stages=worker_stages(args),
                 )
             )
         except Exception as exc:  # report it, and still measure the other event log
@@ -675,6 +695,19 @@ def broker_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def worker_stages_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--worker-stages",
+        default="",
+        help="comma-separated stages the worker process runs (default: all), "
+        "to see what a stage costs",
+    )
+
+
+def worker_stages(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(s.strip() for s in args.worker_stages.split(",") if s.strip())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     broker_arguments(parser)
@@ -695,6 +728,7 @@ def main() -> None:
     parser.add_argument(
         "--raw-rounds", type=int, default=5, help="times the raw records are moved (median)"
     )
+    worker_stages_argument(parser)
     parser.add_argument("--keep", action="store_true", help="keep the topics and subjects")
     args = parser.parse_args()
     if not args.bootstrap:

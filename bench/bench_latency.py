@@ -36,6 +36,8 @@ from bench.bench_kafka import (
     kafka_config,
     percentile,
     pipeline,
+    worker_stages,
+    worker_stages_argument,
 )
 from qtasks_stream.eventlog.kafka_config import KafkaConfig
 
@@ -191,6 +193,7 @@ async def run(args: argparse.Namespace) -> None:
         concurrency=16,
         keep=False,
         worker_process=True,
+        worker_stages=worker_stages(args),
     )
     # CPU of the client and the worker process, as the floors count their responder's.
     stream = Latencies(
@@ -216,6 +219,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=300, help="pipeline tasks, one at a time")
     parser.add_argument("--round-trips", type=int, default=300, help="floor round trips")
     parser.add_argument("--event-log", default="confluent", choices=["aiokafka", "confluent"])
+    worker_stages_argument(parser)
     args = parser.parse_args()
     if not args.bootstrap or not (args.registry or "").startswith("http"):
         parser.error("give --bootstrap and an http --registry (the worker process shares it)")
