@@ -39,12 +39,13 @@ from typing import Final
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from qtasks_stream.devenv.base import DevService, tcp_port
+
 # HOST is re-exported: it was defined here first, and callers import it from this module.
 from qtasks_stream.devenv.process import HOST as HOST
 from qtasks_stream.devenv.process import (
-    ManagedProcess,
+    check_java_major,
     java_major,
-    port_in_use,
     print_to_stderr,
     require,
     run_maven,
@@ -102,8 +103,11 @@ class DevKafkaStatus:
     ca_file: Path | None = None
 
 
-class DevKafka:
-    """Start, check and stop one local Kafka broker whose files all live under ``home``."""
+class DevKafka(DevService):
+    """Start, check and stop one local Kafka broker whose files all live under ``home``.
+
+    ``down(wipe=True)`` also deletes the data and logs; the jar cache is kept either way.
+    """
 
     def __init__(
         self,
@@ -117,25 +121,17 @@ class DevKafka:
     ) -> None:
         if port == controller_port:
             raise ValueError("port and controller_port must differ")
-        for value in (port, controller_port):
-            if not 0 < value < 65536:
-                raise ValueError(f"not a TCP port: {value}")
         # The JVM gets absolute paths: its working directory is whatever the caller's is.
-        self._home = Path(home).absolute()
-        self._port = port
-        self._controller_port = controller_port
+        super().__init__(Path(home).absolute(), port=tcp_port(port), log=log)
+        self._controller_port = tcp_port(controller_port)
         self._version = kafka_version
         self._secrets = DevSecrets(self._home / "secure") if secure else None
-        self._log = log
         # A pid is this home's broker only if it runs kafka.Kafka with this home's config.
-        self._process = ManagedProcess(
-            self._home,
+        self._manage(
             "kafka",
             what="the Kafka broker",
             markers=("kafka.Kafka", str(self._server_props)),
             expectation=f"answer metadata requests on {self.bootstrap}",
-            data_dir=self._data_dir,
-            log=log,
         )
 
     # -- public API -------------------------------------------------------------------------
@@ -144,11 +140,6 @@ class DevKafka:
     def bootstrap(self) -> str:
         """The ``bootstrap.servers`` value for clients."""
         return f"{HOST}:{self._port}"
-
-    @property
-    def port(self) -> int:
-        """The client (PLAINTEXT) port on 127.0.0.1."""
-        return self._port
 
     @property
     def controller_port(self) -> int:
@@ -175,11 +166,6 @@ class DevKafka:
         return exports
 
     @property
-    def home(self) -> Path:
-        """The folder that holds the jars, config, data, logs and pid file."""
-        return self._home
-
-    @property
     def version(self) -> str:
         """The Kafka version this instance runs."""
         return self._version
@@ -190,51 +176,16 @@ class DevKafka:
         ``timeout`` bounds formatting, startup and readiness; the one-off jar fetch is bounded
         separately by ``fetch_timeout``. Raises ``DevEnvError`` with the log tail on failure.
         """
-        process = self._process
-        with process.locked(time.monotonic() + timeout + fetch_timeout):
-            pid = process.read_pid()
-            if pid is not None:
-                process.wait_ready(pid, time.monotonic() + timeout, timeout, self._ready_check())
-                return self.bootstrap
-            java = require("java", _JAVA_HINT)
-            self._check_java_version(java)
-            self._check_ports_free()
-            libs = self._ensure_libs(fetch_timeout)
-            if self._secrets is not None:
-                self._secrets.ensure()
-            started = time.monotonic()
-            deadline = started + timeout
-            self._write_config()
-            self._format_storage(java, libs, deadline)
-            self._log(f"devkafka: starting Kafka {self._version} (log: {process.out_file})")
-            pid = process.start(
-                self._argv(java, libs),
-                deadline=deadline,
-                timeout=timeout,
-                ready=self._ready_check(),
-            )
-            elapsed = time.monotonic() - started
-            self._log(
-                f"devkafka: Kafka {self._version} ready at {self.bootstrap} "
-                f"(pid {pid}) in {elapsed:.1f}s"
-            )
-            return self.bootstrap
-
-    def down(self, wipe: bool = False, timeout: float = 20) -> None:
-        """Stop the broker: SIGTERM, then SIGKILL after ``timeout`` seconds.
-
-        ``wipe`` also deletes the data and logs; the jar cache is kept either way.
-        """
-        with self._process.locked(time.monotonic() + timeout):
-            self._process.stop_running(timeout)
-            if wipe:
-                shutil.rmtree(self._data_dir, ignore_errors=True)
-                shutil.rmtree(self._logs_dir, ignore_errors=True)
+        self._up(
+            lambda: self._start(timeout, fetch_timeout),
+            lock_deadline=time.monotonic() + timeout + fetch_timeout,
+            timeout=timeout,
+        )
+        return self.bootstrap
 
     def status(self) -> DevKafkaStatus:
         """Report whether the broker runs and answers a metadata request."""
-        pid = self._process.read_pid(cleanup=False)
-        running = pid is not None and self._metadata_ok(self._admin(), 2.0)
+        pid, running = self._probe()
         return DevKafkaStatus(
             running=running,
             pid=pid,
@@ -331,14 +282,6 @@ class DevKafka:
         return self._home / "config"
 
     @property
-    def _data_dir(self) -> Path:
-        return self._home / "data"
-
-    @property
-    def _logs_dir(self) -> Path:
-        return self._home / "logs"
-
-    @property
     def _server_props(self) -> Path:
         return self._config_dir / "server.properties"
 
@@ -348,23 +291,42 @@ class DevKafka:
 
     # -- steps of up() ----------------------------------------------------------------------
 
-    def _check_java_version(self, java: str) -> None:
-        major = java_major(java)
-        if major is None:
-            return  # unknown format: let the broker start and fail with its own message
-        if major < _MIN_JAVA:
-            raise DevEnvError(
-                f"{java} is Java {major}; Kafka {self._version} needs Java {_MIN_JAVA}+ "
-                "(apt-get install openjdk-17-jre-headless)"
-            )
+    def _wiped(self) -> tuple[Path, ...]:
+        return self._data_dir, self._logs_dir
 
-    def _check_ports_free(self) -> None:
-        for port in (self._port, self._controller_port):
-            if port_in_use(port):
-                raise DevEnvError(
-                    f"{HOST}:{port} is already in use by a process this DevKafka did not "
-                    f"start (another broker or docker compose?); stop it or choose other ports"
-                )
+    def _start(self, timeout: float, fetch_timeout: float) -> None:
+        process = self._process
+        java = require("java", _JAVA_HINT)
+        # An unknown version format lets the broker start and fail with its own message.
+        check_java_major(
+            java,
+            java_major(java),
+            minimum=_MIN_JAVA,
+            product=f"Kafka {self._version}",
+            hint=" (apt-get install openjdk-17-jre-headless)",
+        )
+        self._check_ports_free(
+            (self._port, self._controller_port), " (another broker or docker compose?)"
+        )
+        libs = self._ensure_libs(fetch_timeout)
+        if self._secrets is not None:
+            self._secrets.ensure()
+        started = time.monotonic()
+        deadline = started + timeout
+        self._write_config()
+        self._format_storage(java, libs, deadline)
+        self._log(f"devkafka: starting Kafka {self._version} (log: {process.out_file})")
+        pid = process.start(
+            self._argv(java, libs),
+            deadline=deadline,
+            timeout=timeout,
+            ready=self._ready_check(),
+        )
+        elapsed = time.monotonic() - started
+        self._log(
+            f"devkafka: Kafka {self._version} ready at {self.bootstrap} "
+            f"(pid {pid}) in {elapsed:.1f}s"
+        )
 
     def _ensure_libs(self, fetch_timeout: float) -> Path:
         libs = self._libs_dir
@@ -508,21 +470,17 @@ class DevKafka:
             }
         )
 
-    @staticmethod
-    def _metadata_ok(admin: AdminClient, timeout: float) -> bool:
-        # A metadata answer, not an open port: the socket is bound before requests are served.
-        try:
-            admin.list_topics(timeout=timeout)
-        except KafkaException:
-            return False
-        return True
-
     def _ready_check(self) -> Callable[[float], bool]:
-        """The readiness check for ``ManagedProcess.wait_ready``."""
         admin = self._admin()  # one client for the whole wait: it keeps retrying to connect
 
         def ready(timeout: float) -> bool:
-            return self._metadata_ok(admin, timeout)
+            # A metadata answer, not an open port: the socket is bound before requests are
+            # served.
+            try:
+                admin.list_topics(timeout=timeout)
+            except KafkaException:
+                return False
+            return True
 
         return ready
 

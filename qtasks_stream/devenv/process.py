@@ -9,8 +9,8 @@ stop. For a service named ``<name>`` it uses, under ``home``::
     logs/<name>.out      the process's stdout and stderr; earlier starts' as <name>.out.1
                          (the newest) to <name>.out.9, so a failed start is never overwritten
 
-The module functions are the other steps both services take: finding a program, probing a
-port, reading ``java -version`` and fetching from Maven Central.
+The module functions are the other steps the services take: finding a program, probing a
+port, reading and checking ``java -version`` and fetching from Maven Central.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from qtasks_stream.errors import DevEnvError
 __all__ = [
     "HOST",
     "ManagedProcess",
+    "check_java_major",
     "file_lock",
     "java_major",
     "port_in_use",
@@ -108,6 +109,18 @@ def java_major(java: str) -> int | None:
     if major == 1 and match[2] is not None:
         major = int(match[2])
     return major
+
+
+def check_java_major(
+    java: str, major: int | None, *, minimum: int, product: str, hint: str
+) -> None:
+    """Raise ``DevEnvError`` if ``java`` is Java ``major`` and that is older than ``minimum``.
+
+    An unknown ``major`` (None) passes. ``product`` names what needs the version ("Kafka
+    4.1.1"); ``hint``, which follows the message as it is, says what to install.
+    """
+    if major is not None and major < minimum:
+        raise DevEnvError(f"{java} is Java {major}; {product} needs Java {minimum}+{hint}")
 
 
 def run_maven(
