@@ -4,7 +4,11 @@
 ``ManagedProcess``: the lock-then-reuse-or-start shape of ``up``, the probe behind ``status``,
 ``down`` with its optional wipe, the check that its ports are free, and the ``home/data`` and
 ``home/logs`` folders. A service supplies its readiness check, what a wipe deletes, and the
-steps of its own start (fetching, configuring, the command line, its progress lines).
+steps of its own start (configuring, the command line, its progress lines).
+
+``MavenDevService`` adds what the two JVM services (the broker, the registry) share: a
+program fetched from Maven Central once into ``home``, and an ``up`` that bounds that one-off
+fetch apart from the start.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from qtasks_stream.devenv.process import HOST, ManagedProcess, port_in_use
+from qtasks_stream.devenv.process import HOST, ManagedProcess, port_in_use, require, run_maven
 from qtasks_stream.errors import DevEnvError
 
-__all__ = ["DevService", "tcp_port"]
+__all__ = ["DevService", "MavenDevService", "tcp_port"]
 
 
 def tcp_port(value: int) -> int:
@@ -137,3 +141,90 @@ class DevService(abc.ABC):
                     f"{HOST}:{port} is already in use by a process this {type(self).__name__} "
                     f"did not start{suspects}; stop it or choose {choose}"
                 )
+
+
+class MavenDevService(DevService):
+    """A dev service whose program ``version`` Maven fetches once (cached under ``home``).
+
+    The subclass implements ``_start`` (all of ``up`` past the lock, calling ``_fetch_once``)
+    and ``_address``.
+    """
+
+    def __init__(self, home: Path, *, port: int, version: str, log: Callable[[str], None]) -> None:
+        super().__init__(home, port=port, log=log)
+        self._version = version
+
+    @property
+    def version(self) -> str:
+        """The version of the program this instance runs."""
+        return self._version
+
+    def up(self, timeout: float = 90, *, fetch_timeout: float = 900) -> str:
+        """Start the service unless it already runs healthy; return the address clients use.
+
+        ``timeout`` bounds the start and the wait until it is ready; the one-off fetch from
+        Maven Central is bounded separately by ``fetch_timeout``. Raises ``DevEnvError`` with
+        the log's tail on failure.
+        """
+        self._up(
+            lambda: self._start(timeout, fetch_timeout),
+            lock_deadline=time.monotonic() + timeout + fetch_timeout,
+            timeout=timeout,
+        )
+        return self._address
+
+    @property
+    @abc.abstractmethod
+    def _address(self) -> str:
+        """What ``up`` returns: the address clients use."""
+
+    @abc.abstractmethod
+    def _start(self, timeout: float, fetch_timeout: float) -> None:
+        """Start the service: this home's lock is held and its process does not run."""
+
+    def _fetch_once(
+        self,
+        target: Path,
+        *,
+        fetch_timeout: float,
+        mvn_hint: str,
+        args: Callable[[], Sequence[str]],
+        what: str,
+        fetching: str,
+        finish: Callable[[], tuple[str, str]],
+    ) -> None:
+        """Fetch into ``target`` with Maven unless ``target/.complete`` marks a finished fetch.
+
+        ``args()`` gives Maven's arguments once ``mvn`` is found (see ``run_maven``, which
+        ``what`` is for); ``fetching`` names the download in the progress line. ``finish()``
+        checks and tidies what Maven left, and returns the marker's text and how the last
+        progress line says what was fetched.
+        """
+        marker = target / ".complete"
+        if marker.is_file():
+            return
+        mvn = require("mvn", mvn_hint)
+        argv = args()
+        maven_log = self._logs_dir / f"maven-{self._version}.log"
+        prefix = f"dev{self._process.name}"
+        self._log(
+            f"{prefix}: fetching {fetching} from Maven Central into {target} "
+            f"(once, then cached; log: {maven_log})"
+        )
+        started = time.monotonic()
+        run_maven(
+            mvn,
+            argv,
+            target=target,
+            maven_repo=self._maven_repo,
+            log_file=maven_log,
+            timeout=fetch_timeout,
+            what=what,
+        )
+        record, fetched = finish()
+        marker.write_text(record, encoding="utf-8")
+        self._log(f"{prefix}: {fetched} in {time.monotonic() - started:.1f}s")
+
+    @property
+    def _maven_repo(self) -> Path:
+        return self._home / "maven-repo"

@@ -39,7 +39,7 @@ from typing import Final
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from qtasks_stream.devenv.base import DevService, tcp_port
+from qtasks_stream.devenv.base import MavenDevService, tcp_port
 
 # HOST is re-exported: it was defined here first, and callers import it from this module.
 from qtasks_stream.devenv.process import HOST as HOST
@@ -48,7 +48,6 @@ from qtasks_stream.devenv.process import (
     java_major,
     print_to_stderr,
     require,
-    run_maven,
     tail,
 )
 from qtasks_stream.devenv.secure import ADMIN_USER, APP_USER, SCRAM_MECHANISM, USERS, DevSecrets
@@ -103,10 +102,11 @@ class DevKafkaStatus:
     ca_file: Path | None = None
 
 
-class DevKafka(DevService):
+class DevKafka(MavenDevService):
     """Start, check and stop one local Kafka broker whose files all live under ``home``.
 
-    ``down(wipe=True)`` also deletes the data and logs; the jar cache is kept either way.
+    ``up``'s ``timeout`` bounds formatting the storage too. ``down(wipe=True)`` also
+    deletes the data and logs; the jar cache is kept either way.
     """
 
     def __init__(
@@ -122,9 +122,8 @@ class DevKafka(DevService):
         if port == controller_port:
             raise ValueError("port and controller_port must differ")
         # The JVM gets absolute paths: its working directory is whatever the caller's is.
-        super().__init__(Path(home).absolute(), port=tcp_port(port), log=log)
+        super().__init__(Path(home).absolute(), port=tcp_port(port), version=kafka_version, log=log)
         self._controller_port = tcp_port(controller_port)
-        self._version = kafka_version
         self._secrets = DevSecrets(self._home / "secure") if secure else None
         # A pid is this home's broker only if it runs kafka.Kafka with this home's config.
         self._manage(
@@ -140,6 +139,10 @@ class DevKafka(DevService):
     def bootstrap(self) -> str:
         """The ``bootstrap.servers`` value for clients."""
         return f"{HOST}:{self._port}"
+
+    @property
+    def _address(self) -> str:
+        return self.bootstrap
 
     @property
     def controller_port(self) -> int:
@@ -164,24 +167,6 @@ class DevKafka(DevService):
                 "QTASKS_SSL_CAFILE": str(self._secrets.ca_file),
             }
         return exports
-
-    @property
-    def version(self) -> str:
-        """The Kafka version this instance runs."""
-        return self._version
-
-    def up(self, timeout: float = 90, *, fetch_timeout: float = 900) -> str:
-        """Start the broker unless it already runs healthy; return the bootstrap address.
-
-        ``timeout`` bounds formatting, startup and readiness; the one-off jar fetch is bounded
-        separately by ``fetch_timeout``. Raises ``DevEnvError`` with the log tail on failure.
-        """
-        self._up(
-            lambda: self._start(timeout, fetch_timeout),
-            lock_deadline=time.monotonic() + timeout + fetch_timeout,
-            timeout=timeout,
-        )
-        return self.bootstrap
 
     def status(self) -> DevKafkaStatus:
         """Report whether the broker runs and answers a metadata request."""
@@ -330,39 +315,38 @@ class DevKafka(DevService):
 
     def _ensure_libs(self, fetch_timeout: float) -> Path:
         libs = self._libs_dir
-        marker = libs / ".complete"
-        if marker.is_file():
-            return libs
-        mvn = require("mvn", _MVN_HINT)
-        self._config_dir.mkdir(parents=True, exist_ok=True)
         pom = self._config_dir / "kafka-pom.xml"
-        pom.write_bytes(importlib.resources.files(_PACKAGE).joinpath("kafka-pom.xml").read_bytes())
-        maven_log = self._logs_dir / f"maven-{self._version}.log"
-        self._log(
-            f"devkafka: fetching Kafka {self._version} jars from Maven Central "
-            f"into {libs} (once, then cached; log: {maven_log})"
-        )
-        started = time.monotonic()
-        run_maven(
-            mvn,
-            [
+
+        def args() -> list[str]:
+            self._config_dir.mkdir(parents=True, exist_ok=True)
+            pom.write_bytes(
+                importlib.resources.files(_PACKAGE).joinpath("kafka-pom.xml").read_bytes()
+            )
+            return [
                 "-f",
                 str(pom),
                 f"-Dkafka.version={self._version}",
                 "dependency:copy-dependencies",
                 "-DincludeScope=runtime",
-            ],
-            target=libs,
-            maven_repo=self._home / "maven-repo",
-            log_file=maven_log,
-            timeout=fetch_timeout,
+            ]
+
+        def finish() -> tuple[str, str]:
+            if not (libs / f"kafka_2.13-{self._version}.jar").is_file():
+                raise DevEnvError(
+                    f"Maven finished but kafka_2.13-{self._version}.jar is not in {libs}"
+                )
+            jars = sum(1 for _ in libs.glob("*.jar"))
+            return f"kafka {self._version}: {jars} jars\n", f"fetched {jars} jars"
+
+        self._fetch_once(
+            libs,
+            fetch_timeout=fetch_timeout,
+            mvn_hint=_MVN_HINT,
+            args=args,
             what=f"Kafka {self._version}",
+            fetching=f"Kafka {self._version} jars",
+            finish=finish,
         )
-        if not (libs / f"kafka_2.13-{self._version}.jar").is_file():
-            raise DevEnvError(f"Maven finished but kafka_2.13-{self._version}.jar is not in {libs}")
-        jars = sum(1 for _ in libs.glob("*.jar"))
-        marker.write_text(f"kafka {self._version}: {jars} jars\n")
-        self._log(f"devkafka: fetched {jars} jars in {time.monotonic() - started:.1f}s")
         return libs
 
     def _write_config(self) -> None:

@@ -244,6 +244,11 @@ class ManagedProcess:
         self._log = log
 
     @property
+    def name(self) -> str:
+        """The service's name: ``<name>.pid``, ``logs/<name>.out``, ``dev<name>:`` lines."""
+        return self._name
+
+    @property
     def pid_file(self) -> Path:
         """The file that holds the running process's pid."""
         return self._home / f"{self._name}.pid"

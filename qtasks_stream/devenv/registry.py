@@ -51,14 +51,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from qtasks_stream.devenv.base import DevService, tcp_port
+from qtasks_stream.devenv.base import MavenDevService, tcp_port
 from qtasks_stream.devenv.process import (
     HOST,
     check_java_major,
     java_major,
     print_to_stderr,
-    require,
-    run_maven,
 )
 from qtasks_stream.devenv.secure import APP_USER, READER_USER, DevSecrets
 from qtasks_stream.errors import DevEnvError
@@ -121,7 +119,7 @@ class DevRegistryStatus:
     secured: bool = False
 
 
-class DevRegistry(DevService):
+class DevRegistry(MavenDevService):
     """Start, check and stop one local Apicurio Registry whose files all live under ``home``.
 
     ``down(wipe=True)`` also deletes the database (every subject and id) and the logs; the
@@ -142,8 +140,7 @@ class DevRegistry(DevService):
         if not re.fullmatch(r"[0-9A-Za-z.\-]+", version):
             raise ValueError(f"not an Apicurio Registry version: {version!r}")
         # The JVM gets absolute paths: its working directory is whatever the caller's is.
-        super().__init__(Path(home).absolute(), port=port, log=log)
-        self._version = version
+        super().__init__(Path(home).absolute(), port=port, version=version, log=log)
         self._java = java
         self._secrets = secrets
         # A pid is this home's registry only if it runs this home's application: still as the
@@ -162,6 +159,10 @@ class DevRegistry(DevService):
         """The ``url`` for confluent-kafka's ``SchemaRegistryClient`` (the ccompat v7 API)."""
         return f"http://{HOST}:{self._port}{CCOMPAT_PATH}"
 
+    @property
+    def _address(self) -> str:
+        return self.url
+
     def client_exports(self) -> dict[str, str]:
         """The client variables for this registry: its URL, and when secured the file with
         the app's ``user:password`` (the password itself is never exported)."""
@@ -171,25 +172,6 @@ class DevRegistry(DevService):
                 self._secrets.registry_auth_file(APP_USER)
             )
         return exports
-
-    @property
-    def version(self) -> str:
-        """The Apicurio Registry version this instance runs."""
-        return self._version
-
-    def up(self, timeout: float = 90, *, fetch_timeout: float = 900) -> str:
-        """Start the registry unless it already runs healthy; return the URL clients use.
-
-        ``timeout`` bounds startup and readiness; the one-off download (about 160 MB) is
-        bounded separately by ``fetch_timeout``. Raises ``DevEnvError`` with the log tail on
-        failure.
-        """
-        self._up(
-            lambda: self._start(timeout, fetch_timeout),
-            lock_deadline=time.monotonic() + timeout + fetch_timeout,
-            timeout=timeout,
-        )
-        return self.url
 
     def status(self) -> DevRegistryStatus:
         """Report whether the registry runs and answers ``GET /subjects``."""
@@ -359,35 +341,28 @@ class DevRegistry(DevService):
 
     def _ensure_app(self, fetch_timeout: float) -> Path:
         app = self._app_dir
-        marker = app / ".complete"
-        if marker.is_file():
-            return app
-        mvn = require("mvn", _MVN_HINT)
-        maven_repo = self._home / "maven-repo"
-        maven_log = self._logs_dir / f"maven-{self._version}.log"
         artifact = _ARTIFACT.format(version=self._version)
-        self._log(
-            f"devregistry: fetching {artifact} (about 160 MB) from Maven Central "
-            f"into {app} (once, then cached; log: {maven_log})"
-        )
-        started = time.monotonic()
-        run_maven(
-            mvn,
-            [f"{_DEPENDENCY_PLUGIN}:unpack", f"-Dartifact={artifact}"],
-            target=app,
-            maven_repo=maven_repo,
-            log_file=maven_log,
-            timeout=fetch_timeout,
+
+        def finish() -> tuple[str, str]:
+            if not self._run_jar.is_file():
+                raise DevEnvError(f"Maven finished but {self._run_jar} is missing")
+            # The unpacked copy is what runs: drop the tarball from Maven's repository.
+            tarballs = self._maven_repo.joinpath(
+                "io", "apicurio", "apicurio-registry-app", self._version
+            )
+            for tarball in tarballs.glob("*.tar.gz"):
+                tarball.unlink()
+            return f"{artifact}\n", "fetched and unpacked"
+
+        self._fetch_once(
+            app,
+            fetch_timeout=fetch_timeout,
+            mvn_hint=_MVN_HINT,
+            args=lambda: [f"{_DEPENDENCY_PLUGIN}:unpack", f"-Dartifact={artifact}"],
             what=artifact,
+            fetching=f"{artifact} (about 160 MB)",
+            finish=finish,
         )
-        if not self._run_jar.is_file():
-            raise DevEnvError(f"Maven finished but {self._run_jar} is missing")
-        # The unpacked copy is what runs: drop the tarball from Maven's repository.
-        tarball_dir = maven_repo.joinpath("io", "apicurio", "apicurio-registry-app", self._version)
-        for tarball in tarball_dir.glob("*.tar.gz"):
-            tarball.unlink()
-        marker.write_text(f"{artifact}\n", encoding="utf-8")
-        self._log(f"devregistry: fetched and unpacked in {time.monotonic() - started:.1f}s")
         return app
 
     def _prepare_jvm(self, java: str, app: Path) -> list[str]:
