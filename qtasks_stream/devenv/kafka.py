@@ -28,7 +28,6 @@ import base64
 import importlib.resources
 import os
 import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -48,7 +47,8 @@ from qtasks_stream.devenv.process import (
     java_major,
     print_to_stderr,
     require,
-    tail,
+    run_logged,
+    with_tail,
 )
 from qtasks_stream.devenv.secure import ADMIN_USER, APP_USER, SCRAM_MECHANISM, USERS, DevSecrets
 from qtasks_stream.errors import DevEnvError
@@ -397,22 +397,15 @@ class DevKafka(MavenDevService):
                 password = self._secrets.password(user)
                 command += ["--add-scram", f"{SCRAM_MECHANISM}=[name={user},password={password}]"]
         self._log(f"devkafka: formatting {self._data_dir}")
-        with format_log.open("wb") as out:
-            try:
-                result = subprocess.run(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    timeout=max(1.0, deadline - time.monotonic()),
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise DevEnvError(f"formatting Kafka storage timed out; see {format_log}") from exc
-        if result.returncode != 0:
+        code = run_logged(
+            command,
+            format_log,
+            timeout=max(1.0, deadline - time.monotonic()),
+            timed_out="formatting Kafka storage timed out",
+        )
+        if code != 0:
             raise DevEnvError(
-                f"formatting Kafka storage failed (exit {result.returncode}); "
-                f"last lines of {format_log}:\n{tail(format_log)}"
+                with_tail(f"formatting Kafka storage failed (exit {code})", format_log)
             )
 
     def _argv(self, java: str, libs: Path) -> list[str]:

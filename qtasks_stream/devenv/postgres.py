@@ -31,7 +31,6 @@ import pwd
 import shutil
 import signal
 import stat
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from qtasks_stream.devenv.base import DevService
-from qtasks_stream.devenv.process import HOST, print_to_stderr, tail
+from qtasks_stream.devenv.process import HOST, print_to_stderr, run_logged, with_tail
 from qtasks_stream.errors import DevEnvError
 
 __all__ = ["DEFAULT_PORT", "DevPostgres", "DevPostgresStatus"]
@@ -212,24 +211,15 @@ class DevPostgres(DevService):
             "--no-instructions",
         ]
         self._log(f"devpostgres: initdb {data}")
-        with log_file.open("wb") as out:
-            try:
-                result = subprocess.run(
-                    _as(owner, command),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    timeout=max(1.0, deadline - time.monotonic()),
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise DevEnvError(f"initdb timed out; see {log_file}") from exc
-        if result.returncode != 0:
+        code = run_logged(
+            _as(owner, command),
+            log_file,
+            timeout=max(1.0, deadline - time.monotonic()),
+            timed_out="initdb timed out",
+        )
+        if code != 0:
             shutil.rmtree(data, ignore_errors=True)
-            raise DevEnvError(
-                f"initdb failed (exit {result.returncode}); last lines of {log_file}:\n"
-                f"{tail(log_file)}"
-            )
+            raise DevEnvError(with_tail(f"initdb failed (exit {code})", log_file))
         # Only TCP from 127.0.0.1, without a password: a dev server, never reachable from afar.
         (data / "pg_hba.conf").write_text(
             "# Written by qtasks_stream.devenv.postgres.DevPostgres.\n"

@@ -40,8 +40,10 @@ __all__ = [
     "port_in_use",
     "print_to_stderr",
     "require",
+    "run_logged",
     "run_maven",
     "tail",
+    "with_tail",
 ]
 
 #: Everything binds and advertises loopback only.
@@ -73,6 +75,40 @@ def tail(path: Path, lines: int = 40) -> str:
     except OSError:
         return f"({path} is missing)"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def with_tail(message: str, log_file: Path) -> str:
+    """``message``, then the last lines of ``log_file``: for an error its log explains."""
+    return f"{message}; last lines of {log_file}:\n{tail(log_file)}"
+
+
+def run_logged(
+    command: Sequence[str],
+    log_file: Path,
+    *,
+    timeout: float,
+    timed_out: str,
+    cwd: Path | None = None,
+) -> int:
+    """Run ``command`` (no stdin, stdout and stderr to ``log_file``); return its exit code.
+
+    Raises ``DevEnvError`` with ``timed_out`` and the log's name if it outlives ``timeout``
+    seconds.
+    """
+    with log_file.open("wb") as out:
+        try:
+            result = subprocess.run(
+                command,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise DevEnvError(f"{timed_out}; see {log_file}") from exc
+    return result.returncode
 
 
 def require(program: str, hint: str) -> str:
@@ -156,28 +192,17 @@ def run_maven(
         f"-DoutputDirectory={target}",
     ]
     try:
-        with log_file.open("wb") as out:
-            try:
-                result = subprocess.run(
-                    command,
-                    cwd=scratch,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    timeout=timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise DevEnvError(
-                    f"Maven did not finish within {timeout:.0f}s; see {log_file}"
-                ) from exc
+        code = run_logged(
+            command,
+            log_file,
+            timeout=timeout,
+            timed_out=f"Maven did not finish within {timeout:.0f}s",
+            cwd=scratch,
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if result.returncode != 0:
-        raise DevEnvError(
-            f"Maven failed (exit {result.returncode}) fetching {what}; "
-            f"last lines of {log_file}:\n{tail(log_file)}"
-        )
+    if code != 0:
+        raise DevEnvError(with_tail(f"Maven failed (exit {code}) fetching {what}", log_file))
 
 
 @contextlib.contextmanager
@@ -346,15 +371,19 @@ class ManagedProcess:
         while True:
             if not self.alive(pid):
                 raise DevEnvError(
-                    f"{self._what} (pid {pid}) exited during startup (if {self._data_dir} "
-                    f"is damaged, down(wipe=True) clears it); "
-                    f"last lines of {out}:\n{tail(out)}"
+                    with_tail(
+                        f"{self._what} (pid {pid}) exited during startup (if {self._data_dir} "
+                        "is damaged, down(wipe=True) clears it)",
+                        out,
+                    )
                 )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DevEnvError(
-                    f"{self._what} (pid {pid}) did not {self._expectation} within {timeout:g}s; "
-                    f"last lines of {out}:\n{tail(out)}"
+                    with_tail(
+                        f"{self._what} (pid {pid}) did not {self._expectation} within {timeout:g}s",
+                        out,
+                    )
                 )
             if ready(min(2.0, remaining)):
                 return
