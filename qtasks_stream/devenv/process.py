@@ -1,4 +1,5 @@
-"""What the dev services (``DevKafka``, ``DevRegistry``) share: one detached JVM per ``home``.
+"""What the dev services (``DevKafka``, ``DevRegistry``, ``DevPostgres``) share at the process
+level: one detached process per ``home`` (their shared lifecycle is :mod:`.base`'s).
 
 ``ManagedProcess`` owns a service's pid file, its up/down lock, the check that a pid is still
 this home's process, the detached start, the bounded wait until it is ready and the bounded
