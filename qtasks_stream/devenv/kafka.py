@@ -28,7 +28,6 @@ import base64
 import importlib.resources
 import os
 import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -39,16 +38,17 @@ from typing import Final
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from qtasks_stream.devenv.base import MavenDevService, tcp_port
+
 # HOST is re-exported: it was defined here first, and callers import it from this module.
 from qtasks_stream.devenv.process import HOST as HOST
 from qtasks_stream.devenv.process import (
-    ManagedProcess,
+    check_java_major,
     java_major,
-    port_in_use,
     print_to_stderr,
     require,
-    run_maven,
-    tail,
+    run_logged,
+    with_tail,
 )
 from qtasks_stream.devenv.secure import ADMIN_USER, APP_USER, SCRAM_MECHANISM, USERS, DevSecrets
 from qtasks_stream.errors import DevEnvError
@@ -102,8 +102,12 @@ class DevKafkaStatus:
     ca_file: Path | None = None
 
 
-class DevKafka:
-    """Start, check and stop one local Kafka broker whose files all live under ``home``."""
+class DevKafka(MavenDevService):
+    """Start, check and stop one local Kafka broker whose files all live under ``home``.
+
+    ``up``'s ``timeout`` bounds formatting the storage too. ``down(wipe=True)`` also
+    deletes the data and logs; the jar cache is kept either way.
+    """
 
     def __init__(
         self,
@@ -117,25 +121,16 @@ class DevKafka:
     ) -> None:
         if port == controller_port:
             raise ValueError("port and controller_port must differ")
-        for value in (port, controller_port):
-            if not 0 < value < 65536:
-                raise ValueError(f"not a TCP port: {value}")
         # The JVM gets absolute paths: its working directory is whatever the caller's is.
-        self._home = Path(home).absolute()
-        self._port = port
-        self._controller_port = controller_port
-        self._version = kafka_version
+        super().__init__(Path(home).absolute(), port=tcp_port(port), version=kafka_version, log=log)
+        self._controller_port = tcp_port(controller_port)
         self._secrets = DevSecrets(self._home / "secure") if secure else None
-        self._log = log
         # A pid is this home's broker only if it runs kafka.Kafka with this home's config.
-        self._process = ManagedProcess(
-            self._home,
+        self._manage(
             "kafka",
             what="the Kafka broker",
             markers=("kafka.Kafka", str(self._server_props)),
             expectation=f"answer metadata requests on {self.bootstrap}",
-            data_dir=self._data_dir,
-            log=log,
         )
 
     # -- public API -------------------------------------------------------------------------
@@ -146,9 +141,8 @@ class DevKafka:
         return f"{HOST}:{self._port}"
 
     @property
-    def port(self) -> int:
-        """The client (PLAINTEXT) port on 127.0.0.1."""
-        return self._port
+    def _address(self) -> str:
+        return self.bootstrap
 
     @property
     def controller_port(self) -> int:
@@ -174,67 +168,9 @@ class DevKafka:
             }
         return exports
 
-    @property
-    def home(self) -> Path:
-        """The folder that holds the jars, config, data, logs and pid file."""
-        return self._home
-
-    @property
-    def version(self) -> str:
-        """The Kafka version this instance runs."""
-        return self._version
-
-    def up(self, timeout: float = 90, *, fetch_timeout: float = 900) -> str:
-        """Start the broker unless it already runs healthy; return the bootstrap address.
-
-        ``timeout`` bounds formatting, startup and readiness; the one-off jar fetch is bounded
-        separately by ``fetch_timeout``. Raises ``DevEnvError`` with the log tail on failure.
-        """
-        process = self._process
-        with process.locked(time.monotonic() + timeout + fetch_timeout):
-            pid = process.read_pid()
-            if pid is not None:
-                process.wait_ready(pid, time.monotonic() + timeout, timeout, self._ready_check())
-                return self.bootstrap
-            java = require("java", _JAVA_HINT)
-            self._check_java_version(java)
-            self._check_ports_free()
-            libs = self._ensure_libs(fetch_timeout)
-            if self._secrets is not None:
-                self._secrets.ensure()
-            started = time.monotonic()
-            deadline = started + timeout
-            self._write_config()
-            self._format_storage(java, libs, deadline)
-            self._log(f"devkafka: starting Kafka {self._version} (log: {process.out_file})")
-            pid = process.start(
-                self._argv(java, libs),
-                deadline=deadline,
-                timeout=timeout,
-                ready=self._ready_check(),
-            )
-            elapsed = time.monotonic() - started
-            self._log(
-                f"devkafka: Kafka {self._version} ready at {self.bootstrap} "
-                f"(pid {pid}) in {elapsed:.1f}s"
-            )
-            return self.bootstrap
-
-    def down(self, wipe: bool = False, timeout: float = 20) -> None:
-        """Stop the broker: SIGTERM, then SIGKILL after ``timeout`` seconds.
-
-        ``wipe`` also deletes the data and logs; the jar cache is kept either way.
-        """
-        with self._process.locked(time.monotonic() + timeout):
-            self._process.stop_running(timeout)
-            if wipe:
-                shutil.rmtree(self._data_dir, ignore_errors=True)
-                shutil.rmtree(self._logs_dir, ignore_errors=True)
-
     def status(self) -> DevKafkaStatus:
         """Report whether the broker runs and answers a metadata request."""
-        pid = self._process.read_pid(cleanup=False)
-        running = pid is not None and self._metadata_ok(self._admin(), 2.0)
+        pid, running = self._probe()
         return DevKafkaStatus(
             running=running,
             pid=pid,
@@ -331,14 +267,6 @@ class DevKafka:
         return self._home / "config"
 
     @property
-    def _data_dir(self) -> Path:
-        return self._home / "data"
-
-    @property
-    def _logs_dir(self) -> Path:
-        return self._home / "logs"
-
-    @property
     def _server_props(self) -> Path:
         return self._config_dir / "server.properties"
 
@@ -348,59 +276,77 @@ class DevKafka:
 
     # -- steps of up() ----------------------------------------------------------------------
 
-    def _check_java_version(self, java: str) -> None:
-        major = java_major(java)
-        if major is None:
-            return  # unknown format: let the broker start and fail with its own message
-        if major < _MIN_JAVA:
-            raise DevEnvError(
-                f"{java} is Java {major}; Kafka {self._version} needs Java {_MIN_JAVA}+ "
-                "(apt-get install openjdk-17-jre-headless)"
-            )
+    def _wiped(self) -> tuple[Path, ...]:
+        return self._data_dir, self._logs_dir
 
-    def _check_ports_free(self) -> None:
-        for port in (self._port, self._controller_port):
-            if port_in_use(port):
-                raise DevEnvError(
-                    f"{HOST}:{port} is already in use by a process this DevKafka did not "
-                    f"start (another broker or docker compose?); stop it or choose other ports"
-                )
+    def _start(self, timeout: float, fetch_timeout: float) -> None:
+        process = self._process
+        java = require("java", _JAVA_HINT)
+        # An unknown version format lets the broker start and fail with its own message.
+        check_java_major(
+            java,
+            java_major(java),
+            minimum=_MIN_JAVA,
+            product=f"Kafka {self._version}",
+            hint=" (apt-get install openjdk-17-jre-headless)",
+        )
+        self._check_ports_free(
+            (self._port, self._controller_port), " (another broker or docker compose?)"
+        )
+        libs = self._ensure_libs(fetch_timeout)
+        if self._secrets is not None:
+            self._secrets.ensure()
+        started = time.monotonic()
+        deadline = started + timeout
+        self._write_config()
+        self._format_storage(java, libs, deadline)
+        self._log(f"devkafka: starting Kafka {self._version} (log: {process.out_file})")
+        pid = process.start(
+            self._argv(java, libs),
+            deadline=deadline,
+            timeout=timeout,
+            ready=self._ready_check(),
+        )
+        elapsed = time.monotonic() - started
+        self._log(
+            f"devkafka: Kafka {self._version} ready at {self.bootstrap} "
+            f"(pid {pid}) in {elapsed:.1f}s"
+        )
 
     def _ensure_libs(self, fetch_timeout: float) -> Path:
         libs = self._libs_dir
-        marker = libs / ".complete"
-        if marker.is_file():
-            return libs
-        mvn = require("mvn", _MVN_HINT)
-        self._config_dir.mkdir(parents=True, exist_ok=True)
         pom = self._config_dir / "kafka-pom.xml"
-        pom.write_bytes(importlib.resources.files(_PACKAGE).joinpath("kafka-pom.xml").read_bytes())
-        maven_log = self._logs_dir / f"maven-{self._version}.log"
-        self._log(
-            f"devkafka: fetching Kafka {self._version} jars from Maven Central "
-            f"into {libs} (once, then cached; log: {maven_log})"
-        )
-        started = time.monotonic()
-        run_maven(
-            mvn,
-            [
+
+        def args() -> list[str]:
+            self._config_dir.mkdir(parents=True, exist_ok=True)
+            pom.write_bytes(
+                importlib.resources.files(_PACKAGE).joinpath("kafka-pom.xml").read_bytes()
+            )
+            return [
                 "-f",
                 str(pom),
                 f"-Dkafka.version={self._version}",
                 "dependency:copy-dependencies",
                 "-DincludeScope=runtime",
-            ],
-            target=libs,
-            maven_repo=self._home / "maven-repo",
-            log_file=maven_log,
-            timeout=fetch_timeout,
+            ]
+
+        def finish() -> tuple[str, str]:
+            if not (libs / f"kafka_2.13-{self._version}.jar").is_file():
+                raise DevEnvError(
+                    f"Maven finished but kafka_2.13-{self._version}.jar is not in {libs}"
+                )
+            jars = sum(1 for _ in libs.glob("*.jar"))
+            return f"kafka {self._version}: {jars} jars\n", f"fetched {jars} jars"
+
+        self._fetch_once(
+            libs,
+            fetch_timeout=fetch_timeout,
+            mvn_hint=_MVN_HINT,
+            args=args,
             what=f"Kafka {self._version}",
+            fetching=f"Kafka {self._version} jars",
+            finish=finish,
         )
-        if not (libs / f"kafka_2.13-{self._version}.jar").is_file():
-            raise DevEnvError(f"Maven finished but kafka_2.13-{self._version}.jar is not in {libs}")
-        jars = sum(1 for _ in libs.glob("*.jar"))
-        marker.write_text(f"kafka {self._version}: {jars} jars\n")
-        self._log(f"devkafka: fetched {jars} jars in {time.monotonic() - started:.1f}s")
         return libs
 
     def _write_config(self) -> None:
@@ -451,22 +397,15 @@ class DevKafka:
                 password = self._secrets.password(user)
                 command += ["--add-scram", f"{SCRAM_MECHANISM}=[name={user},password={password}]"]
         self._log(f"devkafka: formatting {self._data_dir}")
-        with format_log.open("wb") as out:
-            try:
-                result = subprocess.run(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    timeout=max(1.0, deadline - time.monotonic()),
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise DevEnvError(f"formatting Kafka storage timed out; see {format_log}") from exc
-        if result.returncode != 0:
+        code = run_logged(
+            command,
+            format_log,
+            timeout=max(1.0, deadline - time.monotonic()),
+            timed_out="formatting Kafka storage timed out",
+        )
+        if code != 0:
             raise DevEnvError(
-                f"formatting Kafka storage failed (exit {result.returncode}); "
-                f"last lines of {format_log}:\n{tail(format_log)}"
+                with_tail(f"formatting Kafka storage failed (exit {code})", format_log)
             )
 
     def _argv(self, java: str, libs: Path) -> list[str]:
@@ -508,21 +447,17 @@ class DevKafka:
             }
         )
 
-    @staticmethod
-    def _metadata_ok(admin: AdminClient, timeout: float) -> bool:
-        # A metadata answer, not an open port: the socket is bound before requests are served.
-        try:
-            admin.list_topics(timeout=timeout)
-        except KafkaException:
-            return False
-        return True
-
     def _ready_check(self) -> Callable[[float], bool]:
-        """The readiness check for ``ManagedProcess.wait_ready``."""
         admin = self._admin()  # one client for the whole wait: it keeps retrying to connect
 
         def ready(timeout: float) -> bool:
-            return self._metadata_ok(admin, timeout)
+            # A metadata answer, not an open port: the socket is bound before requests are
+            # served.
+            try:
+                admin.list_topics(timeout=timeout)
+            except KafkaException:
+                return False
+            return True
 
         return ready
 

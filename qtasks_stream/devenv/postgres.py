@@ -31,7 +31,6 @@ import pwd
 import shutil
 import signal
 import stat
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from qtasks_stream.devenv.process import HOST, ManagedProcess, port_in_use, print_to_stderr, tail
+from qtasks_stream.devenv.base import DevService
+from qtasks_stream.devenv.process import HOST, print_to_stderr, run_logged, with_tail
 from qtasks_stream.errors import DevEnvError
 
 __all__ = ["DEFAULT_PORT", "DevPostgres", "DevPostgresStatus"]
@@ -73,8 +73,11 @@ class DevPostgresStatus:
     home: Path
 
 
-class DevPostgres:
-    """Start, check and stop one local PostgreSQL server whose files all live under ``home``."""
+class DevPostgres(DevService):
+    """Start, check and stop one local PostgreSQL server whose files all live under ``home``.
+
+    ``down(wipe=True)`` also deletes the cluster and the logs.
+    """
 
     def __init__(
         self,
@@ -84,19 +87,14 @@ class DevPostgres:
         database: str = "qtasks",
         log: Callable[[str], None] = print_to_stderr,
     ) -> None:
-        self._home = home
-        self._port = port
+        super().__init__(home, port=port, log=log)
         self._database = database
-        self._log = log
-        self._data_dir = _data_folder(home)
-        self._process = ManagedProcess(
-            home,
+        self._data = _data_folder(home)
+        self._manage(
             "postgres",
             what="the PostgreSQL server",
             markers=(str(self._data_dir),),
             expectation=f"accept a login at {self.dsn}",
-            data_dir=self._data_dir,
-            log=log,
         )
 
     # -- public API -------------------------------------------------------------------------
@@ -106,88 +104,80 @@ class DevPostgres:
         """The connection URL of the dev database (trust authentication, no password)."""
         return f"postgresql://{_SUPERUSER}@{HOST}:{self._port}/{self._database}"
 
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def home(self) -> Path:
-        return self._home
-
     def up(self, timeout: float = 60) -> str:
         """Start the server unless it already runs healthy; return the DSN.
 
         Raises ``DevEnvError`` with the log's tail on failure.
         """
-        process = self._process
+        # One deadline for everything: the wait for the lock, initdb, the start, readiness.
         deadline = time.monotonic() + timeout
-        with process.locked(deadline):
-            pid = process.read_pid()
-            if pid is not None:
-                process.wait_ready(pid, deadline, timeout, self._ready_check())
-                return self.dsn
-            bin_dir = _bin_dir()
-            if port_in_use(self._port):
-                raise DevEnvError(
-                    f"{HOST}:{self._port} is already in use by a process this DevPostgres did "
-                    "not start; stop it or choose another port"
-                )
-            owner = _server_account()
-            self._initdb(bin_dir, owner, deadline)
-            self._log(f"devpostgres: starting PostgreSQL (log: {process.out_file})")
-            started = time.monotonic()
-            pid = process.start(
-                self._argv(bin_dir, owner),
-                deadline=deadline,
-                timeout=timeout,
-                ready=self._ready_check(),
-            )
-            _run_async(self._create_database(), max(1.0, deadline - time.monotonic()))
-            self._log(
-                f"devpostgres: PostgreSQL ready at {HOST}:{self._port} (pid {pid}) "
-                f"in {time.monotonic() - started:.1f}s"
-            )
-            return self.dsn
-
-    def down(self, wipe: bool = False, timeout: float = 20) -> None:
-        """Stop the server (fast shutdown, then TERM, then KILL); ``wipe`` deletes its files."""
-        with self._process.locked(time.monotonic() + timeout):
-            pid = self._process.read_pid()
-            if pid is not None:
-                # SIGTERM is PostgreSQL's "smart" shutdown, which waits for every client to
-                # disconnect; SIGINT (fast) ends the sessions and shuts down cleanly.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGINT)
-                ends = time.monotonic() + timeout
-                while self._process.alive(pid) and time.monotonic() < ends:
-                    time.sleep(0.1)
-                stuck = self._process.alive(pid)
-                self._process.stop_running(timeout)
-                if stuck:
-                    # A SIGKILLed postmaster leaves its backends behind (its session, from
-                    # setsid): they hold the shared memory the next start needs.
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(pid, signal.SIGKILL)
-            self._process.pid_file.unlink(missing_ok=True)
-            if wipe:
-                shutil.rmtree(self._data_dir, ignore_errors=True)
-                if self._data_dir.parent != self._home:  # the temp-dir fallback's folder
-                    shutil.rmtree(self._data_dir.parent, ignore_errors=True)
-                shutil.rmtree(self._logs_dir, ignore_errors=True)
+        self._up(
+            lambda: self._start(deadline, timeout),
+            lock_deadline=deadline,
+            timeout=timeout,
+            ready_deadline=deadline,
+        )
+        return self.dsn
 
     def status(self) -> DevPostgresStatus:
         """Report whether the server runs and accepts a login."""
-        pid = self._process.read_pid(cleanup=False)
-        running = pid is not None and self._ready_check()(2.0)
+        pid, running = self._probe()
         return DevPostgresStatus(running=running, pid=pid, dsn=self.dsn, home=self._home)
 
     # -- paths ------------------------------------------------------------------------------
 
     @property
-    def _logs_dir(self) -> Path:
-        return self._home / "logs"
+    def _data_dir(self) -> Path:
+        return self._data
+
+    # -- steps of down() --------------------------------------------------------------------
+
+    def _stop(self, timeout: float) -> None:
+        """Fast shutdown, then TERM, then KILL (of the whole session if it came to KILL)."""
+        pid = self._process.read_pid()
+        if pid is not None:
+            # SIGTERM is PostgreSQL's "smart" shutdown, which waits for every client to
+            # disconnect; SIGINT (fast) ends the sessions and shuts down cleanly.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+            ends = time.monotonic() + timeout
+            while self._process.alive(pid) and time.monotonic() < ends:
+                time.sleep(0.1)
+            stuck = self._process.alive(pid)
+            self._process.stop_running(timeout)
+            if stuck:
+                # A SIGKILLed postmaster leaves its backends behind (its session, from
+                # setsid): they hold the shared memory the next start needs.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+        self._process.pid_file.unlink(missing_ok=True)
+
+    def _wiped(self) -> tuple[Path, ...]:
+        if self._data_dir.parent != self._home:  # the temp-dir fallback's folder goes too
+            return self._data_dir, self._data_dir.parent, self._logs_dir
+        return self._data_dir, self._logs_dir
 
     # -- steps of up() ----------------------------------------------------------------------
+
+    def _start(self, deadline: float, timeout: float) -> None:
+        process = self._process
+        bin_dir = _bin_dir()
+        self._check_ports_free((self._port,))
+        owner = _server_account()
+        self._initdb(bin_dir, owner, deadline)
+        self._log(f"devpostgres: starting PostgreSQL (log: {process.out_file})")
+        started = time.monotonic()
+        pid = process.start(
+            self._argv(bin_dir, owner),
+            deadline=deadline,
+            timeout=timeout,
+            ready=self._ready_check(),
+        )
+        _run_async(self._create_database(), max(1.0, deadline - time.monotonic()))
+        self._log(
+            f"devpostgres: PostgreSQL ready at {HOST}:{self._port} (pid {pid}) "
+            f"in {time.monotonic() - started:.1f}s"
+        )
 
     def _initdb(self, bin_dir: Path, owner: tuple[int, int] | None, deadline: float) -> None:
         data = self._data_dir
@@ -221,24 +211,15 @@ class DevPostgres:
             "--no-instructions",
         ]
         self._log(f"devpostgres: initdb {data}")
-        with log_file.open("wb") as out:
-            try:
-                result = subprocess.run(
-                    _as(owner, command),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    timeout=max(1.0, deadline - time.monotonic()),
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise DevEnvError(f"initdb timed out; see {log_file}") from exc
-        if result.returncode != 0:
+        code = run_logged(
+            _as(owner, command),
+            log_file,
+            timeout=max(1.0, deadline - time.monotonic()),
+            timed_out="initdb timed out",
+        )
+        if code != 0:
             shutil.rmtree(data, ignore_errors=True)
-            raise DevEnvError(
-                f"initdb failed (exit {result.returncode}); last lines of {log_file}:\n"
-                f"{tail(log_file)}"
-            )
+            raise DevEnvError(with_tail(f"initdb failed (exit {code})", log_file))
         # Only TCP from 127.0.0.1, without a password: a dev server, never reachable from afar.
         (data / "pg_hba.conf").write_text(
             "# Written by qtasks_stream.devenv.postgres.DevPostgres.\n"

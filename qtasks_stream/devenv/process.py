@@ -1,4 +1,5 @@
-"""What the dev services (``DevKafka``, ``DevRegistry``) share: one detached JVM per ``home``.
+"""What the dev services (``DevKafka``, ``DevRegistry``, ``DevPostgres``) share at the process
+level: one detached process per ``home`` (their shared lifecycle is :mod:`.base`'s).
 
 ``ManagedProcess`` owns a service's pid file, its up/down lock, the check that a pid is still
 this home's process, the detached start, the bounded wait until it is ready and the bounded
@@ -9,8 +10,8 @@ stop. For a service named ``<name>`` it uses, under ``home``::
     logs/<name>.out      the process's stdout and stderr; earlier starts' as <name>.out.1
                          (the newest) to <name>.out.9, so a failed start is never overwritten
 
-The module functions are the other steps both services take: finding a program, probing a
-port, reading ``java -version`` and fetching from Maven Central.
+The module functions are the other steps the services take: finding a program, probing a
+port, reading and checking ``java -version`` and fetching from Maven Central.
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ from qtasks_stream.errors import DevEnvError
 __all__ = [
     "HOST",
     "ManagedProcess",
+    "check_java_major",
     "file_lock",
     "java_major",
     "port_in_use",
     "print_to_stderr",
     "require",
+    "run_logged",
     "run_maven",
     "tail",
+    "with_tail",
 ]
 
 #: Everything binds and advertises loopback only.
@@ -72,6 +76,40 @@ def tail(path: Path, lines: int = 40) -> str:
     except OSError:
         return f"({path} is missing)"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def with_tail(message: str, log_file: Path) -> str:
+    """``message``, then the last lines of ``log_file``: for an error its log explains."""
+    return f"{message}; last lines of {log_file}:\n{tail(log_file)}"
+
+
+def run_logged(
+    command: Sequence[str],
+    log_file: Path,
+    *,
+    timeout: float,
+    timed_out: str,
+    cwd: Path | None = None,
+) -> int:
+    """Run ``command`` (no stdin, stdout and stderr to ``log_file``); return its exit code.
+
+    Raises ``DevEnvError`` with ``timed_out`` and the log's name if it outlives ``timeout``
+    seconds.
+    """
+    with log_file.open("wb") as out:
+        try:
+            result = subprocess.run(
+                command,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise DevEnvError(f"{timed_out}; see {log_file}") from exc
+    return result.returncode
 
 
 def require(program: str, hint: str) -> str:
@@ -110,6 +148,18 @@ def java_major(java: str) -> int | None:
     return major
 
 
+def check_java_major(
+    java: str, major: int | None, *, minimum: int, product: str, hint: str
+) -> None:
+    """Raise ``DevEnvError`` if ``java`` is Java ``major`` and that is older than ``minimum``.
+
+    An unknown ``major`` (None) passes. ``product`` names what needs the version ("Kafka
+    4.1.1"); ``hint``, which follows the message as it is, says what to install.
+    """
+    if major is not None and major < minimum:
+        raise DevEnvError(f"{java} is Java {major}; {product} needs Java {minimum}+{hint}")
+
+
 def run_maven(
     mvn: str,
     args: Sequence[str],
@@ -143,28 +193,17 @@ def run_maven(
         f"-DoutputDirectory={target}",
     ]
     try:
-        with log_file.open("wb") as out:
-            try:
-                result = subprocess.run(
-                    command,
-                    cwd=scratch,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    timeout=timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise DevEnvError(
-                    f"Maven did not finish within {timeout:.0f}s; see {log_file}"
-                ) from exc
+        code = run_logged(
+            command,
+            log_file,
+            timeout=timeout,
+            timed_out=f"Maven did not finish within {timeout:.0f}s",
+            cwd=scratch,
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if result.returncode != 0:
-        raise DevEnvError(
-            f"Maven failed (exit {result.returncode}) fetching {what}; "
-            f"last lines of {log_file}:\n{tail(log_file)}"
-        )
+    if code != 0:
+        raise DevEnvError(with_tail(f"Maven failed (exit {code}) fetching {what}", log_file))
 
 
 @contextlib.contextmanager
@@ -229,6 +268,11 @@ class ManagedProcess:
         self._expectation = expectation
         self._data_dir = data_dir
         self._log = log
+
+    @property
+    def name(self) -> str:
+        """The service's name: ``<name>.pid``, ``logs/<name>.out``, ``dev<name>:`` lines."""
+        return self._name
 
     @property
     def pid_file(self) -> Path:
@@ -328,15 +372,19 @@ class ManagedProcess:
         while True:
             if not self.alive(pid):
                 raise DevEnvError(
-                    f"{self._what} (pid {pid}) exited during startup (if {self._data_dir} "
-                    f"is damaged, down(wipe=True) clears it); "
-                    f"last lines of {out}:\n{tail(out)}"
+                    with_tail(
+                        f"{self._what} (pid {pid}) exited during startup (if {self._data_dir} "
+                        "is damaged, down(wipe=True) clears it)",
+                        out,
+                    )
                 )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DevEnvError(
-                    f"{self._what} (pid {pid}) did not {self._expectation} within {timeout:g}s; "
-                    f"last lines of {out}:\n{tail(out)}"
+                    with_tail(
+                        f"{self._what} (pid {pid}) did not {self._expectation} within {timeout:g}s",
+                        out,
+                    )
                 )
             if ready(min(2.0, remaining)):
                 return

@@ -51,14 +51,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from qtasks_stream.devenv.base import MavenDevService, tcp_port
 from qtasks_stream.devenv.process import (
     HOST,
-    ManagedProcess,
+    check_java_major,
     java_major,
-    port_in_use,
     print_to_stderr,
-    require,
-    run_maven,
 )
 from qtasks_stream.devenv.secure import APP_USER, READER_USER, DevSecrets
 from qtasks_stream.errors import DevEnvError
@@ -121,8 +119,12 @@ class DevRegistryStatus:
     secured: bool = False
 
 
-class DevRegistry:
-    """Start, check and stop one local Apicurio Registry whose files all live under ``home``."""
+class DevRegistry(MavenDevService):
+    """Start, check and stop one local Apicurio Registry whose files all live under ``home``.
+
+    ``down(wipe=True)`` also deletes the database (every subject and id) and the logs; the
+    downloaded application and the JVM's class-data archive are kept either way.
+    """
 
     def __init__(
         self,
@@ -134,27 +136,20 @@ class DevRegistry:
         secrets: DevSecrets | None = None,
         log: Callable[[str], None] = print_to_stderr,
     ) -> None:
-        if not 0 < port < 65536:
-            raise ValueError(f"not a TCP port: {port}")
+        tcp_port(port)
         if not re.fullmatch(r"[0-9A-Za-z.\-]+", version):
             raise ValueError(f"not an Apicurio Registry version: {version!r}")
         # The JVM gets absolute paths: its working directory is whatever the caller's is.
-        self._home = Path(home).absolute()
-        self._port = port
-        self._version = version
+        super().__init__(Path(home).absolute(), port=port, version=version, log=log)
         self._java = java
         self._secrets = secrets
-        self._log = log
         # A pid is this home's registry only if it runs this home's application: still as the
         # sh that is about to exec the JVM, or as the JVM.
-        self._process = ManagedProcess(
-            self._home,
+        self._manage(
             "registry",
             what="Apicurio Registry",
             markers=(str(self._run_jar),),
             expectation=f"answer GET {self.url}/subjects",
-            data_dir=self._data_dir,
-            log=log,
         )
 
     # -- public API -------------------------------------------------------------------------
@@ -165,9 +160,8 @@ class DevRegistry:
         return f"http://{HOST}:{self._port}{CCOMPAT_PATH}"
 
     @property
-    def port(self) -> int:
-        """The HTTP port on 127.0.0.1."""
-        return self._port
+    def _address(self) -> str:
+        return self.url
 
     def client_exports(self) -> dict[str, str]:
         """The client variables for this registry: its URL, and when secured the file with
@@ -179,80 +173,9 @@ class DevRegistry:
             )
         return exports
 
-    @property
-    def home(self) -> Path:
-        """The folder that holds the application, database, logs and pid file."""
-        return self._home
-
-    @property
-    def version(self) -> str:
-        """The Apicurio Registry version this instance runs."""
-        return self._version
-
-    def up(self, timeout: float = 90, *, fetch_timeout: float = 900) -> str:
-        """Start the registry unless it already runs healthy; return the URL clients use.
-
-        ``timeout`` bounds startup and readiness; the one-off download (about 160 MB) is
-        bounded separately by ``fetch_timeout``. Raises ``DevEnvError`` with the log tail on
-        failure.
-        """
-        process = self._process
-        with process.locked(time.monotonic() + timeout + fetch_timeout):
-            pid = process.read_pid()
-            if pid is not None:
-                process.wait_ready(pid, time.monotonic() + timeout, timeout, self._api_ok)
-                return self.url
-            if ";" in str(self._home):
-                raise DevEnvError(f"{self._home} holds ';', which H2's JDBC URL cannot carry")
-            java = self._find_java()
-            self._check_port_free()
-            if self._secrets is not None:
-                self._secrets.write_registry_users()
-            app = self._ensure_app(fetch_timeout)
-            had_archive = self._cds_archive.is_file()
-            started = time.monotonic()
-            argv = self._prepare_jvm(java, app)
-            self._log(
-                f"devregistry: starting Apicurio Registry {self._version} with {java} "
-                f"(log: {process.out_file})"
-            )
-            try:
-                pid = process.start(
-                    argv,
-                    deadline=started + timeout,
-                    timeout=timeout,
-                    ready=self._api_ok,
-                )
-            except BaseException:
-                # start() has stopped the JVM that never became ready.
-                if not had_archive:
-                    # Written at exit by a JVM stopped halfway through its start: it would
-                    # hold only part of the classes, and it is never rewritten once valid.
-                    self._cds_archive.unlink(missing_ok=True)
-                raise
-            elapsed = time.monotonic() - started
-            self._log(
-                f"devregistry: Apicurio Registry {self._version} ready at {self.url} "
-                f"(pid {pid}) in {elapsed:.1f}s"
-            )
-            return self.url
-
-    def down(self, wipe: bool = False, timeout: float = 20) -> None:
-        """Stop the registry: SIGTERM, then SIGKILL after ``timeout`` seconds.
-
-        ``wipe`` also deletes the database (every subject and id) and the logs; the downloaded
-        application and the JVM's class-data archive are kept either way.
-        """
-        with self._process.locked(time.monotonic() + timeout):
-            self._process.stop_running(timeout)
-            if wipe:
-                for folder in (self._data_dir, self._logs_dir, self._tmp_dir):
-                    shutil.rmtree(folder, ignore_errors=True)
-
     def status(self) -> DevRegistryStatus:
         """Report whether the registry runs and answers ``GET /subjects``."""
-        pid = self._process.read_pid(cleanup=False)
-        running = pid is not None and self._api_ok(2.0)
+        pid, running = self._probe()
         return DevRegistryStatus(
             running=running,
             pid=pid,
@@ -331,22 +254,56 @@ class DevRegistry:
         return self._app_dir / "quarkus-run.jar"
 
     @property
-    def _data_dir(self) -> Path:
-        return self._home / "data"
-
-    @property
     def _tmp_dir(self) -> Path:
         return self._home / "tmp"
-
-    @property
-    def _logs_dir(self) -> Path:
-        return self._home / "logs"
 
     @property
     def _cds_archive(self) -> Path:
         return self._home / "cds" / f"apicurio-{self._version}.jsa"
 
     # -- steps of up() ----------------------------------------------------------------------
+
+    def _wiped(self) -> tuple[Path, ...]:
+        return self._data_dir, self._logs_dir, self._tmp_dir
+
+    def _ready_check(self) -> Callable[[float], bool]:
+        return self._api_ok
+
+    def _start(self, timeout: float, fetch_timeout: float) -> None:
+        process = self._process
+        if ";" in str(self._home):
+            raise DevEnvError(f"{self._home} holds ';', which H2's JDBC URL cannot carry")
+        java = self._find_java()
+        self._check_ports_free((self._port,), " (another registry?)")
+        if self._secrets is not None:
+            self._secrets.write_registry_users()
+        app = self._ensure_app(fetch_timeout)
+        had_archive = self._cds_archive.is_file()
+        started = time.monotonic()
+        argv = self._prepare_jvm(java, app)
+        self._log(
+            f"devregistry: starting Apicurio Registry {self._version} with {java} "
+            f"(log: {process.out_file})"
+        )
+        try:
+            pid = process.start(
+                argv,
+                deadline=started + timeout,
+                timeout=timeout,
+                ready=self._api_ok,
+            )
+        except BaseException:
+            # start() has stopped the JVM that never became ready.
+            if not had_archive:
+                # Written at exit by a JVM stopped halfway through its start: it would
+                # hold only part of the classes, and it is never rewritten once valid.
+                self._cds_archive.unlink(missing_ok=True)
+            raise
+        elapsed = time.monotonic() - started
+        self._log(
+            f"devregistry: Apicurio Registry {self._version} ready at {self.url} "
+            f"(pid {pid}) in {elapsed:.1f}s"
+        )
 
     def _find_java(self) -> str:
         """Return a ``java`` of version 21+, or raise ``DevEnvError`` naming what was found."""
@@ -355,12 +312,13 @@ class DevRegistry:
             path = shutil.which(explicit)
             if path is None:
                 raise DevEnvError(f"{explicit} (from {JAVA_ENV} or java=) is not an executable")
-            major = _java_major_or_none(path)
-            if major is not None and major < _MIN_JAVA:
-                raise DevEnvError(
-                    f"{path} is Java {major}; Apicurio Registry {self._version} needs Java "
-                    f"{_MIN_JAVA}+: {_JAVA_INSTALL_HINT}"
-                )
+            check_java_major(
+                path,
+                _java_major_or_none(path),
+                minimum=_MIN_JAVA,
+                product=f"Apicurio Registry {self._version}",
+                hint=f": {_JAVA_INSTALL_HINT}",
+            )
             return path
         seen: dict[str, tuple[str, int | None]] = {}  # real path -> (path as found, major)
         for candidate in _java_candidates():
@@ -381,44 +339,30 @@ class DevRegistry:
             f"{_JAVA_INSTALL_HINT}"
         )
 
-    def _check_port_free(self) -> None:
-        if port_in_use(self._port):
-            raise DevEnvError(
-                f"{HOST}:{self._port} is already in use by a process this DevRegistry did "
-                f"not start (another registry?); stop it or choose another port"
-            )
-
     def _ensure_app(self, fetch_timeout: float) -> Path:
         app = self._app_dir
-        marker = app / ".complete"
-        if marker.is_file():
-            return app
-        mvn = require("mvn", _MVN_HINT)
-        maven_repo = self._home / "maven-repo"
-        maven_log = self._logs_dir / f"maven-{self._version}.log"
         artifact = _ARTIFACT.format(version=self._version)
-        self._log(
-            f"devregistry: fetching {artifact} (about 160 MB) from Maven Central "
-            f"into {app} (once, then cached; log: {maven_log})"
-        )
-        started = time.monotonic()
-        run_maven(
-            mvn,
-            [f"{_DEPENDENCY_PLUGIN}:unpack", f"-Dartifact={artifact}"],
-            target=app,
-            maven_repo=maven_repo,
-            log_file=maven_log,
-            timeout=fetch_timeout,
+
+        def finish() -> tuple[str, str]:
+            if not self._run_jar.is_file():
+                raise DevEnvError(f"Maven finished but {self._run_jar} is missing")
+            # The unpacked copy is what runs: drop the tarball from Maven's repository.
+            tarballs = self._maven_repo.joinpath(
+                "io", "apicurio", "apicurio-registry-app", self._version
+            )
+            for tarball in tarballs.glob("*.tar.gz"):
+                tarball.unlink()
+            return f"{artifact}\n", "fetched and unpacked"
+
+        self._fetch_once(
+            app,
+            fetch_timeout=fetch_timeout,
+            mvn_hint=_MVN_HINT,
+            args=lambda: [f"{_DEPENDENCY_PLUGIN}:unpack", f"-Dartifact={artifact}"],
             what=artifact,
+            fetching=f"{artifact} (about 160 MB)",
+            finish=finish,
         )
-        if not self._run_jar.is_file():
-            raise DevEnvError(f"Maven finished but {self._run_jar} is missing")
-        # The unpacked copy is what runs: drop the tarball from Maven's repository.
-        tarball_dir = maven_repo.joinpath("io", "apicurio", "apicurio-registry-app", self._version)
-        for tarball in tarball_dir.glob("*.tar.gz"):
-            tarball.unlink()
-        marker.write_text(f"{artifact}\n", encoding="utf-8")
-        self._log(f"devregistry: fetched and unpacked in {time.monotonic() - started:.1f}s")
         return app
 
     def _prepare_jvm(self, java: str, app: Path) -> list[str]:

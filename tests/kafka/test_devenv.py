@@ -135,19 +135,23 @@ def test_up_without_maven_says_what_to_install(
     assert not (home / f"libs-{KAFKA_VERSION}").exists()
 
 
+def _process(home: Path, name: str, marker: str) -> ManagedProcess:
+    return ManagedProcess(
+        home,
+        name,
+        what=f"a {name}",
+        markers=(marker,),
+        expectation=name,
+        data_dir=home,
+        log=lambda _: None,
+    )
+
+
 def test_a_service_is_alive_while_it_execs_its_program(tmp_path: Path) -> None:
     # The registry starts as sh exec'ing the JVM; while a process execs, /proc shows an empty
     # command line for a moment, which made `dev up` report "exited during startup" with an
     # empty log about one start in eight.
-    process = ManagedProcess(
-        tmp_path,
-        "sleeper",
-        what="a sleeper",
-        markers=("/bin/sleep",),
-        expectation="sleep",
-        data_dir=tmp_path,
-        log=lambda _: None,
-    )
+    process = _process(tmp_path, "sleeper", "/bin/sleep")
     dead_at = []
     for attempt in range(60):
         pid = process.spawn(["/bin/sh", "-c", 'exec "$@"', "sh", "/bin/sleep", "30"])
@@ -162,15 +166,7 @@ def test_a_service_is_alive_while_it_execs_its_program(tmp_path: Path) -> None:
 
 
 def test_each_start_keeps_its_own_log(tmp_path: Path) -> None:
-    process = ManagedProcess(
-        tmp_path,
-        "echo",
-        what="an echo",
-        markers=("/bin/sh",),
-        expectation="echo",
-        data_dir=tmp_path,
-        log=lambda _: None,
-    )
+    process = _process(tmp_path, "echo", "/bin/sh")
     for run in range(3):
         pid = process.spawn(["/bin/sh", "-c", f"echo run {run}"])
         os.waitpid(pid, 0)
