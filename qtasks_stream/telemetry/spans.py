@@ -70,6 +70,8 @@ _ENDED_ONLY = (BatchSpanProcessor, SimpleSpanProcessor)
 #: W3C trace flags level 2 (SDK 1.39+): the trace id is random. Older SDKs leave it out.
 _RANDOM: int = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
 _SAMPLED: int = TraceFlags.SAMPLED
+#: Every flags value a span of ours can have, built once.
+_FLAGS = tuple(TraceFlags(value) for value in range(4))
 _PRIMITIVE = (str, bool, int, float)
 _UNSET = Status(StatusCode.UNSET)
 #: Attributes an interceptor's span carries at most (the fast path needs room for them).
@@ -149,12 +151,12 @@ class LightTracer:
             trace_id = parent.trace_id
             flags = int(parent.trace_flags) & _RANDOM
             trace_state = parent.trace_state
-        sampled = _sampled(self._sampler, parent, trace_id, name, kind)
+        sampled = _sampled(self._sampler, parent, trace_id)
         context = SpanContext(
             trace_id,
             self._ids.generate_span_id(),
             is_remote=False,
-            trace_flags=TraceFlags(flags | _SAMPLED if sampled else flags),
+            trace_flags=_FLAGS[flags | _SAMPLED if sampled else flags],
             trace_state=trace_state,
         )
         if not sampled:
@@ -201,12 +203,10 @@ def _known_sampler(sampler: Sampler) -> bool:
     return type(sampler) in (StaticSampler, TraceIdRatioBased)
 
 
-def _sampled(
-    sampler: Sampler, parent: SpanContext | None, trace_id: int, name: str, kind: SpanKind
-) -> bool:
+def _sampled(sampler: Sampler, parent: SpanContext | None, trace_id: int) -> bool:
     """The decision of a sampler :func:`_known_sampler` accepts, without the Context and the
-    result objects its ``should_sample`` builds: ParentBased picks its delegate by the parent
-    here, a static one says its decision, the ratio sampler is asked (it reads only the id)."""
+    result objects its ``should_sample`` builds: ParentBased picks its delegate by the parent,
+    a static one says its decision, the ratio sampler compares the trace id."""
     while type(sampler) is ParentBased:
         if parent is None:
             sampler = sampler._root
@@ -224,12 +224,21 @@ def _sampled(
             )
     if type(sampler) is StaticSampler:
         return sampler._decision is Decision.RECORD_AND_SAMPLE
-    decision = sampler.should_sample(None, trace_id, name, kind).decision
-    return decision is Decision.RECORD_AND_SAMPLE
+    # TraceIdRatioBased's own rule, on its public bound (its should_sample also builds a
+    # result and looks up the current span's trace state, for the same answer).
+    assert isinstance(sampler, TraceIdRatioBased)
+    return trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < sampler.bound
 
 
 class LightSpan(trace_api.Span):
     """A recording span a :class:`LightTracer` started; one ``ReadableSpan`` when it ends."""
+
+    # What most spans keep unchanged, as class defaults: fewer stores per span.
+    _dropped = 0
+    _events: BoundedList[Event] | None = None
+    _links: BoundedList[Link] | None = None
+    _status = _UNSET
+    _end_time: int | None = None
 
     def __init__(
         self,
@@ -245,12 +254,7 @@ class LightSpan(trace_api.Span):
         self._parent = parent
         self._kind = kind
         self._attributes: dict[str, AnyValue] = {}
-        self._dropped = 0
-        self._events: BoundedList[Event] | None = None
-        self._links: BoundedList[Link] | None = None
-        self._status = _UNSET
         self._start_time = time.time_ns()
-        self._end_time: int | None = None
 
     def adopt(self, attributes: dict[str, AnyValue]) -> None:
         """Take ``attributes`` as they are: a new dict of valid values (strings, integers),

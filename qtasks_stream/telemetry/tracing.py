@@ -165,7 +165,7 @@ class TracingInterceptor(Interceptor):
         light = self._light
         if light is not None and light.active():
             span = light.start(name, parent, kind)
-            if isinstance(span, LightSpan):
+            if type(span) is LightSpan:
                 span.adopt(attributes())
             return span
         return self._tracer.start_span(
