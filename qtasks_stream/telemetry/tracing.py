@@ -13,11 +13,14 @@ Retries keep the task's trace. A stage step handles a batch of
 many tasks: its span starts a trace of its own and links to the records' contexts instead
 of joining one of them.
 
-Links are built only for spans the sampler records; attributes go in at span start (one
-dict, checked by the SDK once; for a span sampled out, a dict built and dropped). With the
-SDK's parent-based sampler (its default) a task whose trace was not sampled at submit costs no
-span at all downstream: its events keep the submit's ``traceparent`` (flags unsampled), and
-an attempt runs in that context, so spans the task's own code starts are not recorded either.
+Spans are light (:mod:`qtasks_stream.telemetry.spans`: the sampler decides first, then the
+exporters' ``ReadableSpan`` is built directly at end) where the provider's processors look
+only at ended spans, as the SDK's batch and simple processors do; otherwise they are the
+SDK's, with the same names, parents, links and attributes. Attributes and links are built
+only for spans the sampler records. With the SDK's parent-based sampler (its default) a task
+whose trace was not sampled at submit costs no span at all downstream: its events keep the
+submit's ``traceparent`` (flags unsampled), and an attempt runs in that context, so spans
+the task's own code starts are not recorded either.
 
 The tracer provider is passed in; nothing here touches the global providers.
 """
@@ -93,6 +96,10 @@ class TracingInterceptor(Interceptor):
         max_links: links per step span at most (32: each costs the SDK a few microseconds,
             and a batch under load holds hundreds of records; the SDK keeps 128 at most).
     """
+
+    #: The worker's events ride on its attempt's span (or the work item's context): its
+    #: emits skip this interceptor (no input built for them).
+    passes_emits_of = frozenset({_WORKER})
 
     def __init__(
         self,

@@ -399,3 +399,27 @@ def _span_id_int(span: ReadableSpan) -> int:
     ctx = span.get_span_context()
     assert ctx is not None
     return ctx.span_id
+
+
+async def test_the_workers_emits_skip_the_tracing_interceptor() -> None:
+    # The worker's events carry its attempt's context and get no span: its runner keeps
+    # the direct emit path, with no input built per event; the scheduler's is wrapped.
+    provider = TracerProvider()
+    app = QueueTasks("direct", partitions=1)
+    app.add_interceptor(TracingInterceptor(provider, messaging_system="qtasks.memory"))
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    try:
+        async with app:
+            task = await app.add_task("add", 1, 2, timeout=LIMIT)
+            assert task is not None and task.status == "success"
+            assert app.runners["worker"].checkpoint._emit_chain is None
+            assert app.runners["scheduler"].checkpoint._emit_chain is not None
+            history = await app.history(task.uuid)
+    finally:
+        provider.shutdown()
+    # Its events still carry the trace.
+    assert all(e.traceparent is not None for e in history)
