@@ -7,7 +7,8 @@ instead of a list of arguments. Retries, tracing and metrics are built on these.
 An interceptor may call ``next`` with a changed copy of its input
 (``dataclasses.replace``): that is how tracing stamps its trace context on an event before
 it is encoded. Hooks an interceptor does not override are left out of the chain, so an app
-without interceptors pays nothing for them.
+without interceptors pays nothing for them; so is an interceptor's ``emit`` for the stages
+it names in ``passes_emits_of``.
 """
 
 from __future__ import annotations
