@@ -130,7 +130,8 @@ class TracingInterceptor(Interceptor):
             f"execute {item.task_name}",
             _parent(item.traceparent),
             SpanKind.CONSUMER,
-            lambda: self._execute_attributes(input),
+            self._execute_attributes,
+            input,
         )
         # Current while the task runs: the spans its code starts are children of it.
         token = otel_context.attach(trace.set_span_in_context(span))
@@ -163,17 +164,19 @@ class TracingInterceptor(Interceptor):
         name: str,
         parent: SpanContext | None,
         kind: SpanKind,
-        attributes: Callable[[], dict[str, Any]],
+        attributes: Callable[..., dict[str, Any]],
+        *args: Any,
     ) -> Span:
         """A span that is not yet current, child of ``parent`` (None: a root): a light one
         where the provider allows it, its attributes built only if it records; else the SDK's,
         its attributes given at start in one dict (the SDK checks them in one pass there; a
-        set_attributes call afterwards takes a lock per attribute, about 1.5x the cost)."""
+        set_attributes call afterwards takes a lock per attribute, about 1.5x the cost).
+        ``attributes(*args)`` builds them (a method and its arguments: no closure per span)."""
         light = self._light
         if light is not None and light.active():
             span = light.start(name, parent, kind)
             if type(span) is LightSpan:
-                span.adopt(attributes())
+                span.adopt(attributes(*args))
             return span
         return self._tracer.start_span(
             name,
@@ -181,7 +184,7 @@ class TracingInterceptor(Interceptor):
             if parent is None
             else trace.set_span_in_context(NonRecordingSpan(parent)),
             kind=kind,
-            attributes=attributes(),
+            attributes=attributes(*args),
             record_exception=False,
             set_status_on_exception=False,
         )
@@ -211,9 +214,7 @@ class TracingInterceptor(Interceptor):
         topics = sorted({rec.topic for rec in records})
         name = f"process {topics[0]}" if len(topics) == 1 else f"process {input.stage}"
         # A batch belongs to no one task: a new trace, linked to each record's.
-        span = self._start(
-            name, None, SpanKind.CONSUMER, lambda: self._step_attributes(input, topics)
-        )
+        span = self._start(name, None, SpanKind.CONSUMER, self._step_attributes, input, topics)
         if span.is_recording():
             # Links after the sampler's decision: parsing a batch's headers is skipped for a
             # span nobody records.
@@ -289,7 +290,10 @@ class TracingInterceptor(Interceptor):
             name.rstrip(),
             _parent(event.traceparent),
             SpanKind.PRODUCER,
-            lambda: self._emit_attributes(input, event, client),
+            self._emit_attributes,
+            input,
+            event,
+            client,
         )
         try:
             if kind in _ERROR_KINDS and span.is_recording():
