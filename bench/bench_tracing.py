@@ -5,7 +5,8 @@ interceptor (the zero-cost path), ``tracing`` installs TracingInterceptor with a
 BatchSpanProcessor into an exporter that drops spans (all span work is done, no I/O), and
 ``tracing+metrics`` adds MetricsInterceptor with an in-memory reader. Prints tasks/s per
 round (and the garbage collector's share of its CPU), the median per mode and its ratio to
-``off``; then what one span costs the SDK, recorded and with a sampler.
+``off``; then what one span costs the SDK and what one of the interceptor's light spans
+costs, recorded and with a sampler.
 
 All modes run in one process, so each run starts from a collected heap with what survives
 frozen (``gc.freeze``), and each round starts at another mode: otherwise a run pays for the
@@ -39,6 +40,7 @@ from opentelemetry.trace import SpanKind
 
 from qtasks_stream import QueueTasks
 from qtasks_stream.telemetry import MetricsInterceptor, TracingInterceptor
+from qtasks_stream.telemetry.spans import LightSpan, LightTracer
 
 MODES = ("off", "tracing", "tracing 1-in-10", "tracing+metrics")
 #: Targets (issue 16): CPU per task with tracing on, as a share of tracing off.
@@ -117,17 +119,29 @@ async def run(mode: str, tasks: int, window: int) -> tuple[float, float, int, fl
     return tasks / elapsed, cpu / tasks * 1e6, exporter.spans, clock.seconds / tasks * 1e6
 
 
-def span_cost(sampler: Sampler | None, spans: int = 20_000) -> float:
-    """Microseconds for the SDK to start and end one producer span with the 11 attributes
-    an event's span carries, into a batch processor (the recorded case) or ``sampler``."""
+def span_cost(sampler: Sampler | None, light: bool = False, spans: int = 20_000) -> float:
+    """Microseconds to start and end one producer span with the 11 attributes an event's
+    span carries, into a batch processor (the recorded case) or ``sampler``: by the SDK, or
+    as the interceptor's light spans (qtasks_stream.telemetry.spans) with ``light``."""
     provider = TracerProvider(sampler=sampler) if sampler is not None else TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(_Counting(), max_queue_size=1 << 18))
     tracer = provider.get_tracer("bench")
+    fast = LightTracer.of(provider, tracer, 32)
+    assert fast is not None and fast.active()
     attributes = {f"qtasks.bench.attribute{i}": "value" for i in range(11)}
-    started = time.perf_counter()
-    for _ in range(spans):
-        tracer.start_span("Scheduled noop", kind=SpanKind.PRODUCER, attributes=attributes).end()
-    elapsed = time.perf_counter() - started
+    started = time.process_time()
+    if light:
+        for _ in range(spans):
+            span = fast.start("Scheduled noop", None, SpanKind.PRODUCER)
+            if isinstance(span, LightSpan):
+                span.adopt(dict(attributes))
+            span.end()
+    else:
+        for _ in range(spans):
+            tracer.start_span("Scheduled noop", kind=SpanKind.PRODUCER, attributes=attributes).end()
+    # The batch processor's thread exports what is queued: its CPU counts too.
+    provider.force_flush()
+    elapsed = time.process_time() - started
     provider.shutdown()
     return elapsed / spans * 1e6
 
@@ -167,11 +181,14 @@ def main() -> None:
             f"{mode:<16} median {median:8.0f} tasks/s (wall ratio {median / base:4.2f})  "
             f"{cpu_us:6.0f} us CPU/task, CPU ratio to off {ratio:4.2f}{verdict}"
         )
-    print(
-        f"one span in the SDK: {span_cost(None):.1f} us recorded, "
-        f"{span_cost(ParentBased(TraceIdRatioBased(0.1))):.1f} us at a 1-in-10 sampler, "
-        f"{span_cost(ALWAYS_OFF):.1f} us sampled out"
-    )
+    ratio = ParentBased(TraceIdRatioBased(0.1))
+    for light in (False, True):
+        print(
+            f"one {'light span' if light else 'span in the SDK'}: "
+            f"{span_cost(None, light):.1f} us CPU recorded, "
+            f"{span_cost(ratio, light):.1f} us at a 1-in-10 sampler, "
+            f"{span_cost(ALWAYS_OFF, light):.1f} us sampled out"
+        )
 
 
 if __name__ == "__main__":

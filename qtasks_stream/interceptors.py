@@ -7,7 +7,8 @@ instead of a list of arguments. Retries, tracing and metrics are built on these.
 An interceptor may call ``next`` with a changed copy of its input
 (``dataclasses.replace``): that is how tracing stamps its trace context on an event before
 it is encoded. Hooks an interceptor does not override are left out of the chain, so an app
-without interceptors pays nothing for them.
+without interceptors pays nothing for them; so is an interceptor's ``emit`` for the stages
+it names in ``passes_emits_of``.
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ EmitNext = Callable[[EmitInput], None]
 
 
 class Interceptor:
+    #: Stages whose emits :meth:`emit` leaves alone: their emits skip this interceptor (a
+    #: stage no interceptor wants to see emit keeps its direct path, no input built).
+    passes_emits_of: frozenset[str] = frozenset()
+
     async def execute(self, input: ExecuteInput, next: ExecuteNext) -> Any:
         """Around one execution attempt; returns the task's result or raises its error."""
         return await next(input)
@@ -121,14 +126,22 @@ class Interceptor:
         """Told of a record a stage skipped on purpose (observe only: nothing is written)."""
 
 
-def _overriding(interceptors: Sequence[Interceptor], hook: str) -> list[Interceptor]:
+def _overriding(
+    interceptors: Sequence[Interceptor], hook: str, stage: str | None = None
+) -> list[Interceptor]:
     base = getattr(Interceptor, hook)
-    return [i for i in interceptors if getattr(type(i), hook) is not base]
+    return [
+        i
+        for i in interceptors
+        if getattr(type(i), hook) is not base
+        and not (hook == "emit" and stage in i.passes_emits_of)
+    ]
 
 
-def wants(interceptors: Sequence[Interceptor], hook: str) -> bool:
-    """Whether any interceptor overrides ``hook`` (``execute``, ``step`` or ``emit``)."""
-    return bool(_overriding(interceptors, hook))
+def wants(interceptors: Sequence[Interceptor], hook: str, stage: str | None = None) -> bool:
+    """Whether any interceptor overrides ``hook`` (``execute``, ``step`` or ``emit``; for
+    ``emit``, one that wants the emits of ``stage``)."""
+    return bool(_overriding(interceptors, hook, stage))
 
 
 def chain_execute(interceptors: Sequence[Interceptor], last: ExecuteNext) -> ExecuteNext:
@@ -160,9 +173,12 @@ def _bind_step(interceptor: Interceptor, next: StepNext) -> StepNext:
     return call
 
 
-def chain_emit(interceptors: Sequence[Interceptor], last: EmitNext) -> EmitNext:
+def chain_emit(
+    interceptors: Sequence[Interceptor], last: EmitNext, stage: str | None = None
+) -> EmitNext:
+    """``last`` wrapped in the interceptors that want the emits of ``stage``."""
     call = last
-    for interceptor in reversed(_overriding(interceptors, "emit")):
+    for interceptor in reversed(_overriding(interceptors, "emit", stage)):
         call = _bind_emit(interceptor, call)
     return call
 

@@ -129,7 +129,9 @@ class _RunnerCheckpoint(Checkpoint):
         self._stage_name = runner.stage.name
         # Only built when an interceptor wraps emits: without one, emit stays a direct call.
         self._emit_chain = (
-            chain_emit(interceptors, self._emit_input) if wants(interceptors, "emit") else None
+            chain_emit(interceptors, self._emit_input, self._stage_name)
+            if wants(interceptors, "emit", self._stage_name)
+            else None
         )
         #: Outputs with the assignment and offset of the input they came from (None: none).
         self._outputs: list[_Output] = []

@@ -79,9 +79,12 @@ def unsampled_context(value: str | None) -> Context | None:
 
 def format_traceparent(ctx: SpanContext) -> str | None:
     """``ctx`` as a ``traceparent``; None for an invalid context (tracing off)."""
-    if not ctx.is_valid:
+    # One unpacking instead of four properties (the API's SpanContext is a tuple of these),
+    # and %-formatting of plain ints: half the cost of an f-string with three format specs.
+    trace_id, span_id, _, flags, _, valid = ctx
+    if not valid:
         return None
-    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+    return "00-%032x-%016x-%02x" % (trace_id, span_id, int(flags))  # noqa: UP031
 
 
 def context_from_traceparent(value: str | None) -> Context | None:

@@ -13,11 +13,14 @@ Retries keep the task's trace. A stage step handles a batch of
 many tasks: its span starts a trace of its own and links to the records' contexts instead
 of joining one of them.
 
-Links are built only for spans the sampler records; attributes go in at span start (one
-dict, checked by the SDK once; for a span sampled out, a dict built and dropped). With the
-SDK's parent-based sampler (its default) a task whose trace was not sampled at submit costs no
-span at all downstream: its events keep the submit's ``traceparent`` (flags unsampled), and
-an attempt runs in that context, so spans the task's own code starts are not recorded either.
+Spans are light (:mod:`qtasks_stream.telemetry.spans`: the sampler decides first, then the
+exporters' ``ReadableSpan`` is built directly at end) where the provider's processors look
+only at ended spans, as the SDK's batch and simple processors do; otherwise they are the
+SDK's, with the same names, parents, links and attributes. Attributes and links are built
+only for spans the sampler records. With the SDK's parent-based sampler (its default) a task
+whose trace was not sampled at submit costs no span at all downstream: its events keep the
+submit's ``traceparent`` (flags unsampled), and an attempt runs in that context, so spans
+the task's own code starts are not recorded either.
 
 The tracer provider is passed in; nothing here touches the global providers.
 """
@@ -25,11 +28,22 @@ The tracer provider is passed in; nothing here touches the global providers.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TracerProvider,
+)
 
 from qtasks_stream.events import Progress, TaskEvent
 from qtasks_stream.interceptors import (
@@ -42,13 +56,13 @@ from qtasks_stream.interceptors import (
     StepNext,
 )
 from qtasks_stream.telemetry.propagation import (
-    context_from_traceparent,
     format_traceparent,
     is_unsampled,
     parse_traceparent,
     traceparent_from_headers,
     unsampled_context,
 )
+from qtasks_stream.telemetry.spans import LightSpan, LightTracer
 
 __all__ = ["TracingInterceptor"]
 
@@ -83,6 +97,10 @@ class TracingInterceptor(Interceptor):
             and a batch under load holds hundreds of records; the SDK keeps 128 at most).
     """
 
+    #: The worker's events ride on its attempt's span (or the work item's context): its
+    #: emits skip this interceptor (no input built for them).
+    passes_emits_of = frozenset({_WORKER})
+
     def __init__(
         self,
         tracer_provider: TracerProvider,
@@ -94,6 +112,8 @@ class TracingInterceptor(Interceptor):
         self._system = messaging_system
         self._max_links = max_links
         self._skip_unsampled = _drops_unsampled_children(tracer_provider)
+        # Spans built as the SDK's exporters read them, where the provider allows it.
+        self._light = LightTracer.of(tracer_provider, self._tracer, max_links)
 
     async def execute(self, input: ExecuteInput, next: ExecuteNext) -> Any:
         item = input.item
@@ -106,35 +126,68 @@ class TracingInterceptor(Interceptor):
                 return await next(input)
             finally:
                 otel_context.detach(token)
-        # Attributes go in at start, in one dict: the SDK checks them in one pass there (a
-        # set_attributes call afterwards takes a lock per attribute, about 1.5x the cost).
-        with self._tracer.start_as_current_span(
+        span = self._start(
             f"execute {item.task_name}",
-            context=context_from_traceparent(item.traceparent),
-            kind=SpanKind.CONSUMER,
-            attributes=self._execute_attributes(input),
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            recording = span.is_recording()
-            # The outcome event (and progress) carry this attempt's context.
-            input.ctx.traceparent = format_traceparent(span.get_span_context())
-            try:
-                result = await next(input)
-            except asyncio.CancelledError:
-                if recording:
-                    span.set_attribute("qtasks.task.status", "cancel")
-                raise
-            except BaseException as exc:
-                if recording:
-                    span.record_exception(exc)
-                    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-                    span.set_attribute("error.type", type(exc).__qualname__)
-                    span.set_attribute("qtasks.task.status", "error")
-                raise
+            _parent(item.traceparent),
+            SpanKind.CONSUMER,
+            self._execute_attributes,
+            input,
+        )
+        # Current while the task runs: the spans its code starts are children of it.
+        token = otel_context.attach(trace.set_span_in_context(span))
+        recording = span.is_recording()
+        # The outcome event (and progress) carry this attempt's context.
+        input.ctx.traceparent = format_traceparent(span.get_span_context())
+        try:
+            result = await next(input)
+        except asyncio.CancelledError:
+            if recording:
+                span.set_attribute("qtasks.task.status", "cancel")
+            raise
+        except BaseException as exc:
+            if recording:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                span.set_attribute("error.type", type(exc).__qualname__)
+                span.set_attribute("qtasks.task.status", "error")
+            raise
+        else:
             if recording:
                 span.set_attribute("qtasks.task.status", "success")
             return result
+        finally:
+            otel_context.detach(token)
+            span.end()
+
+    def _start(
+        self,
+        name: str,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: Callable[..., dict[str, Any]],
+        *args: Any,
+    ) -> Span:
+        """A span that is not yet current, child of ``parent`` (None: a root): a light one
+        where the provider allows it, its attributes built only if it records; else the SDK's,
+        its attributes given at start in one dict (the SDK checks them in one pass there; a
+        set_attributes call afterwards takes a lock per attribute, about 1.5x the cost).
+        ``attributes(*args)`` builds them (a method and its arguments: no closure per span)."""
+        light = self._light
+        if light is not None and light.active():
+            span = light.start(name, parent, kind)
+            if type(span) is LightSpan:
+                span.adopt(attributes(*args))
+            return span
+        return self._tracer.start_span(
+            name,
+            context=otel_context.Context()
+            if parent is None
+            else trace.set_span_in_context(NonRecordingSpan(parent)),
+            kind=kind,
+            attributes=attributes(*args),
+            record_exception=False,
+            set_status_on_exception=False,
+        )
 
     def _execute_attributes(self, input: ExecuteInput) -> dict[str, Any]:
         item = input.item
@@ -161,18 +214,22 @@ class TracingInterceptor(Interceptor):
         topics = sorted({rec.topic for rec in records})
         name = f"process {topics[0]}" if len(topics) == 1 else f"process {input.stage}"
         # A batch belongs to no one task: a new trace, linked to each record's.
-        with self._tracer.start_as_current_span(
-            name,
-            context=otel_context.Context(),
-            kind=SpanKind.CONSUMER,
-            attributes=self._step_attributes(input, topics),
-        ) as span:
-            if span.is_recording():
-                # Links after the sampler's decision: parsing a batch's headers is skipped
-                # for a span nobody records.
-                for link in self._links(records):
+        span = self._start(name, None, SpanKind.CONSUMER, self._step_attributes, input, topics)
+        if span.is_recording():
+            # Links after the sampler's decision: parsing a batch's headers is skipped for a
+            # span nobody records.
+            links = self._links(records)
+            if isinstance(span, LightSpan):
+                span.link_all(links)
+            else:
+                for link in links:
                     span.add_link(link.context)
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
             await next(input)
+        finally:
+            otel_context.detach(token)
+            span.end()
 
     def _step_attributes(self, input: StepInput, topics: list[str]) -> dict[str, Any]:
         records = input.records
@@ -226,17 +283,17 @@ class TracingInterceptor(Interceptor):
             next(input)
             return
         kind = event.kind
-        client = input.stage == "client"
-        # The task's trace if the event has one; a client's submit joins the caller's span.
-        parent = context_from_traceparent(event.traceparent)
+        client = stage == "client"
         name = f"{'submit' if client and kind == 'Submitted' else kind} {event.task_name}"
-        span = self._tracer.start_span(
+        # The task's trace if the event has one; a client's submit joins the caller's span.
+        span = self._start(
             name.rstrip(),
-            context=parent,
-            kind=SpanKind.PRODUCER,
-            attributes=self._emit_attributes(input, event, client),
-            record_exception=False,
-            set_status_on_exception=False,
+            _parent(event.traceparent),
+            SpanKind.PRODUCER,
+            self._emit_attributes,
+            input,
+            event,
+            client,
         )
         try:
             if kind in _ERROR_KINDS and span.is_recording():
@@ -279,6 +336,17 @@ class TracingInterceptor(Interceptor):
             # The record this event answers (a work item for an outcome).
             attributes["qtasks.origin"] = f"{origin.topic}/{origin.partition}/{origin.offset}"
         return attributes
+
+
+def _parent(traceparent: str | None) -> SpanContext | None:
+    """The span a new span is a child of: the one ``traceparent`` names, else the current
+    span (a caller's, around a submit), else None (a root)."""
+    parent = parse_traceparent(traceparent)
+    if parent is None:
+        parent = trace.get_current_span().get_span_context()
+        if not parent.is_valid:
+            return None
+    return parent
 
 
 def _drops_unsampled_children(provider: TracerProvider) -> bool:

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
@@ -29,11 +30,27 @@ class Flaky(Exception):
     pass
 
 
-@pytest.fixture
-async def traced() -> AsyncIterator[tuple[QueueTasks, InMemorySpanExporter, InMemoryMetricReader]]:
+class WatchesStarts(SpanProcessor):
+    """A processor of the app's own that sees spans start: the interceptor then starts SDK
+    spans, not light ones (qtasks_stream.telemetry.spans)."""
+
+    def __init__(self) -> None:
+        self.started = 0
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self.started += 1
+
+
+@pytest.fixture(params=["light spans", "sdk spans"])
+async def traced(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[QueueTasks, InMemorySpanExporter, InMemoryMetricReader]]:
+    # Every test of the trace's shape runs on both paths: they must export the same spans.
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    if request.param == "sdk spans":
+        tracer_provider.add_span_processor(WatchesStarts())
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
     app = QueueTasks("otel", partitions=2, concurrency=4)
@@ -339,3 +356,70 @@ async def test_spans_name_the_task_id_once_not_again_as_the_record_key(
     ]
     assert {s.kind for s in task_spans} == {SpanKind.PRODUCER, SpanKind.CONSUMER}
     assert all("messaging.kafka.message.key" not in (s.attributes or {}) for s in task_spans)
+
+
+@pytest.mark.parametrize("path", ["light spans", "sdk spans"])
+async def test_task_code_annotates_its_attempt_span_and_starts_children_of_it(path: str) -> None:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    watcher = WatchesStarts()
+    if path == "sdk spans":
+        provider.add_span_processor(watcher)
+    app = QueueTasks("annotated", partitions=1, concurrency=2)
+    app.add_interceptor(TracingInterceptor(provider, messaging_system="qtasks.memory"))
+
+    @app.task
+    async def work(n: int) -> int:
+        attempt = trace.get_current_span()
+        attempt.set_attribute("user.items", [n, n + 1])
+        attempt.add_event("halfway", {"n": n})
+        with provider.get_tracer("user").start_as_current_span("inner"):
+            pass
+        return n
+
+    try:
+        async with app:
+            task = await app.add_task("work", 7, timeout=LIMIT)
+            assert task is not None and task.status == "success"
+    finally:
+        provider.shutdown()
+    finished = spans.get_finished_spans()
+    (attempt,) = [s for s in finished if s.name == "execute work"]
+    (inner,) = [s for s in finished if s.name == "inner"]
+    attributes = attempt.attributes or {}
+    assert attributes["user.items"] == (7, 8) and attributes["qtasks.task.status"] == "success"
+    assert [(e.name, dict(e.attributes or {})) for e in attempt.events] == [("halfway", {"n": 7})]
+    assert inner.parent is not None and inner.parent.span_id == _span_id_int(attempt)
+    # The SDK path starts every span through the SDK, so a processor sees each start.
+    assert watcher.started == (len(finished) if path == "sdk spans" else 0)
+
+
+def _span_id_int(span: ReadableSpan) -> int:
+    ctx = span.get_span_context()
+    assert ctx is not None
+    return ctx.span_id
+
+
+async def test_the_workers_emits_skip_the_tracing_interceptor() -> None:
+    # The worker's events carry its attempt's context and get no span: its runner keeps
+    # the direct emit path, with no input built per event; the scheduler's is wrapped.
+    provider = TracerProvider()
+    app = QueueTasks("direct", partitions=1)
+    app.add_interceptor(TracingInterceptor(provider, messaging_system="qtasks.memory"))
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    try:
+        async with app:
+            task = await app.add_task("add", 1, 2, timeout=LIMIT)
+            assert task is not None and task.status == "success"
+            assert app.runners["worker"].checkpoint._emit_chain is None
+            assert app.runners["scheduler"].checkpoint._emit_chain is not None
+            history = await app.history(task.uuid)
+    finally:
+        provider.shutdown()
+    # Its events still carry the trace.
+    assert all(e.traceparent is not None for e in history)
