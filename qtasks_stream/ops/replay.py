@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 _PAGE = 10_000
+#: Records decoded between two yields to the event loop (under 1 ms): a store round trip
+#: takes several loop turns, and the apply in flight needs a few to end within a batch.
+_DECODE_SLICE = 50
 
 
 class ProgressBar:
@@ -163,7 +166,14 @@ async def read_events(
             if rec.value is not None
             and (kinds is None or (kind := event_kind(rec.headers)) is None or kind in kinds)
         ]
-        batch = decode_events(serde, wanted)
+        # In slices, yielding between them: the apply a replay keeps in flight (a store's
+        # round trips, a thread's write) moves on while this decodes, instead of waiting
+        # for the next poll, which returns without yielding while records are buffered.
+        batch: list[Applied] = []
+        for at in range(0, len(wanted), _DECODE_SLICE):
+            if at:
+                await asyncio.sleep(0)
+            batch += decode_events(serde, wanted[at : at + _DECODE_SLICE])
         undecodable += len(wanted) - len(batch)
         if batch:
             await on_batch(batch)
