@@ -11,6 +11,10 @@ Avro-encoded by the project's serde, 4 partitions) is written once; then, in the
   dropped afterwards).
 
 Every measurement runs ``--rounds`` times, interleaved, and the best of each is reported.
+Each starts from a collected heap with what survives frozen (``gc.freeze``, as in
+``bench_tracing``): the embedded log's records and what earlier measurements left stay in
+this process, and without it a measurement paid for the full collections of that heap
+(the log's 100,000 records are not in a rebuild's process that reads Kafka).
 Rates are events/s; each ratio is rebuild rate / raw consume+decode rate (targets: memory
 at least 0.8, SQLite and PostgreSQL at least 0.5), with the ratio to bytes-only consume
 beside it. Beside the wall-time ratio, the same ratio in CPU time of this process (every
@@ -28,13 +32,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import os
 import random
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -111,6 +117,17 @@ async def write(
 Timing = tuple[int, float, float]
 
 
+@contextlib.contextmanager
+def collected_heap() -> Iterator[None]:
+    """The heap collected and frozen for one measurement (see the module's docstring)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 async def raw_read(
     event_log: EventLog, serde: AvroSerde, topic: str, *, decode: bool, batch: int
 ) -> Timing:
@@ -120,24 +137,25 @@ async def raw_read(
     try:
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
         ends = await consumer.end_offsets(tps)
-        started, cpu = time.perf_counter(), time.process_time()
-        for tp in tps:
-            consumer.seek(tp, 0)
-        todo = set(tps)
-        count = 0
-        deadline = time.monotonic() + READ_LIMIT
-        while todo:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} took over {READ_LIMIT}s")
-            records = await consumer.poll(max_records=batch, timeout=0.5)
-            count += len(records)
-            # The decoding rebuild does, so the ratio is what the store costs on top of it.
-            if decode and len(decode_events(serde, records)) != len(records):
-                raise AssertionError(f"{topic} holds records that do not decode")
-            for tp in list(todo):
-                if (await consumer.position(tp) or 0) >= ends[tp]:
-                    todo.discard(tp)
-        return count, time.perf_counter() - started, time.process_time() - cpu
+        with collected_heap():
+            started, cpu = time.perf_counter(), time.process_time()
+            for tp in tps:
+                consumer.seek(tp, 0)
+            todo = set(tps)
+            count = 0
+            deadline = time.monotonic() + READ_LIMIT
+            while todo:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"reading {topic} took over {READ_LIMIT}s")
+                records = await consumer.poll(max_records=batch, timeout=0.5)
+                count += len(records)
+                # The decoding rebuild does, so the ratio is what the store costs on top of it.
+                if decode and len(decode_events(serde, records)) != len(records):
+                    raise AssertionError(f"{topic} holds records that do not decode")
+                for tp in list(todo):
+                    if (await consumer.position(tp) or 0) >= ends[tp]:
+                        todo.discard(tp)
+            return count, time.perf_counter() - started, time.process_time() - cpu
     finally:
         await consumer.close()
 
@@ -147,9 +165,10 @@ async def timed_rebuild(
 ) -> Timing:
     await view.start()
     try:
-        started, cpu = time.perf_counter(), time.process_time()
-        applied = await rebuild(event_log, serde, topic, PARTITIONS, view, batch_size=batch)
-        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        with collected_heap():
+            started, cpu = time.perf_counter(), time.process_time()
+            applied = await rebuild(event_log, serde, topic, PARTITIONS, view, batch_size=batch)
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         counts = await view.counts()
         assert counts == {"success": applied // EVENTS_PER_TASK}, counts
         return applied, seconds, cpu

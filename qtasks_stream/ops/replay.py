@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 _PAGE = 10_000
+#: Records decoded between two yields to the event loop (under 1 ms): a store round trip
+#: takes several loop turns, and the apply in flight needs a few to end within a batch.
+_DECODE_SLICE = 50
 
 
 class ProgressBar:
@@ -143,11 +146,15 @@ async def read_events(
     kinds: frozenset[str] | None = None,
     progress: Callable[[int], None] | None = None,
     batch_size: int = 5000,
+    yield_while: Callable[[], bool] | None = None,
 ) -> tuple[dict[TopicPartition, int], int, int]:
     """:func:`~qtasks_stream.eventlog.reading.read_records` of the events topic, decoded:
     ``on_batch`` gets the events.
 
     With ``kinds``, records whose kind header names another kind are skipped undecoded.
+    While ``yield_while()`` is true, decoding yields to the event loop every
+    :data:`_DECODE_SLICE` records: a task of the caller's moves on meanwhile, where polls
+    return without yielding while records are buffered.
 
     Returns:
         the end offsets read up to, the records read, and the records that could not be
@@ -163,7 +170,14 @@ async def read_events(
             if rec.value is not None
             and (kinds is None or (kind := event_kind(rec.headers)) is None or kind in kinds)
         ]
-        batch = decode_events(serde, wanted)
+        if yield_while is None:
+            batch = decode_events(serde, wanted)
+        else:
+            batch = []
+            for at in range(0, len(wanted), _DECODE_SLICE):
+                if at and yield_while():
+                    await asyncio.sleep(0)
+                batch += decode_events(serde, wanted[at : at + _DECODE_SLICE])
         undecodable += len(wanted) - len(batch)
         if batch:
             await on_batch(batch)
@@ -231,6 +245,12 @@ async def replay_into(
             in_flight = None
         if wanted:
             in_flight = asyncio.create_task(view.apply(wanted))
+            # Started now: an apply that never waits (the memory store's) ends here, and
+            # the next batch then decodes without yielding (each yield cost it a tenth).
+            await asyncio.sleep(0)
+
+    def applying() -> bool:
+        return in_flight is not None and not in_flight.done()
 
     try:
         # Up to the ends measured here, which the progress bar's total counts.
@@ -244,6 +264,9 @@ async def replay_into(
             until=ends,
             progress=bar.advance,
             batch_size=batch_size,
+            # The apply in flight (a store's round trips, a thread's write) moves on while
+            # the next batch decodes, not only once it is awaited.
+            yield_while=applying,
         )
         if in_flight is not None:
             applied += await in_flight
