@@ -142,11 +142,25 @@ class ConsumerThread:
             deferred, self._deferred = self._deferred or {}, None
             starts = {**deferred, **self._pending_seeks}
             self._pending_seeks = {}
-            paused = (self._paused | self._throttled) & self._assigned
+            paused = (self._held_back() | self._throttled) & self._assigned
         consumer.assign([ck_tp(tp, offset) for tp, offset in starts.items()])
         if paused:
             consumer.pause([ck_tp(tp) for tp in sorted(paused)])
         self._rd_paused = paused
+
+    def _held_back(self) -> set[TopicPartition]:
+        """The partitions the caller paused that librdkafka must stop fetching (under
+        ``_lock``).
+
+        A group member's pause only holds its records back in the buffer (``poll()`` skips
+        them), and librdkafka keeps fetching until the buffer is full: a partition resumed
+        in librdkafka is fetched only once the fetch in flight returns, so its pauses kept
+        the worker's lanes on a 50 ms broker wait, the main wake-up of an idle worker
+        process (a lane resumed now finds its records already buffered). A consumer
+        without a group pauses in librdkafka: readers pause the partitions they do not
+        read, or have read to their end, and must not fetch them.
+        """
+        return set() if self._group_id is not None else self._paused
 
     def _serve_commands(self, consumer: ck.Consumer, *, block: float = 0.0) -> bool:
         """Run queued commands (consumer thread); wait up to ``block`` for the first.
@@ -281,7 +295,7 @@ class ConsumerThread:
                     self._seek_failures.pop(tp, None)
                     log.warning("seek %s to %d failed: %s", tp, offset, describe_kafka_error(exc))
         with self._lock:
-            want = (self._paused | self._throttled) & self._assigned
+            want = (self._held_back() | self._throttled) & self._assigned
             dirty, self._pause_dirty = self._pause_dirty & self._assigned, set()
         to_pause = (want - self._rd_paused) | (want & dirty)
         to_resume = ((self._rd_paused - want) | (dirty - want)) & self._assigned
