@@ -51,10 +51,12 @@ _UNMANAGED_CONSUME_SLICE = 0.01
 #: idle and waits ``_IDLE_CONSUME_SLICE`` per consume() instead: an idle process's
 #: consumers woke 20-100 times a second each (an idle worker process used 3.7% of a core,
 #: a client 1.7%). The first record ends idleness at once (consume() returns when one
-#: arrives); a command or close() waits at most one idle slice. 0.5 s, not 0.25: half the
-#: wakeups of the seven or so consumers of a worker process, for a close up to 0.25 s later.
+#: arrives); a command or close() waits at most one idle slice. 1 s, not 0.5 or 0.25:
+#: each halving of the wakeups of the seven or so consumers of a worker process cost a close
+#: up to 0.25 or 0.5 s later (an empty consume() costs about 80 us of CPU: at 0.5 s, the
+#: consumer threads were 0.20% of an idle worker's 0.67% of a core).
 _IDLE_AFTER = 1.0
-_IDLE_CONSUME_SLICE = 0.5
+_IDLE_CONSUME_SLICE = 1.0
 _CONSUME_BATCH = 500
 #: How often (seconds) an idle group consumer re-reads its group metadata (generation).
 #: Each read is a round trip to librdkafka's main thread: three thread wake-ups, which once
