@@ -8,10 +8,11 @@ process (this one) apart: after one task, each process's CPU over the same idle 
 (the worker's from /proc/<pid>/stat). Targets (issue 16): an idle worker process at most
 1% of a core, an idle client at most 0.5%; the worker process needs a real registry.
 Beside it, in the same run, the baseline: one plain confluent-kafka consumer, assigned to an
-idle topic, polling it in one-second calls with a 500 ms long poll (what consumers that
-never pause get, ``long_fetch_max_wait_ms``), and again with the 50 ms long poll and 50 ms
-calls the worker's lane consumer keeps. The ratio says how many such bare clients the idle
-app costs.
+idle topic, polling it in one-second calls with the long poll (``long_fetch_max_wait_ms``:
+what consumers that never pause get, and the confluent worker's lane consumer, which pauses
+in its own buffer), and again with the 50 ms long poll and 50 ms calls a consumer
+that pauses in the client keeps (aiokafka's lanes, readers without a group). The ratio says
+how many such bare clients the idle app costs.
 
     python -m bench.bench_idle --bootstrap 127.0.0.1:19092 --seconds 10
 """
@@ -154,7 +155,8 @@ async def main_async(args: argparse.Namespace) -> None:
         bare = await asyncio.to_thread(
             idle_client, config, topic, args.seconds, config.long_fetch_max_wait_ms, 1.0
         )
-        # What the worker's lanes ask: a 50 ms long poll, a thread waking every 50 ms.
+        # What a consumer pausing in the client asks (aiokafka's worker lanes): a 50 ms long
+        # poll, a thread waking every 50 ms.
         eager = await asyncio.to_thread(
             idle_client, config, topic, args.seconds, config.fetch_max_wait_ms, 0.05
         )

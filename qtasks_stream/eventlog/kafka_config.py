@@ -58,10 +58,11 @@ class KafkaConfig:
     max_poll_interval_ms: int = 300_000
     metadata_max_age_ms: int = 60_000
     #: How long the broker may hold a fetch that finds no new data, for a consumer that
-    #: pauses partitions (the worker's lanes, readers of a topic up to its end). A partition
-    #: resumed after a pause is fetched only once the fetch in flight returns, so this
-    #: bounds how long a drained priority lane idles (the 500 ms default halved a worker's
-    #: throughput whenever its lanes filled).
+    #: pauses partitions (aiokafka's worker lanes, readers of a topic up to its end; a
+    #: confluent-kafka group member pauses in its own buffer and takes the long wait). A
+    #: partition resumed after a pause is fetched only once the fetch in flight returns, so
+    #: this bounds how long a drained priority lane idles (the 500 ms default halved a
+    #: worker's throughput whenever its lanes filled).
     fetch_max_wait_ms: int = 50
     #: The same for a consumer that never pauses (every stage but the worker, the result
     #: and control listeners): a fetch returns as soon as data arrives, so a longer wait

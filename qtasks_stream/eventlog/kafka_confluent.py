@@ -104,7 +104,10 @@ class ConfluentEventLog(KafkaEventLog):
             "session.timeout.ms": config.session_timeout_ms,
             "heartbeat.interval.ms": config.heartbeat_interval_ms,
             "max.poll.interval.ms": config.max_poll_interval_ms,
-            "fetch.wait.max.ms": config.fetch_wait_ms(pauses=pauses),
+            # A group member's pause holds records back in its buffer and leaves librdkafka
+            # fetching (ConsumerThread._held_back): only a reader without a group resumes a
+            # partition behind the fetch in flight.
+            "fetch.wait.max.ms": config.fetch_wait_ms(pauses=pauses and group_id is None),
             "topic.metadata.refresh.interval.ms": config.metadata_max_age_ms,
             # librdkafka prefetches up to 64 MiB per client by default; the buffer here
             # already holds a few thousand records per partition.

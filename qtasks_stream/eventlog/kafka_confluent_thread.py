@@ -51,16 +51,21 @@ _UNMANAGED_CONSUME_SLICE = 0.01
 #: idle and waits ``_IDLE_CONSUME_SLICE`` per consume() instead: an idle process's
 #: consumers woke 20-100 times a second each (an idle worker process used 3.7% of a core,
 #: a client 1.7%). The first record ends idleness at once (consume() returns when one
-#: arrives); a command or close() waits at most one idle slice. 0.5 s, not 0.25: half the
-#: wakeups of the seven or so consumers of a worker process, for a close up to 0.25 s later.
+#: arrives); a command or close() waits at most one idle slice. 1 s, not 0.5 or 0.25:
+#: each halving of the wakeups of the seven or so consumers of a worker process cost a close
+#: up to 0.25 or 0.5 s later (an empty consume() costs about 80 us of CPU: at 0.5 s, the
+#: consumer threads were 0.20% of an idle worker's 0.67% of a core).
 _IDLE_AFTER = 1.0
-_IDLE_CONSUME_SLICE = 0.5
+_IDLE_CONSUME_SLICE = 1.0
 _CONSUME_BATCH = 500
 #: How often (seconds) a group consumer re-reads its group metadata (generation) besides
-#: at each assignment change. ``consumer_group_metadata()`` is a request to librdkafka's
-#: main thread answered while the caller holds the GIL: read with every batch, it was 28%
-#: of a worker process's GIL time one task at a time, every other thread stalled meanwhile.
-_METADATA_REFRESH = 1.0
+#: at each assignment change, which the rebalance callbacks store (the default assignor
+#: revokes everything on each rebalance); this only catches one that moves without them.
+#: ``consumer_group_metadata()`` is a round trip to librdkafka's main thread answered while
+#: the caller holds the GIL: read with every batch it was 28% of a worker process's GIL
+#: time one task at a time, every other thread stalled meanwhile; once a second it made an
+#: idle group consumer's thread wake 4 times a second instead of 2.
+_METADATA_REFRESH = 5.0
 #: Past this many buffered records a partition stops fetching until poll() drains it.
 _BUFFER_HIGH = 2_000
 BUFFER_LOW = _BUFFER_HIGH // 2
@@ -149,11 +154,25 @@ class ConsumerThread:
             deferred, self._deferred = self._deferred or {}, None
             starts = {**deferred, **self._pending_seeks}
             self._pending_seeks = {}
-            paused = (self._paused | self._throttled) & self._assigned
+            paused = (self._held_back() | self._throttled) & self._assigned
         consumer.assign([ck_tp(tp, offset) for tp, offset in starts.items()])
         if paused:
             consumer.pause([ck_tp(tp) for tp in sorted(paused)])
         self._rd_paused = paused
+
+    def _held_back(self) -> set[TopicPartition]:
+        """The partitions the caller paused that librdkafka must stop fetching (under
+        ``_lock``).
+
+        A group member's pause only holds its records back in the buffer (``poll()`` skips
+        them), and librdkafka keeps fetching until the buffer is full: a partition resumed
+        in librdkafka is fetched only once the fetch in flight returns, so its pauses kept
+        the worker's lanes on a 50 ms broker wait, the main wake-up of an idle worker
+        process (a lane resumed now finds its records already buffered). A consumer
+        without a group pauses in librdkafka: readers pause the partitions they do not
+        read, or have read to their end, and must not fetch them.
+        """
+        return set() if self._group_id is not None else self._paused
 
     def _serve_commands(self, consumer: ck.Consumer, *, block: float = 0.0) -> bool:
         """Run queued commands (consumer thread); wait up to ``block`` for the first.
@@ -288,7 +307,7 @@ class ConsumerThread:
                     self._seek_failures.pop(tp, None)
                     log.warning("seek %s to %d failed: %s", tp, offset, describe_kafka_error(exc))
         with self._lock:
-            want = (self._paused | self._throttled) & self._assigned
+            want = (self._held_back() | self._throttled) & self._assigned
             dirty, self._pause_dirty = self._pause_dirty & self._assigned, set()
         to_pause = (want - self._rd_paused) | (want & dirty)
         to_resume = ((self._rd_paused - want) | (dirty - want)) & self._assigned

@@ -159,7 +159,7 @@ async def follow(
     *,
     what: str,
     max_records: int = 500,
-    timeout: float = 1.0,
+    timeout: float = 10.0,
     backoff: float = 0.5,
     max_backoff: float = 10.0,
 ) -> NoReturn:
@@ -172,6 +172,9 @@ async def follow(
     seconds. One warning names ``what`` at the first failure of a run of them, and an info
     line says when polls work again: a broker down for minutes writes one warning, not
     hundreds.
+
+    A poll returns as soon as records arrive: ``timeout`` only bounds how often an idle
+    listener wakes (the worker's control listener and the client's result listener).
     """
     failures = 0
     delay = backoff

@@ -233,6 +233,33 @@ async def test_end_offsets_seek_and_pause(log: EventLog) -> None:
     await producer.close()
 
 
+async def test_a_group_member_paused_hands_out_nothing_of_it_until_resumed(
+    log: EventLog,
+) -> None:
+    # The worker's lanes: confluent's member holds records back in its buffer (librdkafka
+    # keeps fetching them), the others stop fetching; either way the pause is exact.
+    topic = _topic()
+    await log.create_topics([TopicSpec(topic, partitions=2)])
+    producer = log.producer()
+    await producer.start()
+    consumer = log.consumer([topic], group_id=f"g-{topic}")
+    await consumer.start()
+    tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    await producer.send([OutRecord(topic, b"k", b"first", partition=1)])
+    # Polled first: the in-memory log assigns a member its partitions at a poll.
+    assert [r.value for r in await _drain(consumer, 1)] == [b"first"]
+    consumer.pause([tp0], True)
+    await producer.send([OutRecord(topic, b"k", str(i).encode(), partition=0) for i in range(3)])
+    await producer.send([OutRecord(topic, b"k", b"other", partition=1)])
+    assert [r.tp for r in await _drain(consumer, 1)] == [tp1]
+    assert await consumer.poll(max_records=10, timeout=0.5) == []
+    assert await consumer.position(tp0) == 0
+    consumer.pause([tp0], False)
+    assert [r.value for r in await _drain(consumer, 3)] == [b"0", b"1", b"2"]
+    await consumer.close()
+    await producer.close()
+
+
 async def test_offsets_for_time_find_the_first_record_at_or_after_a_moment(
     log: EventLog,
 ) -> None:

@@ -1,8 +1,10 @@
-"""Which consumers may let the broker hold an empty fetch long: those that never pause.
+"""Which consumers may let the broker hold an empty fetch long: those that never pause,
+and confluent-kafka's group members, which pause in their own buffer.
 
-A partition resumed after a pause is fetched only when the fetch in flight returns, so the
-worker's lanes keep the short wait; every other consumer of an app takes the long one (it
-returns as soon as data arrives) and an idle process wakes less.
+A partition resumed after a pause in the client is fetched only when the fetch in flight
+returns, so aiokafka's worker lanes and readers without a group keep the short wait; every
+other consumer takes the long one (it returns as soon as data arrives) and an idle process
+wakes less.
 """
 
 from __future__ import annotations
@@ -70,10 +72,20 @@ def test_the_kafka_logs_give_a_consumer_that_never_pauses_the_long_fetch_wait(
 ) -> None:
     config = KafkaConfig("127.0.0.1:9", fetch_max_wait_ms=40, long_fetch_max_wait_ms=700)
     wanted = 40 if pauses else 700
-    confluent = ConfluentEventLog(config).consumer(["t"], group_id="g", pauses=pauses)
-    assert confluent._conf["fetch.wait.max.ms"] == wanted  # type: ignore[attr-defined]
+    reader = ConfluentEventLog(config).consumer(["t"], group_id=None, pauses=pauses)
+    assert reader._conf["fetch.wait.max.ms"] == wanted  # type: ignore[attr-defined]
     aio = AioKafkaEventLog(config).consumer(["t"], group_id="g", pauses=pauses)
     assert aio._kwargs["fetch_max_wait_ms"] == wanted  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("pauses", [True, False])
+def test_a_confluent_group_member_always_gets_the_long_fetch_wait(pauses: bool) -> None:
+    """Its pause holds records back in its buffer while librdkafka keeps fetching them, so
+    a lane resumed does not wait for the fetch in flight (an idle worker's lane consumer
+    woke 20 times a second on the short wait)."""
+    config = KafkaConfig("127.0.0.1:9", fetch_max_wait_ms=40, long_fetch_max_wait_ms=700)
+    member = ConfluentEventLog(config).consumer(["t"], group_id="g", pauses=pauses)
+    assert member._conf["fetch.wait.max.ms"] == 700  # type: ignore[attr-defined]
 
 
 def test_a_consumer_pauses_unless_it_says_otherwise() -> None:
