@@ -170,20 +170,21 @@ class LightTracer:
             bounded.dropped = span._dropped
             attributes = bounded
         self._on_end(
+            # By name: the SDK's positional order is not a promise.
             ReadableSpan(
-                span._name,
-                span._context,
-                span._parent,
-                self._resource,
-                attributes,
-                span._events if span._events is not None else (),
-                span._links if span._links is not None else (),
-                span._kind,
-                self._info,
-                span._status,
-                span._start_time,
-                end_time,
-                self._scope,
+                name=span._name,
+                context=span._context,
+                parent=span._parent,
+                resource=self._resource,
+                attributes=attributes,
+                events=span._events if span._events is not None else (),
+                links=span._links if span._links is not None else (),
+                kind=span._kind,
+                instrumentation_info=self._info,
+                status=span._status,
+                start_time=span._start_time,
+                end_time=end_time,
+                instrumentation_scope=self._scope,
             )
         )
 
