@@ -301,16 +301,7 @@ class LightSpan(trace_api.Span):
         if self._events is None:
             self._events = BoundedList(limits.max_events)
         self._events.append(
-            Event(
-                name,
-                BoundedAttributes(
-                    limits.max_event_attributes,
-                    attributes,
-                    immutable=True,
-                    max_value_len=limits.max_attribute_length,
-                ),
-                timestamp,
-            )
+            Event(name, _frozen(limits, limits.max_event_attributes, attributes), timestamp)
         )
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
@@ -322,17 +313,7 @@ class LightSpan(trace_api.Span):
         limits = self._tracer._limits
         if self._links is None:
             self._links = BoundedList(limits.max_links)
-        self._links.append(
-            Link(
-                context,
-                BoundedAttributes(
-                    limits.max_link_attributes,
-                    attributes,
-                    immutable=True,
-                    max_value_len=limits.max_attribute_length,
-                ),
-            )
-        )
+        self._links.append(Link(context, _frozen(limits, limits.max_link_attributes, attributes)))
 
     def link_all(self, links: Sequence[Link]) -> None:
         """Links without attributes, known valid (built from parsed record headers)."""
@@ -381,3 +362,10 @@ class LightSpan(trace_api.Span):
             return
         self._end_time = end_time = end_time if end_time is not None else time.time_ns()
         self._tracer._export(self, end_time)
+
+
+def _frozen(limits: SpanLimits, most: int | None, attributes: Attributes) -> BoundedAttributes:
+    """An event's or a link's attributes, bounded and frozen as the SDK keeps them."""
+    return BoundedAttributes(
+        most, attributes, immutable=True, max_value_len=limits.max_attribute_length
+    )

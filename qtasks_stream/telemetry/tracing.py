@@ -267,15 +267,14 @@ class TracingInterceptor(Interceptor):
         event = input.value
         stage = input.stage
         if (
-            stage == _WORKER
-            or not isinstance(event, TaskEvent)
+            not isinstance(event, TaskEvent)
             or isinstance(event.payload, Progress)
             or (stage == "client" and event.kind == "Scheduled")
         ):
-            # The worker's events ride on its attempt's span (or the work item's context);
-            # a task the client routes straight to its lane has its Scheduled written in the
-            # submit's transaction, and it keeps the submit span's context; work items and
-            # commands keep the task's context.
+            # (The worker's events never get here: see passes_emits_of.) A task the client
+            # routes straight to its lane has its Scheduled written in the submit's
+            # transaction, and it keeps the submit span's context; work items and commands
+            # keep the task's context.
             next(input)
             return
         if self._skip_unsampled and is_unsampled(event.traceparent):
