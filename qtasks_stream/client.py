@@ -36,7 +36,7 @@ from qtasks_stream.events import (
     now_us,
     task_id_ms,
 )
-from qtasks_stream.interceptors import EmitInput, Interceptor, chain_emit, wants
+from qtasks_stream.interceptors import EmitInput, EmitNext, Interceptor, chain_emit, wants
 from qtasks_stream.ops import audit
 from qtasks_stream.ops.rerun import Resubmission, ResubmitFilter, find_resubmissions, records_of
 from qtasks_stream.records import OutRecord, Record
@@ -87,6 +87,11 @@ class TaskClient:
         self._client_ready = False
         self._client_lock = asyncio.Lock()
         self._view_started = False
+        #: The emit chain of the interceptors it was built for, and the list it passes
+        #: events into: built once per set of interceptors, not per event.
+        self._emit_chain: (
+            tuple[tuple[Interceptor, ...], EmitNext | None, list[TaskEvent]] | None
+        ) = None
 
     def _feeds_view(self) -> bool:
         """Whether a projector of this process feeds :attr:`view` (the runtime knows)."""
@@ -443,17 +448,16 @@ class TaskClient:
     def _intercept(self, topic: str, key: str, event: TaskEvent) -> TaskEvent:
         """``event`` as the client's emit interceptors pass it on (tracing stamps it)."""
         interceptors = tuple(self.interceptors)
-        cached = self.__dict__.get("_emit_chain")
+        cached = self._emit_chain
         if cached is None or cached[0] != interceptors:
-            # Built once per set of interceptors, not per event; emit is synchronous, so one
-            # list of what came out serves every call.
+            # Emit is synchronous, so one list of what came out serves every call.
             out: list[TaskEvent] = []
             chain = (
                 chain_emit(interceptors, lambda passed: out.append(passed.value))
                 if wants(interceptors, "emit")
                 else None
             )
-            cached = self.__dict__["_emit_chain"] = (interceptors, chain, out)
+            cached = self._emit_chain = (interceptors, chain, out)
         _, chain, passed = cached
         if chain is None:
             return event
