@@ -11,6 +11,7 @@ some.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import uuid
@@ -35,7 +36,7 @@ from qtasks_stream.schedules.records import Schedule
 from qtasks_stream.serde.avro import AvroSerde
 from qtasks_stream.serde.base import Serde
 from qtasks_stream.serde.payloads import TaskPayloads
-from qtasks_stream.settings import Settings
+from qtasks_stream.settings import BOOTSTRAP_ENV, Settings
 from qtasks_stream.state import TaskState, fold
 from qtasks_stream.tasks import Router, TaskDefinition, TaskHandle, TaskSelf
 from qtasks_stream.topology import Topology
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from qtasks_stream.stages.runner import StageRunner
 
 __all__ = ["STAGES", "QueueTasks"]
+
+log = logging.getLogger("qtasks_stream")
 
 #: Every stage, in start order.
 STAGES = ("projector", "deadletter", "scheduler", "workflow", "worker", "schedules", "trigger")
@@ -273,6 +276,24 @@ class QueueTasks(TaskClient, Router):
 
     def _feeds_view(self) -> bool:
         return "projector" in self.runners
+
+    async def _ensure_client(self) -> None:
+        if (
+            not self._client_ready
+            and isinstance(self.event_log, InMemoryEventLog)
+            and os.environ.get(BOOTSTRAP_ENV)
+        ):
+            # The CLI moves the module's app onto the environment's Kafka; a client that
+            # imports the same module does not, and would run alone, unseen by the workers.
+            log.warning(
+                "app %r runs on the embedded in-memory log although %s is set: no other "
+                "process sees its tasks. Build it with QueueTasks.from_env(%r) to use that "
+                "Kafka cluster (docs/deployment.md)",
+                self.name,
+                BOOTSTRAP_ENV,
+                self.name,
+            )
+        await super()._ensure_client()
 
     async def start(
         self, stages: Iterable[str] = STAGES, *, queues: Iterable[str] | None = None

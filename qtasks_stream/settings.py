@@ -32,10 +32,12 @@ if TYPE_CHECKING:
     from qtasks_stream.eventlog.kafka_config import ConfValue, KafkaConfig
     from qtasks_stream.views.base import ViewStore
 
-__all__ = ["EVENT_LOG_KINDS", "Settings"]
+__all__ = ["BOOTSTRAP_ENV", "EVENT_LOG_KINDS", "Settings"]
 
 EventLogKind = Literal["memory", "aiokafka", "confluent"]
 EVENT_LOG_KINDS: tuple[EventLogKind, ...] = ("memory", "aiokafka", "confluent")
+#: The variable naming the Kafka cluster: its presence says the process belongs on Kafka.
+BOOTSTRAP_ENV = "QTASKS_BOOTSTRAP_SERVERS"
 #: Seconds one registry request may take before the client retries it (the client's default
 #: is to wait forever).
 REGISTRY_TIMEOUT_S = 10
@@ -56,7 +58,7 @@ class Settings:
     was declared with; ``view_url`` left ``None`` keeps the app's view (in-memory by default).
     """
 
-    bootstrap_servers: str = field(default="", metadata=_env("QTASKS_BOOTSTRAP_SERVERS"))
+    bootstrap_servers: str = field(default="", metadata=_env(BOOTSTRAP_ENV))
     event_log: str = field(default="", metadata=_env("QTASKS_EVENT_LOG"))
     security_protocol: str = field(default="PLAINTEXT", metadata=_env("QTASKS_SECURITY_PROTOCOL"))
     sasl_mechanism: str | None = field(default=None, metadata=_env("QTASKS_SASL_MECHANISM"))

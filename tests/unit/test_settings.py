@@ -112,3 +112,40 @@ def test_secrets_never_appear_in_reprs_or_logs(
     assert "sasl_password='***'" in repr(settings)
     assert "schema_registry_auth='***'" in repr(settings)
     assert "sasl_username='alice'" in repr(settings)  # only the secrets are hidden
+
+
+async def test_an_embedded_app_warns_when_the_environment_names_a_kafka_cluster(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A client importing the module a worker runs with `-A` (QueueTasks("shop"), not
+    # from_env) stayed on its own in-memory log and ran its tasks alone, silently.
+    monkeypatch.setenv("QTASKS_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    app = QueueTasks("alone")
+
+    @app.task
+    def noop() -> None: ...
+
+    with caplog.at_level(logging.WARNING, logger="qtasks_stream"):
+        async with app:
+            await app.add_task("noop")
+    warned = [r.getMessage() for r in caplog.records if "from_env" in r.getMessage()]
+    assert warned == [
+        "app 'alone' runs on the embedded in-memory log although QTASKS_BOOTSTRAP_SERVERS is "
+        "set: no other process sees its tasks. Build it with QueueTasks.from_env('alone') to "
+        "use that Kafka cluster (docs/deployment.md)"
+    ]
+
+
+async def test_an_embedded_app_without_a_kafka_cluster_in_the_environment_says_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("QTASKS_BOOTSTRAP_SERVERS", raising=False)
+    app = QueueTasks("alone")
+
+    @app.task
+    def noop() -> None: ...
+
+    with caplog.at_level(logging.WARNING, logger="qtasks_stream"):
+        async with app:
+            await app.add_task("noop")
+    assert not [r for r in caplog.records if "from_env" in r.getMessage()]
