@@ -46,6 +46,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from qtasks_stream import QueueTasks
+from qtasks_stream.app import STAGES
 from qtasks_stream.errors import EventLogError
 from qtasks_stream.eventlog.base import EventLog
 from qtasks_stream.eventlog.kafka_admin import ensure_topics
@@ -698,14 +699,26 @@ def broker_arguments(parser: argparse.ArgumentParser) -> None:
 def worker_stages_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--worker-stages",
-        default="",
+        type=_stage_list,
+        default=(),
         help="comma-separated stages the worker process runs (default: all), "
-        "to see what a stage costs",
+        "to see what a stage costs; the worker stage among them",
     )
 
 
+def _stage_list(text: str) -> tuple[str, ...]:
+    stages = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    if stages and "worker" not in stages:
+        raise argparse.ArgumentTypeError("the worker stage must be among them: it runs the tasks")
+    return stages
+
+
 def worker_stages(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(s.strip() for s in args.worker_stages.split(",") if s.strip())
+    stages: tuple[str, ...] = args.worker_stages
+    return stages
 
 
 def main() -> None:
